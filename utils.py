@@ -1,0 +1,367 @@
+"""Shared plumbing: validated config, seeding, device choice, atomic writes, memory, logging.
+
+Every other module of MELoRA may import this one; it imports nothing of the project
+except `model.MODEL_REGISTRY`, lazily, to validate a model name.
+
+    cfg = load_config("config.yml", ["lora.default_rank=16"])
+    cfg.lora.default_rank  # 16
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import yaml
+
+log = logging.getLogger("melora")
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO_DIR / "config.yml"
+
+# Keys whose values are restricted to a fixed set (checked after the type check).
+CHOICES: dict[str, tuple] = {
+    "models.pooling": ("auto", "cls", "mean", "last"),
+    "meta_learning.head_init": ("zero", "proto"),
+    "memory_optimization.hessian_approximation.method": (
+        "full", "gauss_newton", "block_diagonal", "diagonal", "none"),
+    "memory_optimization.hessian_approximation.diagonal_estimator": ("fisher", "hutchinson"),
+    "training.precision": ("fp32", "bf16", "fp16", "fp64"),
+}
+# Keys that must be integers >= 1 (or >= 0 where zero has a documented meaning).
+POSITIVE_INTS = (
+    "models.max_length", "lora.default_rank", "meta_learning.inner.default_num_steps",
+    "meta_learning.default_meta_batch_size", "meta_learning.num_iterations", "tasks.n_way",
+    "tasks.k_shot", "tasks.q_query", "training.save_every", "training.log_every",
+    "training.max_nonfinite", "evaluation.num_episodes", "synthetic.vocab_size",
+    "synthetic.keywords_per_class", "synthetic.words_per_example",
+    "memory_optimization.hessian_approximation.hutchinson_probes",
+    "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials",
+)
+NON_NEGATIVE = (
+    "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
+    "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
+    "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
+    "evaluation.baseline_meta_iterations",
+)
+PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
+                 "synthetic.noise", "analysis.confidence")
+# Mappings whose keys are the user's to choose (values still type-checked).
+OPEN_MAPPINGS = ("lora.target_modules",)
+
+
+class UserError(Exception):
+    """A problem with the user's input; `main` prints it as one paragraph and exits 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value, named by its dotted key."""
+
+
+# ------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------
+
+class Config:
+    """Read-only attribute view of a validated config section: `cfg.lora.default_rank`."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        object.__setattr__(self, "_data", dict(data))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self._data[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r}") from None
+        return Config(value) if isinstance(value, Mapping) else value
+
+    def __setattr__(self, key, value):
+        raise AttributeError("Config is read-only; use load_config(..., overrides)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.__getattr__(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self._data == other._data
+
+    def __repr__(self) -> str:
+        return f"Config({self._data!r})"
+
+    def to_dict(self) -> dict:
+        """A deep copy of the section as plain dicts and lists."""
+        return copy.deepcopy(self._data)
+
+    def flat(self, prefix: str = "") -> dict[str, Any]:
+        """`{"lora.default_rank": 8, ...}`: the section flattened, for logging params."""
+        out = {}
+        for key, value in self._data.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                out.update(Config(value).flat(name + "."))
+            else:
+                out[name] = value
+        return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
+    """Load `config.yml` defaults, merge a user file and overrides, validate, return Config.
+
+    Args:
+        path: a YAML file; its keys override the defaults (it may hold only some keys).
+        overrides: `["section.key=value", ...]` (values parsed as YAML) or
+            `{"section.key": value}`; applied after the file.
+
+    Returns:
+        The validated, read-only config.
+
+    Raises:
+        ConfigError: invalid YAML, an unknown key, a wrong type or an out-of-range value,
+            naming the key and what is allowed.
+    """
+    defaults = _read_yaml(DEFAULT_CONFIG)
+    data = copy.deepcopy(defaults)
+    if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
+        user = _read_yaml(Path(path))
+        _merge(data, user, defaults, "")
+    for key, value in _parse_overrides(overrides):
+        _merge(data, _nest(key, value), defaults, "")
+    _validate_values(data)
+    return Config(data)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with the "
+                          f"path of a YAML file (see {DEFAULT_CONFIG.name} for every key)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({e}); fix the "
+                          "syntax at the line named above") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections "
+                          f"(models, lora, ...), got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from e
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(data: dict, user: Mapping, schema: Mapping, prefix: str) -> None:
+    """Merge `user` into `data` in place, checking keys and types against `schema`."""
+    for key, value in user.items():
+        name = f"{prefix}{key}"
+        open_mapping = prefix.rstrip(".") in OPEN_MAPPINGS
+        if key not in schema and not open_mapping:
+            allowed = ", ".join(sorted(map(str, schema)))
+            raise ConfigError(f"unknown config key {name!r}; allowed keys here: {allowed}")
+        default = schema.get(key) if not open_mapping else next(iter(schema.values()), None)
+        if isinstance(default, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {name!r} must be a mapping of "
+                                  f"{', '.join(map(str, default))}, got {value!r}")
+            data.setdefault(key, {})
+            _merge(data[key], value, default, name + ".")
+        else:
+            data[key] = _check_type(name, value, default)
+
+
+def _check_type(name: str, value: Any, default: Any) -> Any:
+    expected = type(default)
+    if default is None or isinstance(value, expected) and not (
+            expected is int and isinstance(value, bool)):
+        if isinstance(default, list) and default and isinstance(default[0], Mapping):
+            return [_check_list_item(f"{name}[{i}]", v, default[0]) for i, v in enumerate(value)]
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"config key {name!r} must be of type {expected.__name__} "
+                      f"(like the default {default!r}), got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _check_list_item(name: str, value: Any, schema: Mapping) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key {name!r} must be a mapping with keys "
+                          f"{', '.join(schema)}, got {value!r}")
+    item = copy.deepcopy(dict(schema))
+    _merge(item, value, schema, name + ".")
+    return item
+
+
+def _get(data: Mapping, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def _validate_values(data: dict) -> None:
+    for key, allowed in CHOICES.items():
+        if _get(data, key) not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; "
+                              f"got {_get(data, key)!r}")
+    for key in POSITIVE_INTS:
+        if _get(data, key) < 1:
+            raise ConfigError(f"config key {key!r} must be a positive integer, "
+                              f"got {_get(data, key)!r}")
+    for key in NON_NEGATIVE:
+        if _get(data, key) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {_get(data, key)!r}")
+    for key in PROBABILITIES:
+        if not 0.0 <= _get(data, key) <= 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(data, key)!r}")
+    _validate_model_name(data["models"]["selected_model"])
+
+
+def _validate_model_name(name: str) -> None:
+    from model import MODEL_REGISTRY  # lazy: model imports utils
+    if name in MODEL_REGISTRY or Path(name).is_dir():
+        return
+    raise ConfigError(f"config key 'models.selected_model' is {name!r}, which is neither a "
+                      f"registered model ({', '.join(MODEL_REGISTRY)}) nor a local model "
+                      "directory")
+
+
+# ------------------------------------------------------------------------------------
+# Seeding, devices, memory
+# ------------------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` -> cuda if available else cpu; otherwise the named device, checked.
+
+    Raises:
+        UserError: a CUDA device was asked for on a machine without one.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec!r} asks for CUDA but this machine has no CUDA GPU "
+                        "(or torch is a CPU build); use --device cpu")
+    return device
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on CUDA (CPU peaks are per process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: `torch.cuda.max_memory_allocated` on CUDA, else the peak
+    resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+
+
+# ------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+# ------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------
+
+def setup_logging(level: int = logging.INFO, log_file: str | os.PathLike | None = None) -> None:
+    """Log `melora.*` messages to stderr (and to `log_file` when given)."""
+    log.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.propagate = False
