@@ -387,7 +387,8 @@ def pareto_front(memory: Sequence[float], accuracy: Sequence[float]) -> list[int
         ValueError: If the lengths differ.
     """
     if len(memory) != len(accuracy):
-        raise ValueError(f"memory and accuracy must have the same length, got {len(memory)} and {len(accuracy)}")
+        raise ValueError(f"memory and accuracy must have the same length, "
+                         f"got {len(memory)} and {len(accuracy)}")
     points = list(zip(memory, accuracy, strict=True))
     front = [i for i, (m, a) in enumerate(points)
              if not any(m2 <= m and a2 >= a and (m2 < m or a2 > a) for m2, a2 in points)]
@@ -436,7 +437,8 @@ def format_results_table(results: Mapping) -> str:
     header = ["Method", "Accuracy (%, mean ± 95% CI)", "Peak memory (MiB)", "Time (s/episode)"]
     body = []
     for name, m in methods_of(results).items():
-        _require(m, ("accuracy_mean", "accuracy_ci95", "peak_memory_mb", "seconds_per_episode"), name)
+        require_keys(m, ("accuracy_mean", "accuracy_ci95", "peak_memory_mb", "seconds_per_episode"),
+                     f"method {name!r}")
         lo, hi = m["accuracy_ci95"]
         body.append([name, f"{100 * m['accuracy_mean']:.2f} ± {100 * (hi - lo) / 2:.2f}",
                      f"{m['peak_memory_mb']:.1f}", f"{m['seconds_per_episode']:.3f}"])
@@ -463,7 +465,8 @@ def format_ablation_table(rows: Sequence[Mapping]) -> str:
     for param, group in group_ablations(rows).items():
         for r in group:
             lo, hi = r["accuracy_ci95"]
-            body.append([param, str(r["value"]), f"{100 * r['accuracy_mean']:.2f} ± {100 * (hi - lo) / 2:.2f}",
+            body.append([param, str(r["value"]),
+                         f"{100 * r['accuracy_mean']:.2f} ± {100 * (hi - lo) / 2:.2f}",
                          f"{r['peak_memory_mb']:.1f}", f"{r['seconds_per_iteration']:.3f}"])
     return _markdown(header, body)
 
@@ -483,9 +486,25 @@ def group_ablations(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     keys = ("parameter", "value", "accuracy_mean", "accuracy_ci95", "peak_memory_mb", "seconds_per_iteration")
     groups: dict[str, list[Mapping]] = {}
     for i, row in enumerate(rows):
-        _require(row, keys, f"ablation row {i}")
+        require_keys(row, keys, f"ablation row {i}")
         groups.setdefault(str(row["parameter"]), []).append(row)
     return groups
+
+
+def require_keys(record: Mapping, keys: Sequence[str], what: str) -> None:
+    """Check that a recorded result has the keys a table or figure needs.
+
+    Args:
+        record: One recorded result (a method's results, an ablation row, a log record).
+        keys: Keys that must be present.
+        what: How to name the record in the error, e.g. ``"method 'maml'"``.
+
+    Raises:
+        ValueError: Naming the record and its missing keys.
+    """
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ValueError(f"{what} is missing {missing}")
 
 
 # --- Private helpers -------------------------------------------------------------------
@@ -559,12 +578,6 @@ def _add_holm(rows: list[dict], raw_key: str, adjusted_key: str) -> None:
     adjusted = holm_bonferroni({row["method"]: row[raw_key] for row in rows})
     for row in rows:
         row[adjusted_key] = adjusted[row["method"]]
-
-
-def _require(record: Mapping, keys: Sequence[str], what: str) -> None:
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise ValueError(f"{what} is missing {missing}")
 
 
 def _fmt_p(p: float) -> str:
