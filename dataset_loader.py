@@ -1,0 +1,908 @@
+"""Few-shot episodes from real text-classification datasets and the synthetic generator.
+
+Sources (config.yml, section `datasets`; each of `meta_train`, `meta_val`, `meta_test` is a
+list of sources mixed by `weight`):
+
+- a Hugging Face hub dataset (`clinc_oos` with config `plus`, `banking77`, ...), loaded
+  with `datasets.load_dataset`; offline it fails at once, naming `--synthetic_only` and
+  `--dataset PATH`;
+- a local `csv`, `json`, `jsonl` or `parquet` file (read by `datasets`), or a JSON object
+  of split -> `[[text, label], ...]` (CLINC150's `data_full.json`; `split` picks the key);
+  relative paths resolve against the current working directory;
+- `custom:NAME`: whatever a subclass's `_load_custom_task(NAME)` returns;
+- the synthetic generator (`synthetic_weight`, or everything with `synthetic_only`).
+
+Classes: a source with `groups` takes the classes of those groups of its `group_file`
+(a JSON class-to-group map such as CLINC150's `domains.json`, a path or an http(s) URL).
+A source without `groups` named by several meta-splits has its classes (or, with a
+`group_file`, its groups) split at random, seeded, disjoint, by `class_split`. Meta-train,
+meta-validation and meta-test classes of one source never overlap (checked).
+
+Each source split is tokenised once (batched, fast tokenizer) and cached as `.npy` files
+under `cache_dir`, keyed by tokenizer, `max_length` and a hash of the data. An episode is a
+pure function of `(seed, split, index)`:
+
+    loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer,
+                           max_length=cfg.models.max_length, cache_dir="results/cache", seed=42)
+    ep = loader.episode("meta_train", iteration * meta_batch_size + task_index)
+    ep.support["input_ids"].shape  # (N*K, T), padded to the longest support example
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from synthetic_data_generator import SyntheticTaskGenerator, TextTask
+from utils import Config, ConfigError, UserError, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("melora.data")
+
+SPLITS = ("meta_train", "meta_val", "meta_test")
+SYNTHETIC = "synthetic"
+CUSTOM_PREFIX = "custom:"
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPEC_FORMAT = "melora-episodes/1"
+CACHE_VERSION = 1             # bump when the cache layout changes
+HUB_PROBE_TIMEOUT_S = 3.0     # a hub that does not answer within this is taken as offline
+TOKENIZE_BATCH = 2048         # texts per tokenizer call
+_CLASS_SPLIT_STREAM = 1_000   # seed-stream tags, so class splits and episodes never share
+_SYNTHETIC_STREAM = 2_000     # random numbers with each other or with the generator
+_OFFLINE_HINT = ("To work offline, run with --synthetic_only, or point MELoRA at a local "
+                 "file with --dataset PATH (csv, json, jsonl, parquet, or CLINC150's "
+                 "data_full.json) and, for evaluation, --eval_dataset PATH.")
+
+
+class DataError(UserError):
+    """Unusable data: a missing column or split, a class too small, too few classes."""
+
+
+@dataclass
+class Episode:
+    """One N-way K-shot task, tokenised.
+
+    Attributes:
+        support: `input_ids` and `attention_mask` (long, (N*K, T)) and `labels` (long,
+            (N*K,)); padded to the longest support example, not to `max_length`.
+        query: the same for the N*Q query examples, (N*Q, T').
+        n_way: N.
+        classes: class names; `classes[label]` names an episode label.
+        source: the source's name (`clinc_oos/plus:train`, a file path with its split,
+            `custom:NAME`) or `"synthetic"`.
+    """
+
+    support: dict[str, torch.Tensor]
+    query: dict[str, torch.Tensor]
+    n_way: int
+    classes: list[str]
+    source: str
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One entry of a meta-split's source list, normalised."""
+
+    source: str
+    config: str
+    split: str
+    text_column: str
+    label_column: str
+    group_file: str
+    groups: tuple[str, ...]
+    weight: float
+
+    @property
+    def name(self) -> str:
+        config = f"/{self.config}" if self.config and self.kind == "hub" else ""
+        return f"{self.source}{config}:{self.split}"
+
+    @property
+    def kind(self) -> str:
+        if self.source.startswith(CUSTOM_PREFIX):
+            return "custom"
+        path = Path(self.source)
+        return "file" if path.suffix.lower() in FILE_BUILDERS or path.exists() else "hub"
+
+    @property
+    def table_key(self) -> tuple:
+        """Entries with the same key read the same rows."""
+        return (self.source, self.config, self.split, self.text_column, self.label_column)
+
+    @property
+    def identity(self) -> tuple:
+        """Entries with the same identity share one class universe (any split)."""
+        return (self.source, self.config, self.label_column)
+
+
+@dataclass
+class _Table:
+    """One source split: a label per row and, once tokenised, ragged token ids."""
+
+    name: str
+    fingerprint: str
+    label_names: list[str]          # class names, index = row label id
+    labels: np.ndarray              # (rows,) int64
+    offsets: np.ndarray | None = None    # (rows + 1,) int64 into input_ids
+    input_ids: np.ndarray | None = None  # (total tokens,) int32
+    texts: list[str] | None = None       # kept only until tokenised
+
+    def ids(self, row: int) -> np.ndarray:
+        return self.input_ids[self.offsets[row]:self.offsets[row + 1]]
+
+
+@dataclass
+class _Pool:
+    """The classes one source offers to one meta-split."""
+
+    table: _Table | None            # None for the synthetic generator
+    classes: list[int]              # eligible label ids of `table`
+    rows: dict[int, np.ndarray]     # label id -> row indices
+    weight: float
+
+
+class DatasetLoader:
+    """Builds seeded N-way K-shot episodes for meta-train, meta-val and meta-test.
+
+    Everything that can be checked is checked in the constructor, before tokenising:
+    sources, columns, groups, class sizes, and that each split has at least `n_way`
+    classes. Tokenisation of uncached sources comes last.
+
+    Args:
+        datasets_cfg: the `datasets` config section.
+        tasks_cfg: the `tasks` config section (`n_way`, `k_shot`, `q_query`).
+        synthetic_cfg: the `synthetic` config section.
+        tokenizer: a Hugging Face tokenizer (a fast one tokenises much faster).
+        max_length: tokens per example; longer texts are truncated.
+        cache_dir: folder of the tokenisation cache (e.g. `<output_dir>/cache`).
+        seed: seeds class splits and episodes.
+        splits: the meta-splits to prepare; evaluation alone may pass `("meta_test",)`.
+
+    Raises:
+        ConfigError: an invalid `datasets` setting, naming the key.
+        DataError: a missing file, column, split or group, a class with fewer than
+            `k_shot + q_query` examples, or fewer than `n_way` classes in a split.
+        UserError: a hub source while offline.
+
+    Example:
+        >>> loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tok, 64, "cache", 0)
+        >>> ep = loader.episode("meta_train", 0)
+        >>> ep.support["labels"].shape
+        torch.Size([25])
+    """
+
+    def __init__(self, datasets_cfg, tasks_cfg, synthetic_cfg, tokenizer, max_length: int,
+                 cache_dir, seed: int, splits: Sequence[str] = SPLITS):
+        self.cfg = datasets_cfg
+        self.n_way, self.k_shot, self.q_query = tasks_cfg.n_way, tasks_cfg.k_shot, tasks_cfg.q_query
+        self.synthetic_cfg = synthetic_cfg
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.cache_dir = Path(cache_dir)
+        self.seed = int(seed)
+        self.splits = tuple(splits)
+        self.cache_stats = {"hits": 0, "misses": 0}   # tokenisation cache, per source split
+        self.validate()
+        self._generators = {s: SyntheticTaskGenerator(synthetic_cfg, _synthetic_seed(self.seed, s))
+                            for s in SPLITS}
+        self._tables: dict[tuple, _Table] = {}
+        self._group_maps: dict[str, dict[str, list[str]]] = {}
+        self._pools = self._build_pools()
+        self._tokenize_pending()
+
+    # --------------------------------------------------------------------------------
+    # Validation (no data read)
+    # --------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the config and that named files exist; reads no data.
+
+        Raises:
+            ConfigError: a bad setting, naming the key and the fix.
+            DataError: a named file does not exist.
+        """
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:
+            raise ConfigError(f"unknown meta-split(s) {unknown}; use {', '.join(SPLITS)}")
+        if self.n_way < 2:
+            raise ConfigError(f"tasks.n_way must be >= 2 (a task needs two classes), got {self.n_way}")
+        if self.cfg.synthetic_weight < 0:
+            raise ConfigError(f"datasets.synthetic_weight must be >= 0, got {self.cfg.synthetic_weight}")
+        fractions = list(self.cfg.class_split)
+        if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+            raise ConfigError("datasets.class_split must be three fractions >= 0 "
+                              f"(meta-train, meta-val, meta-test), got {fractions}")
+        if self.cfg.synthetic_only:
+            return
+        for split in self.splits:
+            self._validate_split(split)
+
+    def _validate_split(self, split: str) -> None:
+        entries = self._entries(split)
+        synthetic = self.cfg.synthetic_weight if split == "meta_train" else 0.0
+        if not entries and not synthetic:
+            raise ConfigError(f"datasets.{split} lists no source; add one (or run with "
+                              "--synthetic_only, or --dataset PATH)")
+        if entries and sum(e.weight for e in entries) + synthetic <= 0:
+            raise ConfigError(f"the weights of datasets.{split} sum to 0; give a source a "
+                              "positive weight")
+        for i, entry in enumerate(entries):
+            _validate_entry(f"datasets.{split}[{i}]", entry)
+
+    def _entries(self, split: str) -> list[_Source]:
+        return [_Source(e["source"], e["config"], e["split"], e["text_column"],
+                        e["label_column"], e["group_file"], tuple(e["groups"]), e["weight"])
+                for e in getattr(self.cfg, split)]
+
+    # --------------------------------------------------------------------------------
+    # Sources -> tables -> pools (class selection and checks)
+    # --------------------------------------------------------------------------------
+
+    def _build_pools(self) -> dict[str, list[_Pool]]:
+        """Per requested split, the weighted pools episodes draw from."""
+        synthetic = _Pool(None, [], {}, 1.0)
+        if self.cfg.synthetic_only:
+            return {s: [synthetic] for s in self.splits}
+        pools, small = {}, []
+        for split in self.splits:
+            pools[split] = [self._pool(split, e, small) for e in self._entries(split)]
+            if split == "meta_train" and self.cfg.synthetic_weight > 0:
+                pools[split].append(_Pool(None, [], {}, self.cfg.synthetic_weight))
+        if small:
+            warnings.warn(f"skipped {len(small)} class(es) with fewer than k_shot + q_query = "
+                          f"{self.k_shot + self.q_query} examples (datasets.skip_small_classes): "
+                          + ", ".join(small[:10]) + (" ..." if len(small) > 10 else ""))
+        self._check_disjoint(pools)
+        return pools
+
+    def _pool(self, split: str, entry: _Source, small: list[str]) -> _Pool:
+        """The eligible classes of `entry` for `split`, after the class-size checks."""
+        table = self._table(entry)
+        wanted = set(self._entry_classes(split, entry, table))
+        counts = np.bincount(table.labels, minlength=len(table.label_names))
+        needed = self.k_shot + self.q_query
+        classes = []
+        for label, name in enumerate(table.label_names):
+            if name not in wanted:
+                continue
+            if counts[label] >= needed:
+                classes.append(label)
+            elif self.cfg.skip_small_classes:
+                small.append(f"{name!r} ({counts[label]}, {table.name})")
+            else:
+                raise DataError(
+                    f"class {name!r} of {table.name} has {counts[label]} examples but an "
+                    f"episode needs k_shot + q_query = {needed}; lower --k_shot/--q_query, or "
+                    "set datasets.skip_small_classes=true to skip such classes")
+        if len(classes) < self.n_way:
+            raise DataError(
+                f"datasets.{split} source {table.name} offers {len(classes)} usable classes "
+                f"but tasks.n_way is {self.n_way}; lower --n_way or give this split more "
+                "classes (groups, class_split)")
+        rows = {c: np.flatnonzero(table.labels == c) for c in classes}
+        return _Pool(table, classes, rows, entry.weight)
+
+    def _table(self, entry: _Source) -> _Table:
+        """The rows of `entry`, from the token cache or read from the source."""
+        if entry.table_key not in self._tables:
+            self._tables[entry.table_key] = self._open_table(entry)
+        return self._tables[entry.table_key]
+
+    def _open_table(self, entry: _Source) -> _Table:
+        fingerprint, read = self._open_source(entry)
+        cached = self._read_cache(entry, fingerprint)
+        if cached is not None:
+            self.cache_stats["hits"] += 1
+            log.info("tokenisation cache hit for %s", entry.name)
+            return cached
+        texts, labels = read()
+        label_names = sorted(set(labels))
+        index = {name: i for i, name in enumerate(label_names)}
+        label_ids = np.fromiter((index[x] for x in labels), dtype=np.int64, count=len(labels))
+        return _Table(entry.name, fingerprint, label_names, label_ids, texts=texts)
+
+    def _open_source(self, entry: _Source) -> tuple[str, Callable[[], tuple[list, list]]]:
+        """(fingerprint of the data, a function returning (texts, label names))."""
+        if entry.kind == "custom":
+            data = self._load_custom_task(entry.source[len(CUSTOM_PREFIX):])
+            texts, labels = _check_custom(entry.source, data)
+            return _hash_json([texts, labels]), lambda: (texts, labels)
+        if entry.kind == "file":
+            path = Path(entry.source)
+            fingerprint = _hash_file(path)
+            return fingerprint, lambda: _read_file(path, entry, self.cache_dir / "hf")
+        dataset = _load_hub(entry)
+        return dataset._fingerprint, lambda: _columns(dataset, entry)
+
+    def _entry_classes(self, split: str, entry: _Source, table: _Table) -> list[str]:
+        """Class names `entry` contributes to `split` (before the size checks)."""
+        present = set(table.label_names)
+        if entry.groups:
+            groups = self._group_map(entry)
+            classes = [c for g in entry.groups for c in groups[g] if c in present]
+            if not classes:
+                raise DataError(f"none of the classes of groups {list(entry.groups)} "
+                                f"({entry.group_file}) is a label of {table.name}; labels look "
+                                f"like {table.label_names[:5]}; check label_column")
+            return classes
+        users = [s for s in SPLITS if any(e.identity == entry.identity and not e.groups
+                                          for e in self._entries(s))]
+        if len(users) <= 1:
+            return table.label_names
+        return self._class_split_part(split, entry, users, present)
+
+    def _class_split_part(self, split, entry, users, present) -> list[str]:
+        """This split's share of a source's classes (or groups) split by `class_split`."""
+        fractions = [self.cfg.class_split[SPLITS.index(s)] for s in users]
+        groups = self._group_map(entry) if entry.group_file else None
+        units = sorted(groups) if groups else self._class_universe(entry, users)
+        parts = split_units(units, fractions, self.seed)
+        mine = parts[users.index(split)]
+        classes = [c for g in mine for c in groups[g]] if groups else mine
+        return [c for c in classes if c in present]
+
+    def _class_universe(self, entry: _Source, users: list[str]) -> list[str]:
+        """Sorted class names of every split of a source shared by several meta-splits."""
+        names = set()
+        for split in users:
+            for other in self._entries(split):
+                if other.identity == entry.identity:
+                    names.update(self._table(other).label_names)
+        return sorted(names)
+
+    def _group_map(self, entry: _Source) -> dict[str, list[str]]:
+        """The group -> classes map named by `entry.group_file`, with its groups checked."""
+        if not entry.group_file:
+            raise ConfigError(f"source {entry.name} selects groups {list(entry.groups)} but "
+                              "has no group_file; set group_file to a class-to-group JSON "
+                              "(e.g. CLINC150's domains.json) or set groups to []")
+        if entry.group_file not in self._group_maps:
+            self._group_maps[entry.group_file] = _read_group_file(entry.group_file,
+                                                                  self.cache_dir / "groups")
+        groups = self._group_maps[entry.group_file]
+        unknown = [g for g in entry.groups if g not in groups]
+        if unknown:
+            raise ConfigError(f"groups {unknown} of source {entry.name} are not in "
+                              f"{entry.group_file}; it has: {', '.join(sorted(groups))}")
+        return groups
+
+    def _check_disjoint(self, pools: dict[str, list[_Pool]]) -> None:
+        """No class of one source may serve two meta-splits."""
+        seen: dict[tuple, str] = {}
+        for split in self.splits:
+            for entry, pool in zip(self._entries(split), pools[split]):
+                for label in pool.classes:
+                    key = (entry.identity, pool.table.label_names[label])
+                    if seen.setdefault(key, split) != split:
+                        raise ConfigError(
+                            f"class {key[1]!r} of {entry.source} is in both datasets."
+                            f"{seen[key]} and datasets.{split}; give the splits disjoint "
+                            "groups, or drop groups so class_split divides the classes")
+
+    # --------------------------------------------------------------------------------
+    # Tokenisation and its cache
+    # --------------------------------------------------------------------------------
+
+    def _tokenize_pending(self) -> None:
+        """Tokenise every table not read from the cache, then cache it."""
+        for key, table in self._tables.items():
+            if table.input_ids is not None:
+                continue
+            self.cache_stats["misses"] += 1
+            log.info("tokenising %d texts of %s", len(table.texts), table.name)
+            table.input_ids, table.offsets = self._tokenize(table.texts)
+            table.texts = None
+            self._write_cache(key, table)
+
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ragged token ids: (flat int32 ids, (len(texts) + 1,) offsets)."""
+        lengths, chunks = [], []
+        for start in range(0, len(texts), TOKENIZE_BATCH):
+            encoded = self.tokenizer(texts[start:start + TOKENIZE_BATCH], truncation=True,
+                                     max_length=self.max_length)["input_ids"]
+            lengths.extend(len(ids) for ids in encoded)
+            chunks.extend(np.asarray(ids, dtype=np.int32) for ids in encoded)
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        return flat, offsets
+
+    def _cache_path(self, entry: _Source, fingerprint: str) -> Path:
+        key = _hash_json({"version": CACHE_VERSION, "tokenizer": self._tokenizer_fingerprint(),
+                          "max_length": self.max_length, "data": fingerprint,
+                          "table": list(entry.table_key)})[:24]
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(entry.source).name + "_" + entry.split)
+        return self.cache_dir / "tokens" / f"{stem}-{key}"
+
+    def _read_cache(self, entry: _Source, fingerprint: str) -> _Table | None:
+        folder = self._cache_path(entry, fingerprint)
+        meta_file = folder / "meta.json"   # written last: its presence marks a whole entry
+        if not meta_file.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        arrays = {k: np.load(folder / f"{k}.npy", allow_pickle=False)
+                  for k in ("labels", "offsets", "input_ids")}
+        return _Table(entry.name, fingerprint, meta["label_names"], arrays["labels"],
+                      arrays["offsets"], arrays["input_ids"])
+
+    def _write_cache(self, key: tuple, table: _Table) -> None:
+        entry = next(e for s in SPLITS for e in self._entries(s) if e.table_key == key)
+        folder = self._cache_path(entry, table.fingerprint)
+        for name in ("labels", "offsets", "input_ids"):
+            buffer = io.BytesIO()
+            np.save(buffer, getattr(table, name), allow_pickle=False)
+            atomic_write_bytes(folder / f"{name}.npy", buffer.getvalue())
+        atomic_write_json(folder / "meta.json", {
+            "source": table.name, "fingerprint": table.fingerprint,
+            "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
+            "max_length": self.max_length, "label_names": table.label_names})
+
+    def _tokenizer_fingerprint(self) -> str:
+        if not hasattr(self, "_tok_fp"):
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                # Calls set truncation/padding on the backend; they are not its identity.
+                state = json.loads(backend.to_str())
+                state.pop("truncation", None), state.pop("padding", None)
+                payload = json.dumps(state, sort_keys=True)
+            else:
+                payload = json.dumps(sorted(self.tokenizer.get_vocab().items()))
+            side = getattr(self.tokenizer, "truncation_side", "right")
+            self._tok_fp = _hash_json([type(self.tokenizer).__name__, side, payload])
+        return self._tok_fp
+
+    # --------------------------------------------------------------------------------
+    # Episodes
+    # --------------------------------------------------------------------------------
+
+    def episode(self, split: str, index: int) -> Episode:
+        """Episode number `index` of `split`: a pure function of (seed, split, index).
+
+        Args:
+            split: `meta_train`, `meta_val` or `meta_test` (one this loader prepared).
+            index: any integer >= 0; the trainer passes
+                `iteration * meta_batch_size + task_index`.
+
+        Returns:
+            The tokenised episode; labels are a fresh permutation of the classes.
+
+        Raises:
+            UserError: `split` was not prepared or has no source.
+        """
+        return self._materialise(self._plan(split, index))
+
+    def fixed_episodes(self, split: str, num: int, spec_path=None) -> list[Episode]:
+        """The fixed evaluation list: episodes 0..num-1 of `split`.
+
+        With `spec_path`, the list is read from that saved spec when the file exists (so a
+        later run, or another method, evaluates on exactly the same episodes even if the
+        config changed) and saved there otherwise.
+
+        Args:
+            split: usually `meta_test`.
+            num: number of episodes (`evaluation.num_episodes`).
+            spec_path: optional JSON spec file (see `save_episode_spec`).
+
+        Returns:
+            `num` episodes.
+
+        Raises:
+            UserError: a saved spec holds a different number of episodes or names data
+                this loader does not have.
+        """
+        if spec_path is not None and Path(spec_path).is_file():
+            episodes = self.load_episode_spec(spec_path)
+            if len(episodes) != num:
+                raise UserError(f"episode spec {spec_path} holds {len(episodes)} episodes, not "
+                                f"{num}; delete it to sample a new list or set "
+                                f"evaluation.num_episodes={len(episodes)}")
+            return episodes
+        if spec_path is not None:
+            self.save_episode_spec(split, num, spec_path)
+        return [self.episode(split, i) for i in range(num)]
+
+    def save_episode_spec(self, split: str, num: int, path) -> None:
+        """Write episodes 0..num-1 of `split` as a tokenizer-independent JSON spec.
+
+        The spec names, per episode, the source, its data fingerprint, the class names and
+        the row ids (position in the source split) of every support and query example in
+        order, with their episode labels; synthetic episodes are stored as generator seed,
+        index and config. `load_episode_spec` rebuilds them with any tokenizer.
+
+        Args:
+            split: the meta-split.
+            num: number of episodes.
+            path: the JSON file to write (atomically).
+        """
+        atomic_write_json(path, {"format": SPEC_FORMAT, "split": split, "seed": self.seed,
+                                 "n_way": self.n_way, "k_shot": self.k_shot,
+                                 "q_query": self.q_query,
+                                 "episodes": [self._plan(split, i) for i in range(num)]})
+
+    def load_episode_spec(self, path) -> list[Episode]:
+        """Rebuild the episodes of a spec written by `save_episode_spec`.
+
+        Args:
+            path: the spec file.
+
+        Returns:
+            The episodes, in order, tokenised with this loader's tokenizer.
+
+        Raises:
+            UserError: not a spec file, or it names a source this loader has not loaded
+                or whose data changed since.
+        """
+        try:
+            spec = json.loads(Path(path).read_text())
+            assert spec["format"] == SPEC_FORMAT
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            raise UserError(f"{path} is not a MELoRA episode spec ({e!r}); delete it or "
+                            "pass a file written by save_episode_spec") from e
+        return [self._materialise(plan) for plan in spec["episodes"]]
+
+    def split_classes(self, split: str) -> dict[str, list[str]]:
+        """Source name -> the class names `split` samples from (synthetic excluded)."""
+        return {p.table.name: [p.table.label_names[c] for c in p.classes]
+                for p in self._split_pools(split) if p.table is not None}
+
+    def _split_pools(self, split: str) -> list[_Pool]:
+        if split not in self._pools:
+            raise UserError(f"meta-split {split!r} was not prepared by this loader (it has "
+                            f"{', '.join(self._pools)}); construct it with splits including it")
+        if not self._pools[split]:
+            raise UserError(f"datasets.{split} lists no source; add one to config.yml")
+        return self._pools[split]
+
+    def _plan(self, split: str, index: int) -> dict[str, Any]:
+        """JSON-able description of episode `index`: source, classes, row ids, labels."""
+        pools = self._split_pools(split)
+        rng = np.random.default_rng([self.seed, SPLITS.index(split), int(index)])
+        weights = np.array([p.weight for p in pools], dtype=float)
+        pool = pools[rng.choice(len(pools), p=weights / weights.sum())]
+        if pool.table is None:
+            return {"source": SYNTHETIC, "seed": self._generators[split].seed,
+                    "index": int(index), "synthetic": self.synthetic_cfg.to_dict()}
+        # Sampling without replacement in random order = a fresh label permutation.
+        classes = rng.choice(pool.classes, size=self.n_way, replace=False)
+        support, query = [], []
+        for label, cls in enumerate(classes):
+            rows = rng.choice(pool.rows[cls], size=self.k_shot + self.q_query, replace=False)
+            support += [(int(r), label) for r in rows[:self.k_shot]]
+            query += [(int(r), label) for r in rows[self.k_shot:]]
+        support = [support[i] for i in rng.permutation(len(support))]
+        query = [query[i] for i in rng.permutation(len(query))]
+        return {"source": pool.table.name, "fingerprint": pool.table.fingerprint,
+                "classes": [pool.table.label_names[c] for c in classes],
+                "support_ids": [r for r, _ in support], "support_labels": [y for _, y in support],
+                "query_ids": [r for r, _ in query], "query_labels": [y for _, y in query]}
+
+    def _materialise(self, plan: dict[str, Any]) -> Episode:
+        if plan["source"] == SYNTHETIC:
+            generator = SyntheticTaskGenerator(Config(plan["synthetic"]), plan["seed"])
+            task = generator.sample_task(self.n_way, self.k_shot, self.q_query, plan["index"])
+            return self._episode_from_text(task, SYNTHETIC)
+        table = self._table_for_plan(plan)
+        support = self._collate([table.ids(r) for r in plan["support_ids"]], plan["support_labels"])
+        query = self._collate([table.ids(r) for r in plan["query_ids"]], plan["query_labels"])
+        return Episode(support, query, len(plan["classes"]), list(plan["classes"]), plan["source"])
+
+    def _table_for_plan(self, plan: dict[str, Any]) -> _Table:
+        for table in self._tables.values():
+            if table.name == plan["source"] and table.fingerprint == plan["fingerprint"]:
+                return table
+        raise UserError(f"episode spec names source {plan['source']} (data fingerprint "
+                        f"{plan['fingerprint']}), which this loader has not loaded or whose "
+                        "data changed; configure the datasets the spec was saved with, or "
+                        "delete the spec to sample a new list")
+
+    def _episode_from_text(self, task: TextTask, source: str) -> Episode:
+        """Tokenise a raw-text task (synthetic tasks are not cached: they are small)."""
+        def encode(texts):
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+            return [np.asarray(x, dtype=np.int64) for x in ids]
+        support = self._collate(encode(task.support_texts), task.support_labels)
+        query = self._collate(encode(task.query_texts), task.query_labels)
+        return Episode(support, query, len(task.classes), list(task.classes), source)
+
+    def _collate(self, seqs: list[np.ndarray], labels: list[int]) -> dict[str, torch.Tensor]:
+        """Pad to the longest sequence of this set, on the tokenizer's padding side."""
+        longest = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), longest), self._pad_id(), dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for i, seq in enumerate(seqs):
+            span = slice(longest - len(seq), longest) if left else slice(0, len(seq))
+            input_ids[i, span] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+            attention_mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": torch.tensor(labels, dtype=torch.long)}
+
+    def _pad_id(self) -> int:
+        # GPT-2 has no pad token; any id works under a zero attention mask.
+        for pad in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if pad is not None:
+                return int(pad)
+        return 0
+
+    # --------------------------------------------------------------------------------
+    # Extension point
+    # --------------------------------------------------------------------------------
+
+    def _load_custom_task(self, task_name: str) -> Dict[str, List]:
+        """Rows of the source `custom:<task_name>`; override this in a subclass.
+
+        Args:
+            task_name: the part of the source name after `custom:`.
+
+        Returns:
+            `{"text": [str, ...], "label": [label, ...]}`, equally long; labels may be
+            strings or integers (they become class names).
+
+        Raises:
+            ConfigError: always, in this base class.
+
+        Example:
+            >>> class MyLoader(DatasetLoader):
+            ...     def _load_custom_task(self, task_name):
+            ...         rows = read_my_rows(task_name)
+            ...         return {"text": [r.text for r in rows], "label": [r.tag for r in rows]}
+        """
+        raise ConfigError(f"source 'custom:{task_name}' needs a DatasetLoader subclass that "
+                          "overrides _load_custom_task; or use a hub name or file path")
+
+
+# ------------------------------------------------------------------------------------
+# CLI flags -> config overrides
+# ------------------------------------------------------------------------------------
+
+def cli_dataset_overrides(dataset: str | None, eval_dataset: str | None,
+                          text_column: str | None, label_column: str | None) -> dict[str, object]:
+    """Turn `--dataset/--eval_dataset/--text_column/--label_column` into config overrides.
+
+    `--dataset X` alone: meta-train, meta-val and meta-test all come from X, its classes
+    split by `datasets.class_split`. `--eval_dataset Y` alone: meta-test on Y (all its
+    classes). Both, different: meta-train/meta-val split X's classes, meta-test on Y. Both
+    the same: as `--dataset X` alone. Hub sources use their `train` split for meta-train
+    and meta-val and `test` for meta-test; single-table files use their one `train` split;
+    a CLINC150-style `data_full.json` uses `train` and `test`.
+
+    Args:
+        dataset: a hub name or local file for meta-training, or None.
+        eval_dataset: a hub name or local file for meta-testing, or None.
+        text_column: the text column of these sources (None: the config's).
+        label_column: the label column of these sources (None: the config's).
+
+    Returns:
+        `{"datasets.meta_train": [...], ...}` for `utils.load_config(overrides=...)`;
+        empty when no flag is given.
+
+    Raises:
+        ConfigError: a column flag without a dataset flag.
+    """
+    if dataset is None and eval_dataset is None:
+        if text_column is not None or label_column is not None:
+            raise ConfigError("--text_column/--label_column need --dataset or --eval_dataset")
+        return {}
+    columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column))
+               if v is not None}
+
+    def entry(source: str, role: str) -> dict:
+        return {"source": source, "config": "", "split": _cli_split(source, role),
+                "group_file": "", "groups": [], "weight": 1.0, **columns}
+
+    out: dict[str, object] = {}
+    if dataset is not None:
+        out["datasets.meta_train"] = [entry(dataset, "train")]
+        out["datasets.meta_val"] = [entry(dataset, "train")]
+    if dataset is not None and eval_dataset in (None, dataset):
+        out["datasets.meta_test"] = [entry(dataset, "test")]
+    elif eval_dataset is not None:
+        out["datasets.meta_test"] = [entry(eval_dataset, "test")]
+    return out
+
+
+def _cli_split(source: str, role: str) -> str:
+    path = Path(source)
+    single_table = (path.suffix.lower() in FILE_BUILDERS or path.exists()) and not _is_pairs_json(path)
+    return "train" if single_table else role
+
+
+def _is_pairs_json(path: Path) -> bool:
+    """Whether `path` looks like CLINC150's `{"split": [[text, label], ...]}` (peeks only)."""
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    with path.open("r", encoding="utf-8") as f:
+        head = f.read(4096)
+    return re.match(r'\s*\{\s*"[^"]*"\s*:\s*\[\s*\[', head) is not None
+
+
+# ------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------
+
+def split_units(units: list[str], fractions: list[float], seed: int) -> list[list[str]]:
+    """Split `units` (classes or groups) into disjoint parts sized by `fractions`, seeded.
+
+    Sizes follow the largest-remainder rule, and every part gets at least one unit when
+    there are enough.
+
+    Args:
+        units: names; their order does not matter (they are sorted first).
+        fractions: relative part sizes (renormalised).
+        seed: the same seed and units give the same parts.
+
+    Returns:
+        One sorted list per fraction.
+    """
+    units = sorted(units)
+    rng = np.random.default_rng([seed, _CLASS_SPLIT_STREAM])
+    shuffled = [units[i] for i in rng.permutation(len(units))]
+    share = np.asarray(fractions, dtype=float) / sum(fractions) * len(units)
+    sizes = np.floor(share).astype(int)
+    for i in np.argsort(-(share - sizes))[:len(units) - sizes.sum()]:
+        sizes[i] += 1
+    for i in range(len(sizes)):  # borrow from the largest part for an empty one
+        if sizes[i] == 0 and fractions[i] > 0 and sizes.max() > 1:
+            sizes[i], sizes[sizes.argmax()] = 1, sizes.max() - 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [sorted(shuffled[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+
+
+def _synthetic_seed(seed: int, split: str) -> int:
+    """A generator seed per meta-split, so meta-test tasks differ from meta-train ones."""
+    return int(np.random.SeedSequence([seed, _SYNTHETIC_STREAM, SPLITS.index(split)])
+               .generate_state(1)[0])
+
+
+def _validate_entry(key: str, entry: _Source) -> None:
+    if not entry.source:
+        raise ConfigError(f"{key}.source is empty; name a hub dataset or a local file")
+    if entry.weight < 0:
+        raise ConfigError(f"{key}.weight must be >= 0, got {entry.weight}")
+    if entry.kind == "file":
+        path = Path(entry.source)
+        if not path.is_file():
+            raise DataError(f"{key}.source: file {entry.source!r} does not exist (relative "
+                            f"paths resolve against {os.getcwd()})")
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise DataError(f"{key}.source: {entry.source!r} has an unsupported type; use "
+                            f"{', '.join(FILE_BUILDERS)}")
+    if entry.group_file and not _is_url(entry.group_file) and not Path(entry.group_file).is_file():
+        raise DataError(f"{key}.group_file {entry.group_file!r} does not exist; give the path "
+                        "of a JSON class-to-group map or set it to \"\"")
+
+
+def _check_custom(source: str, data: Any) -> tuple[list[str], list[str]]:
+    if not isinstance(data, dict) or not {"text", "label"} <= set(data):
+        raise DataError(f"_load_custom_task for {source!r} must return "
+                        f"{{'text': [...], 'label': [...]}}, got {type(data).__name__} "
+                        f"with keys {sorted(data) if isinstance(data, dict) else '-'}")
+    texts, labels = list(data["text"]), [str(x) for x in data["label"]]
+    if len(texts) != len(labels):
+        raise DataError(f"_load_custom_task for {source!r} returned {len(texts)} texts but "
+                        f"{len(labels)} labels; they must pair up")
+    return [str(t) for t in texts], labels
+
+
+def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a local file: CLINC150 pairs JSON or a `datasets` table."""
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and _looks_like_pairs(data):
+            if entry.split not in data:
+                raise DataError(f"{entry.source} has no split {entry.split!r}; its splits are "
+                                f"{', '.join(data)}; set the source's split to one of them")
+            return [str(t) for t, _ in data[entry.split]], [str(y) for _, y in data[entry.split]]
+    import datasets
+    if entry.split != "train":
+        raise DataError(f"{entry.source} is one table, which `datasets` calls split 'train'; "
+                        f"set the source's split to \"train\" (got {entry.split!r})")
+    try:
+        table = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
+                                      split="train", cache_dir=str(hf_cache))
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"could not read {entry.source} as {path.suffix[1:]} ({e}); check the "
+                        "file's format") from e
+    return _columns(table, entry)
+
+
+def _looks_like_pairs(data: dict) -> bool:
+    first = next(iter(data.values()), None)
+    return (isinstance(first, list) and bool(first) and isinstance(first[0], list)
+            and len(first[0]) == 2)
+
+
+def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a `datasets.Dataset`, checking both columns exist."""
+    for role in ("text_column", "label_column"):
+        column = getattr(entry, role)
+        if column not in table.column_names:
+            raise DataError(f"{entry.name} has no column {column!r} (the {role}); its columns "
+                            f"are: {', '.join(table.column_names)}; pass --{role} NAME or set "
+                            f"{role} in datasets")
+    feature = table.features[entry.label_column]
+    raw = table[entry.label_column]
+    labels = [feature.int2str(x) for x in raw] if hasattr(feature, "int2str") else [str(x) for x in raw]
+    texts = table[entry.text_column]
+    missing = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if missing:
+        raise DataError(f"{entry.name}: {len(missing)} row(s) have no text in column "
+                        f"{entry.text_column!r} (first: row {missing[0]}); clean the file")
+    return list(texts), labels
+
+
+def _load_hub(entry: _Source):
+    """`datasets.load_dataset` of a hub source; offline, fail at once with the fix."""
+    import datasets
+    offline = datasets.config.HF_HUB_OFFLINE
+    if not offline and not _hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face hub to load {entry.name}. "
+                        + _OFFLINE_HINT + " (If the dataset is in your local HF cache, set "
+                        "HF_DATASETS_OFFLINE=1.)")
+    try:
+        return datasets.load_dataset(entry.source, entry.config or None, split=entry.split)
+    except (ConnectionError, OSError, ValueError) as e:
+        raise UserError(f"could not load hub dataset {entry.name} ({type(e).__name__}: {e}). "
+                        "Check the name, config and split; offline: " + _OFFLINE_HINT) from e
+
+
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def _read_group_file(spec: str, cache: Path) -> dict[str, list[str]]:
+    """A `{group: [class, ...]}` JSON from a path or an http(s) URL (cached on disk)."""
+    if _is_url(spec):
+        local = cache / (hashlib.sha256(spec.encode()).hexdigest()[:24] + ".json")
+        if not local.is_file():
+            try:
+                with urllib.request.urlopen(spec, timeout=HUB_PROBE_TIMEOUT_S * 3) as response:
+                    atomic_write_bytes(local, response.read())
+            except OSError as e:
+                raise UserError(f"cannot download group_file {spec} ({e}). " + _OFFLINE_HINT
+                                + " Or set group_file to a local copy.") from e
+        path = local
+    else:
+        path = Path(spec)
+    try:
+        groups = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"group_file {spec} is not JSON ({e})") from e
+    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+        raise DataError(f"group_file {spec} must be a JSON object of group -> [class, ...]")
+    return {str(g): [str(c) for c in v] for g, v in groups.items()}
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
