@@ -365,3 +365,243 @@ def setup_logging(level: int = logging.INFO, log_file: str | os.PathLike | None 
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+
+
+# ------------------------------------------------------------------------------------
+# Run folders and checkpoints
+# ------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "melora-checkpoint"
+
+
+def prepare_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwrite: bool,
+                    resume: bool) -> Path:
+    """Create `<output_dir>/<experiment_name>`, refusing to mix two runs in one folder.
+
+    Args:
+        output_dir: parent of every run folder (`training.output_dir`).
+        experiment_name: the run's folder name (`training.experiment_name`).
+        overwrite: empty an existing folder first (`--overwrite`).
+        resume: continue in an existing folder (`--resume`); nothing is deleted.
+
+    Returns:
+        The run folder, existing and (unless resuming) empty.
+
+    Raises:
+        UserError: the folder exists and is not empty, and neither flag was given; or
+            `experiment_name` is not a plain folder name.
+    """
+    if not experiment_name or Path(experiment_name).name != experiment_name:
+        raise UserError(f"experiment name {experiment_name!r} must be a plain folder name "
+                        "(no '/'); set it with --experiment_name")
+    run_dir = Path(output_dir) / experiment_name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {str(run_dir)!r} exists and is a file; pass another "
+                        "--experiment_name or --output_dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"run folder {str(run_dir)!r} already holds a run; pass --overwrite "
+                            "to replace it, --resume CHECKPOINT to continue it, or another "
+                            "--experiment_name")
+        import shutil
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write `state` (tensors, numbers, strings, lists, dicts) as ONE file, atomically.
+
+    The file is a `torch.save` archive written to a temporary file, fsynced and renamed
+    over `path`, so a crash leaves the old checkpoint or the new one, never a part.
+
+    Args:
+        path: the checkpoint file (parents are created).
+        state: what to save; `format` is added so `load_checkpoint` recognises the file.
+
+    Returns:
+        `path` as a Path.
+    """
+    import io
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by `save_checkpoint`, onto the CPU, executing no code.
+
+    `torch.load(weights_only=True)` accepts only tensors and plain containers, so a file
+    carrying pickled code is refused instead of run.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The saved state.
+
+    Raises:
+        UserError: the file is missing, truncated, not a torch archive, holds objects
+            other than tensors and plain data, or is not a MELoRA checkpoint; each
+            message names the path.
+    """
+    import pickle
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a "
+                        "checkpoints/checkpoint_iter_N.pt file of a training run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors and plain "
+                        "data, so it was refused (loading never executes code); use a "
+                        "checkpoint written by MELoRA") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint "
+                        f"({(str(e) or type(e).__name__).split('.')[0]}); use "
+                        "another checkpoint of the run") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {str(path)!r} is a torch file but not a MELoRA "
+                        "checkpoint; pass a checkpoints/checkpoint_iter_N.pt file written "
+                        "by `python main.py --mode train`")
+    return state
+
+
+# ------------------------------------------------------------------------------------
+# Metrics sink
+# ------------------------------------------------------------------------------------
+
+METRICS_FILE = "metrics.jsonl"
+MLFLOW_DB = "mlflow.db"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsSink:
+    """One sink for numbers: `metrics.jsonl`, MLflow and TensorBoard behind one `log`.
+
+    MLflow is embedded: a SQLite store `<run_dir>/mlflow.db` (no server, no network),
+    unless `MLFLOW_TRACKING_URI` is set. TensorBoard event files go to
+    `<run_dir>/tensorboard`. `metrics.jsonl` always gets one JSON line per `log` call.
+
+    Args:
+        run_dir: the run folder.
+        tracking: the `tracking` config section (`mlflow`, `tensorboard` switches).
+        experiment_name: the MLflow experiment and run name.
+        params: flat `{"section.key": value}` to record as MLflow parameters.
+        start_iteration: on resume, the checkpoint's iteration: `metrics.jsonl` lines and
+            TensorBoard events after it (from the interrupted run) are dropped.
+
+    Example:
+        >>> sink = MetricsSink(run_dir, cfg.tracking, "melora", cfg.flat())
+        >>> sink.log(1, {"meta_loss": 1.6, "query_acc_after": 0.4})
+        >>> sink.close()
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, tracking, experiment_name: str,
+                 params: Mapping[str, Any] | None = None, start_iteration: int = 0):
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / METRICS_FILE
+        self._truncate_jsonl(start_iteration)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._tb = self._open_tensorboard(start_iteration) if tracking.tensorboard else None
+        self._mlflow, self._mlflow_run = None, None
+        self.mlflow_uri = None
+        if tracking.mlflow:
+            self._open_mlflow(experiment_name, params or {}, start_iteration)
+
+    # -- public ------------------------------------------------------------------------
+
+    def log(self, iteration: int, metrics: Mapping[str, Any]) -> None:
+        """Record the numbers of one iteration in every enabled backend.
+
+        Non-finite values are written as `null` to `metrics.jsonl` and not sent to
+        MLflow or TensorBoard.
+        """
+        line = {"iteration": int(iteration)}
+        line.update({k: _finite_or_none(v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps(line, default=_json_default) + "\n")
+        self._jsonl.flush()
+        numbers = {k: float(v) for k, v in line.items()
+                   if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, iteration)
+        if self._mlflow is not None:
+            self._mlflow_log(iteration, numbers)
+
+    def locations(self) -> dict[str, str]:
+        """Where each backend writes, and how to open it."""
+        out = {"metrics": str(self.jsonl_path)}
+        if self._tb is not None:
+            out["tensorboard"] = str(self.run_dir / TENSORBOARD_DIR)
+            out["tensorboard_command"] = f"tensorboard --logdir {self.run_dir / TENSORBOARD_DIR}"
+        if self.mlflow_uri is not None:
+            out["mlflow"] = self.mlflow_uri
+            out["mlflow_command"] = f"mlflow ui --backend-store-uri {self.mlflow_uri}"
+        return out
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and close every backend; `status` ends the MLflow run (FINISHED, FAILED)."""
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._mlflow is not None:
+            self._mlflow.set_terminated(self._mlflow_run, status=status)
+            self._mlflow = None
+
+    # -- backends ----------------------------------------------------------------------
+
+    def _truncate_jsonl(self, start_iteration: int) -> None:
+        if not self.jsonl_path.is_file():
+            return
+        kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]
+        atomic_write_text(self.jsonl_path, "".join(f"{line}\n" for line in kept))
+
+    def _open_tensorboard(self, start_iteration: int):
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops events after the checkpoint written by an interrupted run.
+        purge = start_iteration + 1 if start_iteration > 0 else None
+        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def _open_mlflow(self, experiment_name: str, params: Mapping[str, Any],
+                     start_iteration: int) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # never reach the network
+        from mlflow.tracking import MlflowClient
+        for name in ("mlflow", "alembic"):  # set after import: mlflow configures its logger
+            logging.getLogger(name).setLevel(logging.WARNING)  # no schema-migration chatter
+        self.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
+        client = MlflowClient(tracking_uri=self.mlflow_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            experiment_name, artifact_location=(self.run_dir / "mlflow-artifacts").resolve().as_uri())
+        run_name = experiment_name if start_iteration == 0 else \
+            f"{experiment_name} (resumed at {start_iteration})"
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={"run_dir": str(self.run_dir.resolve())})
+        self._mlflow, self._mlflow_run = client, run.info.run_id
+        self._mlflow_params(params)
+
+    def _mlflow_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]  # MLflow's value limit
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self._mlflow.log_batch(self._mlflow_run, params=items[i:i + 100])
+
+    def _mlflow_log(self, iteration: int, numbers: Mapping[str, float]) -> None:
+        import time
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, int(iteration)) for k, v in numbers.items()]
+        self._mlflow.log_batch(self._mlflow_run, metrics=metrics)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
