@@ -145,12 +145,17 @@ def methods_of(results: Mapping) -> Mapping[str, Mapping]:
         Method name -> that method's results.
 
     Raises:
-        ValueError: If ``results`` has no non-empty ``methods`` mapping.
+        ValueError: If ``results`` has no non-empty ``methods`` mapping, or an
+            ``accuracy_mean`` is not a fraction in [0, 1] (tables and figures show percent).
     """
     methods = results.get("methods") if isinstance(results, Mapping) else None
     if not isinstance(methods, Mapping) or not methods:
         raise ValueError("results must be a dict with a non-empty 'methods' mapping "
                          "(the results.json format written by evaluation.py)")
+    for name, m in methods.items():
+        acc = m.get("accuracy_mean", 0.0)
+        if not 0.0 <= acc <= 1.0:
+            raise ValueError(f"accuracy_mean of method {name!r} must be a fraction in [0, 1], got {acc!r}")
     return methods
 
 
@@ -200,6 +205,10 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     Raises:
         ValueError: If the samples differ in length, have fewer than two values or are
             not finite.
+
+    Example:
+        >>> paired_ttest([0.6, 0.8, 0.7], [0.6, 0.8, 0.7])
+        {'statistic': 0.0, 'p_value': 1.0}
     """
     d = _paired_differences(a, b)
     if np.all(d == d[0]):
@@ -227,6 +236,10 @@ def wilcoxon_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     Raises:
         ValueError: If the samples differ in length, have fewer than two values or are
             not finite.
+
+    Example:
+        >>> wilcoxon_test([0.9, 0.8, 0.7, 0.9, 0.8, 0.9], [0.5, 0.6, 0.4, 0.3, 0.6, 0.5])["p_value"]
+        0.03125
     """
     d = _paired_differences(a, b)
     if np.all(d == 0):
@@ -255,6 +268,11 @@ def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int =
 
     Raises:
         ValueError: On unpaired or non-finite samples or out-of-range arguments.
+
+    Example:
+        >>> lo, hi = bootstrap_ci_diff([0.9, 0.8, 0.7, 0.9], [0.5, 0.6, 0.4, 0.3], n_resamples=1000)
+        >>> 0.0 < lo < hi
+        True
     """
     _check_confidence(confidence)
     if not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
@@ -279,6 +297,10 @@ def cohens_d_paired(a: Sequence[float], b: Sequence[float]) -> float:
 
     Raises:
         ValueError: On unpaired, too short or non-finite samples.
+
+    Example:
+        >>> round(cohens_d_paired([0.9, 0.8, 0.7], [0.5, 0.6, 0.6]), 3)
+        1.528
     """
     d = _paired_differences(a, b)
     mean = float(np.mean(d))
@@ -352,6 +374,12 @@ def compare_methods(results: Mapping, reference: str = DEFAULT_REFERENCE,
     Raises:
         ValueError: If the reference is missing, a method lacks ``per_episode_accuracy``,
             or a method's episodes do not pair with the reference's (different lengths).
+
+    Example:
+        >>> results = {"methods": {"melora": {"per_episode_accuracy": [0.9, 0.8, 0.7, 0.9]},
+        ...                        "maml": {"per_episode_accuracy": [0.5, 0.6, 0.4, 0.3]}}}
+        >>> [(r["method"], round(r["mean_diff"], 3)) for r in compare_methods(results, n_resamples=100)]
+        [('maml', 0.375)]
     """
     _check_confidence(confidence)
     methods = methods_of(results)
@@ -385,6 +413,10 @@ def pareto_front(memory: Sequence[float], accuracy: Sequence[float]) -> list[int
 
     Raises:
         ValueError: If the lengths differ.
+
+    Example:
+        >>> pareto_front([100, 200, 150], [0.6, 0.8, 0.5])
+        [0, 1]
     """
     if len(memory) != len(accuracy):
         raise ValueError(f"memory and accuracy must have the same length, "

@@ -76,6 +76,9 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike,
 
     Raises:
         ValueError: If there are no records or a record lacks a required key.
+
+    Example:
+        >>> plot_training_curves("run/metrics.jsonl", "run/figures/training_curves")  # doctest: +SKIP
     """
     records = analysis.load_metrics(metrics) if isinstance(metrics, str | os.PathLike) else list(metrics)
     if not records:
@@ -112,6 +115,9 @@ def plot_accuracy_per_step(results: Mapping | str | os.PathLike, out_stem: str |
 
     Raises:
         ValueError: If no method has ``accuracy_per_step`` or its lists differ in length.
+
+    Example:
+        >>> plot_accuracy_per_step("run/results.json", "run/figures/accuracy_per_step")  # doctest: +SKIP
     """
     results = _as_results(results)
     curves = {name: m["accuracy_per_step"] for name, m in analysis.methods_of(results).items()
@@ -150,6 +156,9 @@ def plot_memory(results: Mapping | str | os.PathLike, out_stem: str | os.PathLik
 
     Raises:
         ValueError: If a method lacks ``peak_memory_mb``.
+
+    Example:
+        >>> plot_memory("run/results.json", "run/figures/memory")  # doctest: +SKIP
     """
     methods = analysis.methods_of(_as_results(results))
     for name, m in methods.items():
@@ -188,6 +197,9 @@ def plot_accuracy_vs_memory(results: Mapping | str | os.PathLike, out_stem: str 
 
     Raises:
         ValueError: If a method lacks accuracy or memory.
+
+    Example:
+        >>> plot_accuracy_vs_memory("run/results.json", "run/figures/accuracy_vs_memory")  # doctest: +SKIP
     """
     methods = analysis.methods_of(_as_results(results))
     for name, m in methods.items():
@@ -231,6 +243,9 @@ def plot_ablations(rows: Sequence[Mapping] | str | os.PathLike, out_stem: str | 
 
     Raises:
         ValueError: If there are no rows or a row lacks a required key.
+
+    Example:
+        >>> plot_ablations("run/ablations.json", "run/figures/ablations")  # doctest: +SKIP
     """
     rows = analysis.load_json(rows) if isinstance(rows, str | os.PathLike) else rows
     groups = analysis.group_ablations(rows)
@@ -263,6 +278,9 @@ def plot_gradient_fidelity(fidelity: Mapping | Sequence[Mapping] | str | os.Path
 
     Raises:
         ValueError: If there are no values or a value is not a number in [-1, 1].
+
+    Example:
+        >>> plot_gradient_fidelity({"full": 1.0, "none": 0.47}, "run/figures/fidelity")  # doctest: +SKIP
     """
     tasks = _fidelity_tasks(fidelity)
     names = [m for m in HESSIAN_ORDER if any(m in t for t in tasks)]
@@ -306,6 +324,9 @@ def plot_all(run_dir: str | os.PathLike) -> list[Path]:
 
     Raises:
         ValueError: If ``run_dir`` is not a directory or a present file is malformed.
+
+    Example:
+        >>> plot_all("results/melora")  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

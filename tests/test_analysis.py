@@ -225,3 +225,17 @@ def test_loaders_roundtrip(tmp_path):
     (tmp_path / "empty.json").write_text('{"methods": {}}')
     with pytest.raises(ValueError, match="non-empty 'methods'"):
         analysis.load_results(tmp_path / "empty.json")
+
+
+def test_percent_accuracies_are_rejected():
+    results = _results(melora=_accuracies(19, 5, 0.5))
+    results["methods"]["melora"]["accuracy_mean"] = 72.5
+    with pytest.raises(ValueError, match="'melora' must be a fraction"):
+        analysis.format_results_table(results)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    failures, _ = doctest.testmod(analysis)
+    assert failures == 0
