@@ -233,14 +233,16 @@ class DatasetLoader:
     def _validate_split(self, split: str) -> None:
         entries = self._entries(split)
         synthetic = self.cfg.synthetic_weight if split == "meta_train" else 0.0
+        if not entries and split == "meta_val":
+            return  # meta-validation is optional
         if not entries and not synthetic:
             raise ConfigError(f"datasets.{split} lists no source; add one (or run with "
                               "--synthetic_only, or --dataset PATH)")
+        for i, entry in enumerate(entries):
+            _validate_entry(f"datasets.{split}[{i}]", entry)
         if entries and sum(e.weight for e in entries) + synthetic <= 0:
             raise ConfigError(f"the weights of datasets.{split} sum to 0; give a source a "
                               "positive weight")
-        for i, entry in enumerate(entries):
-            _validate_entry(f"datasets.{split}[{i}]", entry)
 
     def _entries(self, split: str) -> list[_Source]:
         return [_Source(e["source"], e["config"], e["split"], e["text_column"],
@@ -752,7 +754,7 @@ def split_units(units: list[str], fractions: list[float], seed: int) -> list[lis
     shuffled = [units[i] for i in rng.permutation(len(units))]
     share = np.asarray(fractions, dtype=float) / sum(fractions) * len(units)
     sizes = np.floor(share).astype(int)
-    for i in np.argsort(-(share - sizes))[:len(units) - sizes.sum()]:
+    for i in np.argsort(-(share - sizes), kind="stable")[:len(units) - sizes.sum()]:
         sizes[i] += 1
     for i in range(len(sizes)):  # borrow from the largest part for an empty one
         if sizes[i] == 0 and fractions[i] > 0 and sizes.max() > 1:
@@ -772,6 +774,10 @@ def _validate_entry(key: str, entry: _Source) -> None:
         raise ConfigError(f"{key}.source is empty; name a hub dataset or a local file")
     if entry.weight < 0:
         raise ConfigError(f"{key}.weight must be >= 0, got {entry.weight}")
+    if entry.groups and not entry.group_file:
+        raise ConfigError(f"{key} selects groups {list(entry.groups)} but has no group_file; "
+                          "set group_file to a class-to-group JSON (e.g. CLINC150's "
+                          "domains.json) or set groups to []")
     if entry.kind == "file":
         path = Path(entry.source)
         if not path.is_file():
