@@ -114,14 +114,19 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT
         self.merged = False
         self._override: tuple[torch.Tensor, torch.Tensor] | None = None  # see checkpointing
+        self._tap = None  # callable(layer, dropout(x), h, lora_out) while recording statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
         A, B = self._override or (self.lora_A, self.lora_B)
-        lora = self.lora_dropout(x).to(A.dtype) @ A.t() @ B.t()  # (..., in) -> (..., r) -> (..., out)
-        return result + (lora * self.scaling).to(result.dtype)
+        x_d = self.lora_dropout(x).to(A.dtype)
+        h = x_d @ A.t()  # (..., in) -> (..., r)
+        lora = (h @ B.t()) * self.scaling  # (..., r) -> (..., out)
+        if self._tap is not None:  # curvature statistics (trainer's block_diagonal method)
+            self._tap(self, x_d, h, lora)
+        return result + lora.to(result.dtype)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""compute_meta_gradient against plain autograd through the unrolled inner loop (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+import trainer
+import utils
+from conftest import make_batch
+
+SUPPORT = ["book a flight to paris", "cancel my hotel room", "what is the weather today",
+           "will it rain tomorrow", "play a song by queen", "turn the music up", ]
+QUERY = ["reserve a seat on the train", "is it sunny outside", "skip this track",
+         "find me a cheap flight", "how cold is it", "put on some jazz"]
+S_LABELS, Q_LABELS = [0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2]
+
+
+def setup_task(name, seed=0, dropout=0.0):
+    model, tok = M.load_model(name, num_labels=3, dtype=torch.float64, dropout=dropout)
+    targets = utils.load_config().lora.target_modules[M.family_of(name)]
+    M.inject_lora(model, rank=2, alpha=4.0, dropout=dropout, target_modules=targets)
+    model.train() if dropout else model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    theta = {n: (p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+             for n, p in M.lora_parameters(model).items()}
+    return model, theta, make_batch(tok, SUPPORT, S_LABELS), make_batch(tok, QUERY, Q_LABELS)
+
+
+def unrolled_meta_gradient(model, theta, support, query, inner_lr, steps):
+    """The textbook MAML meta-gradient: autograd through the whole inner loop."""
+    params = {n: t.detach().clone().requires_grad_() for n, t in theta.items()}
+    lrs = inner_lr if torch.is_tensor(inner_lr) else [inner_lr] * steps
+    phi = dict(params)
+    with M.second_order_attention():
+        for k in range(steps):
+            loss = F.cross_entropy(M.forward(model, phi, support), support["labels"])
+            grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {n: p - lrs[k] * g for (n, p), g in zip(phi.items(), grads)}
+        query_loss = F.cross_entropy(M.forward(model, phi, query), query["labels"])
+        inputs = list(params.values()) + ([inner_lr] if torch.is_tensor(inner_lr) else [])
+        grads = torch.autograd.grad(query_loss, inputs)
+    out = dict(zip(params, grads))
+    if torch.is_tensor(inner_lr):
+        out["inner_lr"] = grads[-1]
+    return query_loss.detach(), out
+
+
+def flat(grads, names):
+    return torch.cat([grads[n].flatten() for n in names])
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_full_equals_unrolled_autograd(name, steps):
+    model, theta, support, query = setup_task(name)
+    loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, steps, "full")
+    ref_loss, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, steps)
+    assert abs(loss.item() - ref_loss.item()) < 1e-10
+    assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
+    # the second-order terms matter here, so first order cannot pass by accident
+    _, first = trainer.compute_meta_gradient(model, theta, support, query, 0.5, steps, "none")
+    assert relative_error(flat(first, theta), flat(ref, theta)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tiny-distilbert", "tiny-t5", "tiny-gpt2", "tiny-bert"])
+def test_second_order_with_checkpointing_on_every_family(name):
+    model, theta, support, query = setup_task(name, seed=1)
+    _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 2)
+    assert M.enable_checkpointing(model, lora_only=True) > 0
+    try:
+        for method in ("full", "gauss_newton", "block_diagonal"):
+            _, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 2)
+            assert torch.isfinite(flat(grads, theta)).all(), method
+            if method == "full":
+                assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
+    finally:
+        M.disable_checkpointing(model)
+
+
+@pytest.mark.parametrize("method", ["full", "gauss_newton", "block_diagonal", "none"])
+def test_micro_batches_do_not_change_the_result(method):
+    model, theta, support, query = setup_task("tiny-gpt2", seed=2)
+    results = [trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, mb)
+               for mb in (1, 2, 0)]
+    whole = flat(results[-1][1], theta)
+    for loss, grads in results[:-1]:
+        assert abs(loss.item() - results[-1][0].item()) < 1e-10
+        assert relative_error(flat(grads, theta), whole) < 1e-6
+
+
+def test_hutchinson_diagonal_does_not_depend_on_micro_batches():
+    model, theta, support, query = setup_task("tiny-bert", seed=3)
+    options = trainer.HessianOptions(diagonal_estimator="hutchinson", hutchinson_probes=2)
+    a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "diagonal", 1,
+                                      hessian=options, seed=5)[1]
+    b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "diagonal", 0,
+                                      hessian=options, seed=5)[1]
+    assert relative_error(flat(a, theta), flat(b, theta)) < 1e-6
+
+
+def test_approximations_point_towards_the_exact_meta_gradient():
+    model, theta, support, query = setup_task("tiny-bert", seed=4)
+    exact = flat(trainer.compute_meta_gradient(model, theta, support, query, 1.0, 3, "full")[1], theta)
+    cosine = {}
+    for method in ("gauss_newton", "block_diagonal", "diagonal", "none"):
+        approx = flat(trainer.compute_meta_gradient(model, theta, support, query, 1.0, 3, method, 1)[1], theta)
+        cosine[method] = F.cosine_similarity(approx, exact, dim=0).item()
+    print("cosine similarity to the exact meta-gradient:", cosine)
+    assert all(c == c for c in cosine.values()), cosine  # no NaN
+    assert cosine["gauss_newton"] > cosine["none"], cosine
+
+
+def test_learned_inner_rates_get_their_exact_gradient():
+    model, theta, support, query = setup_task("tiny-bert", seed=5)
+    rates = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    _, grads = trainer.compute_meta_gradient(model, theta, support, query, rates, 3, "full")
+    _, ref = unrolled_meta_gradient(model, theta, support, query, rates, 3)
+    assert relative_error(grads["inner_lr"], ref["inner_lr"]) < 1e-6
+    assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
+
+
+def test_dropout_masks_replay_and_seed_controls_them():
+    model, theta, support, query = setup_task("tiny-bert", seed=6, dropout=0.2)
+    a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11)[1]
+    b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11)[1]
+    c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=12)[1]
+    assert torch.equal(flat(a, theta), flat(b, theta))
+    assert not torch.equal(flat(a, theta), flat(c, theta))
+
+
+def test_metrics_and_zero_steps():
+    model, theta, support, query = setup_task("tiny-gpt2", seed=7)
+    metrics = {}
+    loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 0, "full",
+                                                metrics=metrics)
+    expected = F.cross_entropy(M.forward(model, theta, query), query["labels"])
+    assert abs(loss.item() - expected.item()) < 1e-10
+    assert metrics["query_acc_before"] == metrics["query_acc_after"]
+    with pytest.raises(ValueError, match="gauss_newton"):
+        trainer.compute_meta_gradient(model, theta, support, query, 0.5, 1, "exact")
