@@ -404,6 +404,8 @@ class DatasetLoader:
             if table.input_ids is not None:
                 continue
             self.cache_stats["misses"] += 1
+            if not getattr(self.tokenizer, "is_fast", True):
+                log.warning("tokenising with a slow (Python) tokenizer; a fast one is much quicker")
             log.info("tokenising %d texts of %s", len(table.texts), table.name)
             table.input_ids, table.offsets = self._tokenize(table.texts)
             table.texts = None
