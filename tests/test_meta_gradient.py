@@ -16,13 +16,14 @@ QUERY = ["reserve a seat on the train", "is it sunny outside", "skip this track"
 S_LABELS, Q_LABELS = [0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2]
 
 
-def setup_task(name, seed=0, dropout=0.0):
+def setup_task(name, seed=0, dropout=0.0, scale=0.3):
     model, tok = M.load_model(name, num_labels=3, dtype=torch.float64, dropout=dropout)
     targets = utils.load_config().lora.target_modules[M.family_of(name)]
+    torch.manual_seed(seed)  # lora_A's kaiming init draws from the global generator
     M.inject_lora(model, rank=2, alpha=4.0, dropout=dropout, target_modules=targets)
     model.train() if dropout else model.eval()
     gen = torch.Generator().manual_seed(seed)
-    theta = {n: (p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    theta = {n: (p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
              for n, p in M.lora_parameters(model).items()}
     return model, theta, make_batch(tok, SUPPORT, S_LABELS), make_batch(tok, QUERY, Q_LABELS)
 
@@ -104,15 +105,17 @@ def test_hutchinson_diagonal_does_not_depend_on_micro_batches():
 
 
 def test_approximations_point_towards_the_exact_meta_gradient():
-    model, theta, support, query = setup_task("tiny-bert", seed=4)
-    exact = flat(trainer.compute_meta_gradient(model, theta, support, query, 1.0, 3, "full")[1], theta)
+    # theta near a trained state (small LoRA/head), inner steps large enough for curvature to matter
+    model, theta, support, query = setup_task("tiny-bert", seed=4, scale=0.05)
+    exact = flat(trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full")[1], theta)
     cosine = {}
     for method in ("gauss_newton", "block_diagonal", "diagonal", "none"):
-        approx = flat(trainer.compute_meta_gradient(model, theta, support, query, 1.0, 3, method, 1)[1], theta)
+        approx = flat(trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, method, 1)[1], theta)
         cosine[method] = F.cosine_similarity(approx, exact, dim=0).item()
     print("cosine similarity to the exact meta-gradient:", cosine)
     assert all(c == c for c in cosine.values()), cosine  # no NaN
-    assert cosine["gauss_newton"] > cosine["none"], cosine
+    assert cosine["gauss_newton"] > 0.9 and cosine["gauss_newton"] > cosine["none"], cosine
+    assert cosine["block_diagonal"] > cosine["none"], cosine
 
 
 def test_learned_inner_rates_get_their_exact_gradient():
