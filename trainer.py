@@ -355,3 +355,533 @@ class _KFACRecorder:
 # ====================================================================================
 # Training loop
 # ====================================================================================
+
+# Imports of the training loop (kept below the banner so the meta-gradient section
+# above stays self-contained).
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from utils import (Config, ConfigError, MetricsSink, UserError, atomic_write_json,  # noqa: E402
+                   atomic_write_text, load_checkpoint, load_config_with_base, peak_memory_mb,
+                   reset_peak_memory, resolve_device, save_checkpoint, set_seed)
+
+# Keys that define the model and what theta means: on resume the checkpoint's values win.
+MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
+              "tasks.n_way", "training.seed", "training.precision",
+              "meta_learning.inner.learn_lr", "meta_learning.head_init")
+# Of those, a mismatch that cannot be papered over: the checkpoint is refused.
+REFUSED_KEYS = ("models.selected_model", "lora.default_rank")
+# Keys that steer a run but not its numbers: they may differ on resume without a warning.
+RUN_CONTROL_KEYS = ("meta_learning.num_iterations", "training.save_every", "training.log_every",
+                    "training.device", "training.output_dir", "training.experiment_name",
+                    "tracking.", "evaluation.", "analysis.", "datasets.cache_dir")
+CHECKPOINT_VERSION = 1
+_PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
+                "fp64": torch.float64}
+_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteError(UserError):
+    """Too many meta-batches in a row had a non-finite loss or meta-gradient."""
+
+
+def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    """`<run_dir>/checkpoints/checkpoint_iter_<iteration>.pt`."""
+    return Path(run_dir) / "checkpoints" / f"checkpoint_iter_{iteration}.pt"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint of `run_dir` with the highest iteration, or None."""
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("checkpoint_iter_*.pt")
+             if (m := re.fullmatch(r"checkpoint_iter_(\d+)\.pt", p.name))]
+    return max(found)[1] if found else None
+
+
+def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
+    """The backbone with its N-way head and LoRA layers, as `cfg` describes, on `device`.
+
+    LoRA's A factors are drawn after seeding with `training.seed`, so theta at
+    iteration 0 is a function of the config.
+
+    Args:
+        cfg: the validated config (`models`, `lora`, `tasks`, `memory_optimization`,
+            `training` sections are read).
+        device: where the model lives.
+
+    Returns:
+        (model, tokenizer).
+    """
+    name = cfg.models.selected_model
+    model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
+                                    dtype=_PARAM_DTYPE[cfg.training.precision])
+    family = M.family_of(name)
+    if family not in cfg.lora.target_modules:
+        raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
+                          f"{name!r}; add `{family}: [...]` under lora.target_modules")
+    set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
+    M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
+                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]))
+    checkpointing = cfg.memory_optimization.checkpointing
+    if checkpointing.enabled:
+        M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
+    return model.to(device).train(), tokenizer
+
+
+class MetaTrainer:
+    """MAML over LoRA: Algorithm 1 of Finn et al. (2017) with theta = LoRA factors + head.
+
+    One meta-iteration reads like the paper (see `train_step`):
+
+        tasks = trainer.sample_tasks(iteration)          # sample a batch of tasks T_i
+        loss, grads, stats = trainer.meta_gradient(tasks, iteration)  # adapt, evaluate
+        trainer.outer_step(grads)                         # theta <- theta - beta * grad
+
+    Args:
+        model: a LoRA-wrapped `model.MELoRAModel` (from `build_model`).
+        loader: a `dataset_loader.DatasetLoader` (episodes are pure functions of the index).
+        meta: the `meta_learning` config section.
+        memory: the `memory_optimization` config section.
+        training: the `training` config section.
+        device: where batches go.
+        identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
+            `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
+
+    Example:
+        >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
+        ...                                   "datasets.synthetic_only=true"]), cache_dir="cache")
+        >>> stats = trainer.train_step(0)
+    """
+
+    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
+        self.model, self.loader, self.device = model, loader, device
+        self.meta, self.memory, self.training = meta, memory, training
+        self.identity = dict(identity)
+        self.seed = training.seed
+        self.inner_steps = meta.inner.default_num_steps
+        self.method = memory.hessian_approximation.method
+        self.micro_batch = memory.gradient_accumulation.default_micro_batch
+        self.theta = M.lora_parameters(model)
+        self.inner_lr = self._make_inner_lr()
+        self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
+        self.iteration = 0          # meta-iterations completed
+        self.nonfinite_streak = 0   # non-finite meta-batches in a row
+        self._autocast = _autocast_context(training.precision, device)
+
+    @classmethod
+    def from_config(cls, cfg: Config, cache_dir: str | os.PathLike | None = None) -> "MetaTrainer":
+        """Set everything up in dependency order: device, model, episodes, optimizer.
+
+        Args:
+            cfg: the validated config.
+            cache_dir: tokenisation cache; default `datasets.cache_dir`, or
+                `<training.output_dir>/cache` when that is "".
+        """
+        from dataset_loader import DatasetLoader  # lazy: pulls in `datasets`
+        device = resolve_device(cfg.training.device)
+        model, tokenizer = build_model(cfg, device)
+        cache = cache_dir or cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
+        loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer,
+                               cfg.models.max_length, cache, cfg.training.seed,
+                               splits=("meta_train",))
+        lora = cfg.lora
+        family = M.family_of(cfg.models.selected_model)
+        identity = {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
+                    "lora": {"rank": lora.default_rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                             "target_modules": list(lora.target_modules[family])},
+                    "config": json.dumps(cfg.to_dict())}
+        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
+                   device, identity)
+
+    # -- the verbs of Algorithm 1 -------------------------------------------------------
+
+    def outer_parameters(self) -> list[torch.Tensor]:
+        """What the outer Adam optimises: theta, then the learned inner rates if any."""
+        learned = [self.inner_lr] if isinstance(self.inner_lr, torch.Tensor) else []
+        return list(self.theta.values()) + learned
+
+    def sample_tasks(self, iteration: int) -> list:
+        """The meta-batch of `iteration`: episodes iteration * B + t, t < B."""
+        size = self.meta.default_meta_batch_size
+        return [self.loader.episode("meta_train", iteration * size + t) for t in range(size)]
+
+    def meta_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """Adapt to every task and average the meta-gradients over the meta-batch.
+
+        Returns:
+            (mean query loss, {name: mean gradient}, mean per-task metrics).
+        """
+        total, losses, stats = {}, [], []
+        for t, episode in enumerate(tasks):
+            loss, grads, metrics = self._task_gradient(episode, _task_seed(self.seed, iteration, t))
+            losses.append(float(loss))
+            stats.append(metrics)
+            for name, g in grads.items():
+                total[name] = g / len(tasks) if name not in total else total[name] + g / len(tasks)
+        mean_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        return sum(losses) / len(losses), total, mean_stats
+
+    def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
+        """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
+        clip = self.meta.outer.grad_clip
+        scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
+        for name, param in self.theta.items():
+            param.grad = (grads[name] * scale).to(param.dtype)
+        if isinstance(self.inner_lr, torch.Tensor):
+            g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
+            self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- one iteration ------------------------------------------------------------------
+
+    def train_step(self, iteration: int) -> dict[str, float]:
+        """One meta-iteration; returns its metrics (see `metrics.jsonl` in the README).
+
+        Raises:
+            NonFiniteError: `training.max_nonfinite` meta-batches in a row were non-finite.
+        """
+        start = time.perf_counter()
+        reset_peak_memory(self.device)
+        # 1. Seed torch from (seed, iteration): a resumed run replays this iteration exactly.
+        set_seed(_iteration_seed(self.seed, iteration))
+        # 2. Sample a meta-batch of tasks T_i ~ p(T).
+        tasks = self.sample_tasks(iteration)
+        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K.
+        meta_loss, grads, stats = self.meta_gradient(tasks, iteration)
+        # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
+        grad_norm = _global_norm(grads.values())
+        finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
+        if finite:
+            # 5. Outer update: clip, then Adam on theta (and the learned inner rates).
+            self.outer_step(grads, grad_norm)
+            self.nonfinite_streak = 0
+        else:
+            self._skip(iteration, meta_loss, grad_norm)
+        self.iteration = iteration + 1
+        # 6. Metrics of this iteration.
+        return {"meta_loss": meta_loss, **stats, "grad_norm": grad_norm,
+                "outer_lr": self.optimizer.param_groups[0]["lr"],
+                "peak_memory_mb": peak_memory_mb(self.device),
+                "seconds": time.perf_counter() - start, "skipped": int(not finite),
+                **self._inner_lr_metrics()}
+
+    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
+        """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
+
+        Logs every `training.log_every` iterations to `sink`, checkpoints every
+        `training.save_every` iterations and at the end.
+
+        Returns:
+            The checkpoints written.
+        """
+        end, saved = self.meta.num_iterations, []
+        bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
+                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True)
+        for iteration in bar:
+            metrics = self.train_step(iteration)
+            done = iteration + 1
+            bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
+                            acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
+            if done % self.training.log_every == 0 or done == end:
+                sink.log(done, metrics)
+            if done % self.training.save_every == 0 or done == end:
+                saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
+        bar.close()
+        return saved
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs, as tensors and plain data (see README)."""
+        learned = isinstance(self.inner_lr, torch.Tensor)
+        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed": self.seed,
+                **self.identity,
+                "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
+                "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
+                "optimizer": self.optimizer.state_dict(),
+                "nonfinite_streak": self.nonfinite_streak}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
+        missing = set(self.theta) ^ set(state["theta"])
+        if missing:
+            raise UserError(f"checkpoint tensors do not match this model (differ: "
+                            f"{', '.join(sorted(missing)[:5])}); was it written for another "
+                            "model or lora.target_modules?")
+        learned = isinstance(self.inner_lr, torch.Tensor)
+        if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
+            raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
+                            f"per inner step, but this run has {self.inner_steps} inner steps; "
+                            "resume without --inner_steps")
+        with torch.no_grad():
+            for name, param in self.theta.items():
+                param.copy_(state["theta"][name])
+            if isinstance(self.inner_lr, torch.Tensor) and state["inner_lr"] is not None:
+                self.inner_lr.copy_(state["inner_lr"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+
+    def save_checkpoint(self, path: Path) -> Path:
+        """Write the checkpoint atomically; a non-finite theta is never written."""
+        bad = [n for n, p in self.theta.items() if not torch.isfinite(p).all()]
+        assert not bad, f"theta became non-finite ({bad[:3]}); refusing to checkpoint"
+        path = save_checkpoint(path, self.state_dict())
+        log.debug("checkpoint %s", path)
+        return path
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _make_inner_lr(self) -> float | torch.Tensor:
+        inner = self.meta.inner
+        if not inner.learn_lr:
+            return inner.default_lr
+        dtype = next(iter(self.theta.values())).dtype
+        # One rate per inner step a_k (Meta-SGD / MAML++ style), learned by the outer Adam.
+        return torch.nn.Parameter(torch.full((self.inner_steps,), inner.default_lr,
+                                             dtype=dtype, device=self.device))
+
+    def _task_gradient(self, episode, seed: int):
+        support, query = _to_device(episode.support, self.device), _to_device(episode.query, self.device)
+        metrics: dict = {}
+        with self._autocast:
+            loss, grads = compute_meta_gradient(
+                self.model, self.theta, support, query, self.inner_lr, self.inner_steps,
+                method=self.method, micro_batch=self.micro_batch, metrics=metrics,
+                **_meta_gradient_options(self.memory.hessian_approximation, seed))
+        return loss, grads, {k: float(v) for k, v in metrics.items()}
+
+    def _skip(self, iteration: int, meta_loss: float, grad_norm: float) -> None:
+        self.nonfinite_streak += 1
+        limit = self.training.max_nonfinite
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteError(
+                f"training stopped at iteration {iteration + 1}: {limit} meta-batches in a row "
+                f"had a non-finite query loss or meta-gradient (loss {meta_loss}, gradient norm "
+                f"{grad_norm}); the last checkpoint holds the last finite theta. Lower "
+                "meta_learning.inner.default_lr or meta_learning.outer.default_lr, set "
+                "meta_learning.outer.grad_clip, or use training.precision=fp32")
+        warnings.warn(f"iteration {iteration + 1}: non-finite query loss or meta-gradient "
+                      f"(loss {meta_loss}, gradient norm {grad_norm}); meta-batch skipped "
+                      f"({self.nonfinite_streak} in a row, stopping at {limit})", RuntimeWarning,
+                      stacklevel=2)
+
+    def _inner_lr_metrics(self) -> dict[str, float]:
+        if not isinstance(self.inner_lr, torch.Tensor):
+            return {}
+        return {f"inner_lr_{k}": float(a) for k, a in enumerate(self.inner_lr.detach())}
+
+
+def run_training(cfg: Config, run_dir: str | os.PathLike,
+                 resume: str | os.PathLike | None = None) -> dict:
+    """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
+
+    Args:
+        cfg: the validated config.
+        run_dir: the run folder (from `utils.prepare_run_dir`).
+        resume: a checkpoint to continue from exactly; model-defining settings are taken
+            from it (see `resume_config`).
+
+    Returns:
+        A summary: iterations, final metrics, checkpoint paths, metric locations.
+
+    Raises:
+        UserError: a bad checkpoint, a checkpoint of another model or LoRA rank, a
+            checkpoint already at `num_iterations`, or non-finite training.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(resume) if resume is not None else None
+    if state is not None:
+        cfg = reconcile_config(cfg, state, resume)
+    # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
+    trainer = MetaTrainer.from_config(cfg)
+    if state is not None:
+        trainer.load_state_dict(state)
+        _check_not_done(trainer.iteration, cfg, resume)
+    _log_setup(trainer, cfg, run_dir, resume)
+    atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # 2. Train, logging every step to the sink; the MLflow run ends FAILED on any error.
+    sink = MetricsSink(run_dir, cfg.tracking, cfg.training.experiment_name, cfg.flat(),
+                       start_iteration=trainer.iteration)
+    status = "FAILED"
+    try:
+        saved = trainer.train(sink, run_dir)
+        status = "FINISHED"
+    finally:
+        sink.close(status)
+    # 3. Summary: where everything went and how to open it.
+    summary = _summary(trainer, run_dir, saved, sink)
+    atomic_write_json(run_dir / "summary.json", summary)
+    log.info(_summary_text(summary))
+    return summary
+
+
+def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None,
+                  overrides: Mapping | None) -> Config:
+    """The config of a resumed run: the checkpoint's, then a `--config` file, then flags.
+
+    So `--resume CKPT` alone continues the run as it was configured, and only the
+    settings the user names change (`reconcile_config` then checks those).
+
+    Args:
+        checkpoint: the checkpoint to resume.
+        config_path: a YAML file, or None.
+        overrides: `{"section.key": value}` from the command line.
+    """
+    saved = json.loads(load_checkpoint(checkpoint)["config"])
+    return load_config_with_base(saved, config_path, overrides)
+
+
+def reconcile_config(cfg: Config, state: Mapping, checkpoint) -> Config:
+    """Check a checkpoint against `cfg`; model-defining keys take the checkpoint's values.
+
+    Raises:
+        UserError: the checkpoint holds another model or LoRA rank (both are named).
+    """
+    saved = Config(json.loads(state["config"]))
+    ours, theirs = cfg.flat(), saved.flat()
+    for key in REFUSED_KEYS:
+        if ours[key] != theirs[key]:
+            raise UserError(
+                f"checkpoint {str(checkpoint)!r} was trained with model {theirs['models.selected_model']!r} "
+                f"and LoRA rank {theirs['lora.default_rank']}, but this run asks for model "
+                f"{ours['models.selected_model']!r} and LoRA rank {ours['lora.default_rank']}; "
+                "resume without --model/--lora_rank, or start a new run")
+    differing = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)
+                 and not k.startswith(RUN_CONTROL_KEYS)]
+    kept = [k for k in differing if k.startswith(MODEL_KEYS)]
+    changed = [k for k in differing if k not in kept]
+    if kept:
+        warnings.warn(f"resume: {', '.join(kept)} differ from the checkpoint's run; the "
+                      "checkpoint's values are kept (they define the model)", UserWarning, stacklevel=2)
+    if changed:
+        warnings.warn(f"resume: {', '.join(changed)} differ from the checkpoint's run; the new "
+                      "values are used, so the run will not repeat the original exactly",
+                      UserWarning, stacklevel=2)
+    data = cfg.to_dict()
+    for key in MODEL_KEYS:
+        _set_dotted(data, key, _get_dotted(saved.to_dict(), key))
+    return Config(data)
+
+
+def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
+                  ) -> tuple[M.MELoRAModel, object, Config, float | torch.Tensor]:
+    """Rebuild the meta-trained model of a checkpoint (for evaluation).
+
+    Returns:
+        (model with theta loaded, tokenizer, the checkpoint's config, inner_lr: a float
+        or the learned per-step rates).
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = Config(json.loads(state["config"]))
+    model, tokenizer = build_model(cfg, torch.device(device))
+    theta = M.lora_parameters(model)
+    with torch.no_grad():
+        for name, param in theta.items():
+            param.copy_(state["theta"][name])
+    inner_lr = state["inner_lr"] if state["inner_lr"] is not None else cfg.meta_learning.inner.default_lr
+    return model, tokenizer, cfg, inner_lr
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
+    """Keyword options of `compute_meta_gradient` taken from the config."""
+    return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
+                                      hutchinson_probes=hessian_cfg.hutchinson_probes),
+            "seed": seed}
+
+
+def _iteration_seed(seed: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+
+
+def _task_seed(seed: int, iteration: int, task: int) -> int:
+    return int(np.random.SeedSequence([seed, iteration, task]).generate_state(2, np.uint64)[0] % 2**62)
+
+
+def _global_norm(tensors) -> float:
+    norms = [t.detach().float().norm() for t in tensors]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast_context(precision: str, device: torch.device):
+    if precision not in _AUTOCAST_DTYPE:
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        warnings.warn(f"training.precision={precision} uses autocast on CUDA only; this run "
+                      f"is on {device} and uses fp32", UserWarning, stacklevel=3)
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=_AUTOCAST_DTYPE[precision])
+
+
+def _check_not_done(iteration: int, cfg: Config, checkpoint) -> None:
+    if iteration >= cfg.meta_learning.num_iterations:
+        raise UserError(f"checkpoint {str(checkpoint)!r} is at iteration {iteration}, and "
+                        f"meta_learning.num_iterations is {cfg.meta_learning.num_iterations}; "
+                        "pass a larger --num_iterations to continue")
+
+
+def _log_setup(trainer: MetaTrainer, cfg: Config, run_dir: Path, resume) -> None:
+    trainable, total = M.count_parameters(trainer.model)
+    log.info("run folder %s; model %s on %s; theta %d of %d parameters (%.2f%%)",
+             run_dir, cfg.models.selected_model, trainer.device, trainable, total,
+             100 * trainable / total)
+    if resume is not None:
+        log.info("resuming from %s at iteration %d", resume, trainer.iteration)
+    attention = getattr(trainer.model.backbone.config, "_attn_implementation", "eager")
+    if trainer.method == "none":
+        log.info("hessian method none (first order); attention: %s", attention)
+    else:
+        log.info("hessian method %s: second-order graphs run scaled-dot-product attention on "
+                 "its math kernel (model.second_order_attention), which has a double "
+                 "backward; attention implementation: %s", trainer.method, attention)
+
+
+def _summary(trainer: MetaTrainer, run_dir: Path, saved: list[Path], sink: MetricsSink) -> dict:
+    last = {}
+    lines = sink.jsonl_path.read_text().splitlines()
+    if lines:
+        last = json.loads(lines[-1])
+    return {"run_dir": str(run_dir), "iterations": trainer.iteration,
+            "checkpoints": [str(p) for p in saved],
+            "last_checkpoint": str(saved[-1]) if saved else None,
+            "config": str(run_dir / "config.yml"), "final_metrics": last, **sink.locations()}
+
+
+def _summary_text(summary: Mapping) -> str:
+    lines = [f"training done: {summary['iterations']} iterations",
+             f"  checkpoints   {Path(summary['run_dir']) / 'checkpoints'} "
+             f"(last: {summary['last_checkpoint']})",
+             f"  metrics       {summary['metrics']}"]
+    if "mlflow" in summary:
+        lines.append(f"  MLflow        {summary['mlflow_command']}")
+    if "tensorboard" in summary:
+        lines.append(f"  TensorBoard   {summary['tensorboard_command']}")
+    return "\n".join(lines)
+
+
+def _get_dotted(data: Mapping, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data[part]
+    data[leaf] = value

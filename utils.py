@@ -18,6 +18,7 @@ import random
 import resource
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -53,12 +54,15 @@ NON_NEGATIVE = (
     "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
     "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
     "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
-    "evaluation.baseline_meta_iterations",
+    "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")
 # Mappings whose keys are the user's to choose (values still type-checked).
 OPEN_MAPPINGS = ("lora.target_modules",)
+# In a list of mappings (dataset sources), a user's item inherits missing keys from the
+# first default item, except these, which start empty (no group map, no hub config).
+LIST_ITEM_BLANKS = {"config": "", "group_file": "", "groups": []}
 
 
 class UserError(Exception):
@@ -223,7 +227,7 @@ def _check_list_item(name: str, value: Any, schema: Mapping) -> dict:
     if not isinstance(value, Mapping):
         raise ConfigError(f"config key {name!r} must be a mapping with keys "
                           f"{', '.join(schema)}, got {value!r}")
-    item = copy.deepcopy(dict(schema))
+    item = {k: copy.deepcopy(LIST_ITEM_BLANKS.get(k, v)) for k, v in schema.items()}
     _merge(item, value, schema, name + ".")
     return item
 
@@ -505,6 +509,7 @@ class MetricsSink:
         self._truncate_jsonl(start_iteration)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._tb = self._open_tensorboard(start_iteration) if tracking.tensorboard else None
+        self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR if tracking.tensorboard else None
         self._mlflow, self._mlflow_run = None, None
         self.mlflow_uri = None
         if tracking.mlflow:
@@ -533,9 +538,9 @@ class MetricsSink:
     def locations(self) -> dict[str, str]:
         """Where each backend writes, and how to open it."""
         out = {"metrics": str(self.jsonl_path)}
-        if self._tb is not None:
-            out["tensorboard"] = str(self.run_dir / TENSORBOARD_DIR)
-            out["tensorboard_command"] = f"tensorboard --logdir {self.run_dir / TENSORBOARD_DIR}"
+        if self.tensorboard_dir is not None:
+            out["tensorboard"] = str(self.tensorboard_dir)
+            out["tensorboard_command"] = f"tensorboard --logdir {self.tensorboard_dir}"
         if self.mlflow_uri is not None:
             out["mlflow"] = self.mlflow_uri
             out["mlflow_command"] = f"mlflow ui --backend-store-uri {self.mlflow_uri}"
@@ -574,7 +579,10 @@ class MetricsSink:
             logging.getLogger(name).setLevel(logging.WARNING)  # no schema-migration chatter
         self.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or \
             f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
-        client = MlflowClient(tracking_uri=self.mlflow_uri)
+        with warnings.catch_warnings():  # SQLAlchemy deprecation notices from MLflow's store
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client = MlflowClient(tracking_uri=self.mlflow_uri)
+            client.search_experiments(max_results=1)  # creates the store's tables now
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
             experiment_name, artifact_location=(self.run_dir / "mlflow-artifacts").resolve().as_uri())
@@ -605,3 +613,41 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, (float, np.floating)) and not np.isfinite(value):
         return None
     return value
+
+
+# ------------------------------------------------------------------------------------
+# Config layering for the CLI and resumed runs
+# ------------------------------------------------------------------------------------
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["section.key=value", ...]` (values parsed as YAML) -> `{"section.key": value}`.
+
+    Raises:
+        ConfigError: an item without `=` or with a value that is not valid YAML.
+    """
+    return dict(_parse_overrides(list(items)))
+
+
+def load_config_with_base(base: Mapping[str, Any], path: str | os.PathLike | None = None,
+                          overrides: Mapping[str, Any] | None = None) -> Config:
+    """Like `load_config`, with `base` (a full saved config) between defaults and the file.
+
+    Used to resume: the checkpoint's config, then a `--config` file, then flags.
+
+    Args:
+        base: a config as nested plain dicts (e.g. `Config.to_dict()` of a saved run).
+        path: a YAML file whose keys override `base`.
+        overrides: `{"section.key": value}` applied last.
+
+    Raises:
+        ConfigError: as `load_config`; a key of `base` unknown to this version is named.
+    """
+    defaults = _read_yaml(DEFAULT_CONFIG)
+    data = copy.deepcopy(defaults)
+    _merge(data, base, defaults, "")
+    if path is not None:
+        _merge(data, _read_yaml(Path(path)), defaults, "")
+    for key, value in _parse_overrides(overrides):
+        _merge(data, _nest(key, value), defaults, "")
+    _validate_values(data)
+    return Config(data)

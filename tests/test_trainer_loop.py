@@ -1,0 +1,241 @@
+"""The meta-training loop: reproducibility, exact resume, non-finite guard, checkpoints, sinks."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import trainer
+import utils
+
+TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
+        "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
+        "meta_learning.default_meta_batch_size=2", "meta_learning.inner.default_num_steps=2",
+        "meta_learning.outer.default_lr=0.01", "training.save_every=2",
+        "tracking.mlflow=false", "tracking.tensorboard=false"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return utils.load_config(overrides=TINY + [f"training.output_dir={tmp_path}", *extra])
+
+
+def train(cfg, run_dir, resume=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return trainer.run_training(cfg, run_dir, resume=resume)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(line):
+    """A metrics line without wall-clock and memory readings."""
+    return {k: v for k, v in line.items() if k not in ("seconds", "peak_memory_mb")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Four iterations in one go, second-order (diagonal) with dropout on."""
+    tmp = tmp_path_factory.mktemp("full")
+    cfg = tiny_cfg(tmp, "meta_learning.num_iterations=4")
+    train(cfg, tmp / "run")
+    return tmp / "run"
+
+
+# ---- reproducibility and resume -----------------------------------------------------
+
+def test_resume_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "meta_learning.num_iterations=2"), run)
+    # Same seed -> same losses: the first two iterations match the other run's.
+    assert [numbers(m) for m in metrics(run)] == [numbers(m) for m in metrics(uninterrupted)[:2]]
+    summary = train(tiny_cfg(tmp_path, "meta_learning.num_iterations=4"), run,
+                    resume=run / "checkpoints" / "checkpoint_iter_2.pt")
+    ours = utils.load_checkpoint(summary["last_checkpoint"])
+    theirs = utils.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
+    assert ours["iteration"] == theirs["iteration"] == 4
+    for name, tensor in theirs["theta"].items():
+        assert torch.equal(ours["theta"][name], tensor), name
+    assert [numbers(m) for m in metrics(run)] == [numbers(m) for m in metrics(uninterrupted)]
+    assert metrics(run)[-1]["meta_loss"] != metrics(run)[0]["meta_loss"]  # it did train
+
+
+def test_another_seed_gives_other_losses(uninterrupted, tmp_path):
+    train(tiny_cfg(tmp_path, "meta_learning.num_iterations=1", "training.seed=7"), tmp_path / "run")
+    assert metrics(tmp_path / "run")[0]["meta_loss"] != metrics(uninterrupted)[0]["meta_loss"]
+
+
+def test_resume_refuses_another_model_or_rank(uninterrupted, tmp_path):
+    checkpoint = uninterrupted / "checkpoints" / "checkpoint_iter_2.pt"
+    for extra, named in ((["models.selected_model=tiny-gpt2"], "tiny-gpt2"),
+                         (["lora.default_rank=2"], "LoRA rank 2")):
+        cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=4", *extra)
+        with pytest.raises(utils.UserError, match="tiny-bert") as err:
+            train(cfg, tmp_path / "run", resume=checkpoint)
+        assert named in str(err.value) and "LoRA rank 8" in str(err.value)
+
+
+def test_resume_warns_on_changed_keys_and_keeps_model_keys(uninterrupted, tmp_path):
+    state = utils.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_2.pt")
+    cfg = tiny_cfg(tmp_path, "lora.alpha=3.0", "meta_learning.outer.default_lr=0.5",
+                   "meta_learning.num_iterations=9")
+    with pytest.warns(UserWarning) as record:
+        merged = trainer.reconcile_config(cfg, state, "ckpt")
+    text = " ".join(str(w.message) for w in record)
+    assert "lora.alpha" in text and "meta_learning.outer.default_lr" in text
+    assert "num_iterations" not in text  # run-control keys may change silently
+    assert merged.lora.alpha == 16.0 and merged.meta_learning.outer.default_lr == 0.5
+
+
+def test_resume_config_starts_from_the_checkpoint(uninterrupted):
+    checkpoint = uninterrupted / "checkpoints" / "checkpoint_iter_2.pt"
+    cfg = trainer.resume_config(checkpoint, None, {"meta_learning.num_iterations": 8})
+    assert cfg.models.selected_model == "tiny-bert" and cfg.tasks.n_way == 3
+    assert cfg.meta_learning.num_iterations == 8
+
+
+def test_resume_of_a_finished_run_says_how_to_continue(uninterrupted, tmp_path):
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=4")
+    with pytest.raises(utils.UserError, match="--num_iterations"):
+        train(cfg, tmp_path / "run", resume=uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+def test_checkpoint_layout(uninterrupted):
+    state = utils.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
+    assert state["model"] == "tiny-bert" and state["n_way"] == 3 and state["seed"] == 42
+    assert state["lora"]["rank"] == 8 and "attention.self.query" in state["lora"]["target_modules"]
+    assert state["optimizer"]["state"] and state["nonfinite_streak"] == 0
+    assert json.loads(state["config"])["tasks"]["k_shot"] == 2
+    assert trainer.latest_checkpoint(uninterrupted).name == "checkpoint_iter_4.pt"
+    model, _, cfg, inner_lr = trainer.restore_model(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
+    assert inner_lr == cfg.meta_learning.inner.default_lr
+    assert torch.equal(dict(model.named_parameters())["head.weight"], state["theta"]["head.weight"])
+
+
+def test_load_checkpoint_refuses_bad_files(tmp_path):
+    with pytest.raises(utils.UserError, match="does not exist"):
+        utils.load_checkpoint(tmp_path / "missing.pt")
+    good = utils.save_checkpoint(tmp_path / "good.pt", {"theta": {"a": torch.ones(3)}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(utils.UserError, match="truncated.pt.*truncated"):
+        utils.load_checkpoint(truncated)
+    torch.save({"x": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(utils.UserError, match="foreign.pt.*not a MELoRA checkpoint"):
+        utils.load_checkpoint(tmp_path / "foreign.pt")
+    _Exploit.target = str(tmp_path / "pwned")
+    torch.save({"format": utils.CHECKPOINT_FORMAT, "x": _Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(utils.UserError, match="evil.pt.*refused"):
+        utils.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Exploit:
+    """Unpickling it would create a file: what a malicious checkpoint could do."""
+    target = ""
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_run_dir_refuses_an_existing_run(tmp_path):
+    run = utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(utils.UserError, match="--overwrite.*--resume"):
+        utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    assert (utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=True) / "metrics.jsonl").exists()
+    assert not any(utils.prepare_run_dir(tmp_path, "exp", overwrite=True, resume=False).iterdir())
+
+
+# ---- non-finite meta-batches ------------------------------------------------------------
+
+def poison(monkeypatch, bad_iterations, where="loss"):
+    """Make compute_meta_gradient non-finite during the given (0-based) iterations."""
+    real, calls = trainer.compute_meta_gradient, {"n": 0}
+
+    def fake(*args, **kwargs):
+        loss, grads = real(*args, **kwargs)
+        iteration = calls["n"] // 2  # two tasks per meta-batch
+        calls["n"] += 1
+        if iteration in bad_iterations:
+            if where == "loss":
+                loss = loss * float("nan")
+            else:
+                grads = {n: g * float("inf") for n, g in grads.items()}
+        return loss, grads
+    monkeypatch.setattr(trainer, "compute_meta_gradient", fake)
+
+
+def all_finite(run_dir):
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        state = utils.load_checkpoint(path)
+        assert all(torch.isfinite(t).all() for t in state["theta"].values()), path
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nonfinite_meta_batch_is_skipped_with_a_warning(monkeypatch, tmp_path, where):
+    poison(monkeypatch, {1}, where)
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=3", "meta_learning.inner.default_num_steps=1",
+                   "memory_optimization.hessian_approximation.method=none", "training.save_every=1")
+    with pytest.warns(RuntimeWarning, match="iteration 2: non-finite.*skipped"):
+        train(cfg, tmp_path / "run")
+    lines = metrics(tmp_path / "run")
+    assert [m["skipped"] for m in lines] == [0, 1, 0]
+    assert lines[1]["meta_loss" if where == "loss" else "grad_norm"] is None  # null in JSON
+    all_finite(tmp_path / "run")
+    a = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_1.pt")["theta"]
+    b = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_2.pt")["theta"]
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the skipped step left theta alone
+
+
+def test_consecutive_nonfinite_meta_batches_stop_with_a_clear_error(monkeypatch, tmp_path):
+    poison(monkeypatch, set(range(1, 100)))
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "meta_learning.inner.default_num_steps=1",
+                   "memory_optimization.hessian_approximation.method=none", "training.save_every=1",
+                   "training.max_nonfinite=3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(trainer.NonFiniteError, match="iteration 4: 3 meta-batches in a row") as err:
+            train(cfg, tmp_path / "run")
+    assert "outer.default_lr" in str(err.value)
+    assert isinstance(err.value, utils.UserError)
+    assert trainer.latest_checkpoint(tmp_path / "run").name == "checkpoint_iter_3.pt"
+    all_finite(tmp_path / "run")
+
+
+# ---- learned inner rates and tracking -------------------------------------------------------
+
+def test_learned_inner_rates_are_trained_and_saved(tmp_path):
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=2", "meta_learning.inner.learn_lr=true",
+                   "memory_optimization.hessian_approximation.method=none")
+    summary = train(cfg, tmp_path / "run")
+    state = utils.load_checkpoint(summary["last_checkpoint"])
+    assert state["inner_lr"].shape == (2,)
+    assert not torch.allclose(state["inner_lr"], torch.full((2,), 0.01, dtype=state["inner_lr"].dtype))
+    assert "inner_lr_0" in metrics(tmp_path / "run")[-1]
+
+
+def test_metrics_go_to_jsonl_tensorboard_and_mlflow(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=1", "tracking.mlflow=true",
+                   "tracking.tensorboard=true", "meta_learning.inner.default_num_steps=1",
+                   "memory_optimization.hessian_approximation.method=none")
+    run = tmp_path / "run"
+    summary = train(cfg, run)
+    line = metrics(run)[0]
+    for key in ("iteration", "meta_loss", "query_acc_before", "query_acc_after", "grad_norm",
+                "outer_lr", "peak_memory_mb", "seconds"):
+        assert isinstance(line[key], (int, float)), key
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["mlflow"] == f"sqlite:///{(run / 'mlflow.db').resolve()}"
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(summary["mlflow"])
+    runs = client.search_runs([client.get_experiment_by_name("melora").experiment_id])
+    assert runs[0].info.status == "FINISHED"
+    assert math.isclose(runs[0].data.metrics["meta_loss"], line["meta_loss"], rel_tol=1e-6)
+    assert runs[0].data.params["lora.default_rank"] == "8"
+    assert (run / "config.yml").is_file() and (run / "summary.json").is_file()
