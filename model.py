@@ -122,6 +122,9 @@ class LoRALayer(nn.Module):
             return result
         A, B = self._override or (self.lora_A, self.lora_B)
         x_d = self.lora_dropout(x).to(A.dtype)
+        if A.dim() == 3:  # per-task factors (T, r, in), x task-major: one bmm per factor
+            lora = _batched_lora(x_d, A, B) * self.scaling
+            return result + lora.to(result.dtype)
         h = x_d @ A.t()  # (..., in) -> (..., r)
         lora = (h @ B.t()) * self.scaling  # (..., r) -> (..., out)
         if self._tap is not None:  # curvature statistics (trainer's block_diagonal method)
@@ -154,6 +157,14 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _batched_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """x (T*b, L, in) task-major, A (T, r, in), B (T, out, r) -> (T*b, L, out)."""
+    T = A.shape[0]
+    xt = x.reshape(T, -1, x.shape[-1])  # (T, b*L, in)
+    out = torch.bmm(torch.bmm(xt, A.transpose(1, 2)), B.transpose(1, 2))  # (T, b*L, out)
+    return out.reshape(*x.shape[:-1], B.shape[1])
 
 
 def _out_in(layer: nn.Module) -> tuple[int, int]:
@@ -304,8 +315,12 @@ class MELoRAModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, N). `labels` is accepted and ignored so a batch dict can be passed."""
-        features = self.embed(input_ids, attention_mask)
-        return self.head(features.to(self.head.weight.dtype))
+        features = self.embed(input_ids, attention_mask).to(self.head.weight.dtype)
+        weight, bias = self.head.weight, self.head.bias  # fast weights under functional_call
+        if weight.dim() == 3:  # per-task heads (T, N, hidden), examples task-major
+            f = features.reshape(weight.shape[0], -1, features.shape[-1])  # (T, b, hidden)
+            return torch.baddbmm(bias.unsqueeze(1), f, weight.transpose(1, 2)).reshape(-1, weight.shape[1])
+        return F.linear(features, weight, bias)
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor],

@@ -146,3 +146,28 @@ def test_metrics_and_zero_steps():
     assert metrics["query_acc_before"] == metrics["query_acc_after"]
     with pytest.raises(ValueError, match="gauss_newton"):
         trainer.compute_meta_gradient(model, theta, support, query, 0.5, 1, "exact")
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize("method", ["full", "gauss_newton", "diagonal", "none"])
+def test_batched_tasks_equal_sequential(name, method):
+    model, theta, support, query = setup_task(name, seed=8)
+    order = [3, 1, 4, 0, 5, 2]
+    other = ({k: v[order] for k, v in support.items()}, {k: v[order[::-1]] for k, v in query.items()})
+    episodes = [(support, query), other, (query, support)]  # three different tasks
+    rates = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    m_batched = {}
+    loss, grads = trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, method, 4,
+                                                        metrics=m_batched)
+    ref_loss, ref, m_seq = 0.0, {}, []
+    for s, q in episodes:
+        m = {}
+        l_t, g_t = trainer.compute_meta_gradient(model, theta, s, q, rates, 2, method, 4, metrics=m)
+        ref_loss += l_t / 3
+        ref = {n: ref.get(n, 0) + g / 3 for n, g in g_t.items()}
+        m_seq.append(m)
+    assert abs(loss.item() - ref_loss.item()) < 1e-10
+    assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
+    assert relative_error(grads["inner_lr"], ref["inner_lr"]) < 1e-6
+    for key in ("query_acc_after", "query_acc_before"):
+        assert abs(m_batched[key] - sum(m[key] for m in m_seq) / 3) < 1e-12
