@@ -78,29 +78,104 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
     """
     if method not in HESSIAN_METHODS:
         raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
-    names = list(theta)
-    lrs = _step_rates(inner_lr, inner_steps)
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
-    task = _Task(model, names, support, query, micro_batch, seed)
+    task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=1)
+    phi_0 = [t.detach() for t in theta.values()]
+    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics)
+
+
+def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
+                                  episodes: list[tuple[Mapping, Mapping]],
+                                  inner_lr: float | torch.Tensor, inner_steps: int,
+                                  method: str = "full", micro_batch: int = 0, *,
+                                  metrics: dict | None = None,
+                                  hessian: HessianOptions = HessianOptions(),
+                                  seed: int | None = None,
+                                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean meta-gradient of several tasks whose inner loops run together.
+
+    Each task gets its own copy of theta (LoRA factors stacked to (T, ...), a batched
+    matmul on the LoRA path) while the frozen base runs one large matmul over all tasks'
+    examples. The tasks' losses are summed, their parameters are separate, so gradients
+    and Hessian-vector products separate by task exactly: the result equals the mean of
+    `compute_meta_gradient` over the tasks (without dropout, whose masks differ).
+
+    Args:
+        episodes: [(support, query), ...]; every task has as many support (and query)
+            examples as the others (N*K and N*Q).
+        The rest as in `compute_meta_gradient`; `block_diagonal` runs tasks one by one.
+
+    Returns:
+        (mean query loss, {name: mean meta-gradient}) (and "inner_lr" for learned rates);
+        `metrics` gets accuracies averaged over the tasks.
+    """
+    if method not in HESSIAN_METHODS:
+        raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
+    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+    if method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
+        return _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method,
+                              micro_batch, metrics, hessian, seed)
+    T = len(episodes)
+    support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
+    task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=T)
+    phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
+    query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics)
+    mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
+    return query_loss / T, mean
+
+
+def _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method, micro_batch,
+                   metrics, hessian, seed):
+    total, summed, per_task = 0.0, {}, []
+    for t, (support, query) in enumerate(episodes):
+        m = {}
+        loss, grads = compute_meta_gradient(model, theta, support, query, inner_lr, inner_steps,
+                                            method, micro_batch, metrics=m, hessian=hessian,
+                                            seed=seed + t)
+        total = total + loss
+        summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
+        per_task.append(m)
+    if metrics is not None:
+        metrics.update({k: sum(m[k] for m in per_task) / len(per_task) for k in per_task[0]})
+    return total / len(episodes), {n: g / len(episodes) for n, g in summed.items()}
+
+
+def _stack_sets(sets: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate tasks' sets task-major, right-padded to the longest example of all."""
+    sizes = {s["labels"].shape[0] for s in sets}
+    if len(sizes) != 1:
+        raise ValueError(f"batched tasks need equal set sizes (N*K, N*Q), got {sorted(sizes)}")
+    length = max(s["input_ids"].shape[1] for s in sets)
+    pad = lambda t: F.pad(t, (0, length - t.shape[1]))  # noqa: E731  (pad id is masked out)
+    return {"input_ids": torch.cat([pad(s["input_ids"]) for s in sets]),
+            "attention_mask": torch.cat([pad(s["attention_mask"]) for s in sets]),
+            "labels": torch.cat([s["labels"] for s in sets])}
+
+
+def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_steps: int,
+                   method: str, hessian: HessianOptions, metrics: dict | None):
+    """The three phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
+    lrs = _step_rates(inner_lr, inner_steps)
+    learn_lr = torch.is_tensor(inner_lr)
+    fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
 
     # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only.
-    phis, grads_s, diags = [[t.detach() for t in theta.values()]], [], []
+    phis, grads_s, diags = [phi_0], [], []
     for k in range(inner_steps):
-        g, loss, diag = task.support_grad(phis[k], k, fisher=method == "diagonal"
-                                          and hessian.diagonal_estimator == "fisher")
+        g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
         if k == 0 and metrics is not None:
-            metrics["support_loss"] = loss
+            metrics["support_loss"] = loss / task.tasks
         phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
-        grads_s.append(g if torch.is_tensor(inner_lr) else None)
+        grads_s.append(g if learn_lr else None)
         diags.append(diag)
 
     # 2. Outer loss and its gradient at phi_K: the adjoint v = dL_Q / dphi_K.
     query_loss, v, acc_after = task.query_grad(phis[-1])
 
     # 3. Backward sweep: v <- (I - a_k H_k) v, one step's graph at a time.
-    lr_grad = torch.zeros(inner_steps, dtype=phis[0][0].dtype) if torch.is_tensor(inner_lr) else None
+    lr_grad = torch.zeros(inner_steps, dtype=phi_0[0].dtype, device=phi_0[0].device) if learn_lr else None
     for k in reversed(range(inner_steps)):
-        if lr_grad is not None:
+        if learn_lr:
             lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
         if method != "none":
             hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
@@ -108,9 +183,9 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
 
     if metrics is not None:
         metrics["query_acc_after"] = acc_after
-        metrics["query_acc_before"] = task.accuracy(phis[0], query)
-    grads = dict(zip(names, v))
-    if lr_grad is not None:
+        metrics["query_acc_before"] = task.accuracy(phis[0], task.query_set)
+    grads = dict(zip(task.names, v))
+    if learn_lr:
         grads["inner_lr"] = lr_grad.to(inner_lr.device)
     return query_loss, grads
 
@@ -126,12 +201,13 @@ def _step_rates(inner_lr, inner_steps: int) -> list:
 class _Task:
     """One task's support/query sets, split into micro-batches, with replayable dropout."""
 
-    def __init__(self, model, names, support, query, micro_batch, seed):
-        self.model, self.names, self.seed = model, names, seed
-        self.support = _micro_batches(support, micro_batch)
-        self.query = _micro_batches(query, micro_batch)
-        self.n_support = int(support["labels"].numel())
-        self.n_query = int(query["labels"].numel())
+    def __init__(self, model, names, support, query, micro_batch, seed, tasks=1):
+        self.model, self.names, self.seed, self.tasks = model, names, seed, tasks
+        self.support = _micro_batches(support, micro_batch, tasks)
+        self.query = _micro_batches(query, micro_batch, tasks)
+        self.query_set = query
+        self.n_support = int(support["labels"].numel()) // tasks  # per task: losses are per-task means
+        self.n_query = int(query["labels"].numel()) // tasks
         self.device = support["input_ids"].device
 
     # -- losses ---------------------------------------------------------------------
@@ -178,7 +254,7 @@ class _Task:
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
             total += loss.detach()
             correct += int((logits.argmax(-1) == chunk["labels"]).sum())
-        return total, grad, correct / self.n_query
+        return total, grad, correct / (self.n_query * self.tasks)
 
     @torch.no_grad()
     def accuracy(self, phi, batch):
@@ -249,13 +325,20 @@ class _Task:
 QUERY_STEP = -1  # dropout-stream id of the query pass
 
 
-def _micro_batches(batch: Mapping[str, torch.Tensor], size: int) -> list[dict]:
-    """Split a right-padded batch into chunks, each trimmed to its own longest example."""
-    n = batch["labels"].shape[0]
+def _micro_batches(batch: Mapping[str, torch.Tensor], size: int, tasks: int = 1) -> list[dict]:
+    """Split a right-padded batch into chunks, each trimmed to its own longest example.
+
+    With `tasks` > 1 the batch is task-major and every chunk takes the same slice of
+    each task, so chunks stay task-major too.
+    """
+    n = batch["labels"].shape[0] // tasks  # examples per task
     size = n if size <= 0 else min(size, n)
     chunks = []
     for start in range(0, n, size):
-        chunk = {k: v[start:start + size] for k, v in batch.items()}
+        stop = min(start + size, n)
+        rows = slice(start, stop) if tasks == 1 else torch.cat(
+            [torch.arange(t * n + start, t * n + stop) for t in range(tasks)]).to(batch["labels"].device)
+        chunk = {k: v[rows] for k, v in batch.items()}
         length = int(chunk["attention_mask"].sum(1).max())
         chunk["input_ids"] = chunk["input_ids"][:, :length]
         chunk["attention_mask"] = chunk["attention_mask"][:, :length]
