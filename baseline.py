@@ -1,0 +1,501 @@
+"""Few-shot methods behind one interface: MELoRA and the baselines it is compared with.
+
+Every method is built from the same pretrained model and is run on the same episodes
+with the same adaptation budget (inner learning rate, number of steps):
+
+    method = build_baseline("maml", cfg, device)      # or MELoRA(model, inner_lr)
+    method.meta_train(loader, iterations=100)         # no-op for methods without one
+    accuracies = method.adapt(episode, steps=10)      # query accuracy after 0..10 steps
+
+| name | what adapts at test time | meta-training |
+| --- | --- | --- |
+| `melora` | LoRA + head from the checkpoint's theta | the checkpoint (trainer.py) |
+| `maml` | all weights | second order, unrolled autograd through the inner loop |
+| `fomaml` | all weights | first order (inner gradients detached) |
+| `reptile` | all weights | theta <- theta + eps (phi_K - theta), via Adam |
+| `reptile_lora` | LoRA + head | Reptile over LoRA + head |
+| `finetune` | a fresh LoRA + zero head | none |
+| `finetune_multitask` | LoRA (multitask) + zero head | LoRA + a classifier over the pooled meta-train classes |
+| `protonet` | nothing (0 steps) | none; nearest class prototype of frozen mean-pooled features |
+
+References: MAML/FOMAML, Finn et al. (2017), "Model-Agnostic Meta-Learning"; the
+unrolled second-order graph is how learn2learn (`algorithms/maml.py`) and `higher` do
+it, so `maml` is the memory reference of MELoRA's claim. Reptile, Nichol et al. (2018),
+"On First-Order Meta-Learning Algorithms". Prototypical networks, Snell et al. (2017).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+from utils import Config, ConfigError, set_seed
+
+log = logging.getLogger("melora")
+
+BASELINES = ("maml", "fomaml", "reptile", "reptile_lora", "finetune", "finetune_multitask",
+             "protonet")
+
+Params = dict  # name -> tensor; names as in `named_parameters` of the model
+
+
+# ------------------------------------------------------------------------------------
+# The interface
+# ------------------------------------------------------------------------------------
+
+class FewShotMethod:
+    """A few-shot learner: optional meta-training, then adapt-and-predict per episode.
+
+    Subclasses set `theta` (the tensors adapted at test time, from their initialisation)
+    and may override `meta_step` (one meta-training iteration).
+
+    Args:
+        model: a `model.MELoRAModel` (LoRA-wrapped or not).
+        theta: the tensors adapted at test time, keyed as in `model.named_parameters()`.
+        inner_lr: the inner SGD rate; a float, or a tensor of per-step rates a_k (the
+            last rate is used for steps beyond it).
+
+    Attributes:
+        name: the method's name in results.
+        second_order: whether `meta_step` differentiates through the inner loop.
+        optimizer_copies: trainable-sized buffers kept besides the weights while
+            (meta-)training: gradient + Adam's two moments = 3, SGD only = 1, none = 0.
+    """
+
+    name = "method"
+    second_order = False
+    optimizer_copies = 1
+
+    def __init__(self, model: M.MELoRAModel, theta: Params, inner_lr: float | torch.Tensor):
+        self.model, self.theta, self.inner_lr = model, theta, inner_lr
+
+    # -- verbs ------------------------------------------------------------------------
+
+    def meta_train(self, loader, iterations: int, meta_batch_size: int) -> None:
+        """Meta-train on `meta_train` episodes it * B + t (as trainer.py samples them)."""
+        for it in range(iterations):
+            tasks = [loader.episode("meta_train", it * meta_batch_size + t)
+                     for t in range(meta_batch_size)]
+            self.meta_step(tasks)
+
+    def meta_step(self, tasks: Sequence, update: bool = True, first_order: bool = False) -> float:
+        """One meta-training iteration on `tasks`; returns the mean loss (0 if none).
+
+        Args:
+            tasks: episodes (moved to the model's device here).
+            update: False computes the step without changing theta (a memory probe).
+            first_order: drop the second-order terms (memory breakdown of `maml`/`melora`).
+        """
+        return 0.0
+
+    def adapt(self, episode, steps: int) -> list[float]:
+        """SGD on theta over the support set; query accuracy after 0..`steps` steps.
+
+        Dropout is on for the gradient steps (as in training) and off for predictions.
+
+        Returns:
+            `steps + 1` accuracies, fractions in [0, 1].
+        """
+        support, query = self.to_device(episode.support), self.to_device(episode.query)
+        phi = {n: t.detach() for n, t in self.start(support).items()}
+        accuracies = [self.accuracy(phi, query)]
+        for k in range(steps):
+            grads = self.support_gradient(phi, support)
+            phi = {n: p - self.rate(k) * g for n, p, g in zip(phi, phi.values(), grads)}
+            accuracies.append(self.accuracy(phi, query))
+        return accuracies
+
+    # -- building blocks --------------------------------------------------------------
+
+    def start(self, support: Mapping[str, torch.Tensor]) -> Params:
+        """theta for a new episode (a subclass may reset the head here)."""
+        return self.theta
+
+    def rate(self, k: int) -> float | torch.Tensor:
+        """a_k; beyond the learned rates, the last one."""
+        lr = self.inner_lr
+        if torch.is_tensor(lr) and lr.numel() > 0:
+            return lr.reshape(-1)[min(k, lr.numel() - 1)].detach()
+        return float(lr)
+
+    def support_gradient(self, phi: Params, support) -> list[torch.Tensor]:
+        """grad of the support loss at phi (first order, no graph kept)."""
+        leaves = {n: p.detach().requires_grad_() for n, p in phi.items()}
+        loss = self.loss(leaves, support)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves.values(), grads)]
+
+    def loss(self, params: Params, batch) -> torch.Tensor:
+        """Mean cross-entropy of the model with `params` swapped in."""
+        return F.cross_entropy(M.forward(self.model, params, batch), batch["labels"])
+
+    @torch.no_grad()
+    def accuracy(self, params: Params, batch) -> float:
+        """Query accuracy with dropout off."""
+        with _eval_mode(self.model):
+            logits = M.forward(self.model, params, batch)
+        return (logits.argmax(-1) == batch["labels"]).float().mean().item()
+
+    def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def trainable_numel(self) -> int:
+        """Elements of theta (what gradients and optimizer state are sized by)."""
+        return sum(t.numel() for t in self.theta.values())
+
+
+# ------------------------------------------------------------------------------------
+# MELoRA (from a checkpoint) and fine-tuning
+# ------------------------------------------------------------------------------------
+
+class MELoRA(FewShotMethod):
+    """MELoRA at meta-test time: SGD on LoRA + head from the meta-learned theta.
+
+    Args:
+        model: the LoRA-wrapped model with the checkpoint's theta loaded.
+        inner_lr: the checkpoint's inner rate (float) or learned per-step rates.
+        inner_steps: K, the meta-training inner steps (for `meta_step`).
+        hessian_method: the meta-gradient's curvature method (for `meta_step`).
+        micro_batch: micro-batch size of the meta-gradient.
+
+    Example:
+        >>> model, tok, cfg, inner_lr = trainer.restore_model("checkpoint_iter_100.pt")
+        >>> accuracies = MELoRA(model, inner_lr, 3, "diagonal").adapt(episode, steps=10)
+    """
+
+    name = "melora"
+    optimizer_copies = 3
+
+    def __init__(self, model, inner_lr, inner_steps: int, hessian_method: str, micro_batch: int = 0):
+        super().__init__(model, M.lora_parameters(model), inner_lr)
+        self.inner_steps, self.hessian_method, self.micro_batch = inner_steps, hessian_method, micro_batch
+        self.second_order = hessian_method != "none"
+
+    def meta_step(self, tasks, update=True, first_order=False) -> float:
+        """One meta-gradient per task as in training; never updates (theta is the checkpoint's)."""
+        from trainer import compute_meta_gradient
+        assert not update, "MELoRA is meta-trained by trainer.py; meta_step only probes memory"
+        losses = []
+        for ep in tasks:
+            loss, _ = compute_meta_gradient(
+                self.model, self.theta, self.to_device(ep.support), self.to_device(ep.query),
+                self.inner_lr, self.inner_steps, "none" if first_order else self.hessian_method,
+                self.micro_batch)
+            losses.append(float(loss))
+        return sum(losses) / len(losses)
+
+
+class FineTune(FewShotMethod):
+    """No meta-learning: a fresh LoRA and a zero head fitted on each support set.
+
+    theta is the LoRA initialisation MELoRA itself started from (same seed), and the head
+    is zero, so only meta-learning separates the two.
+    """
+
+    name = "finetune"
+    optimizer_copies = 1
+
+    def __init__(self, model, inner_lr):
+        super().__init__(model, M.lora_parameters(model), inner_lr)
+
+
+class MultitaskFineTune(FineTune):
+    """LoRA trained as an ordinary classifier over the pooled meta-train classes, then
+    fine-tuned per episode with a fresh zero N-way head.
+
+    Meta-training sees the same episodes as the meta-learners (support + query of every
+    task, labelled by their class names) and takes one Adam step per meta-batch.
+    """
+
+    name = "finetune_multitask"
+    optimizer_copies = 3
+
+    def __init__(self, model, inner_lr, outer_lr: float, grad_clip: float):
+        super().__init__(model, inner_lr)
+        self.outer_lr, self.grad_clip = outer_lr, grad_clip
+        self.classes: dict[str, int] = {}
+        self.pooled_head: torch.nn.Linear | None = None
+
+    def meta_train(self, loader, iterations, meta_batch_size) -> None:
+        batches = [[loader.episode("meta_train", it * meta_batch_size + t)
+                    for t in range(meta_batch_size)] for it in range(iterations)]
+        for ep in (e for batch in batches for e in batch):
+            for name in ep.classes:
+                self.classes.setdefault(f"{ep.source}/{name}", len(self.classes))
+        self._make_head(max(len(self.classes), 1))
+        for tasks in batches:
+            self.meta_step(tasks)
+
+    def meta_step(self, tasks, update=True, first_order=False) -> float:
+        """One Adam step of the pooled classifier on the tasks' support + query examples."""
+        if self.pooled_head is None:  # a memory probe before meta_train
+            self._make_head(self.model.num_labels)
+        losses = [self._pooled_loss(ep, split) for ep in tasks for split in ("support", "query")]
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        if update:
+            _clip(self.optimizer_params(), self.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def start(self, support) -> Params:
+        """Multitask LoRA, fresh zero head (the pooled head does not fit N classes)."""
+        theta = dict(self.theta)
+        for name in ("head.weight", "head.bias"):
+            theta[name] = torch.zeros_like(theta[name])
+        return theta
+
+    def optimizer_params(self) -> list[torch.Tensor]:
+        lora = [t for n, t in self.theta.items() if not n.startswith(M.HEAD_PREFIX)]
+        return lora + list(self.pooled_head.parameters())
+
+    def _make_head(self, num_classes: int) -> None:
+        hidden = self.model.head.in_features
+        ref = self.model.head.weight
+        self.pooled_head = torch.nn.Linear(hidden, num_classes, device=ref.device, dtype=ref.dtype)
+        self.optimizer = torch.optim.Adam(self.optimizer_params(), lr=self.outer_lr)
+
+    def _pooled_loss(self, ep, split: str) -> torch.Tensor:
+        batch = self.to_device(getattr(ep, split))
+        ids = torch.tensor([self.classes.get(f"{ep.source}/{c}", i % self.pooled_head.out_features)
+                            for i, c in enumerate(ep.classes)], device=batch["labels"].device)
+        features = self.model.embed(batch["input_ids"], batch["attention_mask"])  # (B, hidden)
+        return F.cross_entropy(self.pooled_head(features), ids[batch["labels"]])
+
+
+# ------------------------------------------------------------------------------------
+# MAML, FOMAML, Reptile
+# ------------------------------------------------------------------------------------
+
+class MAML(FewShotMethod):
+    """MAML over `theta` (all weights for the `maml` baseline), with an outer Adam.
+
+    Inner loop phi_{k+1} = phi_k - a grad L_S(phi_k) built with `create_graph=True`, so
+    the query loss L_Q(phi_K) back-propagates through every inner step to theta: the
+    exact second-order meta-gradient by unrolled autograd (learn2learn, higher). With
+    `first_order=True` the inner gradients are detached (FOMAML).
+
+    Args:
+        model: the model; `theta` are its tensors to meta-learn (requires_grad set).
+        theta: the meta-parameters.
+        inner_lr: a, the inner SGD rate.
+        inner_steps: K.
+        outer_lr: Adam's rate for theta.
+        grad_clip: max global norm of the meta-gradient; 0 disables clipping.
+        first_order: FOMAML.
+
+    Example:
+        >>> maml = MAML(model, dict(model.named_parameters()), 0.01, 3, 5e-4, 1.0)
+        >>> loss = maml.meta_step(tasks)   # theta <- Adam(theta, mean_i grad L_Q_i(phi_K))
+    """
+
+    name = "maml"
+    optimizer_copies = 3
+
+    def __init__(self, model, theta, inner_lr: float, inner_steps: int, outer_lr: float,
+                 grad_clip: float, first_order: bool = False):
+        super().__init__(model, theta, inner_lr)
+        self.inner_steps, self.grad_clip, self.first_order = inner_steps, grad_clip, first_order
+        self.second_order = not first_order
+        self.optimizer = torch.optim.Adam(list(theta.values()), lr=outer_lr)
+
+    def task_loss(self, episode, first_order: bool) -> torch.Tensor:
+        """L_Q(phi_K), differentiable with respect to theta."""
+        support, query = self.to_device(episode.support), self.to_device(episode.query)
+        phi = dict(self.theta)
+        for _ in range(self.inner_steps):
+            grads = torch.autograd.grad(self.loss(phi, support), list(phi.values()),
+                                        create_graph=not first_order, allow_unused=True)
+            phi = {n: p if g is None else p - self.inner_lr * (g.detach() if first_order else g)
+                   for (n, p), g in zip(phi.items(), grads)}
+        return self.loss(phi, query)
+
+    def meta_gradient(self, tasks, first_order: bool | None = None) -> tuple[float, list]:
+        """Mean query loss and its gradient for theta, one task's graph at a time."""
+        first_order = self.first_order if first_order is None else first_order
+        total, grads = 0.0, [torch.zeros_like(t) for t in self.theta.values()]
+        with M.second_order_attention():
+            for ep in tasks:
+                loss = self.task_loss(ep, first_order) / len(tasks)
+                g = torch.autograd.grad(loss, list(self.theta.values()), allow_unused=True)
+                grads = [a if b is None else a + b for a, b in zip(grads, g)]
+                total += float(loss.detach())
+        return total, grads
+
+    def meta_step(self, tasks, update=True, first_order=False) -> float:
+        loss, grads = self.meta_gradient(tasks, self.first_order or first_order)
+        if update:
+            for t, g in zip(self.theta.values(), grads):
+                t.grad = g
+            _clip(list(self.theta.values()), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class FOMAML(MAML):
+    """First-order MAML (Finn et al. 2017, sec. 5.2): inner gradients detached."""
+
+    name = "fomaml"
+
+    def __init__(self, model, theta, inner_lr, inner_steps, outer_lr, grad_clip):
+        super().__init__(model, theta, inner_lr, inner_steps, outer_lr, grad_clip, first_order=True)
+
+
+class Reptile(FewShotMethod):
+    """Reptile: K SGD steps per task, then theta moves towards the adapted weights.
+
+    The meta-gradient theta - mean_i phi_K^i is handed to Adam (as learn2learn's Reptile
+    example does), so the outer rate is `meta_learning.outer.default_lr` like MELoRA's.
+    """
+
+    name = "reptile"
+    optimizer_copies = 3
+
+    def __init__(self, model, theta, inner_lr: float, inner_steps: int, outer_lr: float,
+                 grad_clip: float):
+        super().__init__(model, theta, inner_lr)
+        self.inner_steps, self.grad_clip = inner_steps, grad_clip
+        self.optimizer = torch.optim.Adam(list(theta.values()), lr=outer_lr)
+
+    def meta_step(self, tasks, update=True, first_order=False) -> float:
+        deltas = [torch.zeros_like(t) for t in self.theta.values()]
+        for ep in tasks:
+            support = self.to_device(ep.support)
+            phi = {n: t.detach() for n, t in self.theta.items()}
+            for k in range(self.inner_steps):
+                grads = self.support_gradient(phi, support)
+                phi = {n: p - self.inner_lr * g for (n, p), g in zip(phi.items(), grads)}
+            deltas = [d + (t.detach() - p) / len(tasks)
+                      for d, t, p in zip(deltas, self.theta.values(), phi.values())]
+        if update:
+            for t, d in zip(self.theta.values(), deltas):
+                t.grad = d
+            _clip(list(self.theta.values()), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return 0.0
+
+
+# ------------------------------------------------------------------------------------
+# Prototypical network
+# ------------------------------------------------------------------------------------
+
+class ProtoNet(FewShotMethod):
+    """Nearest class prototype of frozen, mean-pooled encoder features (no adaptation).
+
+    Prototypes c_n are the mean support feature of class n; a query x is assigned to
+    argmin_n ||f(x) - c_n||^2 (Snell et al., 2017). Every "step" has the same accuracy.
+    """
+
+    name = "protonet"
+    optimizer_copies = 0
+
+    def __init__(self, model):
+        super().__init__(model, {}, 0.0)
+        model.requires_grad_(False)
+
+    def adapt(self, episode, steps: int) -> list[float]:
+        support, query = self.to_device(episode.support), self.to_device(episode.query)
+        with torch.no_grad(), _eval_mode(self.model):
+            s, q = self.features(support), self.features(query)  # (N*K, d), (N*Q, d)
+            n_way = int(support["labels"].max()) + 1
+            prototypes = torch.stack([s[support["labels"] == c].mean(0) for c in range(n_way)])
+            predictions = torch.cdist(q, prototypes).argmin(-1)  # squared distance, same argmin
+        accuracy = (predictions == query["labels"]).float().mean().item()
+        return [accuracy] * (steps + 1)
+
+    def features(self, batch) -> torch.Tensor:
+        """Masked mean of the last hidden states, (B, hidden)."""
+        hidden = self.model.backbone(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def support_gradient(self, phi, support):
+        return []
+
+
+# ------------------------------------------------------------------------------------
+# Construction from the config
+# ------------------------------------------------------------------------------------
+
+def build_baseline(name: str, cfg: Config, device: torch.device) -> tuple[FewShotMethod, object]:
+    """A baseline on the pretrained model of `cfg` (the checkpoint's model), on `device`.
+
+    Hyperparameters are MELoRA's: inner rate and steps (`meta_learning.inner`), outer
+    rate and clipping (`meta_learning.outer`); LoRA variants use `build_model`, so their
+    LoRA starts where MELoRA's started.
+
+    Args:
+        name: one of `BASELINES`.
+        cfg: the validated config.
+        device: where the model lives.
+
+    Returns:
+        (method, tokenizer).
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"evaluation.baselines names unknown method {name!r}; "
+                          f"choose from {', '.join(BASELINES)}")
+    set_seed(cfg.training.seed)
+    inner, outer = cfg.meta_learning.inner, cfg.meta_learning.outer
+    steps = inner.default_num_steps
+    if name in ("finetune", "finetune_multitask", "reptile_lora"):
+        from trainer import build_model
+        model, tokenizer = build_model(cfg, device)
+        method = {"finetune": lambda: FineTune(model, inner.default_lr),
+                  "finetune_multitask": lambda: MultitaskFineTune(
+                      model, inner.default_lr, outer.default_lr, outer.grad_clip),
+                  "reptile_lora": lambda: _named(Reptile(
+                      model, M.lora_parameters(model), inner.default_lr, steps,
+                      outer.default_lr, outer.grad_clip), "reptile_lora")}[name]()
+        return method, tokenizer
+    model, tokenizer = full_model(cfg, device)
+    if name == "protonet":
+        return ProtoNet(model), tokenizer
+    theta = dict(model.named_parameters())
+    cls = {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile}[name]
+    return cls(model, theta, inner.default_lr, steps, outer.default_lr, outer.grad_clip), tokenizer
+
+
+def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
+    """The pretrained model of `cfg` with its zero N-way head and no LoRA, all weights trainable."""
+    from trainer import _PARAM_DTYPE
+    model, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way,
+                                    pooling=cfg.models.pooling,
+                                    dtype=_PARAM_DTYPE[cfg.training.precision])
+    return model.to(device).train(), tokenizer
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def _named(method: FewShotMethod, name: str) -> FewShotMethod:
+    method.name = name
+    return method
+
+
+def _clip(params: list[torch.Tensor], max_norm: float) -> None:
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Dropout off inside the block; the previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
