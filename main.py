@@ -1,0 +1,168 @@
+"""MELoRA command line: parse flags, load and validate the config, dispatch a mode.
+
+    python main.py --mode train --model gpt2-small --lora_rank 8
+    python main.py --mode train --resume results/melora/checkpoints/checkpoint_iter_500.pt
+    python main.py --mode evaluate --checkpoint results/melora/checkpoints/checkpoint_iter_1000.pt
+    python main.py --mode full --experiment_name my_experiment
+
+Every default lives in config.yml: a flag overrides the key it names only when given,
+and `--set section.key=value` reaches any other key. A problem with the input is printed
+as one `error: ...` paragraph on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+import utils
+from utils import UserError
+
+log = logging.getLogger("melora")
+
+# Flag -> the config key it overrides.
+FLAG_KEYS = {
+    "model": "models.selected_model",
+    "lora_rank": "lora.default_rank",
+    "meta_batch_size": "meta_learning.default_meta_batch_size",
+    "inner_steps": "meta_learning.inner.default_num_steps",
+    "num_iterations": "meta_learning.num_iterations",
+    "synthetic_only": "datasets.synthetic_only",
+    "experiment_name": "training.experiment_name",
+    "seed": "training.seed",
+    "device": "training.device",
+    "output_dir": "training.output_dir",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` paragraph (exit 2), like a UserError."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see python main.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; every config flag defaults to None (config.yml decides)."""
+    p = _Parser(description="MELoRA: memory-efficient LoRA meta-learning.",
+                epilog="Any other config key: --set section.key=value (repeatable).")
+    p.add_argument("--mode", choices=("train", "evaluate", "full"), default="train",
+                   help="train (default), evaluate a checkpoint, or full (train, evaluate, analyse)")
+    p.add_argument("--config", help="a YAML file overriding config.yml (may hold only some keys)")
+    p.add_argument("--model", help="registered model name or local model directory")
+    p.add_argument("--lora_rank", type=int, help="LoRA rank r (lora.default_rank)")
+    p.add_argument("--meta_batch_size", type=int, help="tasks per meta-update")
+    p.add_argument("--inner_steps", type=int, help="inner-loop adaptation steps K")
+    p.add_argument("--num_iterations", type=int, help="meta-iterations")
+    p.add_argument("--synthetic_only", action="store_true", default=None,
+                   help="use only synthetic tasks (offline)")
+    p.add_argument("--seed", type=int, help="training.seed")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--output_dir", help="parent folder of run folders")
+    p.add_argument("--experiment_name", help="run folder name under --output_dir")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue training exactly from a checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--checkpoint", help="checkpoint to evaluate (--mode evaluate)")
+    p.add_argument("--skip_baselines", action="store_true", help="evaluate MELoRA only")
+    p.add_argument("--hyperparameter_search", action="store_true",
+                   help="Bayesian search before the full experiment (--mode full)")
+    p.add_argument("--dataset", help="hub name or local file for meta-training")
+    p.add_argument("--eval_dataset", help="hub name or local file for meta-testing")
+    p.add_argument("--text_column", help="text column of --dataset/--eval_dataset")
+    p.add_argument("--label_column", help="label column of --dataset/--eval_dataset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set lora.alpha=32 (repeatable)")
+    return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations that make no sense, before any work is done."""
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run folder and --overwrite replaces it; pass one")
+    if args.resume and args.mode != "train":
+        raise UserError(f"--resume continues training; it needs --mode train, not {args.mode}")
+    if args.checkpoint and args.mode != "evaluate":
+        raise UserError(f"--checkpoint names the checkpoint to evaluate (--mode evaluate); "
+                        f"with --mode {args.mode} use --resume to continue training")
+    if args.skip_baselines and args.mode == "train":
+        raise UserError("--skip_baselines applies to --mode evaluate or full, not train")
+    if args.hyperparameter_search and args.mode != "full":
+        raise UserError("--hyperparameter_search applies to --mode full only")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """Flags that were given, as `{"section.key": value}`; `--set` comes last and wins."""
+    from dataset_loader import cli_dataset_overrides
+    out = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
+           if getattr(args, flag) is not None}
+    out.update(cli_dataset_overrides(args.dataset, args.eval_dataset, args.text_column,
+                                     args.label_column))
+    out.update(utils.parse_overrides(args.overrides))
+    return out
+
+
+def load(args: argparse.Namespace) -> utils.Config:
+    """The validated config; a resumed run starts from its checkpoint's config."""
+    overrides = config_overrides(args)
+    if args.resume:
+        import trainer
+        return trainer.resume_config(args.resume, args.config, overrides)
+    return utils.load_config(args.config, overrides)
+
+
+def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
+    """Run the chosen mode in its run folder."""
+    training = cfg.training
+    run_dir = utils.prepare_run_dir(training.output_dir, training.experiment_name,
+                                    overwrite=args.overwrite,
+                                    resume=bool(args.resume) or args.mode == "evaluate")
+    utils.setup_logging(log_file=run_dir / f"{args.mode}.log")
+    if args.mode == "train":
+        import trainer
+        return trainer.run_training(cfg, run_dir, resume=args.resume)
+    if args.mode == "evaluate":
+        run_evaluation = _entry("evaluation", "run_evaluation", "evaluate")
+        return run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir)
+    run_full = _entry("analysis", "run_full", "full")
+    return run_full(cfg, run_dir, args.hyperparameter_search)
+
+
+def _entry(module: str, name: str, mode: str):
+    """`module.name`, imported lazily; a clear error while it does not exist yet."""
+    import importlib
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        fn = None
+    if fn is None:
+        raise UserError(f"--mode {mode} is not implemented yet ({module}.{name} is missing); "
+                        "use --mode train")
+    return fn
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate, dispatch; a UserError becomes `error: ...` and exit status 2."""
+    warnings.formatwarning = _format_warning
+    try:
+        args = build_parser().parse_args(argv)
+        check_flags(args)
+        dispatch(args, load(args))
+    except UserError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
