@@ -243,7 +243,7 @@ class MultitaskFineTune(FineTune):
             _clip(self.optimizer_params(), self.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def start(self, support) -> Params:
         """Multitask LoRA, fresh zero head (the pooled head does not fit N classes)."""

@@ -1,0 +1,121 @@
+"""Baselines: each learns an easy synthetic task; MAML's meta-gradient is the exact one."""
+
+import numpy as np
+import pytest
+import torch
+
+import baseline as B
+import evaluation
+import model as M
+import trainer
+import utils
+
+EASY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
+        "tasks.k_shot=4", "tasks.q_query=4", "models.max_length=16",
+        "synthetic.keyword_prob=0.9", "synthetic.class_overlap=0.0", "synthetic.noise=0.0",
+        "synthetic.words_per_example=6", "synthetic.keywords_per_class=2", "lora.dropout=0.0",
+        "meta_learning.inner.default_num_steps=3", "meta_learning.default_meta_batch_size=2"]
+# Full-weight SGD needs a smaller rate than LoRA + head (a zero head learns slowly).
+INNER_LR = {"maml": 0.05, "fomaml": 0.05, "reptile": 0.05}
+CHANCE = 1 / 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", B.BASELINES)
+def test_each_baseline_learns_an_easy_task(name, tmp_path):
+    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
+                                              f"meta_learning.inner.default_lr={INNER_LR.get(name, 0.5)}"])
+    method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))
+    loader = evaluation._loader(cfg, tokenizer, baselines=True)
+    method.meta_train(loader, iterations=2, meta_batch_size=2)
+    curves = np.array([method.adapt(loader.episode("meta_test", i), 3) for i in range(4)])
+    assert curves.shape == (4, 4) and ((0 <= curves) & (curves <= 1)).all()
+    assert curves[:, 3].mean() > CHANCE + 0.3, curves
+
+
+def test_unknown_baseline_is_named(tmp_path):
+    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}"])
+    with pytest.raises(utils.ConfigError, match="'mamlx'.*protonet"):
+        B.build_baseline("mamlx", cfg, torch.device("cpu"))
+
+
+# ---- MAML against an independent meta-gradient -----------------------------------------
+
+@pytest.fixture(scope="module")
+def task64():
+    """A float64 tiny BERT without dropout and one 3-way task."""
+    model, tokenizer = M.load_model("tiny-bert", 3, dtype=torch.float64, dropout=0.0)
+    texts = ["kabo tesu", "kabo rimo", "tesu dafe", "lumi sana", "sana pofi", "lumi kero"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    data = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    support = {k: v[:3] for k, v in data.items()} | {"labels": torch.tensor([0, 1, 2])}
+    query = {k: v[3:] for k, v in data.items()} | {"labels": torch.tensor([2, 0, 1])}
+    with torch.no_grad():  # a non-zero head, so every path of the graph carries gradient
+        model.head.weight.normal_(0, 0.1)
+    return model, support, query
+
+
+def used_parameters(model):
+    """Every weight but BERT's pooler (unused by the head; the reference needs all used)."""
+    return {n: p for n, p in model.named_parameters() if ".pooler." not in n}
+
+
+class _Episode:
+    def __init__(self, support, query):
+        self.support, self.query = support, query
+
+
+@pytest.mark.parametrize("first_order,method", [(False, "full"), (True, "none")])
+def test_maml_meta_gradient_equals_reverse_recomputation(task64, first_order, method):
+    """Unrolled autograd over ALL weights == trainer's reverse-mode HVP recomputation."""
+    model, support, query = task64
+    theta = used_parameters(model)
+    maml = B.MAML(model, theta, inner_lr=0.1, inner_steps=2, outer_lr=1e-3, grad_clip=0.0,
+                  first_order=first_order)
+    loss, grads = maml.meta_gradient([_Episode(support, query)])
+    ref_loss, ref = trainer.compute_meta_gradient(model, theta, support, query, 0.1, 2, method=method)
+    assert loss == pytest.approx(float(ref_loss), rel=1e-10)
+    ours = torch.cat([g.reshape(-1) for g in grads])
+    theirs = torch.cat([ref[n].reshape(-1) for n in theta])
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-12)
+    assert ours.norm() > 0
+
+
+def test_second_order_terms_matter(task64):
+    """MAML and FOMAML differ on the same task (the test above is not vacuous)."""
+    model, support, query = task64
+    theta = used_parameters(model)
+    ep = [_Episode(support, query)]
+    g2 = B.MAML(model, theta, 0.1, 2, 1e-3, 0.0).meta_gradient(ep)[1]
+    g1 = B.FOMAML(model, theta, 0.1, 2, 1e-3, 0.0).meta_gradient(ep)[1]
+    assert not all(torch.allclose(a, b) for a, b in zip(g1, g2))
+
+
+def test_meta_step_without_update_leaves_theta(task64):
+    model, support, query = task64
+    theta = dict(model.named_parameters())
+    before = {n: t.detach().clone() for n, t in theta.items()}
+    for method in (B.MAML(model, theta, 0.1, 2, 1e-3, 1.0),
+                   B.Reptile(model, theta, 0.1, 2, 1e-3, 1.0)):
+        method.meta_step([_Episode(support, query)], update=False)
+    assert all(torch.equal(before[n], t) for n, t in theta.items())
+
+
+def test_protonet_is_nearest_prototype(task64):
+    """Against a direct numpy computation on the same features."""
+    model, support, query = task64
+    proto = B.ProtoNet(model)
+    ep = _Episode(support, query)
+    with torch.no_grad():
+        s, q = proto.features(support).numpy(), proto.features(query).numpy()
+    centres = np.stack([s[support["labels"].numpy() == c].mean(0) for c in range(3)])
+    expected = (((q[:, None] - centres[None]) ** 2).sum(-1).argmin(1) == query["labels"].numpy()).mean()
+    assert proto.adapt(ep, 2) == [pytest.approx(expected)] * 3
