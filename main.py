@@ -13,14 +13,11 @@ as one `error: ...` paragraph on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 
 import utils
 from utils import UserError
-
-log = logging.getLogger("melora")
 
 # Flag -> the config key it overrides.
 FLAG_KEYS = {
