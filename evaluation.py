@@ -61,9 +61,10 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
                    run_dir: str | os.PathLike) -> dict:
     """Evaluate a checkpoint (and the baselines) on the fixed meta-test episodes.
 
-    The config is the checkpoint's, with every key that `cfg` sets to a non-default
-    value (a `--config` file, flags, `--set`) applied on top; keys that define the model
-    stay the checkpoint's.
+    The config is the checkpoint's (model, data, tasks, inner loop), with `cfg`'s
+    evaluation, tracking, analysis, device and output-folder keys, and every other key
+    `cfg` sets to a non-default value (a `--config` file, flags, `--set`), on top; keys
+    that define the model stay the checkpoint's.
 
     Args:
         cfg: the validated config of the command line.
@@ -117,15 +118,18 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> dict:
 
 
 def evaluation_config(cfg: Config, state: Mapping, checkpoint) -> Config:
-    """The checkpoint's config with the keys `cfg` changed from config.yml applied on top.
+    """The checkpoint's config, with the command line's run-control keys (evaluation,
+    tracking, analysis, device, output folder) and every other key it changed from
+    config.yml applied on top.
 
     Raises:
         UserError: `cfg` asks for another model or LoRA rank than the checkpoint's.
     """
-    from trainer import MODEL_KEYS, REFUSED_KEYS
+    from trainer import MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS
     saved = json.loads(state["config"])
     theirs, defaults = Config(saved).flat(), load_config().flat()
-    given = {k: v for k, v in cfg.flat().items() if defaults.get(k) != v}
+    given = {k: v for k, v in cfg.flat().items()
+             if defaults.get(k) != v or k.startswith(RUN_CONTROL_KEYS)}
     for key in REFUSED_KEYS:
         if key in given and given[key] != theirs.get(key):
             raise UserError(f"checkpoint {str(checkpoint)!r} belongs to model "
