@@ -1,8 +1,11 @@
 """Statistics over recorded MELoRA results: paired tests, CIs, effect sizes, tables.
 
-Everything here works on plain JSON-like data written by `evaluation.py` and
-`trainer.py`; nothing imports torch or touches a model, so the functions run anywhere
-(`python -c "import analysis; ..."`) on the files of a finished run.
+The statistics and tables work on plain JSON-like data written by `evaluation.py` and
+`trainer.py`; they import no torch and touch no model, so they run anywhere
+(`python -c "import analysis; ..."`) on the files of a finished run. The drivers at the
+end (ablations, Optuna search, meta-gradient fidelity, and `run_full`, the body of
+`python main.py --mode full`) run training and evaluation; they import torch and the
+trainer inside the functions.
 
 Input formats (the contract with `evaluation.py` and `trainer.py`):
 
