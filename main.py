@@ -123,7 +123,7 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
         run_evaluation = _entry("evaluation", "run_evaluation", "evaluate")
         return run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir)
     run_full = _entry("analysis", "run_full", "full")
-    return run_full(cfg, run_dir, args.hyperparameter_search)
+    return run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
 
 
 def _entry(module: str, name: str, mode: str):

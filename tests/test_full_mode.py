@@ -88,3 +88,13 @@ def test_rerun_refuses_an_existing_experiment_without_overwrite(experiment):
     assert "already holds a run" in done.stderr and "--overwrite" in done.stderr
     assert "Traceback" not in done.stderr
     assert (run / "report.md").read_bytes() == before
+
+
+def test_full_mode_flags_reach_run_full(monkeypatch, tmp_path):
+    import main
+    calls = []
+    monkeypatch.setattr(analysis, "run_full", lambda cfg, run_dir, search, skip: calls.append(
+        (cfg.training.experiment_name, run_dir.name, search, skip)) or {})
+    assert main.main(["--mode", "full", "--model", "tiny-bert", "--output_dir", str(tmp_path),
+                      "--experiment_name", "flags", "--hyperparameter_search", "--skip_baselines"]) == 0
+    assert calls == [("flags", "flags", True, True)]
