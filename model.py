@@ -313,9 +313,14 @@ class MELoRAModel(nn.Module):
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, N). `labels` is accepted and ignored so a batch dict can be passed."""
+                labels: torch.Tensor | None = None, features_only: bool = False) -> torch.Tensor:
+        """Logits (B, N), or the pooled features (B, hidden) with `features_only`.
+
+        `labels` is accepted and ignored so a batch dict can be passed.
+        """
         features = self.embed(input_ids, attention_mask).to(self.head.weight.dtype)
+        if features_only:
+            return features
         weight, bias = self.head.weight, self.head.bias  # fast weights under functional_call
         if weight.dim() == 3:  # per-task heads (T, N, hidden), examples task-major
             f = features.reshape(weight.shape[0], -1, features.shape[-1])  # (T, b, hidden)
@@ -324,7 +329,7 @@ class MELoRAModel(nn.Module):
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor],
-            batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            batch: Mapping[str, torch.Tensor], features_only: bool = False) -> torch.Tensor:
     """Logits of `model` with its LoRA/head tensors replaced by `params`.
 
     Goes through `torch.func.functional_call`, so the module's own parameters are not
@@ -334,11 +339,13 @@ def forward(model: nn.Module, params: Mapping[str, torch.Tensor],
         model: a LoRA-wrapped `MELoRAModel`.
         params: some or all of `lora_parameters(model)`'s names -> tensors.
         batch: `input_ids`, `attention_mask` (and optionally `labels`, ignored).
+        features_only: return the pooled features (B, hidden) instead of logits.
 
     Returns:
-        Logits (B, N).
+        Logits (B, N) (or features).
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "features_only": features_only}
     return torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
 
 

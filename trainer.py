@@ -24,6 +24,7 @@ import model as M
 log = logging.getLogger("melora")
 
 HESSIAN_METHODS = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")
+HEAD_INITS = ("zero", "proto")
 
 # ====================================================================================
 # Meta-gradient
@@ -44,6 +45,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
                           inner_lr: float | torch.Tensor, inner_steps: int, method: str = "full",
                           micro_batch: int = 0, *, metrics: dict | None = None,
                           hessian: HessianOptions = HessianOptions(), seed: int | None = None,
+                          head_init: str = "zero",
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Meta-gradient of one task's query loss after `inner_steps` adaptation steps.
 
@@ -67,6 +69,10 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         hessian: options of the `diagonal` estimator.
         seed: seeds dropout; every recomputation of a step replays the same masks. None
             draws one from torch's global generator.
+        head_init: zero (the head starts at theta's head) or proto (Proto-MAML,
+            Triantafillou et al., 2020: the head starts at W = 2 c_n, b = -|c_n|^2 from
+            the support-set class prototypes c_n at theta; the meta-gradient flows through
+            the prototypes into the LoRA factors, and theta's head gets zero gradient).
 
     Returns:
         (query_loss at phi_K, {name: d query_loss / d theta[name]}); with a tensor
@@ -79,9 +85,10 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
     if method not in HESSIAN_METHODS:
         raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+    _check_head_init(head_init)
     task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=1)
     phi_0 = [t.detach() for t in theta.values()]
-    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics)
+    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init)
 
 
 def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -90,7 +97,7 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
                                   method: str = "full", micro_batch: int = 0, *,
                                   metrics: dict | None = None,
                                   hessian: HessianOptions = HessianOptions(),
-                                  seed: int | None = None,
+                                  seed: int | None = None, head_init: str = "zero",
                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean meta-gradient of several tasks whose inner loops run together.
 
@@ -111,27 +118,29 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
     """
     if method not in HESSIAN_METHODS:
         raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
+    _check_head_init(head_init)
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
     if method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
         return _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method,
-                              micro_batch, metrics, hessian, seed)
+                              micro_batch, metrics, hessian, seed, head_init)
     T = len(episodes)
     support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
     task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=T)
     phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
-    query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics)
+    query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian,
+                                       metrics, head_init)
     mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
     return query_loss / T, mean
 
 
 def _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method, micro_batch,
-                   metrics, hessian, seed):
+                   metrics, hessian, seed, head_init):
     total, summed, per_task = 0.0, {}, []
     for t, (support, query) in enumerate(episodes):
         m = {}
         loss, grads = compute_meta_gradient(model, theta, support, query, inner_lr, inner_steps,
                                             method, micro_batch, metrics=m, hessian=hessian,
-                                            seed=seed + t)
+                                            seed=seed + t, head_init=head_init)
         total = total + loss
         summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
         per_task.append(m)
@@ -152,9 +161,33 @@ def _stack_sets(sets: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tenso
             "labels": torch.cat([s["labels"] for s in sets])}
 
 
+def _check_head_init(head_init: str) -> None:
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+
+
+def initial_fast_weights(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
+                         support: Mapping[str, torch.Tensor], head_init: str = "zero",
+                         micro_batch: int = 0) -> dict[str, torch.Tensor]:
+    """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto.
+
+    Evaluation starts adaptation here, as meta-training does.
+    """
+    _check_head_init(head_init)
+    phi = [t.detach() for t in theta.values()]
+    if head_init == "proto":
+        task = _Task(model, list(theta), support, support, micro_batch, seed=0)
+        phi = task.with_proto_head(phi)[0]
+    return dict(zip(theta, phi))
+
+
 def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_steps: int,
-                   method: str, hessian: HessianOptions, metrics: dict | None):
-    """The three phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
+                   method: str, hessian: HessianOptions, metrics: dict | None,
+                   head_init: str = "zero"):
+    """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
+    # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
+    if head_init == "proto":
+        phi_0, prototypes = task.with_proto_head(phi_0)
     lrs = _step_rates(inner_lr, inner_steps)
     learn_lr = torch.is_tensor(inner_lr)
     fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
@@ -181,6 +214,9 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
             hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
             v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
 
+    # 4. Proto-MAML: carry the head's adjoint through the prototypes into the LoRA factors.
+    if head_init == "proto":
+        v = task.proto_backward(phi_0, v, prototypes)
     if metrics is not None:
         metrics["query_acc_after"] = acc_after
         metrics["query_acc_before"] = task.accuracy(phis[0], task.query_set)
@@ -256,6 +292,52 @@ class _Task:
             correct += int((logits.argmax(-1) == chunk["labels"]).sum())
         return total, grad, correct / (self.n_query * self.tasks)
 
+    # -- Proto-MAML head ------------------------------------------------------------
+    def _class_rows(self, chunk, n_way):
+        """Row of each example in the (tasks * N) prototype table: task * N + label."""
+        b = chunk["labels"].shape[0]
+        task = torch.arange(b, device=chunk["labels"].device) // (b // self.tasks)
+        return task * n_way + chunk["labels"]
+
+    def _features(self, phi, chunk, index):
+        with self._dropout_rng(PROTO_STEP, index):
+            return M.forward(self.model, dict(zip(self.names, phi)), chunk, features_only=True)
+
+    def with_proto_head(self, phi):
+        """phi with head W = 2 c, b = -|c|^2 from support prototypes c (B x hidden sums)."""
+        w_index, b_index = self.names.index(HEAD_WEIGHT), self.names.index(HEAD_BIAS)
+        n_way, hidden = phi[w_index].shape[-2:]
+        sums = phi[w_index].new_zeros(self.tasks * n_way, hidden)
+        counts = phi[w_index].new_zeros(self.tasks * n_way)
+        with torch.no_grad():
+            for i, chunk in enumerate(self.support):
+                rows = self._class_rows(chunk, n_way)
+                sums.index_add_(0, rows, self._features(phi, chunk, i).to(sums.dtype))
+                counts.index_add_(0, rows, torch.ones_like(rows, dtype=counts.dtype))
+        c = sums / counts.clamp(min=1).unsqueeze(1)  # (T*N, hidden)
+        phi = list(phi)
+        phi[w_index] = (2 * c).reshape(phi[w_index].shape)
+        phi[b_index] = -(c * c).sum(1).reshape(phi[b_index].shape)
+        return phi, (c, counts)
+
+    def proto_backward(self, phi_0, v, prototypes):
+        """Add the prototypes' vjp to the LoRA adjoints; theta's head is unused (zero grad)."""
+        c, counts = prototypes
+        w_index, b_index = self.names.index(HEAD_WEIGHT), self.names.index(HEAD_BIAS)
+        n_way = phi_0[w_index].shape[-2]
+        # dL/dc = 2 v_W - 2 c v_b, spread over each class's support examples (c is their mean)
+        u = 2 * v[w_index].reshape(c.shape) - 2 * c * v[b_index].reshape(-1, 1)
+        u = u / counts.clamp(min=1).unsqueeze(1)
+        leaves = self._leaves(phi_0)
+        v = list(v)
+        for i, chunk in enumerate(self.support):
+            features = self._features(leaves, chunk, i)
+            weights = u[self._class_rows(chunk, n_way)].to(features.dtype)
+            grads = torch.autograd.grad((features * weights).sum(), leaves, allow_unused=True)
+            v = [vi + g if g is not None else vi for vi, g in zip(v, grads)]
+        v[w_index], v[b_index] = torch.zeros_like(v[w_index]), torch.zeros_like(v[b_index])
+        return v
+
     @torch.no_grad()
     def accuracy(self, phi, batch):
         logits = M.forward(self.model, dict(zip(self.names, phi)), batch)
@@ -323,6 +405,8 @@ class _Task:
 
 
 QUERY_STEP = -1  # dropout-stream id of the query pass
+PROTO_STEP = -2  # dropout-stream id of the prototype pass
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 
 
 def _micro_batches(batch: Mapping[str, torch.Tensor], size: int, tasks: int = 1) -> list[dict]:

@@ -171,3 +171,43 @@ def test_batched_tasks_equal_sequential(name, method):
     assert relative_error(grads["inner_lr"], ref["inner_lr"]) < 1e-6
     for key in ("query_acc_after", "query_acc_before"):
         assert abs(m_batched[key] - sum(m[key] for m in m_seq) / 3) < 1e-12
+
+
+def proto_unrolled(model, theta, support, query, inner_lr, steps):
+    """Proto-MAML by plain autograd: head from support prototypes, inside the graph."""
+    params = {n: t.detach().clone().requires_grad_() for n, t in theta.items()}
+    with M.second_order_attention():
+        features = M.forward(model, params, support, features_only=True)
+        c = torch.stack([features[support["labels"] == n].mean(0) for n in range(3)])
+        phi = dict(params, **{"head.weight": 2 * c, "head.bias": -(c * c).sum(1)})
+        # inner steps take partial derivatives in (LoRA, head), the head held as a variable
+        # though it depends on the LoRA factors: torch.func.grad treats phi's entries so
+        support_loss = lambda p: F.cross_entropy(M.forward(model, p, support), support["labels"])  # noqa: E731
+        for _ in range(steps):
+            grads = torch.func.grad(support_loss)(phi)
+            phi = {n: p - inner_lr * grads[n] for n, p in phi.items()}
+        query_loss = F.cross_entropy(M.forward(model, phi, query), query["labels"])
+        grads = torch.autograd.grad(query_loss, list(params.values()), allow_unused=True)
+    return query_loss.detach(), {n: torch.zeros_like(p) if g is None else g
+                                 for (n, p), g in zip(params.items(), grads)}
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+def test_proto_head_init_equals_unrolled_autograd(name):
+    model, theta, support, query = setup_task(name, seed=9)
+    loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", 4,
+                                                head_init="proto")
+    ref_loss, ref = proto_unrolled(model, theta, support, query, 0.5, 2)
+    assert abs(loss.item() - ref_loss.item()) < 1e-10
+    assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
+    assert torch.count_nonzero(grads["head.weight"]) == 0
+    phi_0 = trainer.initial_fast_weights(model, theta, support, "proto")
+    features = M.forward(model, theta, support, features_only=True)
+    torch.testing.assert_close(phi_0["head.weight"][1], 2 * features[support["labels"] == 1].mean(0))
+    # batched tasks build one prototype table per task
+    episodes = [(support, query), (query, support)]
+    batched = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 2, "full", 0,
+                                                    head_init="proto")[1]
+    ref_b = [proto_unrolled(model, theta, s, q, 0.5, 2)[1] for s, q in episodes]
+    mean = {n: (ref_b[0][n] + ref_b[1][n]) / 2 for n in theta}
+    assert relative_error(flat(batched, theta), flat(mean, theta)) < 1e-6
