@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -215,6 +216,10 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
             expected is int and isinstance(value, bool)):
         if isinstance(default, list) and default and isinstance(default[0], Mapping):
             return [_check_list_item(f"{name}[{i}]", v, default[0]) for i, v in enumerate(value)]
+        if isinstance(default, list) and default:  # items take the first default item's type
+            return [_check_type(f"{name}[{i}]", v, default[0]) for i, v in enumerate(value)]
+        if expected is float and not math.isfinite(value):
+            raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
