@@ -178,7 +178,12 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
         method, tokenizer = build_method(name, cfg, job["checkpoint"], device)
         loader = _loader(cfg, tokenizer, baselines=name != "melora")
         episodes = loader.load_episode_spec(job["spec"])
-    # 2. Meta-training (baselines), then one meta-training step on episode 0: the memory
+    # 2. Memory breakdown first, in a fresh heap and from the smallest window to the
+    #    largest, so a CPU allocator that reuses freed memory hides nothing it should show.
+    if cfg.evaluation.memory_profiling.enabled:
+        out.update(memory_breakdown(method, episodes[0], meter,
+                                    cfg.evaluation.memory_profiling.detailed_breakdown))
+    # 3. Meta-training (baselines), then one meta-training step on episode 0: the memory
     #    reference (MELoRA's step uses its configured Hessian method; theta is unchanged).
     iterations = cfg.evaluation.baseline_meta_iterations if _meta_learned(name) else 0
     start = time.perf_counter()
@@ -187,7 +192,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     out["meta_train_seconds"], out["meta_train_iterations"] = time.perf_counter() - start, iterations
     with meter() as step:
         method.meta_step(episodes[:1], update=False)
-    # 3. Adaptation on every episode, dropout masks seeded per episode (paired runs).
+    # 4. Adaptation on every episode, dropout masks seeded per episode (paired runs).
     steps = max(cfg.meta_learning.inner.default_num_steps, cfg.evaluation.adaptation_steps)
     start, accuracies = time.perf_counter(), []
     with meter() as adapt:
@@ -195,7 +200,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
             set_seed(cfg.training.seed + 7919 * (i + 1))
             accuracies.append(method.adapt(episode, steps))
     out["seconds_per_episode"] = (time.perf_counter() - start) / len(episodes)
-    # 4. Memory: the method's peak, and the breakdown when asked for.
+    # 5. Memory: the method's peak over every phase.
     phases = (setup, training, step, adapt)
     out["peak_memory_mb"] = (peak_memory_mb(device) if device.type == "cpu" and not job["in_process"]
                              else max(p.mb for p in phases))
@@ -204,9 +209,6 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     _, total = M.count_parameters(method.model)
     out.update(per_episode_accuracy_per_step=accuracies, trainable_parameters=method.trainable_numel(),
                total_parameters=total)
-    if cfg.evaluation.memory_profiling.enabled:
-        out.update(memory_breakdown(method, episodes[0], meter,
-                                    cfg.evaluation.memory_profiling.detailed_breakdown))
     return out
 
 
