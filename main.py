@@ -4,6 +4,7 @@
     python main.py --mode train --resume results/melora/checkpoints/checkpoint_iter_500.pt
     python main.py --mode evaluate --checkpoint results/melora/checkpoints/checkpoint_iter_1000.pt
     python main.py --mode full --experiment_name my_experiment
+    torchrun --nproc_per_node 4 main.py --mode train --meta_batch_size 8   # one process per GPU
 
 Every default lives in config.yml: a flag overrides the key it names only when given,
 and `--set section.key=value` reaches any other key. A problem with the input is printed
@@ -110,11 +111,15 @@ def load(args: argparse.Namespace) -> utils.Config:
 
 
 def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
-    """Run the chosen mode in its run folder."""
+    """Run the chosen mode in its run folder (under torchrun: on every rank)."""
     training = cfg.training
-    run_dir = utils.prepare_run_dir(training.output_dir, training.experiment_name,
-                                    overwrite=args.overwrite,
-                                    resume=bool(args.resume) or args.mode == "evaluate")
+    if utils.init_distributed(training.device) and args.mode == "full":
+        raise UserError("--mode full runs in one process; under torchrun run --mode train, "
+                        "then --mode evaluate (or run --mode full with python main.py)")
+    # Rank 0 prepares the run folder; the others wait for it (and share its refusal).
+    run_dir = utils.run_on_main(utils.prepare_run_dir, training.output_dir,
+                                training.experiment_name, overwrite=args.overwrite,
+                                resume=bool(args.resume) or args.mode == "evaluate")
     utils.setup_logging(log_file=run_dir / f"{args.mode}.log")
     if args.mode == "train":
         import trainer
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
         return 130
+    finally:
+        utils.close_distributed()
     return 0
 
 

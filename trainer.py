@@ -537,9 +537,10 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from utils import (Config, ConfigError, MetricsSink, UserError, atomic_write_json,  # noqa: E402
-                   atomic_write_text, load_checkpoint, load_config_with_base, peak_memory_mb,
-                   reset_peak_memory, resolve_device, save_checkpoint, set_seed)
+from utils import (Config, ConfigError, MetricsSink, UserError, all_reduce_max,  # noqa: E402
+                   all_reduce_sum, atomic_write_json, atomic_write_text, is_main_process,
+                   load_checkpoint, load_config_with_base, peak_memory_mb, rank, rank_device,
+                   reset_peak_memory, resolve_device, save_checkpoint, set_seed, world_size)
 
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
 MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
@@ -637,6 +638,8 @@ class MetaTrainer:
         self.method = memory.hessian_approximation.method
         self.micro_batch = memory.gradient_accumulation.default_micro_batch
         self.theta = M.lora_parameters(model)
+        # Under torchrun each rank adapts to its share of the meta-batch (global indices t).
+        self.local_tasks = _rank_tasks(meta.default_meta_batch_size, rank(), world_size())
         self.inner_lr = self._make_inner_lr()
         self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
         self.iteration = 0          # meta-iterations completed
@@ -653,7 +656,8 @@ class MetaTrainer:
                 `<training.output_dir>/cache` when that is "".
         """
         from dataset_loader import DatasetLoader  # lazy: pulls in `datasets`
-        device = resolve_device(cfg.training.device)
+        _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
+        device = rank_device(resolve_device(cfg.training.device))
         model, tokenizer = build_model(cfg, device)
         cache = cache_dir or cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
         loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer,
@@ -676,25 +680,38 @@ class MetaTrainer:
         return list(self.theta.values()) + learned
 
     def sample_tasks(self, iteration: int) -> list:
-        """The meta-batch of `iteration`: episodes iteration * B + t, t < B."""
+        """This rank's share of the meta-batch of `iteration`: episodes iteration * B + t
+        for t in `self.local_tasks` (all t < B in one process)."""
         size = self.meta.default_meta_batch_size
-        return [self.loader.episode("meta_train", iteration * size + t) for t in range(size)]
+        return [self.loader.episode("meta_train", iteration * size + t) for t in self.local_tasks]
 
     def meta_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """Adapt to every task and average the meta-gradients over the meta-batch.
+        """Adapt to every task and average the meta-gradients over the whole meta-batch.
+
+        Each rank sums its own tasks' losses, meta-gradients and metrics; one all-reduce
+        of the theta-sized gradients (communication stays adapter-sized) and one of a few
+        scalars add the ranks' sums, so every rank holds the mean over all B tasks: the
+        one-process result. A non-finite value on any rank makes the sums non-finite on
+        every rank, so the non-finite guard skips on all ranks together.
+
+        Args:
+            tasks: this rank's episodes (from `sample_tasks`).
+            iteration: the 0-based meta-iteration (seeds each task's dropout).
 
         Returns:
             (mean query loss, {name: mean gradient}, mean per-task metrics).
         """
-        total, losses, stats = {}, [], []
-        for t, episode in enumerate(tasks):
-            loss, grads, metrics = self._task_gradient(episode, _task_seed(self.seed, iteration, t))
-            losses.append(float(loss))
-            stats.append(metrics)
-            for name, g in grads.items():
-                total[name] = g / len(tasks) if name not in total else total[name] + g / len(tasks)
-        mean_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        return sum(losses) / len(losses), total, mean_stats
+        size = self.meta.default_meta_batch_size
+        # 1. This rank's sums over its tasks.
+        if self.meta.batched_tasks:
+            loss, grads, stats = self._batched_gradient(tasks, iteration)
+        else:
+            loss, grads, stats = self._sequential_gradient(tasks, iteration)
+        # 2. Sums over ranks (nothing to do in one process), divided by the meta-batch size.
+        grads = {n: g / size for n, g in zip(grads, all_reduce_sum(list(grads.values())))}
+        scalars = torch.tensor([loss, *stats.values()], dtype=torch.float64, device=self.device)
+        loss, *values = (float(x) / size for x in all_reduce_sum([scalars])[0])
+        return loss, grads, dict(zip(stats, values))
 
     def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
         """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
@@ -737,7 +754,7 @@ class MetaTrainer:
         # 6. Metrics of this iteration.
         return {"meta_loss": meta_loss, **stats, "grad_norm": grad_norm,
                 "outer_lr": self.optimizer.param_groups[0]["lr"],
-                "peak_memory_mb": peak_memory_mb(self.device),
+                "peak_memory_mb": all_reduce_max(peak_memory_mb(self.device), self.device),
                 "seconds": time.perf_counter() - start, "skipped": int(not finite),
                 **self._inner_lr_metrics()}
 
@@ -745,20 +762,22 @@ class MetaTrainer:
         """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
 
         Logs every `training.log_every` iterations to `sink`, checkpoints every
-        `training.save_every` iterations and at the end.
+        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
+        shows the progress bar and writes checkpoints (the others pass `sink=None`).
 
         Returns:
-            The checkpoints written.
+            The checkpoints written (by rank 0; the same paths on every rank).
         """
         end, saved = self.meta.num_iterations, []
         bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
-                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True)
+                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
+                   disable=not is_main_process())
         for iteration in bar:
             metrics = self.train_step(iteration)
             done = iteration + 1
             bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
                             acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
-            if done % self.training.log_every == 0 or done == end:
+            if sink is not None and (done % self.training.log_every == 0 or done == end):
                 sink.log(done, metrics)
             if done % self.training.save_every == 0 or done == end:
                 saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
@@ -799,9 +818,15 @@ class MetaTrainer:
         self.nonfinite_streak = int(state["nonfinite_streak"])
 
     def save_checkpoint(self, path: Path) -> Path:
-        """Write the checkpoint atomically; a non-finite theta is never written."""
+        """Write the checkpoint atomically; a non-finite theta is never written.
+
+        Under torchrun rank 0 writes it (theta is the same on every rank) and every rank
+        returns the path.
+        """
         bad = [n for n, p in self.theta.items() if not torch.isfinite(p).all()]
         assert not bad, f"theta became non-finite ({bad[:3]}); refusing to checkpoint"
+        if not is_main_process():
+            return Path(path)
         path = save_checkpoint(path, self.state_dict())
         log.debug("checkpoint %s", path)
         return path
@@ -817,6 +842,36 @@ class MetaTrainer:
         return torch.nn.Parameter(torch.full((self.inner_steps,), inner.default_lr,
                                              dtype=dtype, device=self.device))
 
+    def _sequential_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """Sums of loss, meta-gradient and metrics over this rank's tasks, one at a time."""
+        loss, grads, stats = 0.0, {}, {}
+        for t, episode in zip(self.local_tasks, tasks):
+            # Dropout is seeded by the global index t, and so is any other random draw (the
+            # global generator restarts per task): results do not depend on the world size.
+            seed = _task_seed(self.seed, iteration, t)
+            torch.manual_seed(seed)
+            task_loss, task_grads, metrics = self._task_gradient(episode, seed)
+            loss += float(task_loss)
+            grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
+            stats = {k: stats.get(k, 0.0) + v for k, v in metrics.items()}
+        return loss, grads, stats
+
+    def _batched_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """The same sums, with this rank's inner loops run together (`batched_tasks`)."""
+        episodes = [(_to_device(e.support, self.device), _to_device(e.query, self.device))
+                    for e in tasks]
+        metrics: dict = {}
+        with self._autocast:
+            loss, grads = compute_batched_meta_gradient(
+                self.model, self.theta, episodes, self.inner_lr, self.inner_steps,
+                method=self.method, micro_batch=self.micro_batch, metrics=metrics,
+                head_init=self.meta.head_init,
+                **_meta_gradient_options(self.memory.hessian_approximation,
+                                         _task_seed(self.seed, iteration, self.local_tasks[0])))
+        n = len(tasks)  # the call returns means over its tasks
+        return (float(loss) * n, {name: g * n for name, g in grads.items()},
+                {k: float(v) * n for k, v in metrics.items()})
+
     def _task_gradient(self, episode, seed: int):
         support, query = _to_device(episode.support, self.device), _to_device(episode.query, self.device)
         metrics: dict = {}
@@ -824,6 +879,7 @@ class MetaTrainer:
             loss, grads = compute_meta_gradient(
                 self.model, self.theta, support, query, self.inner_lr, self.inner_steps,
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
+                head_init=self.meta.head_init,
                 **_meta_gradient_options(self.memory.hessian_approximation, seed))
         return loss, grads, {k: float(v) for k, v in metrics.items()}
 
@@ -858,12 +914,18 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
         resume: a checkpoint to continue from exactly; model-defining settings are taken
             from it (see `resume_config`).
 
+    Under torchrun (`utils.init_distributed` called first) every rank runs this with the
+    same arguments and reads `resume` itself; the meta-batch is split across ranks and
+    rank 0 alone writes files.
+
     Returns:
-        A summary: iterations, final metrics, checkpoint paths, metric locations.
+        A summary: iterations, final metrics, checkpoint paths, metric locations (on
+        ranks other than 0: run folder, iterations, rank and checkpoint paths).
 
     Raises:
         UserError: a bad checkpoint, a checkpoint of another model or LoRA rank, a
-            checkpoint already at `num_iterations`, or non-finite training.
+            checkpoint already at `num_iterations`, a meta-batch that does not split
+            evenly over the processes, or non-finite training.
     """
     run_dir = Path(run_dir)
     state = load_checkpoint(resume) if resume is not None else None
@@ -874,17 +936,23 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
     if state is not None:
         trainer.load_state_dict(state)
         _check_not_done(trainer.iteration, cfg, resume)
-    _log_setup(trainer, cfg, run_dir, resume)
-    atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
+    if main:
+        _log_setup(trainer, cfg, run_dir, resume)
+        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     # 2. Train, logging every step to the sink; the MLflow run ends FAILED on any error.
     sink = MetricsSink(run_dir, cfg.tracking, cfg.training.experiment_name, cfg.flat(),
-                       start_iteration=trainer.iteration)
+                       start_iteration=trainer.iteration) if main else None
     status = "FAILED"
     try:
         saved = trainer.train(sink, run_dir)
         status = "FINISHED"
     finally:
-        sink.close(status)
+        if sink is not None:
+            sink.close(status)
+    if not main:
+        return {"run_dir": str(run_dir), "iterations": trainer.iteration, "rank": rank(),
+                "checkpoints": [str(p) for p in saved]}
     # 3. Summary: where everything went and how to open it.
     summary = _summary(trainer, run_dir, saved, sink)
     atomic_write_json(run_dir / "summary.json", summary)
@@ -966,6 +1034,22 @@ def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
     return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
                                       hutchinson_probes=hessian_cfg.hutchinson_probes),
             "seed": seed}
+
+
+def _rank_tasks(meta_batch_size: int, rank: int, world: int) -> range:
+    """The global task indices t of `rank`'s contiguous share of a meta-batch.
+
+    Raises:
+        ConfigError: the meta-batch does not split evenly over the processes (the
+            all-reduced mean equals the one-process mean only for equal shares).
+    """
+    if meta_batch_size % world:
+        raise ConfigError(f"meta_learning.default_meta_batch_size ({meta_batch_size}) must be "
+                          f"divisible by the number of processes ({world}) so that each takes "
+                          "the same number of tasks; pass --meta_batch_size "
+                          f"{max(world, meta_batch_size // world * world)} or change --nproc_per_node")
+    share = meta_batch_size // world
+    return range(rank * share, (rank + 1) * share)
 
 
 def _iteration_seed(seed: int, iteration: int) -> int:

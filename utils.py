@@ -360,7 +360,13 @@ def _json_default(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------
 
 def setup_logging(level: int = logging.INFO, log_file: str | os.PathLike | None = None) -> None:
-    """Log `melora.*` messages to stderr (and to `log_file` when given)."""
+    """Log `melora.*` messages to stderr (and to `log_file` when given).
+
+    Under torchrun, ranks other than 0 log warnings and errors only, to stderr, so the
+    run's log file has one writer.
+    """
+    if not is_main_process():
+        level, log_file = max(level, logging.WARNING), None
     log.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
@@ -656,3 +662,131 @@ def load_config_with_base(base: Mapping[str, Any], path: str | os.PathLike | Non
         _merge(data, _nest(key, value), defaults, "")
     _validate_values(data)
     return Config(data)
+
+
+# ------------------------------------------------------------------------------------
+# Distributed (torchrun)
+# ------------------------------------------------------------------------------------
+# `torchrun --nproc_per_node N main.py ...` sets RANK, LOCAL_RANK, WORLD_SIZE and the
+# rendezvous variables (MASTER_ADDR, MASTER_PORT); without them every helper below
+# describes one process and communicates nothing.
+
+def init_distributed(device_spec: str) -> bool:
+    """Join torchrun's process group (env:// rendezvous) when there is more than one process.
+
+    NCCL when this rank runs on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Calling it
+    again, or in a single process, does nothing.
+
+    Args:
+        device_spec: `training.device` (auto, cpu, cuda, cuda:N).
+
+    Returns:
+        Whether more than one process takes part.
+    """
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        device = rank_device(resolve_device(device_spec))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank to its own GPU
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def close_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """Processes taking part (1 without torchrun)."""
+    return _dist().get_world_size() if _dist() else 1
+
+
+def rank() -> int:
+    """This process's rank, 0 .. world_size() - 1 (0 without torchrun)."""
+    return _dist().get_rank() if _dist() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that logs metrics, shows progress and writes files."""
+    return rank() == 0
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, CUDA means this rank's GPU, cuda:LOCAL_RANK; other devices pass."""
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.index is not None and device.index != local:
+        warnings.warn(f"training.device={device} is ignored under torchrun: each process uses "
+                      f"the GPU of its LOCAL_RANK (this one cuda:{local})", UserWarning, stacklevel=2)
+    return torch.device("cuda", local)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if _dist():
+        _dist().barrier()
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The element-wise sums over ranks of `tensors` (one dtype), in one flat message.
+
+    Every rank receives the same sums; one process gets its tensors back unchanged.
+    """
+    if not _dist() or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])  # (sum of numels,)
+    _dist().all_reduce(flat)
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest `value` over ranks (e.g. peak memory)."""
+    if not _dist():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return float(t)
+
+
+def gather_to_main(obj: Any) -> list | None:
+    """Every rank's picklable `obj`, in rank order, on rank 0; None on the other ranks."""
+    if not _dist():
+        return [obj]
+    out = [None] * world_size() if is_main_process() else None
+    _dist().gather_object(obj, out, dst=0)
+    return out
+
+
+def run_on_main(fn, *args, **kwargs) -> Any:
+    """`fn(*args, **kwargs)` on rank 0 only; every rank returns its result or raises its
+    UserError, so a refusal (say, an existing run folder) stops all ranks together."""
+    if not _dist():
+        return fn(*args, **kwargs)
+    outcome = [None]
+    if is_main_process():
+        try:
+            outcome = [("ok", fn(*args, **kwargs))]
+        except UserError as e:
+            outcome = [("error", e)]
+        except Exception as e:  # tell the other ranks before failing, so none waits forever
+            _dist().broadcast_object_list([("crash", f"{type(e).__name__}: {e}")], src=0)
+            raise
+    _dist().broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed ({value}); see its traceback")
+    return value
+
+
+def _dist():
+    """`torch.distributed` when a process group is up, else None."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None

@@ -1,0 +1,111 @@
+"""Distributed training under torchrun (gloo, 2 CPU processes): same theta as one process,
+exact resume from rank 0's checkpoints; batched tasks equal sequential ones."""
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainer
+import utils
+from conftest import REPO
+
+TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
+        "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
+        "meta_learning.inner.default_num_steps=2", "meta_learning.outer.default_lr=0.01",
+        "training.precision=fp64", "training.save_every=2", "tracking.mlflow=false",
+        "tracking.tensorboard=false"]
+ITERATIONS = 5
+
+
+def torchrun(output_dir, *args):
+    """`torchrun --standalone --nproc_per_node 2 main.py --mode train ...` on this machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    sets = [a for key in TINY for a in ("--set", key)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "main.py"), "--mode", "train", "--device", "cpu", "--meta_batch_size", "4",
+               "--num_iterations", str(ITERATIONS), "--output_dir", str(output_dir), *sets, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "peak_memory_mb")}
+            for line in lines]
+
+
+def theta(run_dir, iteration):
+    return utils.load_checkpoint(trainer.checkpoint_path(run_dir, iteration))["theta"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Five iterations on 2 gloo processes, meta-batch 4 (2 tasks per rank), dropout on."""
+    out = tmp_path_factory.mktemp("ddp")
+    done = torchrun(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "melora", done
+
+
+def test_two_processes_give_the_one_process_theta(two_processes, tmp_path):
+    run, done = two_processes
+    cfg = utils.load_config(overrides=TINY + [f"training.output_dir={tmp_path}",
+                                              "meta_learning.default_meta_batch_size=4",
+                                              f"meta_learning.num_iterations={ITERATIONS}"])
+    (tmp_path / "one").mkdir()
+    trainer.run_training(cfg, tmp_path / "one")
+    ours, theirs = theta(run, ITERATIONS), theta(tmp_path / "one", ITERATIONS)
+    assert ours["head.weight"].dtype == torch.float64
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+    assert not torch.equal(theta(run, 2)["head.weight"], ours["head.weight"])  # it trained
+    # Metrics are means over all 4 tasks, logged once (rank 0 only).
+    for a, b in zip(metrics(run), metrics(tmp_path / "one"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert done.stderr.count("training done") == 1  # one summary, from rank 0
+
+
+def test_two_processes_resume_exactly_from_rank_zero_checkpoints(two_processes, tmp_path):
+    run, _ = two_processes
+    resumed = tmp_path / "melora"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(trainer.checkpoint_path(run, 2), resumed / "checkpoints")
+    shutil.copy(run / "metrics.jsonl", resumed)
+    done = torchrun(tmp_path, "--resume", str(trainer.checkpoint_path(resumed, 2)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = theta(resumed, ITERATIONS), theta(run, ITERATIONS)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    assert metrics(resumed) == metrics(run)
+
+
+def test_meta_batch_must_split_evenly_over_processes():
+    assert list(trainer._rank_tasks(4, 1, 2)) == [2, 3]
+    assert list(trainer._rank_tasks(3, 0, 1)) == [0, 1, 2]
+    with pytest.raises(utils.ConfigError, match=r"default_meta_batch_size \(3\).*processes \(2\)"):
+        trainer._rank_tasks(3, 0, 2)
+
+
+def test_batched_tasks_equal_sequential_tasks_without_dropout(tmp_path, monkeypatch):
+    # Dropout masks differ between the paths: switch off the backbone's and LoRA's.
+    monkeypatch.setattr(trainer.M, "load_model", functools.partial(trainer.M.load_model, dropout=0.0))
+    runs = {}
+    for batched in (False, True):
+        cfg = utils.load_config(overrides=TINY + [
+            f"training.output_dir={tmp_path}", "lora.dropout=0.0", "meta_learning.num_iterations=2",
+            "meta_learning.default_meta_batch_size=2", f"meta_learning.batched_tasks={batched}",
+            "memory_optimization.hessian_approximation.method=full"])
+        runs[batched] = tmp_path / str(batched)
+        runs[batched].mkdir()
+        trainer.run_training(cfg, runs[batched])
+    for name, tensor in theta(runs[False], 2).items():
+        torch.testing.assert_close(theta(runs[True], 2)[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
+    for a, b in zip(metrics(runs[True]), metrics(runs[False]), strict=True):
+        assert a == pytest.approx(b, rel=1e-9)
