@@ -172,10 +172,17 @@ class MELoRA(FewShotMethod):
     name = "melora"
     optimizer_copies = 3
 
-    def __init__(self, model, inner_lr, inner_steps: int, hessian_method: str, micro_batch: int = 0):
+    def __init__(self, model, inner_lr, inner_steps: int, hessian_method: str, micro_batch: int = 0,
+                 head_init: str = "zero"):
         super().__init__(model, M.lora_parameters(model), inner_lr)
         self.inner_steps, self.hessian_method, self.micro_batch = inner_steps, hessian_method, micro_batch
+        self.head_init = head_init
         self.second_order = hessian_method != "none"
+
+    def start(self, support) -> Params:
+        """phi_0 as in meta-training: theta, with the head from support prototypes (proto)."""
+        from trainer import initial_fast_weights
+        return initial_fast_weights(self.model, self.theta, support, self.head_init, self.micro_batch)
 
     def meta_step(self, tasks, update=True, first_order=False) -> float:
         """One meta-gradient per task as in training; never updates (theta is the checkpoint's)."""
@@ -186,7 +193,7 @@ class MELoRA(FewShotMethod):
             loss, _ = compute_meta_gradient(
                 self.model, self.theta, self.to_device(ep.support), self.to_device(ep.query),
                 self.inner_lr, self.inner_steps, "none" if first_order else self.hessian_method,
-                self.micro_batch)
+                self.micro_batch, head_init=self.head_init)
             losses.append(float(loss))
         return sum(losses) / len(losses)
 

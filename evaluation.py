@@ -225,7 +225,8 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device):
     memory = cfg.memory_optimization
     return B.MELoRA(model, inner_lr, cfg.meta_learning.inner.default_num_steps,
                     memory.hessian_approximation.method,
-                    memory.gradient_accumulation.default_micro_batch), tokenizer
+                    memory.gradient_accumulation.default_micro_batch,
+                    cfg.meta_learning.head_init), tokenizer
 
 
 def memory_breakdown(method: B.FewShotMethod, episode, meter, detailed: bool) -> dict:

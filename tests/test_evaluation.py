@@ -144,3 +144,17 @@ def test_memory_meter_sees_an_allocation():
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB
         x += 1
     assert meter.mb > 48
+
+
+def test_proto_head_checkpoint_adapts_from_support_prototypes(tmp_path):
+    """head_init=proto: step-0 accuracy comes from prototypes, not from a zero head (chance)."""
+    out = tmp_path / "train"
+    easy = ["synthetic.keyword_prob=0.9", "synthetic.class_overlap=0.0", "synthetic.noise=0.0",
+            "meta_learning.head_init=proto"]
+    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
+                      "--output_dir", str(out), "--experiment_name", "run", *sets(TINY + easy)]) == 0
+    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL,
+                                       "evaluation.num_episodes=4"])
+    results = evaluation.run_evaluation(cfg, out / "run" / "checkpoints" / "checkpoint_iter_1.pt",
+                                        True, tmp_path)
+    assert results["methods"]["melora"]["accuracy_per_step"]["mean"][0] > 0.6
