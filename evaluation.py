@@ -42,8 +42,10 @@ import torch
 import analysis
 import baseline as B
 import model as M
-from utils import (Config, MetricsSink, UserError, atomic_write_json, load_checkpoint,
-                   load_config, load_config_with_base, peak_memory_mb, resolve_device, set_seed)
+from utils import (Config, MetricsSink, UserError, atomic_write_json, gather_to_main,
+                   is_main_process, load_checkpoint, load_config, load_config_with_base,
+                   peak_memory_mb, rank, rank_device, resolve_device, run_on_main, set_seed,
+                   world_size)
 
 log = logging.getLogger("melora")
 
@@ -79,6 +81,10 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
         `adapt_peak_memory_mb`, `meta_train_iterations`, `meta_train_seconds`,
         `trainable_parameters`, `total_parameters`.
 
+    Under torchrun every rank adapts on its share of the episodes (strided, seeds per
+    episode unchanged) and rank 0 gathers the results and writes them; the other ranks
+    return {}.
+
     Raises:
         UserError: no checkpoint, a missing, truncated or foreign checkpoint, a model
             other than the checkpoint's, or an unknown baseline name.
@@ -91,13 +97,17 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     cfg = evaluation_config(cfg, state, checkpoint)
     methods = ["melora"] + ([] if skip_baselines else _baseline_names(cfg))
     # 1. The fixed episodes, saved once so every method (and a later run) uses them.
-    spec = prepare_episodes(cfg, run_dir, baselines=len(methods) > 1)
+    spec = run_on_main(prepare_episodes, cfg, run_dir, baselines=len(methods) > 1)
     # 2. Each method in a window of its own (a child process on CPU, by default).
-    job = {"config": cfg.to_dict(), "checkpoint": str(checkpoint), "spec": str(spec)}
+    job = {"config": cfg.to_dict(), "checkpoint": str(checkpoint), "spec": str(spec),
+           "share": [rank(), world_size()]}
     raw = {}
     for name in methods:
         log.info("evaluating %s on %d episodes", name, cfg.evaluation.num_episodes)
-        raw[name] = _run_job({**job, "method": name}, cfg)
+        shares = gather_to_main(_run_job({**job, "method": name}, cfg))  # rank 0 gets all
+        raw[name] = _merge_shares(shares) if shares is not None else None
+    if not is_main_process():
+        return {}
     # 3. Statistics, results.json, metrics and the table.
     results = summarize(raw, cfg, checkpoint, spec)
     atomic_write_json(run_dir / RESULTS_FILE, results)
@@ -164,13 +174,14 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
 
     Args:
         job: `method`, `config` (a plain dict), `checkpoint`, `spec` (the episode spec),
-            `in_process` (measure RSS increases instead of process peaks).
+            `in_process` (measure RSS increases instead of process peaks), `share`
+            ([rank, world size]: adapt on episodes rank, rank + world size, ...).
 
     Returns:
         Raw per-episode accuracies per step, timings and memory readings.
     """
     cfg, name = Config(job["config"]), job["method"]
-    device = resolve_device(cfg.training.device)
+    device = rank_device(resolve_device(cfg.training.device))
     meter = _meter_factory(device, job["in_process"])
     out: dict[str, Any] = {}
     # 1. Setup: the method's model and the episodes (from the saved spec).
@@ -195,11 +206,12 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     # 4. Adaptation on every episode, dropout masks seeded per episode (paired runs).
     steps = max(cfg.meta_learning.inner.default_num_steps, cfg.evaluation.adaptation_steps)
     start, accuracies = time.perf_counter(), []
+    mine = range(job["share"][0], len(episodes), job["share"][1])  # this rank's episodes
     with meter() as adapt:
-        for i, episode in enumerate(episodes):
+        for i in mine:
             set_seed(cfg.training.seed + 7919 * (i + 1))
-            accuracies.append(method.adapt(episode, steps))
-    out["seconds_per_episode"] = (time.perf_counter() - start) / len(episodes)
+            accuracies.append(method.adapt(episodes[i], steps))
+    out["seconds_per_episode"] = (time.perf_counter() - start) / max(1, len(mine))
     # 5. Memory: the method's peak over every phase.
     phases = (setup, training, step, adapt)
     out["peak_memory_mb"] = (peak_memory_mb(device) if device.type == "cpu" and not job["in_process"]
@@ -207,7 +219,8 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     out["meta_step_peak_memory_mb"] = step.mb if _has_meta_step(name) else None
     out["adapt_peak_memory_mb"] = adapt.mb
     _, total = M.count_parameters(method.model)
-    out.update(per_episode_accuracy_per_step=accuracies, trainable_parameters=method.trainable_numel(),
+    out.update(per_episode_accuracy_per_step=accuracies, episode_indices=list(mine),
+               trainable_parameters=method.trainable_numel(),
                total_parameters=total)
     return out
 
@@ -435,6 +448,22 @@ def _run_job(job: dict, cfg: Config) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(evaluate_method, {**job, "in_process": False}).result()
+
+
+def _merge_shares(shares: list[dict]) -> dict:
+    """One method's raw results from every rank's share of the episodes, in episode order;
+    times per episode averaged, memory peaks the largest rank's."""
+    out = dict(shares[0])
+    by_index = {i: acc for s in shares
+                for i, acc in zip(s.pop("episode_indices"), s["per_episode_accuracy_per_step"])}
+    out.pop("episode_indices", None)
+    out["per_episode_accuracy_per_step"] = [by_index[i] for i in sorted(by_index)]
+    out["seconds_per_episode"] = sum(s["seconds_per_episode"] * len(s["per_episode_accuracy_per_step"])
+                                     for s in shares) / max(1, len(by_index))
+    for key in ("peak_memory_mb", "meta_step_peak_memory_mb", "adapt_peak_memory_mb"):
+        values = [s[key] for s in shares if s[key] is not None]
+        out[key] = max(values) if values else None
+    return out
 
 
 def _baseline_names(cfg: Config) -> list[str]:

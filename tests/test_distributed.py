@@ -23,13 +23,14 @@ TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "task
 ITERATIONS = 5
 
 
-def torchrun(output_dir, *args):
-    """`torchrun --standalone --nproc_per_node 2 main.py --mode train ...` on this machine."""
+def torchrun(output_dir, *args, mode="train"):
+    """`torchrun --standalone --nproc_per_node 2 main.py --mode MODE ...` on this machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     sets = [a for key in TINY for a in ("--set", key)]
+    train = ["--meta_batch_size", "4", "--num_iterations", str(ITERATIONS)] if mode == "train" else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "main.py"), "--mode", "train", "--device", "cpu", "--meta_batch_size", "4",
-               "--num_iterations", str(ITERATIONS), "--output_dir", str(output_dir), *sets, *args]
+               str(REPO / "main.py"), "--mode", mode, "--device", "cpu", *train,
+               "--output_dir", str(output_dir), *sets, *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -84,6 +85,24 @@ def test_two_processes_resume_exactly_from_rank_zero_checkpoints(two_processes, 
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
     assert metrics(resumed) == metrics(run)
+
+
+def test_two_processes_split_evaluation_episodes_and_gather_them(two_processes, tmp_path):
+    run, _ = two_processes
+    checkpoint = trainer.checkpoint_path(run, ITERATIONS)
+    extra = ["evaluation.num_episodes=3", "evaluation.child_process=false",
+             "evaluation.adaptation_steps=2"]  # 3 episodes: rank 0 adapts on 2, rank 1 on 1
+    done = torchrun(tmp_path, "--checkpoint", str(checkpoint), "--skip_baselines",
+                    *[a for key in extra for a in ("--set", key)], mode="evaluate")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = json.loads((tmp_path / "melora" / "results.json").read_text())["methods"]["melora"]
+    import evaluation
+    cfg = utils.load_config(overrides=TINY + extra + [f"training.output_dir={tmp_path / 'one'}"])
+    theirs = evaluation.run_evaluation(cfg, checkpoint, True, utils.prepare_run_dir(
+        tmp_path / "one", "melora", overwrite=False, resume=False))["methods"]["melora"]
+    assert len(ours["per_episode_accuracy_per_step"]) == 3
+    assert ours["per_episode_accuracy_per_step"] == theirs["per_episode_accuracy_per_step"]  # in order
+    assert ours["accuracy_mean"] == pytest.approx(theirs["accuracy_mean"])
 
 
 def test_meta_batch_must_split_evenly_over_processes():
