@@ -219,7 +219,7 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
         v = task.proto_backward(phi_0, v, prototypes)
     if metrics is not None:
         metrics["query_acc_after"] = acc_after
-        metrics["query_acc_before"] = task.accuracy(phis[0], task.query_set)
+        metrics["query_acc_before"] = task.accuracy(phis[0])
     grads = dict(zip(task.names, v))
     if learn_lr:
         grads["inner_lr"] = lr_grad.to(inner_lr.device)
@@ -241,7 +241,6 @@ class _Task:
         self.model, self.names, self.seed, self.tasks = model, names, seed, tasks
         self.support = _micro_batches(support, micro_batch, tasks)
         self.query = _micro_batches(query, micro_batch, tasks)
-        self.query_set = query
         self.n_support = int(support["labels"].numel()) // tasks  # per task: losses are per-task means
         self.n_query = int(query["labels"].numel()) // tasks
         self.device = support["input_ids"].device
@@ -339,9 +338,14 @@ class _Task:
         return v
 
     @torch.no_grad()
-    def accuracy(self, phi, batch):
-        logits = M.forward(self.model, dict(zip(self.names, phi)), batch)
-        return (logits.argmax(-1) == batch["labels"]).float().mean().item()
+    def accuracy(self, phi):
+        """Query accuracy at phi (micro-batched, dropout replayed from the query stream)."""
+        correct = 0
+        for i, chunk in enumerate(self.query):
+            with self._dropout_rng(QUERY_STEP, i):
+                logits = M.forward(self.model, dict(zip(self.names, phi)), chunk)
+            correct += int((logits.argmax(-1) == chunk["labels"]).sum())
+        return correct / (self.n_query * self.tasks)
 
     # -- second order ---------------------------------------------------------------
     def curvature_product(self, method, phi, v, step, diag, hessian):
