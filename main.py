@@ -17,6 +17,8 @@ import argparse
 import sys
 import warnings
 
+import torch
+
 import utils
 from utils import UserError
 
@@ -119,8 +121,21 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     # Rank 0 prepares the run folder; the others wait for it (and share its refusal).
     run_dir = utils.run_on_main(utils.prepare_run_dir, training.output_dir,
                                 training.experiment_name, overwrite=args.overwrite,
-                                resume=bool(args.resume) or args.mode == "evaluate")
+                                resume=bool(args.resume) or args.mode == "evaluate",
+                                protect=("results.json",) if args.mode == "evaluate" else ())
+    created = not any(run_dir.iterdir())  # this command's folder, not an earlier run's
     utils.setup_logging(log_file=run_dir / f"{args.mode}.log")
+    try:
+        return _run_mode(args, cfg, run_dir)
+    except UserError:
+        # Failed before its first checkpoint (bad data, device, ...): leave no folder that
+        # would make the corrected command a refused rerun.
+        if created:
+            utils.discard_unstarted_run_dir(run_dir)
+        raise
+
+
+def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir) -> dict:
     if args.mode == "train":
         import trainer
         return trainer.run_training(cfg, run_dir, resume=args.resume)
@@ -160,9 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except utils.RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was written first
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print("interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError as e:  # outside the training loop's own handling
+        print(f"error: out of memory ({str(e).splitlines()[0]}); {utils.OOM_ADVICE}",
+              file=sys.stderr)
+        return 2
     finally:
         utils.close_distributed()
     return 0

@@ -533,6 +533,8 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -545,6 +547,8 @@ from utils import (Config, ConfigError, MetricsSink, UserError, all_reduce_max, 
                    all_reduce_sum, atomic_write_json, atomic_write_text, is_main_process,
                    load_checkpoint, load_config_with_base, peak_memory_mb, rank, rank_device,
                    reset_peak_memory, resolve_device, save_checkpoint, set_seed, world_size)
+
+from utils import OOM_ADVICE, RunInterrupted  # noqa: E402
 
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
 MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
@@ -566,6 +570,10 @@ class NonFiniteError(UserError):
     """Too many meta-batches in a row had a non-finite loss or meta-gradient."""
 
 
+class OutOfMemory(UserError):
+    """CUDA ran out of memory and the micro-batch could not (or may not) be halved."""
+
+
 def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
     """`<run_dir>/checkpoints/checkpoint_iter_<iteration>.pt`."""
     return Path(run_dir) / "checkpoints" / f"checkpoint_iter_{iteration}.pt"
@@ -576,6 +584,45 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("checkpoint_iter_*.pt")
              if (m := re.fullmatch(r"checkpoint_iter_(\d+)\.pt", p.name))]
     return max(found)[1] if found else None
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current iteration.
+
+    The first signal only records itself in `signum` (the loop then checkpoints and
+    raises `RunInterrupted`); a second one raises KeyboardInterrupt at once, leaving the
+    last complete checkpoint. Outside the main thread it does nothing (Python delivers
+    signals to the main thread only). The previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this iteration, then writing a checkpoint "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+
+def remove_partial_writes(run_dir: str | os.PathLike) -> None:
+    """Delete the `.*.tmp` files a killed atomic write leaves among the checkpoints."""
+    for tmp in (Path(run_dir) / "checkpoints").glob(".checkpoint_iter_*.tmp"):
+        tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by a checkpoint write that was cut short", tmp.name)
 
 
 def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
@@ -743,8 +790,9 @@ class MetaTrainer:
         set_seed(_iteration_seed(self.seed, iteration))
         # 2. Sample a meta-batch of tasks T_i ~ p(T).
         tasks = self.sample_tasks(iteration)
-        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K.
-        meta_loss, grads, stats = self.meta_gradient(tasks, iteration)
+        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
+        #    (on CUDA out-of-memory, retried with half the micro-batch).
+        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
         # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
         grad_norm = _global_norm(grads.values())
         finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
@@ -771,20 +819,31 @@ class MetaTrainer:
 
         Returns:
             The checkpoints written (by rank 0; the same paths on every rank).
+
+        Raises:
+            utils.RunInterrupted: SIGINT or SIGTERM arrived; the iteration under way was
+                finished and checkpointed first (a second signal stops at once).
         """
         end, saved = self.meta.num_iterations, []
+        remove_partial_writes(run_dir)  # .tmp files of a write cut short by a kill
         bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
                    desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
                    disable=not is_main_process())
-        for iteration in bar:
-            metrics = self.train_step(iteration)
-            done = iteration + 1
-            bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
-                            acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
-            if sink is not None and (done % self.training.log_every == 0 or done == end):
-                sink.log(done, metrics)
-            if done % self.training.save_every == 0 or done == end:
-                saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
+        with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
+            for iteration in bar:
+                metrics = self.train_step(iteration)
+                done = iteration + 1
+                bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
+                                acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
+                if sink is not None and (done % self.training.log_every == 0 or done == end):
+                    sink.log(done, metrics)
+                if done % self.training.save_every == 0 or done == end:
+                    saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
+                # Every rank stops at the same iteration (torchrun may signal them apart).
+                signum = int(all_reduce_max(float(stop.signum or 0), self.device))
+                if signum:
+                    bar.close()
+                    raise self._interrupted(signum, done, run_dir, saved)
         bar.close()
         return saved
 
@@ -902,6 +961,45 @@ class MetaTrainer:
                       f"({self.nonfinite_streak} in a row, stopping at {limit})", RuntimeWarning,
                       stacklevel=2)
 
+    def _meta_gradient_in_memory(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """`meta_gradient`, retried with half the micro-batch on CUDA out-of-memory while
+        `memory_optimization.auto_micro_batch` is on; the smaller size is kept for the run."""
+        while True:
+            try:
+                return self.meta_gradient(tasks, iteration)
+            except torch.OutOfMemoryError as e:
+                error = (str(e) or "out of memory").splitlines()[0]
+            # Outside the except block: the traceback's frames (and their tensors) are freed.
+            self._halve_micro_batch(tasks, iteration, error)
+
+    def _halve_micro_batch(self, tasks: list, iteration: int, error: str) -> None:
+        # micro_batch 0 means each whole set at once: halve from the larger set's size.
+        current = self.micro_batch or max(max(len(e.support["labels"]), len(e.query["labels"]))
+                                          for e in tasks)
+        if not self.memory.auto_micro_batch or current <= 1:
+            raise OutOfMemory(
+                f"CUDA out of memory at iteration {iteration + 1} ({error}) with meta-batch "
+                f"{self.meta.default_meta_batch_size}, micro-batch {current}, LoRA rank "
+                f"{self.identity['lora']['rank']}, {self.inner_steps} inner steps; " + OOM_ADVICE)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.micro_batch = current // 2
+        log.warning("iteration %d: CUDA out of memory with micro-batch %d; retrying with "
+                    "micro-batch %d, kept for the rest of this run (start there with --set "
+                    "memory_optimization.gradient_accumulation.default_micro_batch=%d)",
+                    iteration + 1, current, self.micro_batch, self.micro_batch)
+
+    def _interrupted(self, signum: int, done: int, run_dir: Path, saved: list) -> RunInterrupted:
+        """Checkpoint iteration `done` (unless just written); the error says how to resume."""
+        path = checkpoint_path(run_dir, done)
+        if not saved or Path(saved[-1]) != path:
+            saved.append(self.save_checkpoint(path))
+        name = signal.Signals(signum).name
+        log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
+        return RunInterrupted(f"{name} stopped training after iteration {done} of "
+                              f"{self.meta.num_iterations}; checkpoint {path} holds it. "
+                              f"Continue with: python main.py --resume {path}", signum)
+
     def _inner_lr_metrics(self) -> dict[str, float]:
         if not isinstance(self.inner_lr, torch.Tensor):
             return {}
@@ -951,6 +1049,9 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
     try:
         saved = trainer.train(sink, run_dir)
         status = "FINISHED"
+    except RunInterrupted:
+        status = "KILLED"  # stopped cleanly by a signal, resumable
+        raise
     finally:
         if sink is not None:
             sink.close(status)

@@ -74,6 +74,23 @@ class ConfigError(UserError, ValueError):
     """An invalid configuration value, named by its dotted key."""
 
 
+# What to lower when CUDA runs out of memory, largest saving first (README: Troubleshooting).
+OOM_ADVICE = ("lower --meta_batch_size, memory_optimization.gradient_accumulation."
+              "default_micro_batch (--set ...=2), --lora_rank or --inner_steps, or set "
+              "memory_optimization.auto_micro_batch=true to halve the micro-batch automatically")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a checkpoint; `main` exits 128 + signum.
+
+    A KeyboardInterrupt, so no `except Exception` on the way up swallows it.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 # ------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------
@@ -390,7 +407,7 @@ CHECKPOINT_FORMAT = "melora-checkpoint"
 
 
 def prepare_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwrite: bool,
-                    resume: bool) -> Path:
+                    resume: bool, protect: Iterable[str] = ()) -> Path:
     """Create `<output_dir>/<experiment_name>`, refusing to mix two runs in one folder.
 
     Args:
@@ -398,6 +415,8 @@ def prepare_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwri
         experiment_name: the run's folder name (`training.experiment_name`).
         overwrite: empty an existing folder first (`--overwrite`).
         resume: continue in an existing folder (`--resume`); nothing is deleted.
+        protect: files this command writes (e.g. `results.json` of `--mode evaluate`):
+            when the folder already holds one, it is refused unless `overwrite`.
 
     Returns:
         The run folder, existing and (unless resuming) empty.
@@ -420,8 +439,35 @@ def prepare_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwri
                             "--experiment_name")
         import shutil
         shutil.rmtree(run_dir)
+    existing = [name for name in protect if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise UserError(f"run folder {str(run_dir)!r} already holds {', '.join(existing)} of an "
+                        "earlier run; pass --overwrite to replace it, or another "
+                        "--experiment_name to keep both")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def discard_unstarted_run_dir(run_dir: str | os.PathLike) -> bool:
+    """Remove a run folder that holds no checkpoint and no results (a run that failed
+    before its first checkpoint), so the corrected command is not refused as a rerun.
+
+    Call it only for a folder this command created.
+
+    Returns:
+        Whether the folder was removed.
+    """
+    import shutil
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(run_dir.glob("checkpoints/*.pt")) or \
+            any(run_dir.glob("results*.json")):
+        return False
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)
+                    and Path(h.baseFilename).parent == run_dir.resolve()]:
+        log.removeHandler(handler)
+        handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
@@ -463,6 +509,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """
     import pickle
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} is a folder; pass one of the "
+                        "checkpoints/checkpoint_iter_N.pt files of a training run")
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a "
                         "checkpoints/checkpoint_iter_N.pt file of a training run")
@@ -573,7 +622,7 @@ class MetricsSink:
         if not self.jsonl_path.is_file():
             return
         kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]
+                if _iteration_of(line) <= start_iteration]
         atomic_write_text(self.jsonl_path, "".join(f"{line}\n" for line in kept))
 
     def _open_tensorboard(self, start_iteration: int):
@@ -616,6 +665,14 @@ class MetricsSink:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, int(iteration)) for k, v in numbers.items()]
         self._mlflow.log_batch(self._mlflow_run, metrics=metrics)
+
+
+def _iteration_of(line: str) -> float:
+    """The iteration of a metrics.jsonl line; inf for a torn line (a killed writer)."""
+    try:
+        return json.loads(line).get("iteration", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -1,0 +1,424 @@
+"""Safe to leave running: bad input ends in one clean paragraph, never a traceback; killed
+or interrupted runs resume exactly; nothing is overwritten silently; untrusted files run
+no code; CUDA out-of-memory names what to lower and retries with a smaller micro-batch.
+
+What test_cli.py, test_config.py and test_trainer_loop.py already cover (bad flags, bad
+`--set` values, refusal of an existing run folder, bad checkpoints read directly) is not
+repeated here; this file adds the table of bad inputs through `main.main`, a property
+test of `load_config`, and the interrupted-run scenarios through real subprocesses.
+"""
+
+import copy
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import main
+import trainer
+import utils
+from conftest import REPO
+
+TINY = ["--model", "tiny-bert", "--synthetic_only", "--meta_batch_size", "2", "--inner_steps", "1",
+        "--set", "tasks.n_way=3", "--set", "tasks.k_shot=2", "--set", "tasks.q_query=2",
+        "--set", "models.max_length=16", "--set", "tracking.mlflow=false",
+        "--set", "tracking.tensorboard=false",
+        "--set", "memory_optimization.hessian_approximation.method=none"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handlers():
+    """main.main adds handlers on the stderr of its test (captured, then closed) and on
+    the run folder's log file; drop them after each test."""
+    yield
+    log = logging.getLogger("melora")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def error_line(stderr: str) -> str:
+    """The one `error: ...` paragraph that ends stderr (warnings may precede it)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+# ---- a table of bad inputs through the real entry point ------------------------------------
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def _checkpoint(tmp, kind):
+    """A checkpoint file that is missing, truncated, foreign, pickled code or a folder."""
+    path = tmp / f"{kind}.pt"
+    if kind == "truncated":
+        good = utils.save_checkpoint(tmp / "good.pt", {"theta": {"a": torch.ones(64)}})
+        path.write_bytes(good.read_bytes()[:100])
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    elif kind == "evil":
+        _Exploit.target = str(tmp / "pwned")
+        torch.save({"format": utils.CHECKPOINT_FORMAT, "x": _Exploit()}, path)
+    elif kind == "folder":
+        path.mkdir()
+    return str(path)
+
+
+class _Exploit:
+    """Unpickling it would create a file: what a malicious checkpoint could do."""
+    target = ""
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+# (case id, argv builder(tmp) -> list, fragments the error must contain)
+BAD_INPUTS = [
+    # config files: invalid YAML, unknown key, wrong type, out of range, code in YAML
+    ("yaml-syntax", lambda t: ["--config", _write(t / "c.yml", "lora: {rank: [1\n")],
+     ["c.yml", "not valid YAML", "line"]),
+    ("yaml-not-mapping", lambda t: ["--config", _write(t / "c.yml", "- lora\n")],
+     ["must hold a mapping of sections"]),
+    ("yaml-unknown-key", lambda t: ["--config", _write(t / "c.yml", "lora:\n  rnak: 4\n")],
+     ["unknown config key 'lora.rnak'", "default_rank"]),
+    ("yaml-wrong-type", lambda t: ["--config", _write(t / "c.yml", "tasks:\n  n_way: five\n")],
+     ["'tasks.n_way' must be of type int", "'five'"]),
+    ("yaml-out-of-range", lambda t: ["--config", _write(t / "c.yml", "synthetic:\n  noise: 2\n")],
+     ["'synthetic.noise' must be in [0, 1]"]),
+    ("yaml-nan", lambda t: ["--config", _write(t / "c.yml", "meta_learning:\n  outer:\n    default_lr: .nan\n")],
+     ["'meta_learning.outer.default_lr' must be a finite number"]),
+    ("yaml-list-item-type", lambda t: ["--config", _write(t / "c.yml", "datasets:\n  class_split: [a, b, c]\n")],
+     ["'datasets.class_split[0]' must be of type float"]),
+    ("yaml-python-tag", lambda t: ["--config", _write(t / "c.yml", "lora: !!python/object/apply:os.system ['touch pwned']\n")],
+     ["not valid YAML"]),
+    ("config-missing", lambda t: ["--config", str(t / "nope.yml")], ["nope.yml", "does not exist"]),
+    # flags
+    ("negative-iterations", lambda t: ["--num_iterations", "-3"], ["meta_learning.num_iterations", "positive"]),
+    ("zero-meta-batch", lambda t: ["--meta_batch_size", "0"], ["default_meta_batch_size", "positive"]),
+    ("resume-with-evaluate", lambda t: ["--mode", "evaluate", "--resume", "x.pt"], ["--resume", "--mode train"]),
+    ("experiment-name-path", lambda t: [*TINY, "--experiment_name", "a/b"], ["'a/b'", "plain folder name"]),
+    ("cuda-without-gpu", lambda t: [*TINY, "--device", "cuda:0"], ["cuda:0", "--device cpu"]),
+    # datasets: missing file, missing columns, unsupported file type
+    ("dataset-missing", lambda t: [*TINY[:2], "--dataset", str(t / "nope.csv"), *TINY[3:]],
+     ["nope.csv", "does not exist"]),
+    ("dataset-columns", lambda t: [*TINY[:2], "--dataset", _write(t / "d.csv", "a,b\nx,1\n"), *TINY[3:]],
+     ["d.csv", "no column 'text'", "--text_column"]),
+    ("dataset-type", lambda t: [*TINY[:2], "--dataset", _write(t / "d.txt", "hello\n"), *TINY[3:]],
+     ["d.txt", "unsupported"]),
+    # checkpoints for --resume and --mode evaluate
+    ("resume-missing", lambda t: ["--resume", str(t / "missing.pt")], ["missing.pt", "does not exist"]),
+    ("resume-truncated", lambda t: ["--resume", _checkpoint(t, "truncated")], ["truncated.pt", "truncated"]),
+    ("resume-foreign", lambda t: ["--resume", _checkpoint(t, "foreign")], ["foreign.pt", "not a MELoRA checkpoint"]),
+    ("resume-pickled-code", lambda t: ["--resume", _checkpoint(t, "evil")], ["evil.pt", "refused", "never executes code"]),
+    ("resume-folder", lambda t: ["--resume", _checkpoint(t, "folder")], ["folder.pt", "is a folder"]),
+    ("evaluate-truncated", lambda t: ["--mode", "evaluate", "--checkpoint", _checkpoint(t, "truncated")],
+     ["truncated.pt", "truncated"]),
+    ("evaluate-pickled-code", lambda t: ["--mode", "evaluate", "--checkpoint", _checkpoint(t, "evil")],
+     ["evil.pt", "refused"]),
+]
+
+
+@pytest.mark.parametrize("argv, fragments", [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_clean_paragraph_and_exit_2(argv, fragments, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main.main([*argv(tmp_path), "--output_dir", str(out)]) == 2
+    line = error_line(capsys.readouterr().err)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert not (tmp_path / "pwned").exists()  # no file ran code
+    # Nothing of a run is left behind, so the corrected command is not refused.
+    assert not (out / "melora").exists() or not any((out / "melora").iterdir())
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
+    out = ["--output_dir", str(tmp_path), "--num_iterations", "1"]
+    bad = [*TINY[:2], "--dataset", str(tmp_path / "nope.csv"), *TINY[3:]]
+    assert main.main([*bad, *out]) == 2
+    assert main.main([*TINY, *out]) == 0, capsys.readouterr().err
+    assert (tmp_path / "melora" / "checkpoints" / "checkpoint_iter_1.pt").is_file()
+
+
+def test_evaluate_refuses_to_overwrite_results(tmp_path, capsys):
+    run = tmp_path / "melora"
+    assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(tmp_path)]) == 0
+    (run / "results.json").write_text("{}\n")  # an earlier evaluation's results
+    code = main.main(["--mode", "evaluate", "--checkpoint", str(run / "checkpoints" / "checkpoint_iter_1.pt"),
+                      "--output_dir", str(tmp_path)])
+    assert code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "results.json" in line and "--overwrite" in line and "--experiment_name" in line
+    assert (run / "results.json").read_text() == "{}\n"
+
+
+# ---- property: any mutation of the config loads or is a clean ConfigError ------------------
+
+DEFAULTS = yaml.safe_load((REPO / "config.yml").read_text())
+DEFAULT_FLAT = utils.load_config().flat()
+LEAVES = sorted(DEFAULT_FLAT)
+SECTIONS = sorted({key.rsplit(".", 1)[0] for key in LEAVES} | set(DEFAULTS))
+
+any_value = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.lists(st.one_of(st.integers(-5, 5), st.floats(-2, 2), st.text(max_size=4)), max_size=4),
+    st.dictionaries(st.text(min_size=1, max_size=6), st.integers(), max_size=2))
+# Numbers at and just beyond the edges of every range check.
+edge_numbers = st.sampled_from([0, -1, 1, 2, 0.0, -0.5, 0.5, 1.0, 1.5, 10**9, -(10**9),
+                                float("inf"), float("-inf"), float("nan")])
+
+
+def typed_value(default):
+    """A value of the default's type (items of a list: the first item's type, or any)."""
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, int):
+        return st.one_of(st.integers(-3, 10**6), edge_numbers.filter(lambda v: isinstance(v, int)))
+    if isinstance(default, float):
+        return st.one_of(st.floats(allow_nan=True, allow_infinity=True), edge_numbers)
+    if isinstance(default, str):
+        return st.one_of(st.text(max_size=10), st.just(""))
+    if isinstance(default, list) and default and not isinstance(default[0], dict):
+        return st.lists(st.one_of(typed_value(default[0]), any_value), max_size=4)
+    return any_value
+
+
+mutation = st.one_of(
+    st.sampled_from(LEAVES).flatmap(
+        lambda key: st.tuples(st.just("set"), st.just(key), typed_value(DEFAULT_FLAT[key]))),
+    st.tuples(st.just("set"), st.sampled_from(LEAVES), any_value),
+    st.tuples(st.just("set"), st.sampled_from(LEAVES), edge_numbers),
+    st.tuples(st.just("set"), st.sampled_from(SECTIONS), any_value),
+    st.tuples(st.just("unknown"), st.sampled_from(SECTIONS), st.text(min_size=1, max_size=8)),
+    st.tuples(st.just("delete"), st.sampled_from(LEAVES), st.none()))
+
+
+def _apply(data: dict, kind: str, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    if kind == "delete":
+        node.pop(leaf, None)
+    elif kind == "unknown":
+        target = node.setdefault(leaf, {}) if isinstance(node.get(leaf, {}), dict) else node
+        target[f"x_{value}"] = 1
+    else:
+        node[leaf] = value
+
+
+@settings(max_examples=int(os.environ.get("ROBUST_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutations=st.lists(mutation, min_size=1, max_size=3), as_file=st.booleans())
+def test_random_config_mutations_load_or_fail_cleanly(mutations, as_file, tmp_path_factory):
+    data = copy.deepcopy(DEFAULTS)
+    for kind, key, value in mutations:
+        _apply(data, kind, key, value)
+    try:
+        if as_file:  # through YAML text, as a user's --config file
+            path = tmp_path_factory.mktemp("cfg") / "user.yml"
+            path.write_text(yaml.safe_dump(data, allow_unicode=True))
+            cfg = utils.load_config(path)
+        else:  # through --set style dotted overrides
+            flat = utils.Config(data).flat() if isinstance(data, dict) else {}
+            cfg = utils.load_config(None, {k: v for k, v in flat.items()})
+    except utils.ConfigError as e:
+        assert str(e).strip()  # main prints it as one paragraph (whitespace collapsed)
+        return
+    assert isinstance(cfg, utils.Config)
+    _assert_sane(cfg)
+
+
+def _assert_sane(cfg: utils.Config) -> None:
+    """What load_config promises of a config it accepts."""
+    flat = cfg.flat()
+    for key in utils.POSITIVE_INTS:
+        assert isinstance(flat[key], int) and not isinstance(flat[key], bool) and flat[key] >= 1, key
+    for key in utils.PROBABILITIES:
+        assert 0.0 <= flat[key] <= 1.0, key
+    for key, allowed in utils.CHOICES.items():
+        assert flat[key] in allowed, key
+    for key, value in flat.items():
+        if isinstance(value, float):
+            assert value == value and abs(value) != float("inf"), key
+        default = DEFAULT_FLAT.get(key)
+        if default is not None and not key.startswith(utils.OPEN_MAPPINGS):
+            assert type(value) is type(default), (key, value)  # the default's type
+        if isinstance(default, list) and default and not isinstance(default[0], dict):
+            assert all(type(v) is type(default[0]) for v in value), (key, value)
+
+
+# ---- killed and interrupted runs (real subprocesses) -----------------------------------------
+
+def train_command(out, iterations, *extra):
+    return [sys.executable, str(REPO / "main.py"), "--mode", "train", *TINY,
+            "--num_iterations", str(iterations), "--output_dir", str(out), *extra]
+
+
+def start(command):
+    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=240):
+    """Poll until `path` exists; fail early if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def theta(path):
+    return utils.load_checkpoint(path)["theta"]
+
+
+def losses(run_dir):
+    return [json.loads(line)["meta_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
+    n, pause = 10, random.Random().uniform(0.0, 1.5)  # kill somewhere in iterations 2..5
+    reference = start(train_command(tmp_path / "ref", n))
+    victim = start(train_command(tmp_path / "victim", n, "--set", "training.save_every=1"))
+    run = tmp_path / "victim" / "melora"
+    wait_for(run / "checkpoints" / "checkpoint_iter_1.pt", victim)
+    time.sleep(pause)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, f"finished before the kill ({pause:.2f}s)"
+    # The newest complete checkpoint reads; a write cut short leaves only a .tmp beside it.
+    last = trainer.latest_checkpoint(run)
+    assert 1 <= utils.load_checkpoint(last)["iteration"] < n
+    resumed = subprocess.run([sys.executable, str(REPO / "main.py"), "--resume", str(last)],
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert reference.wait(timeout=300) == 0, reference.communicate()[1]
+    ours, theirs = theta(run / "checkpoints" / f"checkpoint_iter_{n}.pt"), \
+        theta(tmp_path / "ref" / "melora" / "checkpoints" / f"checkpoint_iter_{n}.pt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"killed after {pause:.2f}s"
+    assert losses(run) == losses(tmp_path / "ref" / "melora")  # metrics.jsonl repeats too
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_finish_the_iteration_checkpoint_and_exit(tmp_path, signum, code):
+    process = start(train_command(tmp_path, 500, "--set", "training.save_every=1000"))
+    run = tmp_path / "melora"
+    wait_for(run / "metrics.jsonl", process)
+    while not (run / "metrics.jsonl").read_text():  # the first iteration is done
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    name = signal.Signals(signum).name
+    assert last.startswith(f"interrupted: {name} stopped training after iteration "), last
+    checkpoint = trainer.latest_checkpoint(run)
+    done = utils.load_checkpoint(checkpoint)["iteration"]
+    assert f"python main.py --resume {checkpoint}" in last and f"iteration {done} of 500" in last
+    assert len(losses(run)) == done  # every finished iteration was logged, none half-done
+
+
+def test_a_half_written_checkpoint_and_a_torn_metrics_line_do_not_break_resume(tmp_path):
+    cfg = utils.load_config(overrides=[
+        "models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
+        "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
+        "meta_learning.default_meta_batch_size=2", "meta_learning.inner.default_num_steps=1",
+        "memory_optimization.hessian_approximation.method=none", "training.save_every=1",
+        "tracking.mlflow=false", "tracking.tensorboard=false", "meta_learning.num_iterations=2",
+        f"training.output_dir={tmp_path}"])
+    run = utils.prepare_run_dir(tmp_path, "melora", overwrite=False, resume=False)
+    trainer.run_training(cfg, run)
+    # What a kill during iteration 3's writes leaves: a temp file and half a JSON line.
+    partial = run / "checkpoints" / ".checkpoint_iter_3.pt.k2j4x9.tmp"
+    partial.write_bytes(b"PK\x03\x04 garbage from a write cut short")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 3, "meta_lo')
+    assert trainer.latest_checkpoint(run).name == "checkpoint_iter_2.pt"
+    summary = trainer.run_training(trainer.resume_config(trainer.latest_checkpoint(run), None,
+                                                         {"meta_learning.num_iterations": 3}),
+                                   run, resume=trainer.latest_checkpoint(run))
+    assert utils.load_checkpoint(summary["last_checkpoint"])["iteration"] == 3
+    assert not partial.exists()
+    assert [json.loads(line)["iteration"] for line in
+            (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# ---- CUDA out of memory (simulated on CPU) ---------------------------------------------------
+
+@pytest.fixture
+def oom_above(monkeypatch):
+    """compute_meta_gradient raises CUDA's out-of-memory error above a micro-batch size."""
+    real, seen = trainer.compute_meta_gradient, []
+
+    def fake(*args, micro_batch=0, **kwargs):
+        seen.append(micro_batch)
+        if micro_batch == 0 or micro_batch > fake.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, micro_batch=micro_batch, **kwargs)
+    fake.limit, fake.seen = 2, seen
+    monkeypatch.setattr(trainer, "compute_meta_gradient", fake)
+    return fake
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_oom_halves_the_micro_batch_logs_it_and_keeps_it(oom_above, tmp_path, capsys):
+    records = _Records()
+    logging.getLogger("melora").addHandler(records)
+    argv = [*TINY, "--num_iterations", "2", "--output_dir", str(tmp_path),
+            "--set", "memory_optimization.gradient_accumulation.default_micro_batch=0"]
+    try:
+        assert main.main(argv) == 0, capsys.readouterr().err
+    finally:
+        logging.getLogger("melora").removeHandler(records)
+    # 0 = whole sets of 3 x 2 examples: 6 -> 3 -> 1, then 1 for the rest of the run.
+    assert [m for m in records.messages if "out of memory" in m] == [
+        "iteration 1: CUDA out of memory with micro-batch 6; retrying with micro-batch 3, kept "
+        "for the rest of this run (start there with --set "
+        "memory_optimization.gradient_accumulation.default_micro_batch=3)",
+        "iteration 1: CUDA out of memory with micro-batch 3; retrying with micro-batch 1, kept "
+        "for the rest of this run (start there with --set "
+        "memory_optimization.gradient_accumulation.default_micro_batch=1)"]
+    assert oom_above.seen == [0, 3, 1, 1, 1, 1]  # two tasks per iteration, two iterations
+    assert (tmp_path / "melora" / "checkpoints" / "checkpoint_iter_2.pt").is_file()
+
+
+@pytest.mark.parametrize("extra", [["--set", "memory_optimization.auto_micro_batch=false"],
+                                   ["--set", "memory_optimization.gradient_accumulation.default_micro_batch=1"]])
+def test_oom_that_cannot_be_retried_names_the_settings_to_lower(oom_above, tmp_path, capsys, extra):
+    oom_above.limit = 0  # nothing fits
+    assert main.main([*TINY, "--num_iterations", "2", "--output_dir", str(tmp_path), *extra]) == 2
+    line = error_line(capsys.readouterr().err)
+    for fragment in ("CUDA out of memory at iteration 1", "Tried to allocate 2.00 GiB",
+                     "--meta_batch_size", "default_micro_batch", "--lora_rank", "--inner_steps",
+                     "auto_micro_batch=true"):
+        assert fragment in line, (fragment, line)
+    assert not (tmp_path / "melora").exists()  # nothing to resume: no folder left to refuse
