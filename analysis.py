@@ -793,7 +793,7 @@ def compute_fidelity(cfg, checkpoint: str | os.PathLike, num_tasks: int | None =
             _, g = T.compute_meta_gradient(
                 model, theta, support, query, inner_lr, ckpt_cfg.meta_learning.inner.default_num_steps,
                 method, memory.gradient_accumulation.default_micro_batch, hessian=hessian,
-                seed=ckpt_cfg.training.seed + index)
+                seed=ckpt_cfg.training.seed + index, head_init=ckpt_cfg.meta_learning.head_init)
             grads[method] = torch.cat([g[n].reshape(-1).double() for n in theta])  # (|theta|,)
         rows.append({m: _cosine(grads[m], grads["full"]) for m in T.HESSIAN_METHODS})
     return rows
@@ -1035,7 +1035,8 @@ def _objective(trial, cfg, tracker: "_TrialTracker") -> float:
     val_loader = _loader(trial_cfg, meta.loader.tokenizer, ("meta_val",))
     val = [val_loader.episode("meta_val", i) for i in range(search.val_episodes)]
     K = trial_cfg.meta_learning.inner.default_num_steps
-    method = B.MELoRA(meta.model, meta.inner_lr, K, meta.method, meta.micro_batch)  # shares theta
+    method = B.MELoRA(meta.model, meta.inner_lr, K, meta.method, meta.micro_batch,
+                      head_init=trial_cfg.meta_learning.head_init)  # shares theta with `meta`
     iterations = search.num_iterations or trial_cfg.meta_learning.num_iterations
     run = tracker.start(trial.number, params)
     accuracy, state = float("nan"), "FAILED"
