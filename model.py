@@ -296,6 +296,7 @@ class MELoRAModel(nn.Module):
         self.head = nn.Linear(hidden, num_labels, dtype=next(backbone.parameters()).dtype)
         nn.init.zeros_(self.head.weight)  # zero head: every class starts equal (MAML++ trick)
         nn.init.zeros_(self.head.bias)
+        self._head_tap = None  # callable(features, logits) while recording statistics
 
     @property
     def num_labels(self) -> int:
@@ -325,7 +326,10 @@ class MELoRAModel(nn.Module):
         if weight.dim() == 3:  # per-task heads (T, N, hidden), examples task-major
             f = features.reshape(weight.shape[0], -1, features.shape[-1])  # (T, b, hidden)
             return torch.baddbmm(bias.unsqueeze(1), f, weight.transpose(1, 2)).reshape(-1, weight.shape[1])
-        return F.linear(features, weight, bias)
+        logits = F.linear(features, weight, bias)
+        if self._head_tap is not None:  # curvature statistics (trainer's block_diagonal method)
+            self._head_tap(features, logits)
+        return logits
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor],

@@ -12,14 +12,31 @@ computed in reverse without keeping the inner graphs (see DESIGN.md).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
 
 import model as M
+from utils import (OOM_ADVICE, Config, ConfigError, MetricsSink, RunInterrupted, UserError,
+                   all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
+                   is_main_process, load_checkpoint, load_config_with_base, peak_memory_mb, rank,
+                   rank_device, reset_peak_memory, resolve_device, save_checkpoint, set_seed,
+                   world_size)
 
 log = logging.getLogger("melora")
 
@@ -458,13 +475,13 @@ class _KFACRecorder:
     def __enter__(self):
         for prefix, layer in self.layers.items():
             layer._tap = self._lora_tap(prefix)
-        self.handle = self.model.head.register_forward_hook(self._head_tap)
+        self.model._head_tap = self._head_tap
         return self
 
     def __exit__(self, *exc):
         for layer in self.layers.values():
             layer._tap = None
-        self.handle.remove()
+        self.model._head_tap = None
 
     def new_chunk(self, attention_mask):
         self.seen, self.mask = set(), attention_mask.bool()
@@ -479,8 +496,8 @@ class _KFACRecorder:
             out.register_hook(lambda g: self._accumulate(prefix + "lora_B", a_h, self._tokens(g)))
         return tap
 
-    def _head_tap(self, head, inputs, logits):
-        features = inputs[0].detach()  # (B, hidden)
+    def _head_tap(self, features, logits):
+        features = features.detach()  # (B, hidden)
         a = torch.cat([features, torch.ones_like(features[:, :1])], 1)  # bias as a constant input
         logits.register_hook(lambda g: self._accumulate("head", a, g))
 
@@ -526,29 +543,6 @@ class _KFACRecorder:
 # ====================================================================================
 # Training loop
 # ====================================================================================
-
-# Imports of the training loop (kept below the banner so the meta-gradient section
-# above stays self-contained).
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from utils import (Config, ConfigError, MetricsSink, UserError, all_reduce_max,  # noqa: E402
-                   all_reduce_sum, atomic_write_json, atomic_write_text, is_main_process,
-                   load_checkpoint, load_config_with_base, peak_memory_mb, rank, rank_device,
-                   reset_peak_memory, resolve_device, save_checkpoint, set_seed, world_size)
-
-from utils import OOM_ADVICE, RunInterrupted  # noqa: E402
 
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
 MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",

@@ -72,13 +72,15 @@ def test_full_equals_unrolled_autograd(name, steps):
 def test_second_order_with_checkpointing_on_every_family(name):
     model, theta, support, query = setup_task(name, seed=1)
     _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 2)
+    plain = {m: trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, m, 2)[1]
+             for m in ("gauss_newton", "block_diagonal")}
     assert M.enable_checkpointing(model, lora_only=True) > 0
     try:
         for method in ("full", "gauss_newton", "block_diagonal"):
             _, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 2)
             assert torch.isfinite(flat(grads, theta)).all(), method
-            if method == "full":
-                assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
+            expected = ref if method == "full" else plain[method]
+            assert relative_error(flat(grads, theta), flat(expected, theta)) < 1e-6, method
     finally:
         M.disable_checkpointing(model)
 
@@ -115,7 +117,7 @@ def test_approximations_point_towards_the_exact_meta_gradient():
     print("cosine similarity to the exact meta-gradient:", cosine)
     assert all(c == c for c in cosine.values()), cosine  # no NaN
     assert cosine["gauss_newton"] > 0.9 and cosine["gauss_newton"] > cosine["none"], cosine
-    assert cosine["block_diagonal"] > cosine["none"], cosine
+    assert cosine["block_diagonal"] > cosine["none"] + 0.5, cosine
 
 
 def test_learned_inner_rates_get_their_exact_gradient():
