@@ -130,35 +130,21 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     except UserError:
         # Failed before its first checkpoint (bad data, device, ...): leave no folder that
         # would make the corrected command a refused rerun.
-        if created:
+        if created and utils.is_main_process():
             utils.discard_unstarted_run_dir(run_dir)
         raise
 
 
 def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir) -> dict:
+    # Heavy modules are imported here, after the input was checked.
     if args.mode == "train":
         import trainer
         return trainer.run_training(cfg, run_dir, resume=args.resume)
     if args.mode == "evaluate":
-        run_evaluation = _entry("evaluation", "run_evaluation", "evaluate")
-        return run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir)
-    run_full = _entry("analysis", "run_full", "full")
-    return run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
-
-
-def _entry(module: str, name: str, mode: str):
-    """`module.name`, imported lazily; a clear error while it does not exist yet."""
-    import importlib
-    try:
-        fn = getattr(importlib.import_module(module), name, None)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        fn = None
-    if fn is None:
-        raise UserError(f"--mode {mode} is not implemented yet ({module}.{name} is missing); "
-                        "use --mode train")
-    return fn
+        import evaluation
+        return evaluation.run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir)
+    import analysis
+    return analysis.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

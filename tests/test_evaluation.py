@@ -1,6 +1,5 @@
 """Evaluate mode: the real CLI end to end, results schema, checkpoint errors, memory windows."""
 
-import json
 import os
 import subprocess
 import sys
