@@ -1,0 +1,444 @@
+"""Shared pieces of the memory and speed benchmarks: models, episodes, memory windows.
+
+Both benchmarks run on random GPT-2-shaped models (no download) and on episodes of
+random token ids of exactly `seq_len` tokens (no padding), so every configuration sees
+the same amount of work. Memory is measured in a child process per configuration:
+
+- CUDA: `torch.cuda.max_memory_allocated` minus `memory_allocated` after the model,
+  LoRA and episode are in place (`reset_peak_memory_stats` at the start of the window);
+- CPU: peak resident set size of the child minus its resident size after the model is
+  loaded. Freed heap is handed back first (`malloc_trim`), the kernel's high-water mark
+  is reset (`/proc/self/clear_refs` = 5) and read from `VmHWM`, and a thread samples
+  RSS as a cross-check (every millisecond where VmHWM cannot be reset); the larger counts.
+
+CPU threads: `--threads` (default 1). On a shared machine, more OpenMP threads than free
+cores stall at every barrier (2-30x slower per operation, measured on a loaded 2-core
+machine); on a dedicated machine raise it to the core count.
+
+Used by `benchmarks/memory.py` and `benchmarks/speed.py`; not a public API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+# GPT-2 shapes (GPT2Config keyword overrides). gpt2-small is GPT2Config() itself: 124M
+# parameters, the shape of the `gpt2` checkpoint. gpt2-mini keeps GPT-2's vocabulary and
+# cuts depth and width so that timing runs fit a CPU; tiny is model.py's test size.
+SHAPES = {
+    "tiny": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=30522),
+    "gpt2-mini": dict(n_embd=256, n_layer=4, n_head=4),
+    "gpt2-small": dict(),
+}
+SAMPLE_SECONDS = 0.001  # RSS sampling period of the CPU memory window without VmHWM
+CROSS_CHECK_SECONDS = 0.02  # the same with VmHWM: a light cross-check (the sampler holds the GIL)
+
+
+# ------------------------------------------------------------------------------------
+# Run description
+# ------------------------------------------------------------------------------------
+
+def hardware(device: torch.device) -> dict:
+    """Machine, library versions and date, for the JSON and the printed header."""
+    import transformers
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): timing context."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def header(title: str, hw: dict) -> str:
+    """A markdown header line block naming the machine and date."""
+    gpu = f", GPU {hw['gpu']} (CUDA {hw['cuda']})" if "gpu" in hw else ""
+    return (f"## {title}\n\n{hw['date']} | device {hw['device']}{gpu} | CPU {hw['cpu']}, "
+            f"{hw['cpu_cores_usable']} of {hw['cpu_cores']} cores usable, {hw['torch_threads']} "
+            f"torch threads | torch {hw['torch']}, transformers {hw['transformers']}, "
+            f"Python {hw['python']}")
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        if match:
+            return match.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
+def resolve(device: str) -> torch.device:
+    """`auto` -> cuda when available; `cuda` on a machine without one is an error."""
+    from utils import resolve_device
+    return resolve_device(device)
+
+
+# ------------------------------------------------------------------------------------
+# Model and episodes
+# ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """What every configuration of a benchmark run shares."""
+    model_shape: str
+    n_way: int
+    k_shot: int
+    q_query: int
+    seq_len: int
+    device: str
+    seed: int = 0
+
+
+def build_model(setting: Setting, lora: bool):
+    """A random GPT-2 of `setting.model_shape` with an N-way head, in train mode.
+
+    With `lora`, LoRA is injected as config.yml's `lora` section says for GPT-2 (rank,
+    alpha, dropout, target modules) and only LoRA + head train; without, every weight
+    trains (the full-parameter MAML/FOMAML baselines).
+
+    Returns:
+        (model on the device, theta: the tensors meta-learned).
+    """
+    from transformers import GPT2Config, GPT2Model
+    import model as M
+    from utils import load_config
+    if setting.model_shape not in SHAPES:
+        raise ValueError(f"--model-shape must be one of {', '.join(SHAPES)}, got {setting.model_shape!r}")
+    config = GPT2Config(**SHAPES[setting.model_shape])
+    config.use_cache = False  # as model.load_model: recomputation must not see a KV cache
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(setting.seed)
+        backbone = GPT2Model(config)
+        net = M.MELoRAModel(backbone, "gpt2", setting.n_way, pooling="last")
+        if lora:
+            cfg = load_config().lora
+            M.inject_lora(net, cfg.default_rank, cfg.alpha, cfg.dropout, cfg.target_modules["gpt2"])
+    net = net.to(torch.device(setting.device)).train()
+    theta = M.lora_parameters(net) if lora else dict(net.named_parameters())
+    return net, theta
+
+
+def make_episode(setting: Setting, index: int = 0, vocab_size: int | None = None):
+    """An N-way K-shot episode of random token ids, every example `seq_len` tokens.
+
+    Returns:
+        A `dataset_loader.Episode` on the device (labels shuffled per set).
+    """
+    from dataset_loader import Episode
+    vocab = vocab_size or _vocab_size(setting.model_shape)
+    gen = torch.Generator().manual_seed(setting.seed * 1_000_003 + index)
+
+    def part(per_class: int) -> dict:
+        n = setting.n_way * per_class
+        labels = torch.arange(setting.n_way).repeat(per_class)[torch.randperm(n, generator=gen)]
+        return {"input_ids": torch.randint(0, vocab, (n, setting.seq_len), generator=gen).to(setting.device),
+                "attention_mask": torch.ones(n, setting.seq_len, dtype=torch.long, device=setting.device),
+                "labels": labels.to(setting.device)}
+    return Episode(part(setting.k_shot), part(setting.q_query), setting.n_way,
+                   [f"class_{c}" for c in range(setting.n_way)], "random-token-ids")
+
+
+def _vocab_size(shape: str) -> int:
+    """Vocabulary size of a shape (GPT2Config's default where the shape keeps it)."""
+    from transformers import GPT2Config
+    return SHAPES[shape].get("vocab_size", GPT2Config().vocab_size)
+
+
+def inner_lr() -> float:
+    """The inner rate a of config.yml (meta_learning.inner.default_lr)."""
+    from utils import load_config
+    return load_config().meta_learning.inner.default_lr
+
+
+# ------------------------------------------------------------------------------------
+# Memory windows
+# ------------------------------------------------------------------------------------
+
+def memory_method(device: torch.device) -> str:
+    """How the benchmarks' memory figures are measured (recorded in the JSON)."""
+    if device.type == "cuda":
+        return "cuda: max_memory_allocated in the window minus memory_allocated after model load"
+    return ("cpu: peak RSS of the configuration's child process (VmHWM after clear_refs, "
+            "cross-checked by psutil sampling) minus its RSS after model load and malloc_trim")
+
+
+class MemoryWindow:
+    """Extra peak memory (MiB) of the code inside `with`, over the memory at its start.
+
+    Args:
+        device: where the work runs.
+
+    Attributes:
+        extra_mb: peak inside the window minus the start (set on exit).
+        base_mb: memory at the start (RSS on CPU, allocated on CUDA).
+        sampled_mb: on CPU, the sampled peak minus the start (cross-check).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_mb = self.base_mb = self.sampled_mb = float("nan")
+
+    def __enter__(self) -> "MemoryWindow":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        _malloc_trim()
+        self._hwm_reset = _reset_hwm()
+        self.base_mb = _rss() / 2**20
+        self._period = CROSS_CHECK_SECONDS if self._hwm_reset else SAMPLE_SECONDS
+        self._peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mb
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss())
+        self.sampled_mb = self._peak / 2**20 - self.base_mb
+        hwm = _hwm() if self._hwm_reset else 0
+        self.extra_mb = max(self._peak, hwm) / 2**20 - self.base_mb
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._period):
+            self._peak = max(self._peak, _rss())
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS, so the window's start counts memory in use only."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# ------------------------------------------------------------------------------------
+# One meta-gradient in a child process
+# ------------------------------------------------------------------------------------
+
+KINDS = ("idle", "maml", "fomaml", "melora", "unrolled_lora")
+
+
+def measure(job: dict) -> dict:
+    """Extra peak memory and seconds of one meta-gradient; meant for `run_in_child`.
+
+    Args:
+        job: `setting` (a `Setting` as a dict), `kind`, `method` (MELoRA's Hessian
+            method), `checkpointing`, `micro_batch`, `inner_steps`, `threads`. Kinds:
+            idle (load, then nothing: the floor), maml / fomaml (every weight,
+            baseline.MAML), melora (trainer.compute_meta_gradient over LoRA + head),
+            unrolled_lora (second-order MAML over the same LoRA + head tensors by
+            unrolled autograd, baseline.MAML on the LoRA model).
+
+    Returns:
+        The job with `extra_mb`, `sampled_mb`, `base_mb`, `seconds`, `query_loss`.
+    """
+    import model as M
+    set_threads(job["threads"])
+    setting = Setting(**job["setting"])
+    device = torch.device(setting.device)
+    net, theta = build_model(setting, lora=job["kind"] != "maml" and job["kind"] != "fomaml")
+    if job.get("checkpointing"):
+        M.enable_checkpointing(net, lora_only=True)
+    episode = make_episode(setting)
+    work = _work(job, net, theta, episode)
+    with torch.no_grad():  # warm-up: lazy library state is not the method's memory
+        M.forward(net, theta, {k: v[:1] for k, v in episode.support.items()})
+    window = MemoryWindow(device)
+    with window:
+        start = time.perf_counter()
+        loss = work()
+        seconds = time.perf_counter() - start
+    return {**job, "extra_mb": window.extra_mb, "sampled_mb": window.sampled_mb,
+            "base_mb": window.base_mb, "seconds": seconds, "query_loss": loss}
+
+
+def _work(job: dict, net, theta, episode) -> Callable[[], float]:
+    """A closure computing the job's meta-gradient and returning its query loss."""
+    import baseline as B
+    from trainer import compute_meta_gradient
+    lr, steps, kind = inner_lr(), job["inner_steps"], job["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"job kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "idle":
+        return lambda: time.sleep(0.2) or float("nan")
+    if kind in ("maml", "fomaml", "unrolled_lora"):
+        method = B.MAML(net, theta, lr, steps, outer_lr=0.0, grad_clip=0.0,
+                        first_order=kind == "fomaml")
+        return lambda: method.meta_gradient([episode])[0]
+    support, query = episode.support, episode.query
+    return lambda: float(compute_meta_gradient(net, theta, support, query, lr, steps,
+                                               job["method"], job["micro_batch"], seed=0)[0])
+
+
+# ------------------------------------------------------------------------------------
+# Child processes and timing
+# ------------------------------------------------------------------------------------
+
+def run_in_child(fn: Callable[[dict], dict], job: dict) -> dict:
+    """`fn(job)` in a fresh process (forkserver: torch is imported once, the model is
+    built anew in every child).
+
+    Returns:
+        fn's result; for a child killed by SIGKILL (the kernel's out-of-memory killer),
+        the job with `error` set, so the table shows the configuration as failed.
+
+    Raises:
+        RuntimeError: `fn` raised in the child (its traceback is in the message), or
+            the child died another way.
+    """
+    ctx = _context()
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, args=(fn, job, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:
+        status, payload = None, None
+    child.join()
+    if status == "ok":
+        return payload
+    if status == "error":
+        raise RuntimeError(f"benchmark configuration {_describe(job)} failed in its child process:\n{payload}")
+    if child.exitcode == -signal.SIGKILL:
+        return {**job, "error": "child process killed (SIGKILL: out of memory?)"}
+    raise RuntimeError(f"benchmark configuration {_describe(job)}: child process exited with "
+                       f"code {child.exitcode} without a result")
+
+
+def _child_main(fn, job, send) -> None:
+    try:
+        send.send(("ok", fn(job)))
+    except BaseException:  # noqa: BLE001  (handed to the parent, which raises it)
+        send.send(("error", traceback.format_exc()))
+    finally:
+        send.close()
+
+
+def _describe(job: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in job.items() if k != "setting")
+
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        import multiprocessing
+        methods = multiprocessing.get_all_start_methods()
+        _CTX = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            _CTX.set_forkserver_preload(["torch", "transformers.models.gpt2.modeling_gpt2"])
+    return _CTX
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op CPU threads; 0 keeps torch's default (one per core)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of `fn()`, CUDA work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def parse_methods(text: str) -> list[str]:
+    """`--methods full,none` -> ["full", "none"], checked against trainer's methods."""
+    import argparse
+    from trainer import HESSIAN_METHODS
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in HESSIAN_METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown Hessian methods {bad}; choose from "
+                                         f"{', '.join(HESSIAN_METHODS)}")
+    return methods
+
+
+def parse_ints(text: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4]; "" -> []."""
+    import argparse
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    """A table cell: a number, or '-' for missing."""
+    if x is None or x != x:
+        return "-"
+    return f"{x:,.{digits}f}"

@@ -1,0 +1,259 @@
+"""Benchmark: seconds per meta-iteration of every MELoRA method, against two references.
+
+On one random GPT-2-shaped model with LoRA and one episode (random token ids, every
+example `seq_len` tokens), all in the same run:
+
+1. Each Hessian method: seconds per meta-iteration (one task) and tasks per second, and
+   the overhead ratio against the lower bound: one forward+backward per inner step
+   plus one for the query, over the same LoRA tensors and the same batch.
+2. Exact MELoRA (`full`) against second-order MAML over the same LoRA tensors by
+   plain unrolled autograd (`create_graph=True` through the inner loop, as users write
+   it with torch.func or higher; baseline.MAML): time ratio, and extra peak memory of
+   each measured in a child process of its own (peak minus after model load).
+3. Batched tasks: a meta-batch's inner loops run together
+   (trainer.compute_batched_meta_gradient) against one task after another.
+
+Timings are interleaved (every candidate once per round, `--repeats` rounds, after one
+untimed warm-up round) and reported as medians, so load on a shared machine hits all of
+them alike; compare ratios, not absolute seconds. Prints markdown tables and writes
+benchmarks/results/speed.json.
+
+    python benchmarks/speed.py                                  # CPU defaults
+    python benchmarks/speed.py --device cuda --model-shape gpt2-small --threads 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402  (puts the repository on sys.path)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import baseline as B  # noqa: E402
+import model as M  # noqa: E402
+from trainer import HESSIAN_METHODS, compute_batched_meta_gradient, compute_meta_gradient  # noqa: E402
+from utils import atomic_write_json  # noqa: E402
+
+TIME_TARGET = 1.3      # exact MELoRA within 1.3x the unrolled-autograd time
+MEMORY_TARGET = 0.3    # ... at no more than 0.3x its extra peak memory
+BATCHED_TARGET = 2.0   # batched tasks: at least 2x tasks per second on CUDA
+LOWER_BOUND = "lower bound"
+UNROLLED = "unrolled autograd (LoRA)"
+
+
+# ------------------------------------------------------------------------------------
+# Candidates
+# ------------------------------------------------------------------------------------
+
+def lower_bound(net, theta, support, query, inner_steps: int):
+    """One forward+backward per inner step on the support set, plus one on the query."""
+    leaves = [t.detach().requires_grad_() for t in theta.values()]
+    params = dict(zip(theta, leaves))
+
+    def run():
+        for batch in [support] * inner_steps + [query]:
+            loss = F.cross_entropy(M.forward(net, params, batch), batch["labels"])
+            torch.autograd.grad(loss, leaves)
+    return run
+
+
+def single_task(net, theta, episode, args) -> dict:
+    """name -> closure of one meta-iteration on one task (the candidates of part 1-2)."""
+    lr, s, q, k = C.inner_lr(), episode.support, episode.query, args.inner_steps
+    fns = {LOWER_BOUND: lower_bound(net, theta, s, q, k)}
+    for method in args.methods:
+        fns[method] = (lambda m: lambda: compute_meta_gradient(
+            net, theta, s, q, lr, k, m, args.micro_batch, seed=0))(method)
+    unrolled = B.MAML(net, theta, lr, k, outer_lr=0.0, grad_clip=0.0)
+    fns[UNROLLED] = lambda: unrolled.meta_gradient([episode])
+    return fns
+
+
+def batched_tasks(net, theta, episodes, args) -> dict:
+    """Sequential and batched meta-gradients of one meta-batch."""
+    lr, k, pairs = C.inner_lr(), args.inner_steps, [(e.support, e.query) for e in episodes]
+
+    def sequential():
+        for t, (s, q) in enumerate(pairs):
+            compute_meta_gradient(net, theta, s, q, lr, k, args.batched_method,
+                                  args.micro_batch, seed=t)
+    return {"sequential": sequential,
+            "batched": lambda: compute_batched_meta_gradient(
+                net, theta, pairs, lr, k, args.batched_method, args.micro_batch, seed=0)}
+
+
+def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of every candidate, once per round, after an untimed warm-up round."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(C.timed(fn, device))
+    return times
+
+
+# ------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    device = C.resolve(args.device)
+    setting = C.Setting(args.model_shape, args.n_way, args.k_shot, args.q_query, args.seq_len,
+                        str(device), args.seed)
+    load_before = C.load_average()
+    net, theta = C.build_model(setting, lora=True)
+    episodes = [C.make_episode(setting, index=t) for t in range(args.meta_batch)]
+
+    # 1-2. One task: every method, the lower bound and unrolled autograd, interleaved.
+    single = interleaved(single_task(net, theta, episodes[0], args), args.repeats, device)
+    print("  timed single-task candidates", file=sys.stderr, flush=True)
+    # 3. A meta-batch: sequential against batched inner loops.
+    batched = interleaved(batched_tasks(net, theta, episodes, args), args.repeats, device)
+    print("  timed batched tasks", file=sys.stderr, flush=True)
+    # Memory of exact MELoRA and of unrolled autograd, each in a child of its own.
+    memory = {}
+    for kind in ("melora", "unrolled_lora"):
+        job = {"setting": dataclasses.asdict(setting), "kind": kind, "method": "full",
+               "checkpointing": False, "micro_batch": args.micro_batch,
+               "inner_steps": args.inner_steps, "threads": args.threads}
+        memory[kind] = C.run_in_child(C.measure, job)
+        print(f"  memory {kind}: {C.fmt(memory[kind].get('extra_mb'))} MiB", file=sys.stderr, flush=True)
+    return summarize(args, setting, device, single, batched, memory, net, theta,
+                     {"before": load_before, "after": C.load_average()})
+
+
+def summarize(args, setting, device, single, batched, memory, net, theta, load) -> dict:
+    """Medians, ratios and targets: the JSON written and the tables printed."""
+    med = {name: C.median(ts) for name, ts in single.items()}
+    bound = med[LOWER_BOUND]
+    methods = {name: {"seconds_per_iteration": t, "tasks_per_second": 1 / t,
+                      "overhead_vs_lower_bound": t / bound, "seconds_all": single[name]}
+               for name, t in med.items()}
+    melora, unrolled = memory["melora"], memory["unrolled_lora"]
+    time_ratio = med["full"] / med[UNROLLED] if "full" in med else None
+    mem_ratio = (melora["extra_mb"] / unrolled["extra_mb"]
+                 if "error" not in melora and "error" not in unrolled else None)
+    seq, bat = C.median(batched["sequential"]), C.median(batched["batched"])
+    n_theta = sum(t.numel() for t in theta.values())
+    return {
+        "hardware": C.hardware(device), "load_average": load,
+        "setting": dataclasses.asdict(setting), "inner_steps": args.inner_steps,
+        "inner_lr": C.inner_lr(), "micro_batch": args.micro_batch, "repeats": args.repeats,
+        "parameters": {"model": sum(p.numel() for p in net.parameters()), "melora_theta": n_theta},
+        "methods": methods,
+        "vs_unrolled": {"time_ratio": time_ratio, "memory_ratio": mem_ratio,
+                        "melora_full": melora, "unrolled_lora": unrolled,
+                        "time_target": TIME_TARGET, "memory_target": MEMORY_TARGET,
+                        "met": (time_ratio is not None and mem_ratio is not None
+                                and time_ratio <= TIME_TARGET and mem_ratio <= MEMORY_TARGET)},
+        "batched": {"method": args.batched_method, "meta_batch": args.meta_batch,
+                    "sequential_seconds": seq, "batched_seconds": bat,
+                    "sequential_tasks_per_second": args.meta_batch / seq,
+                    "batched_tasks_per_second": args.meta_batch / bat, "speedup": seq / bat,
+                    "seconds_all": batched, "target_on_cuda": BATCHED_TARGET,
+                    "met": (seq / bat >= BATCHED_TARGET) if device.type == "cuda" else None},
+    }
+
+
+# ------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------
+
+def tables(r: dict) -> str:
+    """The markdown printed at the end (and pasted into the README)."""
+    s, p, hw = r["setting"], r["parameters"], r["hardware"]
+    load = r["load_average"]
+    lines = [C.header("Speed: one meta-iteration", hw), "",
+             f"Model: random GPT-2, shape `{s['model_shape']}` ({p['model'] / 1e6:.1f}M parameters; "
+             f"theta = LoRA + head, {p['melora_theta'] / 1e6:.2f}M). Episode: {s['n_way']}-way "
+             f"{s['k_shot']}-shot, {s['q_query']} queries per class, {s['seq_len']} tokens per "
+             f"example. K = {r['inner_steps']} inner steps, micro-batch "
+             f"{'whole set' if r['micro_batch'] == 0 else r['micro_batch']}, no checkpointing. "
+             f"Medians of {r['repeats']} interleaved rounds"
+             + (f"; load average {load['before'][0]} before, {load['after'][0]} after." if load["before"] else "."),
+             "", "| Method | Seconds / meta-iteration | Tasks / second | Overhead vs lower bound |",
+             "| --- | ---: | ---: | ---: |"]
+    for name, m in r["methods"].items():
+        label = {LOWER_BOUND: "lower bound: K+1 forward+backward"}.get(name, name)
+        lines.append(f"| {label} | {m['seconds_per_iteration']:.3f} | {m['tasks_per_second']:.2f} | "
+                     f"{m['overhead_vs_lower_bound']:.2f}x |")
+    lines += ["", *_unrolled_lines(r["vs_unrolled"], r["methods"]), "", *_batched_lines(r["batched"], hw)]
+    return "\n".join(lines)
+
+
+def _unrolled_lines(u: dict, methods: dict) -> list[str]:
+    m, un = u["melora_full"], u["unrolled_lora"]
+    return ["Exact second order over the same LoRA tensors: MELoRA `full` (reverse recomputation) "
+            "against unrolled autograd. Extra peak = peak during the meta-gradient minus after "
+            "model load, each in its own child process.", "",
+            "| | Seconds / meta-iteration | Extra peak memory (MiB) |", "| --- | ---: | ---: |",
+            f"| MELoRA full | {C.fmt(methods.get('full', {}).get('seconds_per_iteration'), 3)} | "
+            f"{C.fmt(m.get('extra_mb'))} |",
+            f"| unrolled autograd | {C.fmt(methods[UNROLLED]['seconds_per_iteration'], 3)} | "
+            f"{C.fmt(un.get('extra_mb'))} |",
+            f"| MELoRA / unrolled | {C.fmt(u['time_ratio'], 2)}x (target <= {u['time_target']}x) | "
+            f"{C.fmt(u['memory_ratio'], 2)}x (target <= {u['memory_target']}x) |"]
+
+
+def _batched_lines(b: dict, hw: dict) -> list[str]:
+    met = {None: "CPU: reported only", True: "met", False: "**not met**"}[b["met"]]
+    return [f"Batched tasks: meta-batch of {b['meta_batch']}, method `{b['method']}` "
+            f"(target on CUDA: >= {b['target_on_cuda']}x tasks per second; {met}).", "",
+            "| Inner loops | Seconds / meta-batch | Tasks / second | Speed-up |",
+            "| --- | ---: | ---: | ---: |",
+            f"| one task after another | {b['sequential_seconds']:.3f} | "
+            f"{b['sequential_tasks_per_second']:.2f} | 1.00x |",
+            f"| batched (compute_batched_meta_gradient) | {b['batched_seconds']:.3f} | "
+            f"{b['batched_tasks_per_second']:.2f} | {b['speedup']:.2f}x |"]
+
+
+# ------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--model-shape", default="gpt2-mini", choices=list(C.SHAPES),
+                        help="random GPT-2 shape (gpt2-small = GPT2Config(), 124M parameters)")
+    parser.add_argument("--n-way", type=int, default=5)
+    parser.add_argument("--k-shot", type=int, default=1)
+    parser.add_argument("--q-query", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per example")
+    parser.add_argument("--inner-steps", type=int, default=4, help="K")
+    parser.add_argument("--micro-batch", type=int, default=0, help="0 = the whole set")
+    parser.add_argument("--methods", type=C.parse_methods, default=list(HESSIAN_METHODS),
+                        help="MELoRA Hessian methods to time, comma-separated")
+    parser.add_argument("--meta-batch", type=int, default=8, help="tasks of the batched comparison")
+    parser.add_argument("--batched-method", default="full", choices=list(HESSIAN_METHODS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0 = torch's default); see benchmarks/common.py")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=C.RESULTS / "speed.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    C.set_threads(args.threads)
+    started = time.perf_counter()
+    result = run(args)
+    result["wall_seconds"] = time.perf_counter() - started
+    atomic_write_json(args.output, result)
+    print(tables(result))
+    print(f"\nwrote {args.output} ({result['wall_seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
