@@ -44,6 +44,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from utils import atomic_write_json  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 # GPT-2 shapes (GPT2Config keyword overrides). gpt2-small is GPT2Config() itself: 124M
 # parameters, the shape of the `gpt2` checkpoint. gpt2-mini keeps GPT-2's vocabulary and
@@ -442,3 +444,15 @@ def fmt(x: float | None, digits: int = 1) -> str:
     if x is None or x != x:
         return "-"
     return f"{x:,.{digits}f}"
+
+
+def run_benchmark(args, run: Callable, tables: Callable[[dict], str]) -> dict:
+    """Run a benchmark with `args`, write its JSON atomically, print its tables."""
+    set_threads(args.threads)
+    started = time.perf_counter()
+    result = run(args)
+    result["wall_seconds"] = time.perf_counter() - started
+    atomic_write_json(args.output, result)
+    print(tables(result))
+    print(f"\nwrote {args.output} ({result['wall_seconds']:.0f} s)")
+    return result

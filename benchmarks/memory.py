@@ -34,7 +34,6 @@ import common as C  # noqa: E402  (puts the repository on sys.path)
 import torch  # noqa: E402
 
 from trainer import HESSIAN_METHODS  # noqa: E402
-from utils import atomic_write_json  # noqa: E402
 
 REDUCTION_TARGET = 0.90   # MELoRA full: at least 90% less extra peak memory than MAML
 FLAT_TOLERANCE = 0.10     # MELoRA full's peak across K stays within 10%
@@ -319,15 +318,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    C.set_threads(args.threads)
-    started = time.perf_counter()
-    result = run(args)
-    result["wall_seconds"] = time.perf_counter() - started
-    atomic_write_json(args.output, result)
-    print(tables(result))
-    print(f"\nwrote {args.output} ({result['wall_seconds']:.0f} s)")
-    return result
+    return C.run_benchmark(parse_args(argv), run, tables)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +38,6 @@ import torch.nn.functional as F  # noqa: E402
 import baseline as B  # noqa: E402
 import model as M  # noqa: E402
 from trainer import HESSIAN_METHODS, compute_batched_meta_gradient, compute_meta_gradient  # noqa: E402
-from utils import atomic_write_json  # noqa: E402
 
 TIME_TARGET = 1.3      # exact MELoRA within 1.3x the unrolled-autograd time
 MEMORY_TARGET = 0.3    # ... at no more than 0.3x its extra peak memory
@@ -244,15 +242,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    C.set_threads(args.threads)
-    started = time.perf_counter()
-    result = run(args)
-    result["wall_seconds"] = time.perf_counter() - started
-    atomic_write_json(args.output, result)
-    print(tables(result))
-    print(f"\nwrote {args.output} ({result['wall_seconds']:.0f} s)")
-    return result
+    return C.run_benchmark(parse_args(argv), run, tables)
 
 
 if __name__ == "__main__":

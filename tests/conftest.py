@@ -30,3 +30,12 @@ def make_batch(tokenizer, texts, labels, dtype_long=torch.long):
                            return_tensors="pt"))
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "labels": torch.tensor(labels, dtype=dtype_long)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,13 +20,7 @@ INNER_LR = {"maml": 0.05, "fomaml": 0.05, "reptile": 0.05}
 CHANCE = 1 / 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.mark.parametrize("name", B.BASELINES)

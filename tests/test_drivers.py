@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 import analysis
 import trainer
@@ -24,12 +23,7 @@ def config(tmp_path, **overrides):
                                         "datasets.cache_dir": str(tmp_path / "cache"), **overrides})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def test_ablation_rows_for_two_ranks(tmp_path):
