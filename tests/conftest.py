@@ -12,7 +12,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny models gain nothing from two, and tests that start child processes
+# (torchrun, the CLI) must not oversubscribe a 2-core machine.
+torch.set_num_threads(1)
 
 CLINC_DIR = REPO.parent / "shared" / "data" / "clinc150"
 TINY_MODELS = ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-t5"]
@@ -31,11 +33,3 @@ def make_batch(tokenizer, texts, labels, dtype_long=torch.long):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "labels": torch.tensor(labels, dtype=dtype_long)}
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -20,8 +20,6 @@ INNER_LR = {"maml": 0.05, "fomaml": 0.05, "reptile": 0.05}
 CHANCE = 1 / 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
 
 @pytest.mark.parametrize("name", B.BASELINES)
 def test_each_baseline_learns_an_easy_task(name, tmp_path):

@@ -23,8 +23,6 @@ def config(tmp_path, **overrides):
                                         "datasets.cache_dir": str(tmp_path / "cache"), **overrides})
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
 
 def test_ablation_rows_for_two_ranks(tmp_path):
     cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2, 4]})

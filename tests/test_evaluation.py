@@ -25,8 +25,6 @@ def sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
