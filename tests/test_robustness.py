@@ -296,11 +296,14 @@ def losses(run_dir):
 
 
 def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
-    n, pause = 10, random.Random().uniform(0.0, 1.5)  # kill somewhere in iterations 2..5
+    # Kill after a random checkpoint k, a random moment later (mid-iteration, mid-write or
+    # between them), far enough from the end that the run cannot finish first, however fast.
+    rng = random.Random()
+    n, k, pause = 40, rng.randint(1, 15), rng.uniform(0.0, 0.2)
     reference = start(train_command(tmp_path / "ref", n))
     victim = start(train_command(tmp_path / "victim", n, "--set", "training.save_every=1"))
     run = tmp_path / "victim" / "melora"
-    wait_for(run / "checkpoints" / "checkpoint_iter_1.pt", victim)
+    wait_for(run / "checkpoints" / f"checkpoint_iter_{k}.pt", victim)
     time.sleep(pause)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
@@ -314,7 +317,7 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path)
     assert reference.wait(timeout=300) == 0, reference.communicate()[1]
     ours, theirs = theta(run / "checkpoints" / f"checkpoint_iter_{n}.pt"), \
         theta(tmp_path / "ref" / "melora" / "checkpoints" / f"checkpoint_iter_{n}.pt")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), f"killed after {pause:.2f}s"
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs), f"killed at {k}+{pause:.2f}s"
     assert losses(run) == losses(tmp_path / "ref" / "melora")  # metrics.jsonl repeats too
     assert not list((run / "checkpoints").glob("*.tmp"))
 
