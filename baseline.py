@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from utils import Config, ConfigError, set_seed
+from utils import Config, ConfigError, set_seed, to_device
 
 log = logging.getLogger("melora")
 
@@ -142,8 +142,7 @@ class FewShotMethod:
         return (logits.argmax(-1) == batch["labels"]).float().mean().item()
 
     def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict:
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
+        return to_device(batch, next(self.model.parameters()).device)
 
     def trainable_numel(self) -> int:
         """Elements of theta (what gradients and optimizer state are sized by)."""

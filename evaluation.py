@@ -45,7 +45,7 @@ import model as M
 from utils import (Config, MetricsSink, UserError, atomic_write_json, gather_to_main,
                    is_main_process, load_checkpoint, load_config, load_config_with_base,
                    peak_memory_mb, rank, rank_device, resolve_device, run_on_main, set_seed,
-                   world_size)
+                   world_size, resident_memory_bytes)
 
 log = logging.getLogger("melora")
 
@@ -229,10 +229,10 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device):
     """(method, tokenizer): MELoRA restored from the checkpoint, or a baseline."""
     if name != "melora":
         return B.build_baseline(name, cfg, device)
-    from trainer import build_model
+    from trainer import build_model, load_theta
     state = read_checkpoint(checkpoint)
     model, tokenizer = build_model(cfg, device)
-    _load_theta(model, state["theta"], checkpoint)
+    load_theta(model, state["theta"], checkpoint)
     inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
         else cfg.meta_learning.inner.default_lr
     memory = cfg.memory_optimization
@@ -316,7 +316,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             now = torch.cuda.memory_allocated(self.device)
         else:
-            now = _rss()
+            now = resident_memory_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         self.peak = now
@@ -331,7 +331,7 @@ class MemoryMeter:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, resident_memory_bytes())
 
     @property
     def mb(self) -> float:
@@ -339,7 +339,7 @@ class MemoryMeter:
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, resident_memory_bytes())
 
 
 def memory_method(device: torch.device, child_process: bool) -> str:
@@ -349,14 +349,9 @@ def memory_method(device: torch.device, child_process: bool) -> str:
     return "peak_rss_child_process" if child_process else "rss_increase_sampled"
 
 
-def _rss() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
 def _meter_factory(device: torch.device, in_process: bool):
     """Meters of one method: on CPU in-process, relative to the method's start."""
-    origin = _rss() if device.type == "cpu" and in_process else None
+    origin = resident_memory_bytes() if device.type == "cpu" and in_process else None
 
     def meter(relative: bool = False) -> MemoryMeter:
         return MemoryMeter(device, None if relative else origin, relative)
@@ -507,15 +502,3 @@ def _check_spec(spec: Path, cfg: Config) -> None:
                         f"{ours[0]}-way {ours[1]}-shot {ours[2]}-query ones; delete the spec "
                         "or pass another --experiment_name")
 
-
-def _load_theta(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], checkpoint) -> None:
-    ours = M.lora_parameters(model)
-    differ = sorted(set(ours) ^ set(theta)) + sorted(
-        n for n in set(ours) & set(theta) if ours[n].shape != theta[n].shape)
-    if differ:
-        raise UserError(f"checkpoint {str(checkpoint)!r} holds tensors that do not fit its own "
-                        f"model config (differ: {', '.join(differ[:5])}); it belongs to "
-                        "another model or LoRA setting, or was edited")
-    with torch.no_grad():
-        for name, param in ours.items():
-            param.copy_(theta[name])

@@ -36,7 +36,7 @@ from utils import (OOM_ADVICE, Config, ConfigError, MetricsSink, RunInterrupted,
                    all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
                    is_main_process, load_checkpoint, load_config_with_base, peak_memory_mb, rank,
                    rank_device, reset_peak_memory, resolve_device, save_checkpoint, set_seed,
-                   world_size)
+                   to_device, world_size)
 
 log = logging.getLogger("melora")
 
@@ -855,20 +855,14 @@ class MetaTrainer:
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
-        missing = set(self.theta) ^ set(state["theta"])
-        if missing:
-            raise UserError(f"checkpoint tensors do not match this model (differ: "
-                            f"{', '.join(sorted(missing)[:5])}); was it written for another "
-                            "model or lora.target_modules?")
         learned = isinstance(self.inner_lr, torch.Tensor)
         if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
             raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
                             f"per inner step, but this run has {self.inner_steps} inner steps; "
                             "resume without --inner_steps")
-        with torch.no_grad():
-            for name, param in self.theta.items():
-                param.copy_(state["theta"][name])
-            if isinstance(self.inner_lr, torch.Tensor) and state["inner_lr"] is not None:
+        load_theta(self.model, state["theta"], "the checkpoint")
+        if learned and state["inner_lr"] is not None:
+            with torch.no_grad():
                 self.inner_lr.copy_(state["inner_lr"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
@@ -915,7 +909,7 @@ class MetaTrainer:
 
     def _batched_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
         """The same sums, with this rank's inner loops run together (`batched_tasks`)."""
-        episodes = [(_to_device(e.support, self.device), _to_device(e.query, self.device))
+        episodes = [(to_device(e.support, self.device), to_device(e.query, self.device))
                     for e in tasks]
         metrics: dict = {}
         with self._autocast:
@@ -930,7 +924,7 @@ class MetaTrainer:
                 {k: float(v) * n for k, v in metrics.items()})
 
     def _task_gradient(self, episode, seed: int):
-        support, query = _to_device(episode.support, self.device), _to_device(episode.query, self.device)
+        support, query = to_device(episode.support, self.device), to_device(episode.query, self.device)
         metrics: dict = {}
         with self._autocast:
             loss, grads = compute_meta_gradient(
@@ -1118,12 +1112,27 @@ def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "c
     state = load_checkpoint(checkpoint)
     cfg = Config(json.loads(state["config"]))
     model, tokenizer = build_model(cfg, torch.device(device))
-    theta = M.lora_parameters(model)
-    with torch.no_grad():
-        for name, param in theta.items():
-            param.copy_(state["theta"][name])
+    load_theta(model, state["theta"], checkpoint)
     inner_lr = state["inner_lr"] if state["inner_lr"] is not None else cfg.meta_learning.inner.default_lr
     return model, tokenizer, cfg, inner_lr
+
+
+def load_theta(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], checkpoint) -> None:
+    """Copy a checkpoint's theta into `model`'s LoRA and head parameters.
+
+    Raises:
+        UserError: names or shapes differ (another model, LoRA setting, or an edited file).
+    """
+    ours = M.lora_parameters(model)
+    differ = sorted(set(ours) ^ set(theta)) + sorted(
+        n for n in set(ours) & set(theta) if ours[n].shape != theta[n].shape)
+    if differ:
+        raise UserError(f"checkpoint {str(checkpoint)!r} holds tensors that do not fit this "
+                        f"model (differ: {', '.join(differ[:5])}); it belongs to another "
+                        "model or LoRA setting, or was edited")
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(theta[name])
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -1162,10 +1171,6 @@ def _task_seed(seed: int, iteration: int, task: int) -> int:
 def _global_norm(tensors) -> float:
     norms = [t.detach().float().norm() for t in tensors]
     return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _autocast_context(precision: str, device: torch.device):

@@ -331,6 +331,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
 
 
+def resident_memory_bytes() -> int:
+    """This process's resident set size now (psutil)."""
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch dict with every tensor moved to `device`."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # ------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from utils import atomic_write_json  # noqa: E402
+from utils import atomic_write_json, resident_memory_bytes  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # GPT-2 shapes (GPT2Config keyword overrides). gpt2-small is GPT2Config() itself: 124M
@@ -224,9 +224,9 @@ class MemoryWindow:
             return self
         _malloc_trim()
         self._hwm_reset = _reset_hwm()
-        self.base_mb = _rss() / 2**20
+        self.base_mb = resident_memory_bytes() / 2**20
         self._period = CROSS_CHECK_SECONDS if self._hwm_reset else SAMPLE_SECONDS
-        self._peak, self._stop = _rss(), threading.Event()
+        self._peak, self._stop = resident_memory_bytes(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -238,19 +238,14 @@ class MemoryWindow:
             return
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, _rss())
+        self._peak = max(self._peak, resident_memory_bytes())
         self.sampled_mb = self._peak / 2**20 - self.base_mb
         hwm = _hwm() if self._hwm_reset else 0
         self.extra_mb = max(self._peak, hwm) / 2**20 - self.base_mb
 
     def _sample(self) -> None:
         while not self._stop.wait(self._period):
-            self._peak = max(self._peak, _rss())
-
-
-def _rss() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
+            self._peak = max(self._peak, resident_memory_bytes())
 
 
 def _reset_hwm() -> bool:
