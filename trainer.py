@@ -52,9 +52,22 @@ Params = dict  # name -> tensor (LoRA factors and head), as in `model.lora_param
 
 @dataclass(frozen=True)
 class HessianOptions:
-    """How `diagonal` estimates curvature (memory_optimization.hessian_approximation)."""
-    diagonal_estimator: str = "fisher"   # fisher (micro-batch gradients) or hutchinson
+    """Options of the curvature products (memory_optimization.hessian_approximation).
+
+    Attributes:
+        diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
+            gradients) or hutchinson.
+        hutchinson_probes: Rademacher probes per inner step for hutchinson.
+        keep_last_step: `full` only: build the last inner step's support gradient with
+            its graph during the forward sweep and keep it through the query pass, so
+            the backward sweep's first Hessian-vector product needs no recomputation.
+            Saves a forward+backward and a forward+double-backward per task (about 1/K
+            of the recomputation) and raises peak memory to that graph plus the query
+            pass's. Same meta-gradient either way.
+    """
+    diagonal_estimator: str = "fisher"
     hutchinson_probes: int = 1
+    keep_last_step: bool = False
 
 
 def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -209,10 +222,15 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     learn_lr = torch.is_tensor(inner_lr)
     fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
 
-    # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only.
-    phis, grads_s, diags = [phi_0], [], []
+    # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only (and,
+    #    with keep_last_step, the last step's gradient graph for its Hessian product).
+    phis, grads_s, diags, kept = [phi_0], [], [], None
     for k in range(inner_steps):
-        g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
+        if method == "full" and hessian.keep_last_step and k == inner_steps - 1:
+            g, loss, kept = task.support_grad_with_graph(phis[k], k)
+            diag = None
+        else:
+            g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
         if k == 0 and metrics is not None:
             metrics["support_loss"] = loss / task.tasks
         phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
@@ -227,7 +245,10 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     for k in reversed(range(inner_steps)):
         if learn_lr:
             lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
-        if method != "none":
+        if kept is not None:  # the last step, its graph kept from the forward sweep
+            hv, kept = task.kept_hvp(kept, v), None
+            v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
+        elif method != "none":
             hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
             v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
 
@@ -282,11 +303,16 @@ class _Task:
 
     # -- first order ----------------------------------------------------------------
     def support_grad(self, phi, step, fisher=False):
-        """grad L_S(phi), L_S(phi), and the empirical-Fisher diagonal when asked."""
+        """grad L_S(phi), L_S(phi), and the empirical-Fisher diagonal when asked.
+
+        Support passes run on the math attention kernel, as their recomputations for
+        curvature products must: a fused kernel would draw other attention-dropout masks.
+        """
         leaves, grad, total, diag = self._leaves(phi), None, 0.0, None
         for i, chunk in enumerate(self.support):
-            loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
-            g = torch.autograd.grad(loss, leaves)
+            with M.second_order_attention():  # checkpointed blocks recompute in backward
+                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
+                g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
             total += loss.item()
             if fisher:
@@ -296,6 +322,24 @@ class _Task:
                 share = [self.n_support * gi ** 2 for gi in g]
                 diag = share if diag is None else [a + b for a, b in zip(diag, share)]
         return grad, total, diag
+
+    def support_grad_with_graph(self, phi, step):
+        """support_grad's (gradient, loss), and (leaves, gradient graph) for `kept_hvp`."""
+        leaves, grads, total = self._leaves(phi), [], 0.0
+        with M.second_order_attention():
+            for i, chunk in enumerate(self.support):
+                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
+                grads.append(torch.autograd.grad(loss, leaves, create_graph=True))
+                total += loss.item()
+        grad = [sum(parts) for parts in zip(*grads)]
+        return [g.detach() for g in grad], total, (leaves, grad)
+
+    @staticmethod
+    def kept_hvp(kept, v):
+        """H v from a kept gradient graph (one double backward; the graph is freed)."""
+        leaves, grad = kept
+        with M.second_order_attention():
+            return list(torch.autograd.grad(grad, leaves, v))
 
     def query_grad(self, phi):
         """(L_Q(phi), grad L_Q(phi), accuracy at phi)."""
@@ -316,7 +360,7 @@ class _Task:
         return task * n_way + chunk["labels"]
 
     def _features(self, phi, chunk, index):
-        with self._dropout_rng(PROTO_STEP, index):
+        with self._dropout_rng(PROTO_STEP, index), M.second_order_attention():
             return M.forward(self.model, dict(zip(self.names, phi)), chunk, features_only=True)
 
     def with_proto_head(self, phi):
@@ -347,9 +391,10 @@ class _Task:
         leaves = self._leaves(phi_0)
         v = list(v)
         for i, chunk in enumerate(self.support):
-            features = self._features(leaves, chunk, i)
-            weights = u[self._class_rows(chunk, n_way)].to(features.dtype)
-            grads = torch.autograd.grad((features * weights).sum(), leaves, allow_unused=True)
+            with M.second_order_attention():  # as _features; checkpointed blocks recompute
+                features = self._features(leaves, chunk, i)
+                weights = u[self._class_rows(chunk, n_way)].to(features.dtype)
+                grads = torch.autograd.grad((features * weights).sum(), leaves, allow_unused=True)
             v = [vi + g if g is not None else vi for vi, g in zip(v, grads)]
         v[w_index], v[b_index] = torch.zeros_like(v[w_index]), torch.zeros_like(v[b_index])
         return v
@@ -382,7 +427,7 @@ class _Task:
         for i, chunk in enumerate(self.support):
             loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
             g = torch.autograd.grad(loss, leaves, create_graph=True)
-            hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), leaves)
+            hv = torch.autograd.grad(g, leaves, v)  # the vjp of grad with v: H v
             out = [a + b for a, b in zip(out, hv)]
         return out
 
@@ -1140,7 +1185,8 @@ def load_theta(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], checkpoi
 def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
     """Keyword options of `compute_meta_gradient` taken from the config."""
     return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
-                                      hutchinson_probes=hessian_cfg.hutchinson_probes),
+                                      hutchinson_probes=hessian_cfg.hutchinson_probes,
+                                      keep_last_step=hessian_cfg.keep_last_step),
             "seed": seed}
 
 
@@ -1198,12 +1244,10 @@ def _log_setup(trainer: MetaTrainer, cfg: Config, run_dir: Path, resume) -> None
     if resume is not None:
         log.info("resuming from %s at iteration %d", resume, trainer.iteration)
     attention = getattr(trainer.model.backbone.config, "_attn_implementation", "eager")
-    if trainer.method == "none":
-        log.info("hessian method none (first order); attention: %s", attention)
-    else:
-        log.info("hessian method %s: second-order graphs run scaled-dot-product attention on "
-                 "its math kernel (model.second_order_attention), which has a double "
-                 "backward; attention implementation: %s", trainer.method, attention)
+    log.info("hessian method %s: support-set passes%s run scaled-dot-product attention on "
+             "its math kernel (model.second_order_attention), which has a double backward "
+             "and replays dropout masks exactly; attention implementation: %s", trainer.method,
+             "" if trainer.method == "none" else " and second-order graphs", attention)
 
 
 def _summary(trainer: MetaTrainer, run_dir: Path, saved: list[Path], sink: MetricsSink) -> dict:

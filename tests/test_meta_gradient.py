@@ -129,6 +129,32 @@ def test_learned_inner_rates_get_their_exact_gradient():
     assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
 
 
+@pytest.mark.parametrize("steps,micro_batch,head_init", [(1, 0, "zero"), (3, 2, "zero"),
+                                                        (2, 4, "proto")])
+def test_keeping_the_last_step_graph_gives_the_same_meta_gradient(steps, micro_batch, head_init):
+    # dropout on: the kept graph must hold the same masks the recomputation would replay
+    model, theta, support, query = setup_task("tiny-gpt2", seed=13, dropout=0.2)
+    rates = torch.tensor([0.5, 0.3, 0.2][:steps], dtype=torch.float64, requires_grad=True)
+    kept = trainer.HessianOptions(keep_last_step=True)
+    results = [trainer.compute_meta_gradient(model, theta, support, query, rates, steps, "full",
+                                             micro_batch, hessian=h, seed=3, head_init=head_init)
+               for h in (trainer.HessianOptions(), kept)]
+    (loss_a, a), (loss_b, b) = results
+    assert abs(loss_a.item() - loss_b.item()) < 1e-12
+    assert relative_error(flat(b, theta), flat(a, theta)) < 1e-10
+    assert relative_error(b["inner_lr"], a["inner_lr"]) < 1e-10
+    # without dropout, both equal unrolled autograd; and batched tasks keep it too
+    model, theta, support, query = setup_task("tiny-bert", seed=14)
+    _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 2)
+    _, g = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", hessian=kept)
+    assert relative_error(flat(g, theta), flat(ref, theta)) < 1e-6
+    episodes = [(support, query), (query, support)]
+    plain = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 2, "full", 4)[1]
+    both = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 2, "full", 4,
+                                                 hessian=kept)[1]
+    assert relative_error(flat(both, theta), flat(plain, theta)) < 1e-10
+
+
 def test_dropout_masks_replay_and_seed_controls_them():
     model, theta, support, query = setup_task("tiny-bert", seed=6, dropout=0.2)
     a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11)[1]
