@@ -9,7 +9,8 @@ example `seq_len` tokens), all in the same run:
 2. Exact MELoRA (`full`) against second-order MAML over the same LoRA tensors by
    plain unrolled autograd (`create_graph=True` through the inner loop, as users write
    it with torch.func or higher; baseline.MAML): time ratio, and extra peak memory of
-   each measured in a child process of its own (peak minus after model load).
+   each measured in a child process of its own (peak minus after model load); also for
+   `full` with `keep_last_step` (the last inner step's graph kept, not recomputed).
 3. Batched tasks: a meta-batch's inner loops run together
    (trainer.compute_batched_meta_gradient) against one task after another.
 
