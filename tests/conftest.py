@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # (torchrun, the CLI) must not oversubscribe a 2-core machine.
 torch.set_num_threads(1)
 
-CLINC_DIR = REPO.parent / "shared" / "data" / "clinc150"
+CLINC_DIR = REPO / "data" / "clinc150"
 TINY_MODELS = ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-t5"]
 
 

@@ -1,6 +1,6 @@
 """DatasetLoader: sources, class splits, episode invariants, cache, errors, CLI overrides.
 
-Real data: CLINC150 from ../shared/data/clinc150 (never copied into the repo), read as the
+Real data: CLINC150 from the repository copy in data/clinc150, read as the
 offline example config does; small synthetic csv/jsonl/parquet files for the error paths.
 """
 
@@ -17,7 +17,7 @@ from dataset_loader import DataError, DatasetLoader, Episode, cli_dataset_overri
 from utils import ConfigError, UserError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
+CLINC = REPO / "data" / "clinc150"
 TRAIN_DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "home", "auto_and_commute",
                  "travel", "utility"]
 
