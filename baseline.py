@@ -102,13 +102,19 @@ class FewShotMethod:
             `steps + 1` accuracies, fractions in [0, 1].
         """
         support, query = self.to_device(episode.support), self.to_device(episode.query)
+        return [self.accuracy(phi, query) for phi in self.fast_weights(support, steps)]
+
+    def fast_weights(self, support: Mapping[str, torch.Tensor], steps: int):
+        """phi_0, phi_1, ..., phi_steps: SGD on theta over `support` (on the model's device).
+
+        The adaptation of `adapt`, also used by adapt.py to fit a user's task.
+        """
         phi = {n: t.detach() for n, t in self.start(support).items()}
-        accuracies = [self.accuracy(phi, query)]
+        yield phi
         for k in range(steps):
             grads = self.support_gradient(phi, support)
             phi = {n: p - self.rate(k) * g for n, p, g in zip(phi, phi.values(), grads)}
-            accuracies.append(self.accuracy(phi, query))
-        return accuracies
+            yield phi
 
     # -- building blocks --------------------------------------------------------------
 

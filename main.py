@@ -4,6 +4,8 @@
     python main.py --mode train --resume results/melora/checkpoints/checkpoint_iter_500.pt
     python main.py --mode evaluate --checkpoint results/melora/checkpoints/checkpoint_iter_1000.pt
     python main.py --mode full --experiment_name my_experiment
+    python main.py --mode adapt --checkpoint CKPT --support support.csv --predict texts.csv
+    python main.py --mode export --checkpoint CKPT --output_dir adapter/
     torchrun --nproc_per_node 4 main.py --mode train --meta_batch_size 8   # one process per GPU
 
 Every default lives in config.yml: a flag overrides the key it names only when given,
@@ -48,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; every config flag defaults to None (config.yml decides)."""
     p = _Parser(description="MELoRA: memory-efficient LoRA meta-learning.",
                 epilog="Any other config key: --set section.key=value (repeatable).")
-    p.add_argument("--mode", choices=("train", "evaluate", "full"), default="train",
-                   help="train (default), evaluate a checkpoint, or full (train, evaluate, analyse)")
+    p.add_argument("--mode", choices=("train", "evaluate", "full", "adapt", "export"), default="train",
+                   help="train (default), evaluate a checkpoint, full (train, evaluate, analyse), "
+                        "adapt a checkpoint to --support and label --predict, or export a "
+                        "checkpoint as a PEFT adapter into --output_dir")
     p.add_argument("--config", help="a YAML file overriding config.yml (may hold only some keys)")
     p.add_argument("--model", help="registered model name or local model directory")
     p.add_argument("--lora_rank", type=int, help="LoRA rank r (lora.default_rank)")
@@ -64,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment_name", help="run folder name under --output_dir")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue training exactly from a checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--checkpoint", help="checkpoint to evaluate (--mode evaluate)")
+    p.add_argument("--checkpoint", help="checkpoint to evaluate, adapt or export")
+    p.add_argument("--support", help="labelled examples of your task (--mode adapt; csv/json/jsonl/parquet)")
+    p.add_argument("--predict", help="texts to label (--mode adapt; csv/json/jsonl/parquet)")
     p.add_argument("--skip_baselines", action="store_true", help="evaluate MELoRA only")
     p.add_argument("--hyperparameter_search", action="store_true",
                    help="Bayesian search before the full experiment (--mode full)")
@@ -83,9 +89,11 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError("--resume continues a run folder and --overwrite replaces it; pass one")
     if args.resume and args.mode != "train":
         raise UserError(f"--resume continues training; it needs --mode train, not {args.mode}")
-    if args.checkpoint and args.mode != "evaluate":
-        raise UserError(f"--checkpoint names the checkpoint to evaluate (--mode evaluate); "
-                        f"with --mode {args.mode} use --resume to continue training")
+    if args.checkpoint and args.mode not in ("evaluate", "adapt", "export"):
+        raise UserError(f"--checkpoint names the checkpoint to evaluate (--mode evaluate), "
+                        f"adapt or export; with --mode {args.mode} use --resume to continue training")
+    if (args.support or args.predict) and args.mode != "adapt":
+        raise UserError("--support and --predict are the files of --mode adapt")
     if args.skip_baselines and args.mode == "train":
         raise UserError("--skip_baselines applies to --mode evaluate or full, not train")
     if args.hyperparameter_search and args.mode != "full":
@@ -97,8 +105,12 @@ def config_overrides(args: argparse.Namespace) -> dict:
     from dataset_loader import cli_dataset_overrides
     out = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
            if getattr(args, flag) is not None}
-    out.update(cli_dataset_overrides(args.dataset, args.eval_dataset, args.text_column,
-                                     args.label_column))
+    if args.mode == "adapt":  # the columns of --support/--predict
+        out.update({f"adapt.{flag}": getattr(args, flag) for flag in ("text_column", "label_column")
+                    if getattr(args, flag) is not None})
+    else:
+        out.update(cli_dataset_overrides(args.dataset, args.eval_dataset, args.text_column,
+                                         args.label_column))
     out.update(utils.parse_overrides(args.overrides))
     return out
 
@@ -118,15 +130,23 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     if utils.init_distributed(training.device) and args.mode == "full":
         raise UserError("--mode full runs in one process; under torchrun run --mode train, "
                         "then --mode evaluate (or run --mode full with python main.py)")
+    if args.mode == "export":  # writes --output_dir itself, no run folder
+        import adapt
+        return {"exported": str(adapt.run_export(cfg, args.checkpoint, args.output_dir, args.overwrite))}
+    job = None
+    if args.mode == "adapt":  # every input read and checked before the run folder exists
+        import adapt
+        job = adapt.prepare(cfg, args.checkpoint, args.support, args.predict)
     # Rank 0 prepares the run folder; the others wait for it (and share its refusal).
     run_dir = utils.run_on_main(utils.prepare_run_dir, training.output_dir,
                                 training.experiment_name, overwrite=args.overwrite,
-                                resume=bool(args.resume) or args.mode == "evaluate",
-                                protect=("results.json",) if args.mode == "evaluate" else ())
+                                resume=bool(args.resume) or args.mode in ("evaluate", "adapt"),
+                                protect={"evaluate": ("results.json",),
+                                         "adapt": ("predictions.csv", "adapted")}.get(args.mode, ()))
     created = not any(run_dir.iterdir())  # this command's folder, not an earlier run's
     utils.setup_logging(log_file=run_dir / f"{args.mode}.log")
     try:
-        return _run_mode(args, cfg, run_dir)
+        return _run_mode(args, cfg, run_dir, job)
     except UserError:
         # Failed before its first checkpoint (bad data, device, ...): leave no folder that
         # would make the corrected command a refused rerun.
@@ -135,8 +155,11 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
         raise
 
 
-def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir) -> dict:
+def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None) -> dict:
     # Heavy modules are imported here, after the input was checked.
+    if args.mode == "adapt":
+        import adapt
+        return adapt.run_adapt(job, run_dir)
     if args.mode == "train":
         import trainer
         return trainer.run_training(cfg, run_dir, resume=args.resume)
