@@ -348,8 +348,9 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, fla
     if path.suffix.lower() not in FILE_BUILDERS:
         raise UserError(f"{flag} file {str(path)!r} must be csv, json, jsonl or parquet "
                         f"(by its extension), got {path.suffix or 'no extension'!r}")
-    table = None
+    table, quiet = None, datasets.utils.are_progress_bars_disabled()
     if path.stat().st_size > 0:
+        datasets.disable_progress_bars()  # one small file: no "Generating train split" bar
         with tempfile.TemporaryDirectory() as cache:  # nothing cached beside the user's files
             try:
                 table = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
@@ -361,6 +362,9 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, fla
                 table = None
             except (OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
                 raise UserError(f"could not read {flag} file {str(path)!r} ({e!r}); check its format") from e
+            finally:
+                if not quiet:
+                    datasets.enable_progress_bars()
     if table is None or len(frame) == 0:
         raise UserError(f"{flag} file {str(path)!r} has no rows; give it one row per text")
     wanted = [("text_column", text_column)] + ([("label_column", label_column)] if need_labels else [])

@@ -537,7 +537,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors and plain "
                         "data, so it was refused (loading never executes code); use a "
                         "checkpoint written by MELoRA") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as e:  # IndexError: a text file
         raise UserError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint "
                         f"({(str(e) or type(e).__name__).split('.')[0]}); use "
                         "another checkpoint of the run") from e
