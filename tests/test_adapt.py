@@ -208,6 +208,26 @@ def test_api_any_number_of_classes_names_kept(checkpoint, tmp_path):
     assert four.classes == CLASSES and four.phi["head.bias"].shape == (4,)
 
 
+def test_other_formats_column_flags_and_unlabelled_texts(checkpoint, tmp_path, capsys):
+    """jsonl support with its own column names, parquet texts without labels: no metrics."""
+    import pandas as pd
+    support, predict = task(CLASSES[:3])
+    pd.DataFrame({"sentence": [t for t, _ in support], "intent": [y for _, y in support]}).to_json(
+        tmp_path / "support.jsonl", orient="records", lines=True, force_ascii=False)
+    pd.DataFrame({"sentence": [t for t, _ in predict]}).to_parquet(tmp_path / "texts.parquet")
+    frame, texts, labels = adapt.read_table(tmp_path / "support.jsonl", "sentence", "intent",
+                                            "--support", need_labels=True)
+    assert texts == [t for t, _ in support] and labels == [y for _, y in support]
+    out = tmp_path / "out"
+    assert adapt_cli(checkpoint, tmp_path / "support.jsonl", tmp_path / "texts.parquet", out,
+                     "--text_column", "sentence", "--label_column", "intent") == 0
+    rows = read_csv(out / "adapt" / "predictions.csv")
+    assert list(rows[0]) == ["sentence", "prediction", "confidence"]
+    assert [r["sentence"] for r in rows] == [t for t, _ in predict]
+    assert not (out / "adapt" / "metrics.json").exists()
+    assert "accuracy" not in capsys.readouterr().out
+
+
 def test_zero_head_starts_from_the_mean_meta_learned_row():
     theta = {"head.weight": torch.arange(6.0).reshape(3, 2), "head.bias": torch.tensor([1.0, 2.0, 6.0]),
              "x.lora_A": torch.ones(1)}
