@@ -101,6 +101,10 @@ class Classifier:
             progress: show a tqdm bar when there is more than one batch.
         """
         from tqdm.auto import tqdm
+        if isinstance(texts, str):
+            raise UserError("predict takes a list of texts, got one string; wrap it: [text]")
+        texts = list(texts)
+        _check_texts(texts, "the texts to predict")
         size = batch_size or self.cfg.adapt.batch_size
         starts = range(0, len(texts), size)
         out = []

@@ -194,6 +194,8 @@ def test_api_any_number_of_classes_names_kept(checkpoint, tmp_path):
     predicted = clf.predict([t for t, _ in predict])
     assert len(predicted) == len(predict) and set(predicted) <= {0, 7}
     assert clf.predict_proba(["coffee"]).shape == (1, 2)
+    with pytest.raises(utils.UserError, match="wrap it"):
+        clf.predict("coffee")
     saved = clf.save(tmp_path / "clf")
     assert json.loads((saved / "labels.json").read_text())["labels"] == [0, 7]
     clf.save(tmp_path / "clf")  # an earlier save is replaced
