@@ -30,6 +30,10 @@ BATCH_LIMIT = 100          # MLflow's limit on parameters per log_batch call
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    try:
+        os.nice(10)  # the store's set-up yields the CPU to training
+    except OSError:
+        pass
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # never reach the network
     first = sys.stdin.readline()
     if not first:
