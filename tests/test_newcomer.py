@@ -224,3 +224,46 @@ def test_evaluation_in_process_shows_progress_and_keeps_its_threads(tiny_checkpo
     results = evaluation.run_evaluation(cfg, checkpoint, True, out / "eval_in")
     assert results["methods"]["melora"]["torch_threads"] == torch.get_num_threads()
     assert re.search(r"evaluate melora: 100%.*2/2", capfd.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------
+# MLflow off the training process
+# ------------------------------------------------------------------------------------
+
+SINK = r"""
+import sys
+sys.path.insert(0, {repo!r})
+import utils
+cfg = utils.load_config(overrides={{"tracking.mlflow": True, "tracking.tensorboard": False}})
+sink = utils.MetricsSink(sys.argv[1], cfg.tracking, "newcomer", {{"lora.default_rank": 8}})
+sink.log(1, {{"meta_loss": 1.5}})
+sink.log(2, {{"meta_loss": 0.5}})
+assert "mlflow" not in sys.modules, "the training process imported MLflow"
+sink.close()
+print(sink.mlflow_uri)
+"""
+
+
+def test_mlflow_is_written_by_another_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-c", SINK.format(repo=str(REPO)), str(tmp_path)],
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(done.stdout.strip().splitlines()[-1])
+    run = client.search_runs([client.get_experiment_by_name("newcomer").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["lora.default_rank"] == "8"
+    history = client.get_metric_history(run.info.run_id, "meta_loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 1.5), (2, 0.5)]
+
+
+def test_a_failing_mlflow_writer_is_one_warning_and_metrics_jsonl_holds_everything(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    cfg = utils.load_config(overrides={"tracking.mlflow": True, "tracking.tensorboard": False})
+    sink = utils.MetricsSink(tmp_path, cfg.tracking, "newcomer")
+    sink.log(1, {"meta_loss": 1.5})
+    with pytest.warns(UserWarning, match="MLflow logging to nosuchscheme://nowhere failed"):
+        sink.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["meta_loss"] == 1.5
