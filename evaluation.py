@@ -27,6 +27,7 @@ TensorBoard) and prints the results table. The checkpoint is only read.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from tqdm import tqdm
 
 import analysis
 import baseline as B
@@ -205,7 +207,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     #    reference (MELoRA's step uses its configured Hessian method; theta is unchanged).
     iterations = cfg.evaluation.baseline_meta_iterations if _meta_learned(name) else 0
     start = time.perf_counter()
-    with meter() as training:
+    with meter() as training, _counting_meta_steps(method, name, iterations, job["share"][0] == 0):
         method.meta_train(loader, iterations, cfg.meta_learning.default_meta_batch_size)
     out["meta_train_seconds"], out["meta_train_iterations"] = time.perf_counter() - start, iterations
     with meter() as step:
@@ -214,7 +216,6 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     steps = max(cfg.meta_learning.inner.default_num_steps, cfg.evaluation.adaptation_steps)
     start, accuracies = time.perf_counter(), []
     mine = range(job["share"][0], len(episodes), job["share"][1])  # this rank's episodes
-    from tqdm import tqdm
     bar = tqdm(mine, desc=f"evaluate {name}", unit="episode", mininterval=1.0,
                dynamic_ncols=True, disable=job["share"][0] != 0)
     with meter() as adapt:
@@ -234,6 +235,28 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
                trainable_parameters=method.trainable_numel(),
                total_parameters=total, torch_threads=torch.get_num_threads())
     return out
+
+
+@contextlib.contextmanager
+def _counting_meta_steps(method, name: str, iterations: int, show: bool):
+    """A progress bar of a baseline's meta-training: counts its `meta_step` calls."""
+    if not iterations or not show:
+        yield
+        return
+    bar = tqdm(total=iterations, desc=f"meta-train {name}", unit="it", mininterval=1.0,
+               dynamic_ncols=True)
+    step = method.meta_step
+
+    def counted(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        bar.update()
+        return loss
+    method.meta_step = counted  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del method.meta_step
+        bar.close()
 
 
 def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device):

@@ -220,10 +220,17 @@ def test_evaluation_in_process_shows_progress_and_keeps_its_threads(tiny_checkpo
     cfg, checkpoint, out = tiny_checkpoint
     cfg = utils.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 2,
                                        "evaluation.adaptation_steps": 1,
-                                       "evaluation.child_process": False})
-    results = evaluation.run_evaluation(cfg, checkpoint, True, out / "eval_in")
+                                       "evaluation.child_process": False,
+                                       "evaluation.baselines": ["reptile_lora"],
+                                       "evaluation.baseline_meta_iterations": 2})
+    results = evaluation.run_evaluation(cfg, checkpoint, False, out / "eval_in")
     assert results["methods"]["melora"]["torch_threads"] == torch.get_num_threads()
-    assert re.search(r"evaluate melora: 100%.*2/2", capfd.readouterr().err)
+    err = capfd.readouterr().err
+    assert re.search(r"evaluate melora: 100%.*2/2", err), err
+    # A baseline's meta-training has its bar too (its meta-steps counted), then its episodes.
+    assert re.search(r"meta-train reptile_lora: 100%.*2/2", err), err
+    assert re.search(r"evaluate reptile_lora: 100%.*2/2", err), err
+    assert results["methods"]["reptile_lora"]["meta_train_iterations"] == 2
 
 
 # ------------------------------------------------------------------------------------
