@@ -27,6 +27,7 @@ TensorBoard) and prints the results table. The checkpoint is only read.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from tqdm import tqdm
 
 import analysis
 import baseline as B
@@ -45,7 +47,7 @@ import model as M
 from utils import (Config, MetricsSink, UserError, atomic_write_json, gather_to_main,
                    is_main_process, load_checkpoint, load_config, load_config_with_base,
                    peak_memory_mb, rank, rank_device, resolve_device, run_on_main, set_seed,
-                   world_size, resident_memory_bytes)
+                   world_size, resident_memory_bytes, thread_budget)
 
 log = logging.getLogger("melora")
 
@@ -100,7 +102,7 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     spec = run_on_main(prepare_episodes, cfg, run_dir, baselines=len(methods) > 1)
     # 2. Each method in a window of its own (a child process on CPU, by default).
     job = {"config": cfg.to_dict(), "checkpoint": str(checkpoint), "spec": str(spec),
-           "share": [rank(), world_size()]}
+           "share": [rank(), world_size()], "threads": thread_budget()}
     raw = {}
     for name in methods:
         log.info("evaluating %s on %d episodes", name, cfg.evaluation.num_episodes)
@@ -175,12 +177,19 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     Args:
         job: `method`, `config` (a plain dict), `checkpoint`, `spec` (the episode spec),
             `in_process` (measure RSS increases instead of process peaks), `share`
-            ([rank, world size]: adapt on episodes rank, rank + world size, ...).
+            ([rank, world size]: adapt on episodes rank, rank + world size, ...),
+            `threads` (torch threads of a child process: its share of the cores, as
+            `utils.thread_budget`; the parent waits meanwhile).
+
+    Shows a progress bar of the episodes (done, s/episode, ETA) on stderr, from a child
+    process too (it writes to the inherited stderr); under torchrun, rank 0's share.
 
     Returns:
         Raw per-episode accuracies per step, timings and memory readings.
     """
     cfg, name = Config(job["config"]), job["method"]
+    if not job["in_process"] and job.get("threads"):
+        torch.set_num_threads(job["threads"])  # a child: its share of the cores, not all
     device = rank_device(resolve_device(cfg.training.device))
     meter = _meter_factory(device, job["in_process"])
     out: dict[str, Any] = {}
@@ -198,7 +207,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     #    reference (MELoRA's step uses its configured Hessian method; theta is unchanged).
     iterations = cfg.evaluation.baseline_meta_iterations if _meta_learned(name) else 0
     start = time.perf_counter()
-    with meter() as training:
+    with meter() as training, _counting_meta_steps(method, name, iterations, job["share"][0] == 0):
         method.meta_train(loader, iterations, cfg.meta_learning.default_meta_batch_size)
     out["meta_train_seconds"], out["meta_train_iterations"] = time.perf_counter() - start, iterations
     with meter() as step:
@@ -207,10 +216,13 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     steps = max(cfg.meta_learning.inner.default_num_steps, cfg.evaluation.adaptation_steps)
     start, accuracies = time.perf_counter(), []
     mine = range(job["share"][0], len(episodes), job["share"][1])  # this rank's episodes
+    bar = tqdm(mine, desc=f"evaluate {name}", unit="episode", mininterval=1.0,
+               dynamic_ncols=True, disable=job["share"][0] != 0)
     with meter() as adapt:
-        for i in mine:
+        for i in bar:
             set_seed(cfg.training.seed + 7919 * (i + 1))
             accuracies.append(method.adapt(episodes[i], steps))
+    bar.close()
     out["seconds_per_episode"] = (time.perf_counter() - start) / max(1, len(mine))
     # 5. Memory: the method's peak over every phase.
     phases = (setup, training, step, adapt)
@@ -221,8 +233,30 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     _, total = M.count_parameters(method.model)
     out.update(per_episode_accuracy_per_step=accuracies, episode_indices=list(mine),
                trainable_parameters=method.trainable_numel(),
-               total_parameters=total)
+               total_parameters=total, torch_threads=torch.get_num_threads())
     return out
+
+
+@contextlib.contextmanager
+def _counting_meta_steps(method, name: str, iterations: int, show: bool):
+    """A progress bar of a baseline's meta-training: counts its `meta_step` calls."""
+    if not iterations or not show:
+        yield
+        return
+    bar = tqdm(total=iterations, desc=f"meta-train {name}", unit="it", mininterval=1.0,
+               dynamic_ncols=True)
+    step = method.meta_step
+
+    def counted(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        bar.update()
+        return loss
+    method.meta_step = counted  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del method.meta_step
+        bar.close()
 
 
 def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device):

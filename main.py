@@ -30,6 +30,11 @@ FLAG_KEYS = {
     "lora_rank": "lora.default_rank",
     "meta_batch_size": "meta_learning.default_meta_batch_size",
     "inner_steps": "meta_learning.inner.default_num_steps",
+    "inner_lr": "meta_learning.inner.default_lr",
+    "outer_lr": "meta_learning.outer.default_lr",
+    "n_way": "tasks.n_way",
+    "k_shot": "tasks.k_shot",
+    "q_query": "tasks.q_query",
     "num_iterations": "meta_learning.num_iterations",
     "synthetic_only": "datasets.synthetic_only",
     "experiment_name": "training.experiment_name",
@@ -60,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta_batch_size", type=int, help="tasks per meta-update")
     p.add_argument("--inner_steps", type=int, help="inner-loop adaptation steps K")
     p.add_argument("--num_iterations", type=int, help="meta-iterations")
+    p.add_argument("--inner_lr", type=float, help="inner-loop learning rate (meta_learning.inner.default_lr)")
+    p.add_argument("--outer_lr", type=float, help="outer Adam learning rate (meta_learning.outer.default_lr)")
+    p.add_argument("--n_way", type=int, help="classes per episode (tasks.n_way)")
+    p.add_argument("--k_shot", type=int, help="support examples per class (tasks.k_shot)")
+    p.add_argument("--q_query", type=int, help="query examples per class (tasks.q_query)")
     p.add_argument("--synthetic_only", action="store_true", default=None,
                    help="use only synthetic tasks (offline)")
     p.add_argument("--seed", type=int, help="training.seed")
@@ -78,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dataset", help="hub name or local file for meta-testing")
     p.add_argument("--text_column", help="text column of --dataset/--eval_dataset")
     p.add_argument("--label_column", help="label column of --dataset/--eval_dataset")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show third-party progress bars and logs (transformers, datasets)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lora.alpha=32 (repeatable)")
     return p
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     try:
         args = build_parser().parse_args(argv)
+        utils.quiet_third_party(args.verbose)  # before transformers/datasets are imported
         check_flags(args)
         dispatch(args, load(args))
     except UserError as e:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import sys
 import tempfile
@@ -139,6 +140,21 @@ class Config:
         return out
 
 
+class YamlLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` whose float rule also takes exponents without a dot: 1e-4, 5E3.
+
+    PyYAML follows YAML 1.1, where `1e-4` is the string '1e-4' (only `1.0e-4` is a
+    float); YAML 1.2, Python and every other tool read it as a number, and so do we.
+    Everything else is SafeLoader's: no Python objects, no code.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
+    list("-+0123456789."))
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
     """Load `config.yml` defaults, merge a user file and overrides, validate, return Config.
@@ -171,7 +187,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with the "
                           f"path of a YAML file (see {DEFAULT_CONFIG.name} for every key)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML ({e}); fix the "
                           "syntax at the line named above") from e
@@ -194,7 +210,7 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from e
         pairs.append((key.strip(), value))
@@ -337,6 +353,32 @@ def resident_memory_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    """Processes of this run working at once on this machine: torchrun's ranks here, or 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def thread_budget(processes: int | None = None) -> int:
+    """Torch threads for each of `processes` processes sharing this machine's cores.
+
+    `OMP_NUM_THREADS`, when set, wins (the user's choice); otherwise cores / processes,
+    at least 1, so parallel processes split the cores instead of oversubscribing them
+    (on a busy 2-core machine, oversubscribed OpenMP threads made a run 30x slower).
+
+    Args:
+        processes: processes working at once (default: `local_processes()`).
+    """
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    return max(1, cpu_cores() // (processes or local_processes()))
+
+
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A batch dict with every tensor moved to `device`."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -413,6 +455,49 @@ def setup_logging(level: int = logging.INFO, log_file: str | os.PathLike | None 
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+
+
+# Environment that silences third-party progress bars and info logs (read at import,
+# and inherited by spawned child processes): transformers' "Loading weights" bars,
+# datasets' "Generating train split" bars, hub download bars.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+_QUIETED: set[str] = set()  # the QUIET_ENV keys quiet_third_party set
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Hide transformers/datasets/hub progress bars and info logs unless `verbose`.
+
+    Sets `QUIET_ENV` (a variable the user set keeps its value), so child processes
+    inherit it, and applies it to those libraries when they are already imported. Our
+    own tqdm bars (meta-train, evaluation, fidelity) are not affected.
+    """
+    if verbose:
+        for key in _QUIETED:  # only what an earlier call set, never the user's choice
+            os.environ.pop(key, None)
+        _QUIETED.clear()
+        if "transformers" in sys.modules:
+            import transformers
+            transformers.utils.logging.set_verbosity_warning()
+            transformers.utils.logging.enable_progress_bar()
+        if "datasets" in sys.modules:
+            import datasets
+            datasets.utils.logging.set_verbosity_warning()
+            datasets.enable_progress_bars()
+        return
+    for key, value in QUIET_ENV.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            _QUIETED.add(key)
+    if "transformers" in sys.modules:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
 
 
 # ------------------------------------------------------------------------------------
@@ -561,7 +646,9 @@ class MetricsSink:
     """One sink for numbers: `metrics.jsonl`, MLflow and TensorBoard behind one `log`.
 
     MLflow is embedded: a SQLite store `<run_dir>/mlflow.db` (no server, no network),
-    unless `MLFLOW_TRACKING_URI` is set. TensorBoard event files go to
+    unless `MLFLOW_TRACKING_URI` is set. A separate process (mlflow_writer.py) imports
+    MLflow, creates the store and writes the run, so tracking adds neither start-up time
+    nor memory to this process; `close` waits for it to finish the run. TensorBoard event files go to
     `<run_dir>/tensorboard`. `metrics.jsonl` always gets one JSON line per `log` call.
 
     Args:
@@ -586,7 +673,7 @@ class MetricsSink:
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self._tb = self._open_tensorboard(start_iteration) if tracking.tensorboard else None
         self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR if tracking.tensorboard else None
-        self._mlflow, self._mlflow_run = None, None
+        self._mlflow = None  # the MLflow writer process (mlflow_writer.py)
         self.mlflow_uri = None
         if tracking.mlflow:
             self._open_mlflow(experiment_name, params or {}, start_iteration)
@@ -629,7 +716,7 @@ class MetricsSink:
             self._tb.close()
             self._tb = None
         if self._mlflow is not None:
-            self._mlflow.set_terminated(self._mlflow_run, status=status)
+            self._close_mlflow(status)
             self._mlflow = None
 
     # -- backends ----------------------------------------------------------------------
@@ -649,38 +736,70 @@ class MetricsSink:
 
     def _open_mlflow(self, experiment_name: str, params: Mapping[str, Any],
                      start_iteration: int) -> None:
+        """Start the MLflow writer process (mlflow_writer.py) and hand it the run's set-up.
+
+        MLflow's import and store creation happen there, so they cost this process no
+        start-up time and no memory; `log` queues lines that a thread feeds to the
+        writer, so a writer still creating its store never blocks training.
+        """
+        import queue
+        import subprocess
+        import threading
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # never reach the network
-        from mlflow.tracking import MlflowClient
-        for name in ("mlflow", "alembic"):  # set after import: mlflow configures its logger
-            logging.getLogger(name).setLevel(logging.WARNING)  # no schema-migration chatter
         self.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or \
             f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
-        with warnings.catch_warnings():  # SQLAlchemy deprecation notices from MLflow's store
-            warnings.simplefilter("ignore", DeprecationWarning)
-            client = MlflowClient(tracking_uri=self.mlflow_uri)
-            client.search_experiments(max_results=1)  # creates the store's tables now
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            experiment_name, artifact_location=(self.run_dir / "mlflow-artifacts").resolve().as_uri())
         run_name = experiment_name if start_iteration == 0 else \
             f"{experiment_name} (resumed at {start_iteration})"
-        run = client.create_run(experiment_id, run_name=run_name,
-                                tags={"run_dir": str(self.run_dir.resolve())})
-        self._mlflow, self._mlflow_run = client, run.info.run_id
-        self._mlflow_params(params)
+        self._mlflow_errors = tempfile.TemporaryFile()
+        self._mlflow = subprocess.Popen(
+            [sys.executable, str(REPO_DIR / "mlflow_writer.py")], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=self._mlflow_errors, start_new_session=True)
+        self._mlflow_queue: queue.Queue = queue.Queue()
+        self._mlflow_queue.put({
+            "uri": self.mlflow_uri, "experiment": experiment_name, "run_name": run_name,
+            "artifact_location": (self.run_dir / "mlflow-artifacts").resolve().as_uri(),
+            "tags": {"run_dir": str(self.run_dir.resolve())},
+            "params": {k: str(v) for k, v in params.items()}})
+        self._mlflow_feeder = threading.Thread(target=self._feed_mlflow, daemon=True,
+                                               name="mlflow-feeder")
+        self._mlflow_feeder.start()
 
-    def _mlflow_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]  # MLflow's value limit
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self._mlflow.log_batch(self._mlflow_run, params=items[i:i + 100])
+    def _feed_mlflow(self) -> None:
+        """Thread: write queued messages to the writer process until the `end` message."""
+        while True:
+            message = self._mlflow_queue.get()
+            try:
+                self._mlflow.stdin.write((json.dumps(message) + "\n").encode())
+                self._mlflow.stdin.flush()
+            except (BrokenPipeError, OSError):
+                return  # the writer died; close() reports why
+            if "end" in message:
+                return
 
     def _mlflow_log(self, iteration: int, numbers: Mapping[str, float]) -> None:
         import time
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, int(iteration)) for k, v in numbers.items()]
-        self._mlflow.log_batch(self._mlflow_run, metrics=metrics)
+        self._mlflow_queue.put({"step": int(iteration), "timestamp": int(time.time() * 1000),
+                                "metrics": dict(numbers)})
+
+    def _close_mlflow(self, status: str, timeout: float = 600.0) -> None:
+        """Send `end`, wait for the writer to finish the run; a failure is a warning."""
+        import subprocess
+        self._mlflow_queue.put({"end": status})
+        self._mlflow_feeder.join(timeout)
+        with contextlib.suppress(OSError):
+            self._mlflow.stdin.close()
+        try:
+            code = self._mlflow.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._mlflow.kill()
+            code = self._mlflow.wait()
+        if code != 0:
+            self._mlflow_errors.seek(0)
+            tail = self._mlflow_errors.read().decode(errors="replace").strip().splitlines()[-3:]
+            warnings.warn(f"MLflow logging to {self.mlflow_uri} failed (exit status {code}: "
+                          f"{' | '.join(tail) or 'no message'}); metrics.jsonl holds every "
+                          "metric", UserWarning, stacklevel=3)
+        self._mlflow_errors.close()
 
 
 def _iteration_of(line: str) -> float:

@@ -79,3 +79,26 @@ def test_flags_override_only_when_given():
     overrides = main.config_overrides(args)
     assert overrides == {"lora.default_rank": 4, "lora.alpha": 2}
     assert main.config_overrides(main.build_parser().parse_args([])) == {}
+
+
+def test_few_shot_flags_map_to_their_config_keys():
+    args = main.build_parser().parse_args(["--n_way", "3", "--k_shot", "2", "--q_query", "4",
+                                           "--inner_lr", "0.5", "--outer_lr", "1e-4"])
+    overrides = main.config_overrides(args)
+    assert overrides == {"tasks.n_way": 3, "tasks.k_shot": 2, "tasks.q_query": 4,
+                         "meta_learning.inner.default_lr": 0.5,
+                         "meta_learning.outer.default_lr": 1e-4}
+    cfg = main.load(args)
+    assert (cfg.tasks.n_way, cfg.tasks.k_shot, cfg.tasks.q_query) == (3, 2, 4)
+    assert cfg.meta_learning.outer.default_lr == 1e-4
+    assert set(main.FLAG_KEYS) >= {"n_way", "k_shot", "q_query", "inner_lr", "outer_lr"}
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--n_way", "0"], ["tasks.n_way", "positive"]),
+    (["--k_shot", "two"], ["--k_shot", "invalid int"]),
+    (["--inner_lr", "-1"], ["meta_learning.inner.default_lr", ">= 0"]),
+])
+def test_few_shot_flags_refuse_bad_values(argv, fragments, capsys, tmp_path):
+    assert main.main([*argv, "--output_dir", str(tmp_path)]) == 2
+    assert_one_paragraph_error(capsys.readouterr().err, *fragments)

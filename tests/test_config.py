@@ -53,3 +53,24 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     utils.atomic_write_json(target, {"a": 2})
     assert target.read_text().strip().endswith("}") and '"a": 2' in target.read_text()
     assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("-2E+3", -2000.0), ("1.5e-3", 1.5e-3),
+                                         ("1_0e1", 100.0), ("12", 12), ("1e", "1e"),
+                                         ("e5", "e5"), ("1e-4x", "1e-4x")])
+def test_yaml_reads_exponents_without_a_dot_as_numbers(text, value):
+    import yaml
+    loaded = yaml.load(text, Loader=utils.YamlLoader)
+    assert loaded == value and type(loaded) is type(value)
+
+
+def test_1e_4_is_accepted_in_set_and_in_yaml_files(tmp_path):
+    import yaml
+    assert yaml.safe_load("1e-4") == "1e-4"  # PyYAML's YAML 1.1 rule, which we replace
+    cfg = utils.load_config(overrides=["meta_learning.outer.default_lr=1e-4"])
+    assert cfg.meta_learning.outer.default_lr == 1e-4
+    path = tmp_path / "c.yml"
+    path.write_text("meta_learning:\n  inner:\n    default_lr: 5e-2\n")
+    assert utils.load_config(path).meta_learning.inner.default_lr == 0.05
+    with pytest.raises(utils.ConfigError, match="default_lr"):  # a string is still refused
+        utils.load_config(overrides=["meta_learning.outer.default_lr=fast"])
