@@ -58,16 +58,25 @@ class HessianOptions:
         diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
             gradients) or hutchinson.
         hutchinson_probes: Rademacher probes per inner step for hutchinson.
-        keep_last_step: `full` only: build the last inner step's support gradient with
-            its graph during the forward sweep and keep it through the query pass, so
-            the backward sweep's first Hessian-vector product needs no recomputation.
-            Saves a forward+backward and a forward+double-backward per task (about 1/K
-            of the recomputation) and raises peak memory to that graph plus the query
-            pass's. Same meta-gradient either way.
+        keep_graphs: `full` only: how many inner steps (the last ones, 0..K; more = K)
+            build their support gradient with its graph during the forward sweep and
+            keep it until the backward sweep's Hessian-vector product, instead of
+            recomputing it. Each kept step saves a forward+backward per task (its
+            product then costs one double backward only) and adds one step's graph to
+            peak memory (peak = the kept graphs + the query pass). K keeps them all,
+            as unrolled autograd does. Same meta-gradient for every value.
+        keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
     """
     diagonal_estimator: str = "fisher"
     hutchinson_probes: int = 1
     keep_last_step: bool = False
+    keep_graphs: int = 0
+
+    def graphs_kept(self, method: str, inner_steps: int) -> int:
+        """How many of the last inner steps keep their gradient graph (0 unless `full`)."""
+        if method != "full":
+            return 0
+        return min(inner_steps, max(int(self.keep_graphs), int(bool(self.keep_last_step))))
 
 
 def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -96,7 +105,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
             (except `diagonal` with the fisher estimator, which is built from them).
         metrics: when a dict, filled with `query_acc_before` (at theta), `query_acc_after`
             (at phi_K) and `support_loss` (at theta).
-        hessian: options of the `diagonal` estimator.
+        hessian: options of the `diagonal` estimator and of `full`'s kept graphs.
         seed: seeds dropout; every recomputation of a step replays the same masks. None
             draws one from torch's global generator.
         head_init: zero (the head starts at theta's head) or proto (Proto-MAML,
@@ -223,11 +232,13 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
 
     # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only (and,
-    #    with keep_last_step, the last step's gradient graph for its Hessian product).
-    phis, grads_s, diags, kept = [phi_0], [], [], None
+    #    with keep_graphs, the last steps' gradient graphs for their Hessian products).
+    phis, grads_s, diags = [phi_0], [], []
+    first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
+    kept: list = [None] * inner_steps
     for k in range(inner_steps):
-        if method == "full" and hessian.keep_last_step and k == inner_steps - 1:
-            g, loss, kept = task.support_grad_with_graph(phis[k], k)
+        if k >= first_kept:
+            g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
             diag = None
         else:
             g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
@@ -245,8 +256,8 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     for k in reversed(range(inner_steps)):
         if learn_lr:
             lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
-        if kept is not None:  # the last step, its graph kept from the forward sweep
-            hv, kept = task.kept_hvp(kept, v), None
+        if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
+            hv, kept[k] = task.kept_hvp(kept[k], v), None
             v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
         elif method != "none":
             hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
@@ -1186,7 +1197,8 @@ def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
     """Keyword options of `compute_meta_gradient` taken from the config."""
     return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
                                       hutchinson_probes=hessian_cfg.hutchinson_probes,
-                                      keep_last_step=hessian_cfg.keep_last_step),
+                                      keep_last_step=hessian_cfg.keep_last_step,
+                                      keep_graphs=hessian_cfg.keep_graphs),
             "seed": seed}
 
 

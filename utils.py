@@ -56,6 +56,7 @@ NON_NEGATIVE = (
     "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
     "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
+    "memory_optimization.hessian_approximation.keep_graphs",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")
