@@ -699,10 +699,83 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
     set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
     M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
                   dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]))
+    model = model.to(device).train()
     checkpointing = cfg.memory_optimization.checkpointing
-    if checkpointing.enabled:
+    if checkpointing_decision(cfg, model, device):
         M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
-    return model.to(device).train(), tokenizer
+    return model, tokenizer
+
+
+def estimate_peak_activation_mb(cfg: Config, model: M.MELoRAModel) -> float:
+    """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
+
+    Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
+    the MLP's width and 3 per attention head of sequence length (scores, probabilities,
+    mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
+    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
+    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
+    tokens. A first-order step holds one such graph; a second-order product (full,
+    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
+    backward keeps as much again), and `full` with kept graphs holds that many of them
+    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
+    """
+    config = model.backbone.config
+    hidden = config.hidden_size
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or getattr(config, "d_ff", None) or 4 * hidden)
+    length = cfg.models.max_length
+    per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
+    tasks, memory = cfg.tasks, cfg.memory_optimization
+    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
+    micro = memory.gradient_accumulation.default_micro_batch
+    examples = set_size if micro <= 0 else min(micro, set_size)
+    if cfg.meta_learning.batched_tasks:
+        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
+    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
+    graph = examples * length * layers * per_token * bytes_per / 2**20
+    hessian = memory.hessian_approximation
+    method = hessian.method
+    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
+        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
+    if not second_order:
+        return graph
+    kept = HessianOptions(keep_last_step=hessian.keep_last_step, keep_graphs=hessian.keep_graphs
+                          ).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
+    return max(2 * graph, 2 * kept * graph + graph)
+
+
+def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
+    """MiB the graphs may take: CUDA's free memory now, or on CPU
+    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20
+    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
+    if budget > 0:
+        return float(budget)
+    import psutil
+    return psutil.virtual_memory().available / 2**20
+
+
+def checkpointing_decision(cfg: Config, model: M.MELoRAModel, device: torch.device) -> bool:
+    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
+    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
+    The decision and its numbers are logged."""
+    enabled = cfg.memory_optimization.checkpointing.enabled
+    if enabled != "auto":
+        log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
+                 "on" if enabled else "off", str(enabled).lower())
+        return bool(enabled)
+    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
+    on = peak > budget
+    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
+    log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
+             "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
+             "exceeds" if on else "fits in", where, budget,
+             "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
+    return on
 
 
 class MetaTrainer:

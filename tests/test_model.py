@@ -200,3 +200,70 @@ def test_minilm_loads_offline_with_plausible_trainable_share():
     assert 0.001 < trainable / total < 0.02
     logits = model(**make_batch(tok, TEXTS, LABELS))
     assert logits.shape == (4, 5) and torch.isfinite(logits).all()
+
+
+# ---- checkpointing.enabled: auto ----------------------------------------------------
+
+def auto_cfg(name, *extra):
+    return utils.load_config(overrides=[f"models.selected_model={name}", "datasets.synthetic_only=true",
+                                        "tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2",
+                                        "models.max_length=16", *extra])
+
+
+def checkpointed(model):
+    return any(hasattr(m, "_melora_forward") for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_peak_estimate_follows_the_tensors_autograd_saves(name):
+    import trainer
+    cfg = auto_cfg(name, "memory_optimization.hessian_approximation.method=none",
+                   "memory_optimization.checkpointing.enabled=false",
+                   "memory_optimization.gradient_accumulation.default_micro_batch=4")
+    model, tok = trainer.build_model(cfg, torch.device("cpu"))
+    batch = make_batch(tok, [" ".join(["word"] * 40)] * 4, [0, 1, 2, 0])
+    batch = {k: v[:, :16] if v.dim() == 2 else v for k, v in batch.items()}  # max_length tokens
+    saved, weights = {}, {p.data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+    leaves = {n: p.detach().requires_grad_() for n, p in M.lora_parameters(model).items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(M.forward(model, leaves, batch), batch["labels"])
+    measured = sum(b for ptr, b in saved.items() if ptr not in weights) / 2**20
+    estimate = trainer.estimate_peak_activation_mb(cfg, model)
+    assert 0.6 < estimate / measured < 1.6, (estimate, measured)
+    # second order holds more, kept graphs more still, smaller micro-batches less
+    more = [trainer.estimate_peak_activation_mb(auto_cfg(name, *o), model) for o in (
+        ["memory_optimization.hessian_approximation.method=full"],
+        ["memory_optimization.hessian_approximation.method=full",
+         "memory_optimization.hessian_approximation.keep_graphs=2"],
+        ["memory_optimization.hessian_approximation.method=none",
+         "memory_optimization.gradient_accumulation.default_micro_batch=1"])]
+    assert more[1] > more[0] > estimate > more[2]
+
+
+def test_auto_checkpointing_turns_on_only_over_the_budget(caplog):
+    import trainer
+    device = torch.device("cpu")
+    with caplog.at_level("INFO", logger="melora"):
+        tight, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.cpu_budget_mb=1",
+                                                "models.max_length=512"), device)
+    assert checkpointed(tight)
+    assert "gradient checkpointing on (auto)" in caplog.text and "exceeds the CPU budget of 1 MiB" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="melora"):
+        roomy, _ = trainer.build_model(auto_cfg("tiny-bert"), device)  # default: the OS's available memory
+    assert not checkpointed(roomy)
+    assert "gradient checkpointing off (auto)" in caplog.text
+    assert utils.load_config().memory_optimization.checkpointing.enabled == "auto"
+    # true and false are obeyed whatever the budget
+    forced, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=true"), device)
+    assert checkpointed(forced)
+    off, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=false",
+                                          "memory_optimization.checkpointing.cpu_budget_mb=1",
+                                          "models.max_length=512"), device)
+    assert not checkpointed(off)
+    with pytest.raises(utils.ConfigError, match="must be true, false or auto"):
+        auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=sometimes")
