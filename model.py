@@ -395,6 +395,11 @@ def enable_checkpointing(model: nn.Module, lora_only: bool = True) -> int:
     return count
 
 
+def is_checkpointed(model: nn.Module) -> bool:
+    """Whether `enable_checkpointing` wrapped any of `model`'s blocks."""
+    return any(hasattr(m, "_melora_forward") for m in model.modules())
+
+
 def disable_checkpointing(model: nn.Module) -> None:
     """Undo `enable_checkpointing`."""
     for module in model.modules():

@@ -84,7 +84,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
                           inner_lr: float | torch.Tensor, inner_steps: int, method: str = "full",
                           micro_batch: int = 0, *, metrics: dict | None = None,
                           hessian: HessianOptions = HessianOptions(), seed: int | None = None,
-                          head_init: str = "zero",
+                          head_init: str = "zero", acc_before: bool = True,
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Meta-gradient of one task's query loss after `inner_steps` adaptation steps.
 
@@ -103,8 +103,9 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         micro_batch: examples per micro-batch; 0 or >= the set size = the whole set.
             Gradients and curvature products accumulate, so results do not depend on it
             (except `diagonal` with the fisher estimator, which is built from them).
-        metrics: when a dict, filled with `query_acc_before` (at theta), `query_acc_after`
-            (at phi_K) and `support_loss` (at theta).
+        metrics: when a dict, filled with `query_acc_before` (at theta; unless
+            `acc_before` is False, which saves a query forward per task),
+            `query_acc_after` (at phi_K) and `support_loss` (at theta).
         hessian: options of the `diagonal` estimator and of `full`'s kept graphs.
         seed: seeds dropout; every recomputation of a step replays the same masks. None
             draws one from torch's global generator.
@@ -127,7 +128,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
     _check_head_init(head_init)
     task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=1)
     phi_0 = [t.detach() for t in theta.values()]
-    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init)
+    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init,
+                          acc_before)
 
 
 def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -137,6 +139,7 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
                                   metrics: dict | None = None,
                                   hessian: HessianOptions = HessianOptions(),
                                   seed: int | None = None, head_init: str = "zero",
+                                  acc_before: bool = True,
                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean meta-gradient of several tasks whose inner loops run together.
 
@@ -161,25 +164,26 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
     if method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
         return _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method,
-                              micro_batch, metrics, hessian, seed, head_init)
+                              micro_batch, metrics, hessian, seed, head_init, acc_before)
     T = len(episodes)
     support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
     task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=T)
     phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
     query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian,
-                                       metrics, head_init)
+                                       metrics, head_init, acc_before)
     mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
     return query_loss / T, mean
 
 
 def _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method, micro_batch,
-                   metrics, hessian, seed, head_init):
+                   metrics, hessian, seed, head_init, acc_before=True):
     total, summed, per_task = 0.0, {}, []
     for t, (support, query) in enumerate(episodes):
         m = {}
         loss, grads = compute_meta_gradient(model, theta, support, query, inner_lr, inner_steps,
                                             method, micro_batch, metrics=m, hessian=hessian,
-                                            seed=seed + t, head_init=head_init)
+                                            seed=seed + t, head_init=head_init,
+                                            acc_before=acc_before)
         total = total + loss
         summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
         per_task.append(m)
@@ -222,7 +226,7 @@ def initial_fast_weights(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor]
 
 def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_steps: int,
                    method: str, hessian: HessianOptions, metrics: dict | None,
-                   head_init: str = "zero"):
+                   head_init: str = "zero", acc_before: bool = True):
     """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
     # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
     if head_init == "proto":
@@ -230,6 +234,9 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     lrs = _step_rates(inner_lr, inner_steps)
     learn_lr = torch.is_tensor(inner_lr)
     fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
+    # Without curvature products or checkpointed blocks nothing recomputes a support
+    # pass, so the support passes may use the fused attention kernel (query passes do).
+    task.fused_support = (method == "none" or fisher) and not M.is_checkpointed(task.model)
 
     # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only (and,
     #    with keep_graphs, the last steps' gradient graphs for their Hessian products).
@@ -268,7 +275,8 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
         v = task.proto_backward(phi_0, v, prototypes)
     if metrics is not None:
         metrics["query_acc_after"] = acc_after
-        metrics["query_acc_before"] = task.accuracy(phis[0])
+        if acc_before:  # one more query forward per task, at phi_0
+            metrics["query_acc_before"] = acc_after if inner_steps == 0 else task.accuracy(phis[0])
     grads = dict(zip(task.names, v))
     if learn_lr:
         grads["inner_lr"] = lr_grad.to(inner_lr.device)
@@ -293,6 +301,7 @@ class _Task:
         self.n_support = int(support["labels"].numel()) // tasks  # per task: losses are per-task means
         self.n_query = int(query["labels"].numel()) // tasks
         self.device = support["input_ids"].device
+        self.fused_support = False  # see _meta_gradient
 
     # -- losses ---------------------------------------------------------------------
     def _loss(self, phi, chunk, n_total, step, index):
@@ -318,10 +327,12 @@ class _Task:
 
         Support passes run on the math attention kernel, as their recomputations for
         curvature products must: a fused kernel would draw other attention-dropout masks.
+        Where nothing recomputes them (`fused_support`), the default kernel runs.
         """
         leaves, grad, total, diag = self._leaves(phi), None, 0.0, None
+        kernel = contextlib.nullcontext if self.fused_support else M.second_order_attention
         for i, chunk in enumerate(self.support):
-            with M.second_order_attention():  # checkpointed blocks recompute in backward
+            with kernel():  # checkpointed blocks recompute in backward
                 loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
                 g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
@@ -1045,7 +1056,7 @@ class MetaTrainer:
             loss, grads = compute_batched_meta_gradient(
                 self.model, self.theta, episodes, self.inner_lr, self.inner_steps,
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init,
+                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
                 **_meta_gradient_options(self.memory.hessian_approximation,
                                          _task_seed(self.seed, iteration, self.local_tasks[0])))
         n = len(tasks)  # the call returns means over its tasks
@@ -1059,7 +1070,7 @@ class MetaTrainer:
             loss, grads = compute_meta_gradient(
                 self.model, self.theta, support, query, self.inner_lr, self.inner_steps,
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init,
+                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
                 **_meta_gradient_options(self.memory.hessian_approximation, seed))
         return loss, grads, {k: float(v) for k, v in metrics.items()}
 

@@ -262,3 +262,24 @@ def test_proto_head_init_equals_unrolled_autograd(name):
     ref_b = [proto_unrolled(model, theta, s, q, 0.5, 2)[1] for s, q in episodes]
     mean = {n: (ref_b[0][n] + ref_b[1][n]) / 2 for n in theta}
     assert relative_error(flat(batched, theta), flat(mean, theta)) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["none", "diagonal"])
+def test_pre_adaptation_accuracy_is_optional_and_changes_nothing_else(method):
+    model, theta, support, query = setup_task("tiny-gpt2", seed=15, dropout=0.1)
+    with_before, without = {}, {}
+    a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
+                                      metrics=with_before)
+    b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
+                                      metrics=without, acc_before=False)
+    assert "query_acc_before" in with_before and "query_acc_before" not in without
+    assert without == {k: v for k, v in with_before.items() if k != "query_acc_before"}
+    assert torch.equal(a[0], b[0]) and torch.equal(flat(a[1], theta), flat(b[1], theta))
+    # first-order support passes (fused attention kernel) equal the math kernel's, which
+    # checkpointed blocks keep
+    assert M.enable_checkpointing(model, lora_only=True) > 0
+    try:
+        c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1)
+    finally:
+        M.disable_checkpointing(model)
+    assert relative_error(flat(c[1], theta), flat(a[1], theta)) < 1e-10
