@@ -17,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 import memory  # noqa: E402
 import speed  # noqa: E402
 
@@ -80,3 +81,24 @@ def test_memory_window_sees_an_allocation():
         block = torch.ones(64, 2**20)  # 256 MiB, written so every page is resident
         del block
     assert window.extra_mb > 200
+
+
+def test_gpu_check_runs_on_cpu_quick(tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["--device", "cpu", "--quick", "--output", str(out)] + _threads())
+    written = json.loads(out.read_text())
+    assert [c["name"] for c in written["checks"]] == list(gpu_check.CHECKS)  # one entry per check
+    status = {c["name"]: c for c in written["checks"]}
+    assert written["failed"] == [] and result["failed"] == [], [c.get("error") for c in written["checks"]]
+    # CUDA criteria are not judged on CPU, but every check that can run its code did
+    for name in ("autocast_bf16", "autocast_fp16", "memory_table", "batched_tasks"):
+        assert status[name]["status"] == gpu_check.NO_CUDA and status[name]["cpu_smoke"] == "ran", name
+    for name in ("torchrun_nccl", "oom_retry"):
+        assert status[name]["status"] == gpu_check.NO_CUDA, name
+    assert status["autocast_bf16"]["cosine"] > 0.99  # bf16 autocast on CPU stays close to fp32
+    assert status["attention_kernels"]["status"] == "pass"  # judged on CPU too
+    assert len(status["memory_table"]["rows"]) == len(gpu_check.MEMORY_ROWS)
+    assert status["batched_tasks"]["speedup"] > 0
+    markdown = out.with_suffix(".md").read_text()
+    assert "| autocast_bf16 | skipped: no CUDA |" in markdown and "| Configuration | Extra peak MiB |" in markdown
+    assert "| Check | Status | Result |" in capsys.readouterr().out
