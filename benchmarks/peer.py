@@ -11,6 +11,8 @@ user gets from the standard libraries.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,13 @@ def maml_meta_gradient(model: PeerModel, theta: dict[str, torch.Tensor], support
         return F.cross_entropy(logits, batch["labels"])
 
     phi = dict(params)
+    # second order differentiates attention twice: only the math SDPA kernel can
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with contextlib.nullcontext() if first_order else sdpa_kernel([SDPBackend.MATH]):
+        return _unrolled(loss, params, phi, support, query, inner_lr, inner_steps, first_order)
+
+
+def _unrolled(loss, params, phi, support, query, inner_lr, inner_steps, first_order):
     for _ in range(inner_steps):
         grads = torch.autograd.grad(loss(phi, support), list(phi.values()),
                                     create_graph=not first_order)
