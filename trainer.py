@@ -612,7 +612,7 @@ class _KFACRecorder:
 # ====================================================================================
 
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
-MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
+MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.layers",
               "tasks.n_way", "training.seed", "training.precision",
               "meta_learning.inner.learn_lr", "meta_learning.head_init")
 # Of those, a mismatch that cannot be papered over: the checkpoint is refused.
@@ -708,9 +708,19 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
         raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
                           f"{name!r}; add `{family}: [...]` under lora.target_modules")
     set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
+    layers = list(cfg.lora.layers)
+    try:
+        M.check_lora_layers(model, layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
-                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]))
+                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
+                  layers=layers)
     model = model.to(device).train()
+    if layers and cfg.memory_optimization.prefix_cache:
+        skipped = M.enable_prefix_cache(model)
+        log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
+                 "example (memory_optimization.prefix_cache)", skipped)
     checkpointing = cfg.memory_optimization.checkpointing
     if checkpointing_decision(cfg, model, device):
         M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)

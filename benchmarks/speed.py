@@ -24,6 +24,8 @@ example `seq_len` tokens), all in the same run:
    peer's second order (exact methods) or first order (the others): of the medians,
    and the range of the per-round (paired) ratios; extra peak memory of each in a
    child process of its own (peak minus after one warm-up meta-iteration).
+   `--peer --prefix-cache`: MELoRA with LoRA on the top 2 of the 6 blocks, with and
+   without the frozen-prefix cache (`model.enable_prefix_cache`; target >= 2x faster).
 
 Timings are interleaved (every candidate once per round, `--repeats` rounds, after one
 untimed warm-up round) and reported as medians, so load on a shared machine hits all of
@@ -276,6 +278,9 @@ def parse_args(argv=None):
                         help="JSON (default benchmarks/results/speed.json, speed_peer.json with --peer)")
     parser.add_argument("--peer", action="store_true",
                         help="MELoRA against PEFT LoRA + torch.func MAML on --peer-model (part 4)")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="with --peer: LoRA on the top 2 of MiniLM's 6 blocks with and without "
+                             "the frozen-prefix cache, instead of the peer comparison")
     parser.add_argument("--peer-model", default="minilm-l6",
                         help="--peer: minilm-l6 or a local Hugging Face BERT-family directory")
     parser.add_argument("--peer-tasks", type=int, default=2, help="--peer: tasks per meta-iteration")
@@ -287,7 +292,10 @@ def parse_args(argv=None):
     if args.peer and args.clock == "cpu" and args.device.startswith("cuda"):
         parser.error("--clock cpu measures CPU time; on CUDA use --clock wall")
     if args.output is None:
-        args.output = C.RESULTS / ("speed_peer.json" if args.peer else "speed.json")
+        args.output = C.RESULTS / ("speed_prefix_cache.json" if args.prefix_cache else
+                                   "speed_peer.json" if args.peer else "speed.json")
+    if args.prefix_cache and not args.peer:
+        parser.error("--prefix-cache is a variant of --peer: pass both")
     return args
 
 
@@ -319,6 +327,17 @@ PEER_TARGETS = {  # name -> (reference, time target, memory target)
     "MELoRA diagonal, micro-batch 4": (PEER_FIRST, None, None),
     "MELoRA full, checkpointing": (PEER_SECOND, None, None),
 }
+TOP2 = [4, 5]  # --prefix-cache: LoRA on the top 2 of MiniLM's 6 blocks
+CACHE_CANDIDATES = {
+    "MELoRA full, LoRA top 2, no cache": ("melora", {"method": "full", "layers": TOP2}),
+    "MELoRA full, LoRA top 2, prefix cache": ("melora", {"method": "full", "layers": TOP2, "cache": True}),
+    "MELoRA none, LoRA top 2, no cache": ("melora", {"method": "none", "layers": TOP2}),
+    "MELoRA none, LoRA top 2, prefix cache": ("melora", {"method": "none", "layers": TOP2, "cache": True}),
+}
+CACHE_TARGETS = {  # the cache against the same configuration without it: >= 2x faster
+    "MELoRA full, LoRA top 2, prefix cache": ("MELoRA full, LoRA top 2, no cache", 0.5, None),
+    "MELoRA none, LoRA top 2, prefix cache": ("MELoRA none, LoRA top 2, no cache", 0.5, None),
+}
 PEER_LORA = {"rank": 8, "alpha": 16.0, "peft_targets": ["query", "value"],
              "melora_targets": ["attention.self.query", "attention.self.value"]}
 
@@ -329,15 +348,18 @@ def peer_candidate(job: dict):
     from trainer import HessianOptions, compute_meta_gradient
     device = torch.device(job["device"])
     name, lr, k = job["model"], job["inner_lr"], job["inner_steps"]
-    kind, fields = PEER_CANDIDATES[job["candidate"]]
+    kind, fields = {**PEER_CANDIDATES, **CACHE_CANDIDATES}[job["candidate"]]
     path = str(M.minilm_path()) if name == "minilm-l6" else name
     if kind == "peer":
         net, theta = P.build_peer(path, job["n_way"], PEER_LORA["rank"], PEER_LORA["alpha"],
                                   PEER_LORA["peft_targets"], device=device)
     else:
         net, _ = M.load_model(name, job["n_way"], pooling="mean", dropout=0.0)
-        M.inject_lora(net, PEER_LORA["rank"], PEER_LORA["alpha"], 0.0, PEER_LORA["melora_targets"])
+        M.inject_lora(net, PEER_LORA["rank"], PEER_LORA["alpha"], 0.0, PEER_LORA["melora_targets"],
+                      layers=fields.get("layers"))
         net = net.to(device)
+        if fields.get("cache"):
+            M.enable_prefix_cache(net)
         theta = M.lora_parameters(net)
         if fields.get("checkpointing"):
             M.enable_checkpointing(net, lora_only=True)
@@ -385,7 +407,8 @@ def run_peer(args) -> dict:
            "inner_steps": args.inner_steps, "inner_lr": C.inner_lr(), "tasks": args.peer_tasks,
            "seed": args.seed, "threads": args.threads}
     load_before = C.load_average()
-    fns = {name: peer_candidate({**job, "candidate": name})[0] for name in PEER_CANDIDATES}
+    candidates = CACHE_CANDIDATES if args.prefix_cache else PEER_CANDIDATES
+    fns = {name: peer_candidate({**job, "candidate": name})[0] for name in candidates}
     clock = time.process_time if args.clock == "cpu" else None
     for fn in fns.values():
         fn()  # warm-up round
@@ -402,7 +425,7 @@ def run_peer(args) -> dict:
     del fns
     memory = {}
     if not args.no_memory:
-        for name in PEER_CANDIDATES:
+        for name in candidates:
             memory[name] = C.run_in_child(measure_peer, {**job, "candidate": name})
             print(f"  memory {name}: {C.fmt(memory[name].get('extra_mb'))} MiB", file=sys.stderr, flush=True)
     return summarize_peer(args, job, times, memory, {"before": load_before, "after": C.load_average()}, device)
@@ -411,8 +434,10 @@ def run_peer(args) -> dict:
 def summarize_peer(args, job, times, memory, load, device) -> dict:
     med = {name: C.median(ts) for name, ts in times.items()}
     rows = {}
-    for name in PEER_CANDIDATES:
-        ref, t_target, m_target = PEER_TARGETS.get(name, (None, None, None))
+    candidates, targets = ((CACHE_CANDIDATES, CACHE_TARGETS) if args.prefix_cache
+                           else (PEER_CANDIDATES, PEER_TARGETS))
+    for name in candidates:
+        ref, t_target, m_target = targets.get(name, (None, None, None))
         row = {"seconds_per_iteration": med[name], "seconds_all": times[name],
                "extra_mb": memory.get(name, {}).get("extra_mb"), "reference": ref}
         if ref is not None:
@@ -428,12 +453,15 @@ def summarize_peer(args, job, times, memory, load, device) -> dict:
             row["met"] = all(checks) if checks else None
         rows[name] = row
     return {"hardware": C.hardware(device), "load_average": load, "peer": True, "job": job,
+            "prefix_cache": args.prefix_cache,
             "clock": args.clock, "repeats": args.repeats, "lora": PEER_LORA, "candidates": rows}
 
 
 def peer_tables(r: dict) -> str:
     j, load = r["job"], r["load_average"]
-    lines = [C.header("Speed: MELoRA against the peer (PEFT LoRA + torch.func MAML)", r["hardware"]), "",
+    title = ("Speed: the frozen-prefix cache (LoRA on the top 2 blocks)" if r.get("prefix_cache")
+             else "Speed: MELoRA against the peer (PEFT LoRA + torch.func MAML)")
+    lines = [C.header(title, r["hardware"]), "",
              f"Model {j['model']}, LoRA on query and value, r={r['lora']['rank']}, alpha "
              f"{r['lora']['alpha']}, mean pooling, dropout off. Episodes: {j['n_way']}-way "
              f"{j['k_shot']}-shot, {j['q_query']} queries per class, {j['seq_len']} tokens (random "
@@ -451,12 +479,12 @@ def peer_tables(r: dict) -> str:
                          f"{C.fmt(row['extra_mb'])} | 1.00x | | |")
             continue
         rounds = row["time_ratio_rounds"]
-        ref = "2nd" if row["reference"] == PEER_SECOND else "1st"
+        ref = {PEER_SECOND: "peer 2nd", PEER_FIRST: "peer 1st"}.get(row["reference"], "no cache")
         target = ", ".join(x for x in (
             f"time <= {row['time_target']}x" if row["time_target"] else "",
             f"memory <= {row['memory_target']}x" if row["memory_target"] is not None else "") if x)
         met = {None: "-", True: "met", False: "**not met**"}[row["met"]]
-        lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | {row['time_ratio']:.2f}x of peer "
+        lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | {row['time_ratio']:.2f}x of "
                      f"{ref} ({min(rounds):.2f}-{max(rounds):.2f}) | {C.fmt(row['extra_mb'])} | "
                      f"{C.fmt(row['memory_ratio'], 2)}x | {target or '-'} | {met} |")
     return "\n".join(lines)

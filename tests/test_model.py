@@ -267,3 +267,60 @@ def test_auto_checkpointing_turns_on_only_over_the_budget(caplog):
     assert not checkpointed(off)
     with pytest.raises(utils.ConfigError, match="must be true, false or auto"):
         auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=sometimes")
+
+
+# ---- LoRA on the top blocks and the frozen-prefix cache -------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_prefix_cache_gives_the_same_meta_gradient(name):
+    import trainer
+    from test_meta_gradient import QUERY, Q_LABELS, S_LABELS, SUPPORT, flat, relative_error
+    model, tok = M.load_model(name, num_labels=3, dtype=torch.float64, dropout=0.0)
+    torch.manual_seed(0)
+    wrapped = M.inject_lora(model, rank=2, alpha=4.0, dropout=0.0, target_modules=targets(name), layers=[1])
+    assert wrapped and all(M._block_index(model, n) == 1 for n in wrapped)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    theta = {n: p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3
+             for n, p in M.lora_parameters(model).items()}
+    support, query = make_batch(tok, SUPPORT, S_LABELS), make_batch(tok, QUERY, Q_LABELS)
+    episodes = [(support, query), (query, support)]
+    rates = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
+
+    def gradients():
+        out = [trainer.compute_meta_gradient(model, theta, support, query, rates, 2, method, mb)
+               for method, mb in (("full", 0), ("full", 4), ("none", 2))]
+        return out + [trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, "full", 4)]
+    plain = gradients()
+    assert M.enable_prefix_cache(model) == 1
+    try:
+        cached = gradients()
+        cache = model._prefix_cache
+        assert cache.misses == len(SUPPORT) + len(QUERY)  # every distinct example ran once
+        assert cache.hits > 10 * cache.misses
+        assert M.enable_checkpointing(model, lora_only=True) == 1
+        try:
+            cached.append(trainer.compute_meta_gradient(model, theta, support, query, rates, 2, "full", 4))
+        finally:
+            M.disable_checkpointing(model)
+    finally:
+        M.disable_prefix_cache(model)
+    assert not hasattr(model, "_prefix_cache")
+    plain.append(plain[1])
+    for (loss_a, a), (loss_b, b) in zip(plain, cached):
+        assert abs(loss_a.item() - loss_b.item()) < 1e-10
+        assert relative_error(flat(b, theta), flat(a, theta)) < 1e-8
+        assert relative_error(b["inner_lr"], a["inner_lr"]) < 1e-8
+
+
+def test_lora_layers_from_the_config(caplog):
+    import trainer
+    with caplog.at_level("INFO", logger="melora"):
+        model, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]"), torch.device("cpu"))
+    assert model._prefix_cache.first == 1 and "prefix cache" in caplog.text
+    assert all(".layer.1." in n for n in M.lora_parameters(model) if not n.startswith("head"))
+    plain, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]",
+                                            "memory_optimization.prefix_cache=false"), torch.device("cpu"))
+    assert not hasattr(plain, "_prefix_cache")
+    with pytest.raises(utils.ConfigError, match=r"lora.layers \[2\] names blocks \[2\].*0..1"):
+        trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[2]"), torch.device("cpu"))
