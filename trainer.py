@@ -353,7 +353,8 @@ class _Task:
                 loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
                 grads.append(torch.autograd.grad(loss, leaves, create_graph=True))
                 total += loss.item()
-        grad = [sum(parts) for parts in zip(*grads)]
+        # one chunk: its gradient as is (a sum from 0 would hold another adapter-sized copy)
+        grad = list(grads[0]) if len(grads) == 1 else [sum(parts) for parts in zip(*grads)]
         return [g.detach() for g in grad], total, (leaves, grad)
 
     @staticmethod
