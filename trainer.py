@@ -613,8 +613,8 @@ class _KFACRecorder:
 # ====================================================================================
 
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
-MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.layers",
-              "tasks.n_way", "training.seed", "training.precision",
+MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
+              "lora.layers", "tasks.n_way", "training.seed", "training.precision",
               "meta_learning.inner.learn_lr", "meta_learning.head_init")
 # Of those, a mismatch that cannot be papered over: the checkpoint is refused.
 REFUSED_KEYS = ("models.selected_model", "lora.default_rank")

@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402
-from trainer import HessianOptions, compute_batched_meta_gradient, compute_meta_gradient  # noqa: E402
+from trainer import compute_batched_meta_gradient, compute_meta_gradient  # noqa: E402
 
 COSINE_TARGET = 0.999       # autocast meta-gradient against fp32
 KERNEL_COSINE_TARGET = 0.9999  # fused against math attention
