@@ -1196,7 +1196,7 @@ def _report_header(cfg, results: Mapping, training: Mapping | None, argv) -> str
              f"inner lr {m.inner.default_lr}, outer lr {m.outer.default_lr}",
              f"- meta-gradient: Hessian method `{memory.hessian_approximation.method}`, micro-batch "
              f"{memory.gradient_accumulation.default_micro_batch}, checkpointing "
-             f"{'on' if memory.checkpointing.enabled else 'off'}",
+             f"{({True: 'on', False: 'off'}.get(memory.checkpointing.enabled, 'auto'))}",
              f"- evaluation: {results.get('num_episodes', '?')} fixed meta-test episodes; accuracy "
              f"after K={results.get('reported_step', '?')} steps; memory: {results.get('memory_method', '?')}; "
              f"baselines meta-trained for {cfg.evaluation.baseline_meta_iterations} iterations",

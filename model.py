@@ -184,7 +184,7 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
 
 
 def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
-                target_modules: Sequence[str]) -> list[str]:
+                target_modules: Sequence[str], layers: Sequence[int] | None = None) -> list[str]:
     """Wrap every matching `nn.Linear`/`Conv1D` of `model` in a `LoRALayer`, in place.
 
     A target matches every module whose dotted name ends with it (as in PEFT). Every
@@ -196,6 +196,8 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
         alpha: lora_alpha; scaling = alpha / rank.
         dropout: dropout on the LoRA path, in [0, 1).
         target_modules: name suffixes, e.g. `["attn.c_attn", "mlp.c_fc"]`.
+        layers: transformer block indices that get LoRA (PEFT's `layers_to_transform`);
+            None or empty = every block. Targets outside the blocks are not wrapped then.
 
     Returns:
         The dotted names of the wrapped modules.
@@ -218,6 +220,8 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
         raise ValueError(f"LoRA target modules {unmatched} match no linear layer of this model; "
                          f"its linear layers are: {', '.join(_name_patterns(linear))}")
     wrapped = [n for n in linear if _matches(n, target_modules)]
+    if layers:
+        wrapped = [n for n in wrapped if _block_index(model, n) in set(layers)]
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -225,6 +229,24 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
     for name, param in model.named_parameters():
         param.requires_grad_(_is_meta_parameter(name))
     return wrapped
+
+
+def _block_index(model: nn.Module, name: str) -> int | None:
+    """Index of the transformer block holding module `name` (None outside the blocks)."""
+    for blocks in _block_lists(model):
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        if name.startswith(prefix + "."):
+            return int(name[len(prefix) + 1:].split(".", 1)[0])
+    return None
+
+
+def check_lora_layers(model: nn.Module, layers: Sequence[int]) -> None:
+    """Raise ValueError when `layers` names a block index the model does not have."""
+    count = sum(len(b) for b in _block_lists(model))
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < count]
+    if bad:
+        raise ValueError(f"lora.layers {list(layers)} names blocks {bad} that this model does not "
+                         f"have; it has {count} blocks, 0..{count - 1} ([] = every block)")
 
 
 def _inside_lora(model: nn.Module, name: str) -> bool:
@@ -304,7 +326,14 @@ class MELoRAModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, hidden) of a right-padded batch (B, T)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        cache = getattr(self, "_prefix_cache", None)
+        if cache is not None:  # frozen lower blocks: their outputs come from the cache
+            cache.current = cache.lookup(input_ids, attention_mask)
+        try:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            if cache is not None:
+                cache.current = None
         mask = attention_mask.to(hidden.dtype)  # (B, T)
         if self.pooling == "cls":
             return hidden[:, 0]
@@ -366,6 +395,137 @@ def second_order_attention() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------
+# Frozen-prefix cache
+# ------------------------------------------------------------------------------------
+
+class _Captured(Exception):
+    """Stops a cache-filling forward at the first LoRA block, carrying its input."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+class PrefixCache:
+    """Inputs of the lowest LoRA block, per example: the frozen blocks below run once.
+
+    With LoRA on the top blocks only (`inject_lora(..., layers=...)`), everything below
+    the lowest LoRA block is frozen, so its output for an example is the same at every
+    meta-iteration. `MELoRAModel.embed` looks each example up (by its token ids), fills
+    misses with one forward that stops at that block, and the blocks below are skipped:
+    the lowest LoRA block's input is replaced by the cached states. Real tokens' states do
+    not depend on padding (masked), so chunks of any length reuse them; pad positions
+    get zeros, which attention masks out. Lower blocks fill the cache without dropout.
+
+    Attributes:
+        first: index of the lowest LoRA block; hits, misses: lookups so far.
+    """
+
+    def __init__(self, model: "MELoRAModel", blocks: nn.ModuleList, first: int):
+        self.model, self.blocks, self.first = model, blocks, first
+        self.states: dict[bytes, torch.Tensor] = {}
+        self.current: torch.Tensor | None = None
+        self.filling = False
+        self.hits = self.misses = 0
+
+    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, hidden) inputs of the first LoRA block for a right-padded batch."""
+        lengths = attention_mask.sum(1).tolist()
+        keys = [input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        missing = [i for i, k in enumerate(keys) if k not in self.states]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            self._fill(input_ids[missing], attention_mask[missing],
+                       [keys[i] for i in missing], [lengths[i] for i in missing])
+        dtype = self.states[keys[0]].dtype
+        out = torch.zeros(*input_ids.shape, self.states[keys[0]].shape[-1], dtype=dtype,
+                          device=input_ids.device)
+        for i, (k, n) in enumerate(zip(keys, lengths)):
+            out[i, :n] = self.states[k]
+        return out
+
+    @torch.no_grad()
+    def _fill(self, input_ids, attention_mask, keys, lengths) -> None:
+        backbone, was_training = self.model.backbone, self.model.backbone.training
+        self.filling = True
+        backbone.eval()
+        try:
+            backbone(input_ids=input_ids, attention_mask=attention_mask)
+            raise RuntimeError("the prefix cache's forward did not reach the first LoRA block")
+        except _Captured as captured:
+            for k, n, h in zip(keys, lengths, captured.hidden):
+                self.states[k] = h[:n].detach().clone()
+        finally:
+            self.filling = False
+            backbone.train(was_training)
+
+    def pre_hook(self, module, args, kwargs):
+        if self.filling:
+            raise _Captured(args[0] if args else kwargs["hidden_states"])
+        if self.current is None:
+            return None
+        hidden = self.current.to(args[0].dtype if args else kwargs["hidden_states"].dtype)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+
+def enable_prefix_cache(model: "MELoRAModel") -> int:
+    """Cache the frozen blocks below the lowest LoRA block (see `PrefixCache`).
+
+    Returns:
+        The number of blocks skipped (0 when block 0 holds LoRA: nothing to cache).
+
+    Raises:
+        ValueError: LoRA outside the transformer blocks, several block lists (T5's
+            encoder-decoder) or blocks that do not return a plain tensor.
+    """
+    lists = _block_lists(model.backbone)
+    if len(lists) != 1:
+        raise ValueError("the prefix cache needs one list of transformer blocks; this model has "
+                         f"{len(lists)}: turn memory_optimization.prefix_cache off")
+    blocks = lists[0]
+    holding = [i for i, b in enumerate(blocks) if lora_layers(b)]
+    if not holding or len(lora_layers(model)) != sum(len(lora_layers(blocks[i])) for i in holding):
+        raise ValueError("the prefix cache needs every LoRA layer inside the transformer blocks")
+    first = holding[0]
+    if first == 0 or hasattr(model, "_prefix_cache"):
+        return 0
+    cache = PrefixCache(model, blocks, first)
+    cache.handle = blocks[first].register_forward_pre_hook(cache.pre_hook, with_kwargs=True)
+    for block in blocks[:first]:
+        block._melora_unskipped = block.forward
+        block.forward = _skipping(block.forward, cache)
+    model._prefix_cache = cache
+    return first
+
+
+def disable_prefix_cache(model: "MELoRAModel") -> None:
+    """Undo `enable_prefix_cache` (the cached states are dropped)."""
+    cache = getattr(model, "_prefix_cache", None)
+    if cache is None:
+        return
+    cache.handle.remove()
+    for block in cache.blocks[:cache.first]:
+        block.forward = block._melora_unskipped
+        del block._melora_unskipped
+    del model._prefix_cache
+
+
+def _skipping(block_forward, cache: PrefixCache):
+    def forward(hidden_states, *args, **kwargs):
+        if cache.filling or cache.current is None:
+            out = block_forward(hidden_states, *args, **kwargs)
+            if not torch.is_tensor(out):
+                raise ValueError("the prefix cache needs blocks that return a tensor; turn "
+                                 "memory_optimization.prefix_cache off for this model")
+            return out
+        return hidden_states  # its output is replaced at the first LoRA block anyway
+    return forward
+
+
+# ------------------------------------------------------------------------------------
 # Selective gradient checkpointing
 # ------------------------------------------------------------------------------------
 
@@ -393,6 +553,11 @@ def enable_checkpointing(model: nn.Module, lora_only: bool = True) -> int:
                 block.forward = _checkpointed(block._melora_forward, layers)
                 count += 1
     return count
+
+
+def is_checkpointed(model: nn.Module) -> bool:
+    """Whether `enable_checkpointing` wrapped any of `model`'s blocks."""
+    return any(hasattr(m, "_melora_forward") for m in model.modules())
 
 
 def disable_checkpointing(model: nn.Module) -> None:

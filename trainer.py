@@ -58,16 +58,25 @@ class HessianOptions:
         diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
             gradients) or hutchinson.
         hutchinson_probes: Rademacher probes per inner step for hutchinson.
-        keep_last_step: `full` only: build the last inner step's support gradient with
-            its graph during the forward sweep and keep it through the query pass, so
-            the backward sweep's first Hessian-vector product needs no recomputation.
-            Saves a forward+backward and a forward+double-backward per task (about 1/K
-            of the recomputation) and raises peak memory to that graph plus the query
-            pass's. Same meta-gradient either way.
+        keep_graphs: `full` only: how many inner steps (the last ones, 0..K; more = K)
+            build their support gradient with its graph during the forward sweep and
+            keep it until the backward sweep's Hessian-vector product, instead of
+            recomputing it. Each kept step saves a forward+backward per task (its
+            product then costs one double backward only) and adds one step's graph to
+            peak memory (peak = the kept graphs + the query pass). K keeps them all,
+            as unrolled autograd does. Same meta-gradient for every value.
+        keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
     """
     diagonal_estimator: str = "fisher"
     hutchinson_probes: int = 1
     keep_last_step: bool = False
+    keep_graphs: int = 0
+
+    def graphs_kept(self, method: str, inner_steps: int) -> int:
+        """How many of the last inner steps keep their gradient graph (0 unless `full`)."""
+        if method != "full":
+            return 0
+        return min(inner_steps, max(int(self.keep_graphs), int(bool(self.keep_last_step))))
 
 
 def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -75,7 +84,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
                           inner_lr: float | torch.Tensor, inner_steps: int, method: str = "full",
                           micro_batch: int = 0, *, metrics: dict | None = None,
                           hessian: HessianOptions = HessianOptions(), seed: int | None = None,
-                          head_init: str = "zero",
+                          head_init: str = "zero", acc_before: bool = True,
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Meta-gradient of one task's query loss after `inner_steps` adaptation steps.
 
@@ -94,9 +103,10 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         micro_batch: examples per micro-batch; 0 or >= the set size = the whole set.
             Gradients and curvature products accumulate, so results do not depend on it
             (except `diagonal` with the fisher estimator, which is built from them).
-        metrics: when a dict, filled with `query_acc_before` (at theta), `query_acc_after`
-            (at phi_K) and `support_loss` (at theta).
-        hessian: options of the `diagonal` estimator.
+        metrics: when a dict, filled with `query_acc_before` (at theta; unless
+            `acc_before` is False, which saves a query forward per task),
+            `query_acc_after` (at phi_K) and `support_loss` (at theta).
+        hessian: options of the `diagonal` estimator and of `full`'s kept graphs.
         seed: seeds dropout; every recomputation of a step replays the same masks. None
             draws one from torch's global generator.
         head_init: zero (the head starts at theta's head) or proto (Proto-MAML,
@@ -118,7 +128,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
     _check_head_init(head_init)
     task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=1)
     phi_0 = [t.detach() for t in theta.values()]
-    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init)
+    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init,
+                          acc_before)
 
 
 def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -128,6 +139,7 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
                                   metrics: dict | None = None,
                                   hessian: HessianOptions = HessianOptions(),
                                   seed: int | None = None, head_init: str = "zero",
+                                  acc_before: bool = True,
                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean meta-gradient of several tasks whose inner loops run together.
 
@@ -152,25 +164,26 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
     if method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
         return _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method,
-                              micro_batch, metrics, hessian, seed, head_init)
+                              micro_batch, metrics, hessian, seed, head_init, acc_before)
     T = len(episodes)
     support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
     task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=T)
     phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
     query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian,
-                                       metrics, head_init)
+                                       metrics, head_init, acc_before)
     mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
     return query_loss / T, mean
 
 
 def _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method, micro_batch,
-                   metrics, hessian, seed, head_init):
+                   metrics, hessian, seed, head_init, acc_before=True):
     total, summed, per_task = 0.0, {}, []
     for t, (support, query) in enumerate(episodes):
         m = {}
         loss, grads = compute_meta_gradient(model, theta, support, query, inner_lr, inner_steps,
                                             method, micro_batch, metrics=m, hessian=hessian,
-                                            seed=seed + t, head_init=head_init)
+                                            seed=seed + t, head_init=head_init,
+                                            acc_before=acc_before)
         total = total + loss
         summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
         per_task.append(m)
@@ -213,7 +226,7 @@ def initial_fast_weights(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor]
 
 def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_steps: int,
                    method: str, hessian: HessianOptions, metrics: dict | None,
-                   head_init: str = "zero"):
+                   head_init: str = "zero", acc_before: bool = True):
     """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
     # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
     if head_init == "proto":
@@ -221,13 +234,18 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     lrs = _step_rates(inner_lr, inner_steps)
     learn_lr = torch.is_tensor(inner_lr)
     fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
+    # Without curvature products or checkpointed blocks nothing recomputes a support
+    # pass, so the support passes may use the fused attention kernel (query passes do).
+    task.fused_support = (method == "none" or fisher) and not M.is_checkpointed(task.model)
 
     # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only (and,
-    #    with keep_last_step, the last step's gradient graph for its Hessian product).
-    phis, grads_s, diags, kept = [phi_0], [], [], None
+    #    with keep_graphs, the last steps' gradient graphs for their Hessian products).
+    phis, grads_s, diags = [phi_0], [], []
+    first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
+    kept: list = [None] * inner_steps
     for k in range(inner_steps):
-        if method == "full" and hessian.keep_last_step and k == inner_steps - 1:
-            g, loss, kept = task.support_grad_with_graph(phis[k], k)
+        if k >= first_kept:
+            g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
             diag = None
         else:
             g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
@@ -245,8 +263,8 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
     for k in reversed(range(inner_steps)):
         if learn_lr:
             lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
-        if kept is not None:  # the last step, its graph kept from the forward sweep
-            hv, kept = task.kept_hvp(kept, v), None
+        if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
+            hv, kept[k] = task.kept_hvp(kept[k], v), None
             v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
         elif method != "none":
             hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
@@ -257,7 +275,8 @@ def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_ste
         v = task.proto_backward(phi_0, v, prototypes)
     if metrics is not None:
         metrics["query_acc_after"] = acc_after
-        metrics["query_acc_before"] = task.accuracy(phis[0])
+        if acc_before:  # one more query forward per task, at phi_0
+            metrics["query_acc_before"] = acc_after if inner_steps == 0 else task.accuracy(phis[0])
     grads = dict(zip(task.names, v))
     if learn_lr:
         grads["inner_lr"] = lr_grad.to(inner_lr.device)
@@ -282,6 +301,7 @@ class _Task:
         self.n_support = int(support["labels"].numel()) // tasks  # per task: losses are per-task means
         self.n_query = int(query["labels"].numel()) // tasks
         self.device = support["input_ids"].device
+        self.fused_support = False  # see _meta_gradient
 
     # -- losses ---------------------------------------------------------------------
     def _loss(self, phi, chunk, n_total, step, index):
@@ -307,10 +327,12 @@ class _Task:
 
         Support passes run on the math attention kernel, as their recomputations for
         curvature products must: a fused kernel would draw other attention-dropout masks.
+        Where nothing recomputes them (`fused_support`), the default kernel runs.
         """
         leaves, grad, total, diag = self._leaves(phi), None, 0.0, None
+        kernel = contextlib.nullcontext if self.fused_support else M.second_order_attention
         for i, chunk in enumerate(self.support):
-            with M.second_order_attention():  # checkpointed blocks recompute in backward
+            with kernel():  # checkpointed blocks recompute in backward
                 loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
                 g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
@@ -331,7 +353,8 @@ class _Task:
                 loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
                 grads.append(torch.autograd.grad(loss, leaves, create_graph=True))
                 total += loss.item()
-        grad = [sum(parts) for parts in zip(*grads)]
+        # one chunk: its gradient as is (a sum from 0 would hold another adapter-sized copy)
+        grad = list(grads[0]) if len(grads) == 1 else [sum(parts) for parts in zip(*grads)]
         return [g.detach() for g in grad], total, (leaves, grad)
 
     @staticmethod
@@ -591,7 +614,7 @@ class _KFACRecorder:
 
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
 MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
-              "tasks.n_way", "training.seed", "training.precision",
+              "lora.layers", "tasks.n_way", "training.seed", "training.precision",
               "meta_learning.inner.learn_lr", "meta_learning.head_init")
 # Of those, a mismatch that cannot be papered over: the checkpoint is refused.
 REFUSED_KEYS = ("models.selected_model", "lora.default_rank")
@@ -686,12 +709,95 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
         raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
                           f"{name!r}; add `{family}: [...]` under lora.target_modules")
     set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
+    layers = list(cfg.lora.layers)
+    try:
+        M.check_lora_layers(model, layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
-                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]))
+                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
+                  layers=layers)
+    model = model.to(device).train()
+    if layers and cfg.memory_optimization.prefix_cache:
+        skipped = M.enable_prefix_cache(model)
+        log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
+                 "example (memory_optimization.prefix_cache)", skipped)
     checkpointing = cfg.memory_optimization.checkpointing
-    if checkpointing.enabled:
+    if checkpointing_decision(cfg, model, device):
         M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
-    return model.to(device).train(), tokenizer
+    return model, tokenizer
+
+
+def estimate_peak_activation_mb(cfg: Config, model: M.MELoRAModel) -> float:
+    """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
+
+    Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
+    the MLP's width and 3 per attention head of sequence length (scores, probabilities,
+    mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
+    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
+    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
+    tokens. A first-order step holds one such graph; a second-order product (full,
+    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
+    backward keeps as much again), and `full` with kept graphs holds that many of them
+    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
+    """
+    config = model.backbone.config
+    hidden = config.hidden_size
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or getattr(config, "d_ff", None) or 4 * hidden)
+    length = cfg.models.max_length
+    per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
+    tasks, memory = cfg.tasks, cfg.memory_optimization
+    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
+    micro = memory.gradient_accumulation.default_micro_batch
+    examples = set_size if micro <= 0 else min(micro, set_size)
+    if cfg.meta_learning.batched_tasks:
+        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
+    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
+    graph = examples * length * layers * per_token * bytes_per / 2**20
+    hessian = memory.hessian_approximation
+    method = hessian.method
+    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
+        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
+    if not second_order:
+        return graph
+    kept = HessianOptions(keep_last_step=hessian.keep_last_step, keep_graphs=hessian.keep_graphs
+                          ).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
+    return max(2 * graph, 2 * kept * graph + graph)
+
+
+def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
+    """MiB the graphs may take: CUDA's free memory now, or on CPU
+    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20
+    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
+    if budget > 0:
+        return float(budget)
+    import psutil
+    return psutil.virtual_memory().available / 2**20
+
+
+def checkpointing_decision(cfg: Config, model: M.MELoRAModel, device: torch.device) -> bool:
+    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
+    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
+    The decision and its numbers are logged."""
+    enabled = cfg.memory_optimization.checkpointing.enabled
+    if enabled != "auto":
+        log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
+                 "on" if enabled else "off", str(enabled).lower())
+        return bool(enabled)
+    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
+    on = peak > budget
+    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
+    log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
+             "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
+             "exceeds" if on else "fits in", where, budget,
+             "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
+    return on
 
 
 class MetaTrainer:
@@ -961,7 +1067,7 @@ class MetaTrainer:
             loss, grads = compute_batched_meta_gradient(
                 self.model, self.theta, episodes, self.inner_lr, self.inner_steps,
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init,
+                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
                 **_meta_gradient_options(self.memory.hessian_approximation,
                                          _task_seed(self.seed, iteration, self.local_tasks[0])))
         n = len(tasks)  # the call returns means over its tasks
@@ -975,7 +1081,7 @@ class MetaTrainer:
             loss, grads = compute_meta_gradient(
                 self.model, self.theta, support, query, self.inner_lr, self.inner_steps,
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init,
+                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
                 **_meta_gradient_options(self.memory.hessian_approximation, seed))
         return loss, grads, {k: float(v) for k, v in metrics.items()}
 
@@ -1186,7 +1292,8 @@ def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
     """Keyword options of `compute_meta_gradient` taken from the config."""
     return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
                                       hutchinson_probes=hessian_cfg.hutchinson_probes,
-                                      keep_last_step=hessian_cfg.keep_last_step),
+                                      keep_last_step=hessian_cfg.keep_last_step,
+                                      keep_graphs=hessian_cfg.keep_graphs),
             "seed": seed}
 
 

@@ -57,9 +57,13 @@ NON_NEGATIVE = (
     "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
     "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
+    "memory_optimization.hessian_approximation.keep_graphs",
+    "memory_optimization.checkpointing.cpu_budget_mb",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")
+# Keys that take true, false or one of the listed words (the default is a word).
+BOOL_OR_WORD: dict[str, tuple] = {"memory_optimization.checkpointing.enabled": ("auto",)}
 # Mappings whose keys are the user's to choose (values still type-checked).
 OPEN_MAPPINGS = ("lora.target_modules",)
 # In a list of mappings (dataset sources), a user's item inherits missing keys from the
@@ -244,6 +248,11 @@ def _merge(data: dict, user: Mapping, schema: Mapping, prefix: str) -> None:
 
 
 def _check_type(name: str, value: Any, default: Any) -> Any:
+    if name in BOOL_OR_WORD:
+        if isinstance(value, bool) or value in BOOL_OR_WORD[name]:
+            return value
+        raise ConfigError(f"config key {name!r} must be true, false or "
+                          f"{' or '.join(BOOL_OR_WORD[name])}, got {value!r}")
     expected = type(default)
     if default is None or isinstance(value, expected) and not (
             expected is int and isinstance(value, bool)):

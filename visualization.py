@@ -84,11 +84,13 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike,
     if not records:
         raise ValueError("metrics has no records to plot")
     for i, record in enumerate(records):
-        analysis.require_keys(record, ("iteration", "meta_loss", "query_acc_before", "query_acc_after"),
+        analysis.require_keys(record, ("iteration", "meta_loss", "query_acc_after"),
                           f"metrics record {i}")
+    # query_acc_before is logged only with training.log_query_acc_before
+    before = [("query_acc_before", "before adaptation", 100.0)] if all(
+        "query_acc_before" in r for r in records) else []
     panels = [("Meta-loss (query cross-entropy, nats)", [("meta_loss", "meta-loss", 1.0)]),
-              ("Query accuracy (%)", [("query_acc_before", "before adaptation", 100.0),
-                                      ("query_acc_after", "after adaptation", 100.0)])]
+              ("Query accuracy (%)", [*before, ("query_acc_after", "after adaptation", 100.0)])]
     if all("grad_norm" in r for r in records):
         panels.append(("Meta-gradient L2 norm", [("grad_norm", "gradient norm", 1.0)]))
     fig, axes = _new_figure(1, len(panels), (4.8 * len(panels), 3.8))

@@ -300,7 +300,7 @@ def measure(job: dict) -> dict:
     Args:
         job: `setting` (a `Setting` as a dict), `kind`, `method` (MELoRA's Hessian
             method), `checkpointing`, `micro_batch`, `inner_steps`, `threads`, and
-            optionally `keep_last_step` (trainer.HessianOptions). Kinds:
+            optionally `keep_last_step`, `keep_graphs` (trainer.HessianOptions). Kinds:
             idle (load, then nothing: the floor), maml / fomaml (every weight,
             baseline.MAML), melora (trainer.compute_meta_gradient over LoRA + head),
             unrolled_lora (second-order MAML over the same LoRA + head tensors by
@@ -345,7 +345,8 @@ def _work(job: dict, net, theta, episode) -> Callable[[], float]:
                         first_order=kind == "fomaml")
         return lambda: method.meta_gradient([episode])[0]
     support, query = episode.support, episode.query
-    hessian = HessianOptions(keep_last_step=job.get("keep_last_step", False))
+    hessian = HessianOptions(keep_last_step=job.get("keep_last_step", False),
+                             keep_graphs=job.get("keep_graphs", 0))
     return lambda: float(compute_meta_gradient(net, theta, support, query, lr, steps,
                                                job["method"], job["micro_batch"],
                                                hessian=hessian, seed=0)[0])

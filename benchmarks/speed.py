@@ -14,6 +14,19 @@ example `seq_len` tokens), all in the same run:
 3. Batched tasks: a meta-batch's inner loops run together
    (trainer.compute_batched_meta_gradient) against one task after another.
 
+4. `--peer`: instead of 1-3, MELoRA against what a user writes instead, on a real
+   encoder (default MiniLM-L6, shipped offline): PEFT LoRA (query, value; r=8, alpha 16)
+   with second-order MAML by unrolled autograd over `torch.func.functional_call`
+   (benchmarks/peer.py, its own implementation), and its first-order variant. MELoRA
+   uses the same LoRA targets, rank, pooling and episode, dropout off: `full` with no
+   kept graph, with every graph kept (`keep_graphs` = K), with checkpointing; `none`
+   and `diagonal` (micro-batch 4) without checkpointing. Time ratios against the
+   peer's second order (exact methods) or first order (the others): of the medians,
+   and the range of the per-round (paired) ratios; extra peak memory of each in a
+   child process of its own (peak minus after one warm-up meta-iteration).
+   `--peer --prefix-cache`: MELoRA with LoRA on the top 2 of the 6 blocks, with and
+   without the frozen-prefix cache (`model.enable_prefix_cache`; target >= 2x faster).
+
 Timings are interleaved (every candidate once per round, `--repeats` rounds, after one
 untimed warm-up round) and reported as medians, so load on a shared machine hits all of
 them alike; compare ratios, not absolute seconds. Prints markdown tables and writes
@@ -21,6 +34,7 @@ benchmarks/results/speed.json.
 
     python benchmarks/speed.py                                  # CPU defaults
     python benchmarks/speed.py --device cuda --model-shape gpt2-small --threads 0
+    python benchmarks/speed.py --peer                           # MiniLM against the peer
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -259,12 +274,220 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0 = torch's default); see benchmarks/common.py")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=C.RESULTS / "speed.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON (default benchmarks/results/speed.json, speed_peer.json with --peer)")
+    parser.add_argument("--peer", action="store_true",
+                        help="MELoRA against PEFT LoRA + torch.func MAML on --peer-model (part 4)")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="with --peer: LoRA on the top 2 of MiniLM's 6 blocks with and without "
+                             "the frozen-prefix cache, instead of the peer comparison")
+    parser.add_argument("--peer-model", default="minilm-l6",
+                        help="--peer: minilm-l6 or a local Hugging Face BERT-family directory")
+    parser.add_argument("--peer-tasks", type=int, default=2, help="--peer: tasks per meta-iteration")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="--peer on CPU: wall time, or this process's CPU time (steadier on a "
+                             "shared machine)")
+    parser.add_argument("--no-memory", action="store_true", help="--peer: skip the memory children")
+    args = parser.parse_args(argv)
+    if args.peer and args.clock == "cpu" and args.device.startswith("cuda"):
+        parser.error("--clock cpu measures CPU time; on CUDA use --clock wall")
+    if args.output is None:
+        args.output = C.RESULTS / ("speed_prefix_cache.json" if args.prefix_cache else
+                                   "speed_peer.json" if args.peer else "speed.json")
+    if args.prefix_cache and not args.peer:
+        parser.error("--prefix-cache is a variant of --peer: pass both")
+    return args
 
 
 def main(argv=None) -> dict:
-    return C.run_benchmark(parse_args(argv), run, tables)
+    args = parse_args(argv)
+    if args.peer:
+        return C.run_benchmark(args, run_peer, peer_tables)
+    return C.run_benchmark(args, run, tables)
+
+
+# ------------------------------------------------------------------------------------
+# --peer: MELoRA against PEFT LoRA + torch.func MAML on a real encoder
+# ------------------------------------------------------------------------------------
+
+PEER_SECOND, PEER_FIRST = "peer: PEFT LoRA + unrolled 2nd order", "peer: PEFT LoRA first order"
+PEER_CANDIDATES = {  # name -> (kind, fields); "reference": what its time is divided by
+    PEER_SECOND: ("peer", {"first_order": False}),
+    PEER_FIRST: ("peer", {"first_order": True}),
+    "MELoRA full, no graph kept": ("melora", {"method": "full", "keep_graphs": 0}),
+    "MELoRA full, every graph kept": ("melora", {"method": "full", "keep_graphs": 99}),
+    "MELoRA full, checkpointing": ("melora", {"method": "full", "checkpointing": True}),
+    "MELoRA none": ("melora", {"method": "none"}),
+    "MELoRA diagonal, micro-batch 4": ("melora", {"method": "diagonal", "micro_batch": 4}),
+}
+PEER_TARGETS = {  # name -> (reference, time target, memory target)
+    "MELoRA full, every graph kept": (PEER_SECOND, 1.05, 1.0),
+    "MELoRA full, no graph kept": (PEER_SECOND, 1.45, 0.4),
+    "MELoRA none": (PEER_FIRST, 1.05, None),
+    "MELoRA diagonal, micro-batch 4": (PEER_FIRST, None, None),
+    "MELoRA full, checkpointing": (PEER_SECOND, None, None),
+}
+TOP2 = [4, 5]  # --prefix-cache: LoRA on the top 2 of MiniLM's 6 blocks
+CACHE_CANDIDATES = {
+    "MELoRA full, LoRA top 2, no cache": ("melora", {"method": "full", "layers": TOP2}),
+    "MELoRA full, LoRA top 2, prefix cache": ("melora", {"method": "full", "layers": TOP2, "cache": True}),
+    "MELoRA none, LoRA top 2, no cache": ("melora", {"method": "none", "layers": TOP2}),
+    "MELoRA none, LoRA top 2, prefix cache": ("melora", {"method": "none", "layers": TOP2, "cache": True}),
+}
+CACHE_TARGETS = {  # the cache against the same configuration without it: >= 2x faster
+    "MELoRA full, LoRA top 2, prefix cache": ("MELoRA full, LoRA top 2, no cache", 0.5, None),
+    "MELoRA none, LoRA top 2, prefix cache": ("MELoRA none, LoRA top 2, no cache", 0.5, None),
+}
+PEER_LORA = {"rank": 8, "alpha": 16.0, "peft_targets": ["query", "value"],
+             "melora_targets": ["attention.self.query", "attention.self.value"]}
+
+
+def peer_candidate(job: dict):
+    """(closure of one meta-iteration over `job['tasks']` tasks, the model) for one candidate."""
+    import peer as P
+    from trainer import HessianOptions, compute_meta_gradient
+    device = torch.device(job["device"])
+    name, lr, k = job["model"], job["inner_lr"], job["inner_steps"]
+    kind, fields = {**PEER_CANDIDATES, **CACHE_CANDIDATES}[job["candidate"]]
+    path = str(M.minilm_path()) if name == "minilm-l6" else name
+    if kind == "peer":
+        net, theta = P.build_peer(path, job["n_way"], PEER_LORA["rank"], PEER_LORA["alpha"],
+                                  PEER_LORA["peft_targets"], device=device)
+    else:
+        net, _ = M.load_model(name, job["n_way"], pooling="mean", dropout=0.0)
+        M.inject_lora(net, PEER_LORA["rank"], PEER_LORA["alpha"], 0.0, PEER_LORA["melora_targets"],
+                      layers=fields.get("layers"))
+        net = net.to(device)
+        if fields.get("cache"):
+            M.enable_prefix_cache(net)
+        theta = M.lora_parameters(net)
+        if fields.get("checkpointing"):
+            M.enable_checkpointing(net, lora_only=True)
+    net.eval()  # dropout off in both
+    episodes = [_peer_episode(net, job, t) for t in range(job["tasks"])]
+    if kind == "peer":
+        def run():
+            for e in episodes:
+                P.maml_meta_gradient(net, theta, e.support, e.query, lr, k, fields["first_order"])
+    else:
+        hessian = HessianOptions(keep_graphs=fields.get("keep_graphs", 0))
+
+        def run():
+            for t, e in enumerate(episodes):
+                compute_meta_gradient(net, theta, e.support, e.query, lr, k, fields["method"],
+                                      fields.get("micro_batch", 0), hessian=hessian, seed=t,
+                                      metrics={}, acc_before=False)
+    return run, net
+
+
+def _peer_episode(net, job: dict, index: int):
+    """Random token ids of the encoder's vocabulary, every example `seq_len` tokens."""
+    vocab = net.backbone.config.vocab_size
+    setting = C.Setting("tiny", job["n_way"], job["k_shot"], job["q_query"], job["seq_len"],
+                        job["device"], job["seed"])
+    return C.make_episode(setting, index=index, vocab_size=vocab)
+
+
+def measure_peer(job: dict) -> dict:
+    """Extra peak memory of one meta-iteration after a warm-up one (a child process)."""
+    C._fix_mmap_threshold()
+    C.set_threads(job["threads"])
+    run, _ = peer_candidate(job)
+    run()  # warm-up: lazy library state and first-call allocations are not the method's
+    window = C.MemoryWindow(torch.device(job["device"]))
+    with window:
+        seconds = C.timed(run, torch.device(job["device"]))
+    return {**job, "extra_mb": window.extra_mb, "seconds": seconds}
+
+
+def run_peer(args) -> dict:
+    device = C.resolve(args.device)
+    job = {"model": args.peer_model, "device": str(device), "n_way": args.n_way,
+           "k_shot": args.k_shot, "q_query": args.q_query, "seq_len": args.seq_len,
+           "inner_steps": args.inner_steps, "inner_lr": C.inner_lr(), "tasks": args.peer_tasks,
+           "seed": args.seed, "threads": args.threads}
+    load_before = C.load_average()
+    candidates = CACHE_CANDIDATES if args.prefix_cache else PEER_CANDIDATES
+    fns = {name: peer_candidate({**job, "candidate": name})[0] for name in candidates}
+    clock = time.process_time if args.clock == "cpu" else None
+    for fn in fns.values():
+        fn()  # warm-up round
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(args.repeats):
+        for name, fn in fns.items():
+            if clock is None:
+                times[name].append(C.timed(fn, device))
+            else:
+                start = clock()
+                fn()
+                times[name].append(clock() - start)
+        print(f"  round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+    del fns
+    memory = {}
+    if not args.no_memory:
+        for name in candidates:
+            memory[name] = C.run_in_child(measure_peer, {**job, "candidate": name})
+            print(f"  memory {name}: {C.fmt(memory[name].get('extra_mb'))} MiB", file=sys.stderr, flush=True)
+    return summarize_peer(args, job, times, memory, {"before": load_before, "after": C.load_average()}, device)
+
+
+def summarize_peer(args, job, times, memory, load, device) -> dict:
+    med = {name: C.median(ts) for name, ts in times.items()}
+    rows = {}
+    candidates, targets = ((CACHE_CANDIDATES, CACHE_TARGETS) if args.prefix_cache
+                           else (PEER_CANDIDATES, PEER_TARGETS))
+    for name in candidates:
+        ref, t_target, m_target = targets.get(name, (None, None, None))
+        row = {"seconds_per_iteration": med[name], "seconds_all": times[name],
+               "extra_mb": memory.get(name, {}).get("extra_mb"), "reference": ref}
+        if ref is not None:
+            rounds = [a / b for a, b in zip(times[name], times[ref])]
+            ref_mb = memory.get(ref, {}).get("extra_mb")
+            mem_ratio = row["extra_mb"] / ref_mb if row["extra_mb"] is not None and ref_mb else None
+            row.update({"time_ratio": med[name] / med[ref], "time_ratio_rounds": rounds,
+                        "memory_ratio": mem_ratio, "time_target": t_target,
+                        "memory_target": m_target})
+            checks = [row["time_ratio"] <= t_target] if t_target else []
+            if m_target is not None:
+                checks.append(mem_ratio is not None and mem_ratio <= m_target)
+            row["met"] = all(checks) if checks else None
+        rows[name] = row
+    return {"hardware": C.hardware(device), "load_average": load, "peer": True, "job": job,
+            "prefix_cache": args.prefix_cache,
+            "clock": args.clock, "repeats": args.repeats, "lora": PEER_LORA, "candidates": rows}
+
+
+def peer_tables(r: dict) -> str:
+    j, load = r["job"], r["load_average"]
+    title = ("Speed: the frozen-prefix cache (LoRA on the top 2 blocks)" if r.get("prefix_cache")
+             else "Speed: MELoRA against the peer (PEFT LoRA + torch.func MAML)")
+    lines = [C.header(title, r["hardware"]), "",
+             f"Model {j['model']}, LoRA on query and value, r={r['lora']['rank']}, alpha "
+             f"{r['lora']['alpha']}, mean pooling, dropout off. Episodes: {j['n_way']}-way "
+             f"{j['k_shot']}-shot, {j['q_query']} queries per class, {j['seq_len']} tokens (random "
+             f"ids); K = {j['inner_steps']}, {j['tasks']} task(s) per meta-iteration, one after "
+             f"another; {j['threads']} thread(s). Medians of {r['repeats']} interleaved rounds "
+             f"({r['clock']} clock); ratios: of the medians (in brackets, the range of the "
+             "per-round paired ratios). Extra peak: each in a child process, peak minus after "
+             "a warm-up meta-iteration"
+             + (f"; load average {load['before'][0]} before, {load['after'][0]} after." if load["before"] else "."),
+             "", "| Configuration | s / meta-iteration | Time ratio (rounds) | Extra peak MiB | "
+             "Memory ratio | Target | Met |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, row in r["candidates"].items():
+        if row["reference"] is None:
+            lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | 1.00x | "
+                         f"{C.fmt(row['extra_mb'])} | 1.00x | | |")
+            continue
+        rounds = row["time_ratio_rounds"]
+        ref = {PEER_SECOND: "peer 2nd", PEER_FIRST: "peer 1st"}.get(row["reference"], "no cache")
+        target = ", ".join(x for x in (
+            f"time <= {row['time_target']}x" if row["time_target"] else "",
+            f"memory <= {row['memory_target']}x" if row["memory_target"] is not None else "") if x)
+        met = {None: "-", True: "met", False: "**not met**"}[row["met"]]
+        lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | {row['time_ratio']:.2f}x of "
+                     f"{ref} ({min(rounds):.2f}-{max(rounds):.2f}) | {C.fmt(row['extra_mb'])} | "
+                     f"{C.fmt(row['memory_ratio'], 2)}x | {target or '-'} | {met} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 import memory  # noqa: E402
 import speed  # noqa: E402
 
@@ -80,3 +81,85 @@ def test_memory_window_sees_an_allocation():
         block = torch.ones(64, 2**20)  # 256 MiB, written so every page is resident
         del block
     assert window.extra_mb > 200
+
+
+def test_gpu_check_runs_on_cpu_quick(tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.main(["--device", "cpu", "--quick", "--output", str(out)] + _threads())
+    written = json.loads(out.read_text())
+    assert [c["name"] for c in written["checks"]] == list(gpu_check.CHECKS)  # one entry per check
+    status = {c["name"]: c for c in written["checks"]}
+    assert written["failed"] == [] and result["failed"] == [], [c.get("error") for c in written["checks"]]
+    # CUDA criteria are not judged on CPU, but every check that can run its code did
+    for name in ("autocast_bf16", "autocast_fp16", "memory_table", "batched_tasks"):
+        assert status[name]["status"] == gpu_check.NO_CUDA and status[name]["cpu_smoke"] == "ran", name
+    for name in ("torchrun_nccl", "oom_retry"):
+        assert status[name]["status"] == gpu_check.NO_CUDA, name
+    assert status["autocast_bf16"]["cosine"] > 0.99  # bf16 autocast on CPU stays close to fp32
+    assert status["attention_kernels"]["status"] == "pass"  # judged on CPU too
+    assert len(status["memory_table"]["rows"]) == len(gpu_check.MEMORY_ROWS)
+    assert status["batched_tasks"]["speedup"] > 0
+    markdown = out.with_suffix(".md").read_text()
+    assert "| autocast_bf16 | skipped: no CUDA |" in markdown and "| Configuration | Extra peak MiB |" in markdown
+    assert "| Check | Status | Result |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """tiny-bert saved as a Hugging Face directory (the peer loads models from disk)."""
+    import model as M
+    path = tmp_path_factory.mktemp("tiny-bert")
+    backbone, tokenizer = M._build_tiny("bert", 0, 0.0)
+    backbone.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_peer_meta_gradient_equals_melora_full(tiny_bert_dir):
+    """The peer (PEFT + torch.func, unrolled) and MELoRA `full` agree on the same weights."""
+    import model as M
+    import peer
+    from trainer import compute_meta_gradient
+    net, theta = peer.build_peer(str(tiny_bert_dir), 2)
+    ours, _ = M.load_model(str(tiny_bert_dir), 2, pooling="mean", dropout=0.0)
+    M.inject_lora(ours, 8, 16.0, 0.0, speed.PEER_LORA["melora_targets"])
+    net, ours = net.double().eval(), ours.double().eval()
+    gen = torch.Generator().manual_seed(0)
+    mine = M.lora_parameters(ours)
+    mapping = {}  # MELoRA name -> the peer's
+    for name in mine:
+        match = [p for p in theta if p.replace(".default", "").replace(".base_model.model", "")
+                 .replace(".weight", "") == name.replace(".weight", "")]
+        assert len(match) == 1, (name, match)
+        mapping[name] = match[0]
+    values = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.3 for n, t in mine.items()}
+    peer_theta = {mapping[n]: v for n, v in values.items()}
+    setting = common.Setting("tiny", 2, 2, 2, 8, "cpu")
+    episode = common.make_episode(setting, vocab_size=net.backbone.config.vocab_size)
+    _, g_peer = peer.maml_meta_gradient(net, peer_theta, episode.support, episode.query, 0.5, 2)
+    _, g_ours = compute_meta_gradient(ours, values, episode.support, episode.query, 0.5, 2, "full")
+    a = torch.cat([g_ours[n].flatten() for n in values])
+    b = torch.cat([g_peer[mapping[n]].flatten() for n in values])
+    assert ((a - b).norm() / b.norm()).item() < 1e-6
+    _, first = peer.maml_meta_gradient(net, peer_theta, episode.support, episode.query, 0.5, 2,
+                                       first_order=True)
+    _, ours_first = compute_meta_gradient(ours, values, episode.support, episode.query, 0.5, 2, "none")
+    c = torch.cat([first[mapping[n]].flatten() for n in values])
+    d = torch.cat([ours_first[n].flatten() for n in values])
+    assert ((c - d).norm() / d.norm()).item() < 1e-6 and ((c - b).norm() / b.norm()).item() > 1e-4
+
+
+def test_speed_peer_writes_json_and_table(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "speed_peer.json"
+    result = speed.main(["--peer", "--peer-model", str(tiny_bert_dir), "--device", "cpu", "--n-way", "2",
+                         "--k-shot", "1", "--q-query", "1", "--seq-len", "8", "--inner-steps", "2",
+                         "--repeats", "2", "--peer-tasks", "1", "--clock", "cpu", "--output", str(out)]
+                        + _threads())
+    written = json.loads(out.read_text())
+    assert set(written["candidates"]) == set(speed.PEER_CANDIDATES) == set(result["candidates"])
+    for name, row in written["candidates"].items():
+        assert row["seconds_per_iteration"] > 0 and row["extra_mb"] is not None, name
+        if row["reference"] is not None:
+            assert len(row["time_ratio_rounds"]) == 2 and row["time_ratio"] > 0, name
+    printed = capsys.readouterr().out
+    assert "| MELoRA full, every graph kept |" in printed and "of peer 2nd" in printed

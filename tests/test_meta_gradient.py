@@ -131,28 +131,51 @@ def test_learned_inner_rates_get_their_exact_gradient():
 
 @pytest.mark.parametrize("steps,micro_batch,head_init", [(1, 0, "zero"), (3, 2, "zero"),
                                                         (2, 4, "proto")])
-def test_keeping_the_last_step_graph_gives_the_same_meta_gradient(steps, micro_batch, head_init):
-    # dropout on: the kept graph must hold the same masks the recomputation would replay
+def test_keeping_graphs_gives_the_same_meta_gradient(steps, micro_batch, head_init):
+    # dropout on: a kept graph must hold the same masks the recomputation would replay
     model, theta, support, query = setup_task("tiny-gpt2", seed=13, dropout=0.2)
     rates = torch.tensor([0.5, 0.3, 0.2][:steps], dtype=torch.float64, requires_grad=True)
-    kept = trainer.HessianOptions(keep_last_step=True)
+    options = [trainer.HessianOptions(keep_graphs=n) for n in range(steps + 2)]  # K+1 = all
+    options.append(trainer.HessianOptions(keep_last_step=True))  # the alias of keep_graphs=1
     results = [trainer.compute_meta_gradient(model, theta, support, query, rates, steps, "full",
                                              micro_batch, hessian=h, seed=3, head_init=head_init)
-               for h in (trainer.HessianOptions(), kept)]
-    (loss_a, a), (loss_b, b) = results
-    assert abs(loss_a.item() - loss_b.item()) < 1e-12
-    assert relative_error(flat(b, theta), flat(a, theta)) < 1e-10
-    assert relative_error(b["inner_lr"], a["inner_lr"]) < 1e-10
-    # without dropout, both equal unrolled autograd; and batched tasks keep it too
+               for h in options]
+    loss_a, a = results[0]
+    for h, (loss_b, b) in zip(options[1:], results[1:]):
+        assert abs(loss_a.item() - loss_b.item()) < 1e-12, h
+        assert relative_error(flat(b, theta), flat(a, theta)) < 1e-10, h
+        assert relative_error(b["inner_lr"], a["inner_lr"]) < 1e-10, h
+    assert [h.graphs_kept("full", steps) for h in options] == [*range(steps + 1), steps, min(1, steps)]
+    assert options[-2].graphs_kept("diagonal", steps) == 0  # first-order methods keep none
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2, 3])
+def test_every_kept_graph_count_equals_unrolled_autograd(keep):
+    # without dropout: every keep_graphs value equals unrolled autograd, alone, with
+    # micro-batches, under checkpointing, with the proto head and for batched tasks
     model, theta, support, query = setup_task("tiny-bert", seed=14)
-    _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 2)
-    _, g = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", hessian=kept)
+    h = trainer.HessianOptions(keep_graphs=keep)
+    _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 3)
+    for micro_batch in (0, 4):
+        _, g = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full",
+                                             micro_batch, hessian=h)
+        assert relative_error(flat(g, theta), flat(ref, theta)) < 1e-6, micro_batch
+    assert M.enable_checkpointing(model, lora_only=True) > 0
+    try:
+        _, g = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full", 2,
+                                             hessian=h)
+    finally:
+        M.disable_checkpointing(model)
     assert relative_error(flat(g, theta), flat(ref, theta)) < 1e-6
+    _, proto_ref = proto_unrolled(model, theta, support, query, 0.5, 3)
+    _, proto = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full", 4,
+                                             hessian=h, head_init="proto")
+    assert relative_error(flat(proto, theta), flat(proto_ref, theta)) < 1e-6
     episodes = [(support, query), (query, support)]
-    plain = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 2, "full", 4)[1]
-    both = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 2, "full", 4,
-                                                 hessian=kept)[1]
-    assert relative_error(flat(both, theta), flat(plain, theta)) < 1e-10
+    plain = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 3, "full", 4)[1]
+    kept = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 3, "full", 4,
+                                                 hessian=h)[1]
+    assert relative_error(flat(kept, theta), flat(plain, theta)) < 1e-10
 
 
 def test_dropout_masks_replay_and_seed_controls_them():
@@ -239,3 +262,24 @@ def test_proto_head_init_equals_unrolled_autograd(name):
     ref_b = [proto_unrolled(model, theta, s, q, 0.5, 2)[1] for s, q in episodes]
     mean = {n: (ref_b[0][n] + ref_b[1][n]) / 2 for n in theta}
     assert relative_error(flat(batched, theta), flat(mean, theta)) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["none", "diagonal"])
+def test_pre_adaptation_accuracy_is_optional_and_changes_nothing_else(method):
+    model, theta, support, query = setup_task("tiny-gpt2", seed=15, dropout=0.1)
+    with_before, without = {}, {}
+    a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
+                                      metrics=with_before)
+    b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
+                                      metrics=without, acc_before=False)
+    assert "query_acc_before" in with_before and "query_acc_before" not in without
+    assert without == {k: v for k, v in with_before.items() if k != "query_acc_before"}
+    assert torch.equal(a[0], b[0]) and torch.equal(flat(a[1], theta), flat(b[1], theta))
+    # first-order support passes (fused attention kernel) equal the math kernel's, which
+    # checkpointed blocks keep
+    assert M.enable_checkpointing(model, lora_only=True) > 0
+    try:
+        c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1)
+    finally:
+        M.disable_checkpointing(model)
+    assert relative_error(flat(c[1], theta), flat(a[1], theta)) < 1e-10

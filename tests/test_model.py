@@ -200,3 +200,127 @@ def test_minilm_loads_offline_with_plausible_trainable_share():
     assert 0.001 < trainable / total < 0.02
     logits = model(**make_batch(tok, TEXTS, LABELS))
     assert logits.shape == (4, 5) and torch.isfinite(logits).all()
+
+
+# ---- checkpointing.enabled: auto ----------------------------------------------------
+
+def auto_cfg(name, *extra):
+    return utils.load_config(overrides=[f"models.selected_model={name}", "datasets.synthetic_only=true",
+                                        "tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2",
+                                        "models.max_length=16", *extra])
+
+
+def checkpointed(model):
+    return any(hasattr(m, "_melora_forward") for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_peak_estimate_follows_the_tensors_autograd_saves(name):
+    import trainer
+    cfg = auto_cfg(name, "memory_optimization.hessian_approximation.method=none",
+                   "memory_optimization.checkpointing.enabled=false",
+                   "memory_optimization.gradient_accumulation.default_micro_batch=4")
+    model, tok = trainer.build_model(cfg, torch.device("cpu"))
+    batch = make_batch(tok, [" ".join(["word"] * 40)] * 4, [0, 1, 2, 0])
+    batch = {k: v[:, :16] if v.dim() == 2 else v for k, v in batch.items()}  # max_length tokens
+    saved, weights = {}, {p.data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+    leaves = {n: p.detach().requires_grad_() for n, p in M.lora_parameters(model).items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(M.forward(model, leaves, batch), batch["labels"])
+    measured = sum(b for ptr, b in saved.items() if ptr not in weights) / 2**20
+    estimate = trainer.estimate_peak_activation_mb(cfg, model)
+    assert 0.6 < estimate / measured < 1.6, (estimate, measured)
+    # second order holds more, kept graphs more still, smaller micro-batches less
+    more = [trainer.estimate_peak_activation_mb(auto_cfg(name, *o), model) for o in (
+        ["memory_optimization.hessian_approximation.method=full"],
+        ["memory_optimization.hessian_approximation.method=full",
+         "memory_optimization.hessian_approximation.keep_graphs=2"],
+        ["memory_optimization.hessian_approximation.method=none",
+         "memory_optimization.gradient_accumulation.default_micro_batch=1"])]
+    assert more[1] > more[0] > estimate > more[2]
+
+
+def test_auto_checkpointing_turns_on_only_over_the_budget(caplog):
+    import trainer
+    device = torch.device("cpu")
+    with caplog.at_level("INFO", logger="melora"):
+        tight, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.cpu_budget_mb=1",
+                                                "models.max_length=512"), device)
+    assert checkpointed(tight)
+    assert "gradient checkpointing on (auto)" in caplog.text and "exceeds the CPU budget of 1 MiB" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="melora"):
+        roomy, _ = trainer.build_model(auto_cfg("tiny-bert"), device)  # default: the OS's available memory
+    assert not checkpointed(roomy)
+    assert "gradient checkpointing off (auto)" in caplog.text
+    assert utils.load_config().memory_optimization.checkpointing.enabled == "auto"
+    # true and false are obeyed whatever the budget
+    forced, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=true"), device)
+    assert checkpointed(forced)
+    off, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=false",
+                                          "memory_optimization.checkpointing.cpu_budget_mb=1",
+                                          "models.max_length=512"), device)
+    assert not checkpointed(off)
+    with pytest.raises(utils.ConfigError, match="must be true, false or auto"):
+        auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=sometimes")
+
+
+# ---- LoRA on the top blocks and the frozen-prefix cache -------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_prefix_cache_gives_the_same_meta_gradient(name):
+    import trainer
+    from test_meta_gradient import QUERY, Q_LABELS, S_LABELS, SUPPORT, flat, relative_error
+    model, tok = M.load_model(name, num_labels=3, dtype=torch.float64, dropout=0.0)
+    torch.manual_seed(0)
+    wrapped = M.inject_lora(model, rank=2, alpha=4.0, dropout=0.0, target_modules=targets(name), layers=[1])
+    assert wrapped and all(M._block_index(model, n) == 1 for n in wrapped)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    theta = {n: p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3
+             for n, p in M.lora_parameters(model).items()}
+    support, query = make_batch(tok, SUPPORT, S_LABELS), make_batch(tok, QUERY, Q_LABELS)
+    episodes = [(support, query), (query, support)]
+    rates = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
+
+    def gradients():
+        out = [trainer.compute_meta_gradient(model, theta, support, query, rates, 2, method, mb)
+               for method, mb in (("full", 0), ("full", 4), ("none", 2))]
+        return out + [trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, "full", 4)]
+    plain = gradients()
+    assert M.enable_prefix_cache(model) == 1
+    try:
+        cached = gradients()
+        cache = model._prefix_cache
+        assert cache.misses == len(SUPPORT) + len(QUERY)  # every distinct example ran once
+        assert cache.hits > 10 * cache.misses
+        assert M.enable_checkpointing(model, lora_only=True) == 1
+        try:
+            cached.append(trainer.compute_meta_gradient(model, theta, support, query, rates, 2, "full", 4))
+        finally:
+            M.disable_checkpointing(model)
+    finally:
+        M.disable_prefix_cache(model)
+    assert not hasattr(model, "_prefix_cache")
+    plain.append(plain[1])
+    for (loss_a, a), (loss_b, b) in zip(plain, cached):
+        assert abs(loss_a.item() - loss_b.item()) < 1e-10
+        assert relative_error(flat(b, theta), flat(a, theta)) < 1e-8
+        assert relative_error(b["inner_lr"], a["inner_lr"]) < 1e-8
+
+
+def test_lora_layers_from_the_config(caplog):
+    import trainer
+    with caplog.at_level("INFO", logger="melora"):
+        model, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]"), torch.device("cpu"))
+    assert model._prefix_cache.first == 1 and "prefix cache" in caplog.text
+    assert all(".layer.1." in n for n in M.lora_parameters(model) if not n.startswith("head"))
+    plain, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]",
+                                            "memory_optimization.prefix_cache=false"), torch.device("cpu"))
+    assert not hasattr(plain, "_prefix_cache")
+    with pytest.raises(utils.ConfigError, match=r"lora.layers \[2\] names blocks \[2\].*0..1"):
+        trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[2]"), torch.device("cpu"))

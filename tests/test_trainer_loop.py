@@ -223,7 +223,8 @@ def test_metrics_go_to_jsonl_tensorboard_and_mlflow(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=1", "tracking.mlflow=true",
                    "tracking.tensorboard=true", "meta_learning.inner.default_num_steps=1",
-                   "memory_optimization.hessian_approximation.method=none")
+                   "memory_optimization.hessian_approximation.method=none",
+                   "training.log_query_acc_before=true")
     run = tmp_path / "run"
     summary = train(cfg, run)
     line = metrics(run)[0]
