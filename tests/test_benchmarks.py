@@ -132,8 +132,14 @@ def test_accuracy_smoke_writes_the_study_json(smoke_study):
     # regime map: head x inner lr x K x shots, full - none as the difference of the two
     grid = accuracy.PRESETS["smoke"].grid
     assert len(written["regime_map"]) == len(grid["head"]) * len(grid["inner_lr"]) * len(grid["inner_steps"]) * 2
+    val = {r["key"]: r["val_accuracy_per_shape"] for r in written["sweep"]}
     for row in written["regime_map"]:
         assert row["full_minus_none"] == pytest.approx(row["full"] - row["none"], abs=1e-12)
+        shape = f"{row['n_way']}way{row['k_shot']}shot"
+        for hessian in ("full", "none"):  # the sweep's own meta-val accuracy of that cell
+            key = accuracy.config_key({"inner_lr": row["inner_lr"], "inner_steps": row["inner_steps"],
+                                       "learn_lr": False, "hessian": hessian, "head": row["head"]})
+            assert row[hessian] == pytest.approx(val[key][shape], abs=1e-12)
         assert (row["full_minus_proto_lora"] is None) == ("proto_lora" in missing)
     assert "| melora |" in (root / "accuracy.md").read_text()
     for figure in written["figures"]:
