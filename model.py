@@ -292,7 +292,8 @@ class MELoRAModel(nn.Module):
       temperature s (`head.scale`, part of theta: meta-learned, and adapted by the inner
       loop like every fast weight). Proto init sets W = c, b = 0 (metric scaling:
       Oreshkin et al., 2018, TADAM; Gidaris & Komodakis, 2018). A zero W has no
-      direction, so this head needs `head_init: proto` (checked by the config).
+      direction, so this head needs `head_init: proto` (checked by the config). The
+      `block_diagonal` (K-FAC) method keeps only the LoRA blocks with this head.
 
     Args:
         backbone: a Hugging Face base model (`GPT2Model`, `BertModel`, `DistilBertModel`,
@@ -356,10 +357,11 @@ class MELoRAModel(nn.Module):
         return logits
 
     def _cosine_logits(self, features, weight, bias, scale):
-        """s cos(f, W_n) + b_n; per-task heads (T, N, hidden) with scales (T,) when batched."""
-        if self._head_tap is not None:
-            raise ValueError("the block_diagonal (K-FAC) method models a linear head; use the "
-                             "euclidean head or another Hessian method with the cosine head")
+        """s cos(f, W_n) + b_n; per-task heads (T, N, hidden) with scales (T,) when batched.
+
+        No K-FAC head statistics are recorded (`_head_tap`): K-FAC models a linear map, so
+        `block_diagonal` keeps the LoRA factors' blocks and drops this head's curvature.
+        """
         f = F.normalize(features, dim=-1)
         w = F.normalize(weight, dim=-1)
         if weight.dim() == 3:

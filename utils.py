@@ -290,10 +290,6 @@ def _validate_head(data: dict) -> None:
                           "meta_learning.head_init=proto or meta_learning.head=euclidean")
     if not meta["head_scale"] > 0:
         raise ConfigError(f"config key 'meta_learning.head_scale' must be > 0, got {meta['head_scale']!r}")
-    if data["memory_optimization"]["hessian_approximation"]["method"] == "block_diagonal":
-        raise ConfigError("memory_optimization.hessian_approximation.method: block_diagonal (K-FAC) "
-                          "models a linear head, not meta_learning.head: cosine; use full, "
-                          "gauss_newton, diagonal or none, or the euclidean head")
 
 
 def _validate_model_name(name: str) -> None:

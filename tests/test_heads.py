@@ -104,6 +104,19 @@ def test_cosine_head_learned_rates_and_batched_tasks():
     assert relative_error(flat(batched, theta), flat(mean, theta)) < 1e-6
 
 
+def test_cosine_head_block_diagonal_keeps_the_lora_blocks():
+    """K-FAC models linear maps: with the cosine head it drops the head's curvature only."""
+    model, theta, support, query = cosine_task("tiny-gpt2", seed=5)
+    kfac = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "block_diagonal", 2,
+                                         head_init="proto")[1]
+    none = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "none", 2,
+                                         head_init="proto")[1]
+    assert torch.isfinite(flat(kfac, theta)).all()
+    assert relative_error(flat(kfac, theta), flat(none, theta)) > 1e-3  # the LoRA blocks act
+    utils.load_config(overrides=["meta_learning.head=cosine", "meta_learning.head_init=proto",
+                                 "memory_optimization.hessian_approximation.method=block_diagonal"])
+
+
 def test_cosine_head_starts_at_prototypes():
     model, theta, support, _ = cosine_task("tiny-gpt2", seed=4)
     phi_0 = trainer.initial_fast_weights(model, theta, support, "proto")
@@ -115,7 +128,6 @@ def test_cosine_head_starts_at_prototypes():
 
 @pytest.mark.parametrize("override,match", [
     (["meta_learning.head_init=zero"], "head_init: proto"),
-    (["memory_optimization.hessian_approximation.method=block_diagonal"], "block_diagonal"),
     (["meta_learning.head_scale=0.0"], "head_scale"),
 ])
 def test_cosine_head_config_errors(override, match):
