@@ -171,3 +171,32 @@ def test_accuracy_plan_and_bad_input(capsys):
         accuracy.main(["--preset", "smoke", "--methods", "mamlx", "--work-dir", "/nonexistent/x"])
     assert exit_info.value.code == 2
     assert "error: --methods names ['mamlx']" in capsys.readouterr().err
+
+
+def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path, monkeypatch):
+    """A comparison method that lands in baseline.BASELINES gets its row, its comparison and
+    the regime map's full - proto_lora (here a stand-in: reptile_lora under that name)."""
+    import baseline as B
+
+    real = B.build_baseline
+
+    def build(name, cfg, device):
+        if name != "proto_lora":
+            return real(name, cfg, device)
+        method, tokenizer = real("reptile_lora", cfg, device)  # the FewShotMethod interface
+        method.name = "proto_lora"
+        return method, tokenizer
+    monkeypatch.setattr(B, "BASELINES", B.BASELINES + ("proto_lora",))
+    monkeypatch.setattr(B, "build_baseline", build)
+    preset = accuracy.dataclasses.replace(
+        accuracy.PRESETS["smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("proto_lora", "protonet"),
+        grid={"inner_lr": (0.5,), "inner_steps": (1,), "learn_lr": (False,),
+              "hessian": ("full", "none"), "head": ("euclidean",)})
+    result = accuracy.run(preset, tmp_path / "work", tmp_path / "accuracy.json")
+    assert list(result["methods"]) == ["melora", "proto_lora", "protonet"]
+    assert "proto_lora" not in result["missing_methods"] and "proto_lora" in result["comparisons"]
+    (row,) = result["regime_map"]
+    cell = json.loads(next((tmp_path / "work" / "sweep").rglob("proto_lora-*.json")).read_text())
+    after_k = [episode[1] for episode in cell["per_episode_accuracy_per_step"]["0.5"]]  # K = 1
+    assert row["proto_lora"] == pytest.approx(float(np.mean(after_k)), abs=1e-12)
+    assert row["full_minus_proto_lora"] == pytest.approx(row["full"] - row["proto_lora"], abs=1e-12)
