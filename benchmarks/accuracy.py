@@ -57,7 +57,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -543,7 +542,7 @@ def format_tables(result: dict) -> str:
         lines += [f"## {s['n_way']}-way {s['k_shot']}-shot meta-test ({s['episodes']} episodes, "
                   f"seeds {result['seeds']})", "",
                   "| Method | Accuracy (%, mean ± sd over seeds) | 95% CI (%) | s / meta-iteration "
-                  "| Peak memory (MiB) | Diff. vs MELoRA (pp) | Holm p (Wilcoxon) |",
+                  "| Peak memory (MiB) | Method - MELoRA (pp) | Holm p (Wilcoxon) |",
                   "|---|---|---|---|---|---|---|"]
         for name, m in s["methods"].items():
             comp = s["comparisons"].get(name)
