@@ -695,8 +695,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
     name = cfg.models.selected_model
     model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
                                     dtype=_PARAM_DTYPE[cfg.training.precision],
-                                    head=cfg.meta_learning.head,
-                                    head_scale=cfg.meta_learning.head_scale)
+                                    **_head_options(cfg.meta_learning))
     family = M.family_of(name)
     if family not in cfg.lora.target_modules:
         raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
@@ -708,6 +707,12 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
     if checkpointing.enabled:
         M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
     return model.to(device).train(), tokenizer
+
+
+def _head_options(meta) -> dict:
+    """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
+    return {"head": meta.head if "head" in meta else "euclidean",
+            "head_scale": meta.head_scale if "head_scale" in meta else M.COSINE_SCALE_INIT}
 
 
 class MetaTrainer:

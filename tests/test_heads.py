@@ -161,3 +161,11 @@ def test_cosine_head_trains_and_evaluates_through_the_cli(tmp_path):
     assert results["config"]["meta_learning"]["head"] == "cosine"
     curve = results["methods"]["melora"]["accuracy_per_step"]["mean"]
     assert len(curve) == 3 and curve[0] > 0.6  # prototypes of an easy task, not chance (1/3)
+
+
+def test_configs_saved_before_the_head_key_build_the_euclidean_head():
+    """trainer.restore_model reads a checkpoint's saved config as is: older ones lack the key."""
+    data = utils.load_config(overrides=["models.selected_model=tiny-bert"]).to_dict()
+    del data["meta_learning"]["head"], data["meta_learning"]["head_scale"]
+    model, _ = trainer.build_model(utils.Config(data), torch.device("cpu"))
+    assert model.head_kind == "euclidean" and "head.scale" not in M.lora_parameters(model)
