@@ -18,6 +18,10 @@ A source without `groups` named by several meta-splits has its classes (or, with
 `group_file`, its groups) split at random, seeded, disjoint, by `class_split`. Meta-train,
 meta-validation and meta-test classes of one source never overlap (checked).
 
+With `tasks.within_group: true` an episode first draws one group (domain) of its source's
+`group_file`, uniformly among the groups with at least `n_way` usable classes, then its N
+classes from that group: fine-grained episodes (synthetic tasks are unchanged).
+
 Each source split is tokenised once (batched, fast tokenizer) and cached as `.npy` files
 under `cache_dir`, keyed by tokenizer, `max_length` and a hash of the data. An episode is a
 pure function of `(seed, split, index)`:
@@ -152,6 +156,7 @@ class _Pool:
     classes: list[int]              # eligible label ids of `table`
     rows: dict[int, np.ndarray]     # label id -> row indices
     weight: float
+    groups: list[tuple[str, list[int]]] | None = None  # tasks.within_group: (group, label ids)
 
 
 class DatasetLoader:
@@ -188,6 +193,7 @@ class DatasetLoader:
                  cache_dir, seed: int, splits: Sequence[str] = SPLITS):
         self.cfg = datasets_cfg
         self.n_way, self.k_shot, self.q_query = tasks_cfg.n_way, tasks_cfg.k_shot, tasks_cfg.q_query
+        self.within_group = bool(tasks_cfg.within_group) if "within_group" in tasks_cfg else False
         self.synthetic_cfg = synthetic_cfg
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
@@ -295,7 +301,35 @@ class DatasetLoader:
                 f"but tasks.n_way is {self.n_way}; lower --n_way or give this split more "
                 "classes (groups, class_split)")
         rows = {c: np.flatnonzero(table.labels == c) for c in classes}
-        return _Pool(table, classes, rows, entry.weight)
+        groups = self._within_groups(split, entry, table, classes) if self.within_group else None
+        return _Pool(table, classes, rows, entry.weight, groups)
+
+    def _within_groups(self, split: str, entry: _Source, table: _Table,
+                       classes: list[int]) -> list[tuple[str, list[int]]]:
+        """tasks.within_group: the groups of `entry` with at least n_way eligible classes."""
+        if not entry.group_file:
+            raise ConfigError(f"tasks.within_group draws each episode's classes from one group, "
+                              f"but datasets.{split} source {table.name} has no group_file; set "
+                              "its group_file (e.g. data/clinc150/domains.json) or "
+                              "tasks.within_group=false")
+        groups = self._group_map(entry)
+        eligible = {table.label_names[c]: c for c in classes}
+        out, small = [], []
+        for name in (entry.groups or sorted(groups)):
+            members = [eligible[c] for c in groups[name] if c in eligible]
+            if len(members) >= self.n_way:
+                out.append((name, members))
+            elif members:
+                small.append(f"{name} ({len(members)})")
+        if not out:
+            raise DataError(f"tasks.within_group: no group of datasets.{split} source "
+                            f"{table.name} has tasks.n_way = {self.n_way} usable classes "
+                            f"(groups: {', '.join(small) or 'none'}); lower --n_way or set "
+                            "tasks.within_group=false")
+        if small:
+            log.info("tasks.within_group: %s groups with fewer than %d classes are not sampled: %s",
+                     split, self.n_way, ", ".join(small))
+        return out
 
     def _table(self, entry: _Source) -> _Table:
         """The rows of `entry`, from the token cache or read from the source."""
@@ -580,7 +614,12 @@ class DatasetLoader:
             return {"source": SYNTHETIC, "seed": self._generators[split].seed,
                     "index": int(index), "synthetic": self.synthetic_cfg.to_dict()}
         # Sampling without replacement in random order = a fresh label permutation.
-        classes = rng.choice(pool.classes, size=self.n_way, replace=False)
+        group = None
+        if pool.groups is not None:  # tasks.within_group: one group (domain), then its classes
+            group, members = pool.groups[rng.choice(len(pool.groups))]
+            classes = rng.choice(members, size=self.n_way, replace=False)
+        else:
+            classes = rng.choice(pool.classes, size=self.n_way, replace=False)
         support, query = [], []
         for label, cls in enumerate(classes):
             rows = rng.choice(pool.rows[cls], size=self.k_shot + self.q_query, replace=False)
@@ -588,10 +627,13 @@ class DatasetLoader:
             query += [(int(r), label) for r in rows[self.k_shot:]]
         support = [support[i] for i in rng.permutation(len(support))]
         query = [query[i] for i in rng.permutation(len(query))]
-        return {"source": pool.table.name, "fingerprint": pool.table.fingerprint,
+        plan = {"source": pool.table.name, "fingerprint": pool.table.fingerprint,
                 "classes": [pool.table.label_names[c] for c in classes],
                 "support_ids": [r for r, _ in support], "support_labels": [y for _, y in support],
                 "query_ids": [r for r, _ in query], "query_labels": [y for _, y in query]}
+        if group is not None:
+            plan["group"] = group
+        return plan
 
     def _materialise(self, plan: dict[str, Any]) -> Episode:
         if plan["source"] == SYNTHETIC:

@@ -38,6 +38,8 @@ log = logging.getLogger("melora")
 
 LORA_PREFIX = "lora_"   # the name prefix is the contract for what trains (as in loralib)
 HEAD_PREFIX = "head."
+HEADS = ("euclidean", "cosine")  # meta_learning.head: see MELoRAModel
+COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_learning.head_scale)
 
 
 # ------------------------------------------------------------------------------------
@@ -301,7 +303,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------
 
 class MELoRAModel(nn.Module):
-    """A backbone, a pooling rule and a linear N-way head.
+    """A backbone, a pooling rule and an N-way head.
+
+    Heads (`head`, config `meta_learning.head`):
+
+    - `euclidean`: a linear head, logits = f W^T + b. With Proto-MAML init (W = 2 c,
+      b = -|c|^2 from the support prototypes c) the logits are -|f - c|^2 + |f|^2, i.e.
+      negative squared Euclidean distances to the prototypes (Snell et al., 2017).
+    - `cosine`: scaled cosine similarity, logits = s cos(f, W_n) + b_n, with a learned
+      temperature s (`head.scale`, part of theta: meta-learned, and adapted by the inner
+      loop like every fast weight). Proto init sets W = c, b = 0 (metric scaling:
+      Oreshkin et al., 2018, TADAM; Gidaris & Komodakis, 2018). A zero W has no
+      direction, so this head needs `head_init: proto` (checked by the config). The
+      `block_diagonal` (K-FAC) method keeps only the LoRA blocks with this head.
 
     Args:
         backbone: a Hugging Face base model (`GPT2Model`, `BertModel`, `DistilBertModel`,
@@ -309,15 +323,24 @@ class MELoRAModel(nn.Module):
         family: gpt2, t5, distilbert or bert.
         num_labels: N, classes per episode.
         pooling: last (last non-pad token), cls (first token) or mean (masked mean).
+        head: euclidean or cosine.
+        head_scale: initial temperature s of the cosine head.
     """
 
-    def __init__(self, backbone: nn.Module, family: str, num_labels: int, pooling: str):
+    def __init__(self, backbone: nn.Module, family: str, num_labels: int, pooling: str,
+                 head: str = "euclidean", head_scale: float = COSINE_SCALE_INIT):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.backbone, self.family, self.pooling = backbone, family, pooling
         hidden = backbone.config.hidden_size  # every family's config maps this name
-        self.head = nn.Linear(hidden, num_labels, dtype=next(backbone.parameters()).dtype)
+        dtype = next(backbone.parameters()).dtype
+        self.head = nn.Linear(hidden, num_labels, dtype=dtype)
         nn.init.zeros_(self.head.weight)  # zero head: every class starts equal (MAML++ trick)
         nn.init.zeros_(self.head.bias)
+        self.head_kind = head
+        if head == "cosine":  # "head.scale": a head parameter, so it is in theta
+            self.head.register_parameter("scale", nn.Parameter(torch.tensor(float(head_scale), dtype=dtype)))
         self._head_tap = None  # callable(features, logits) while recording statistics
 
     @property
@@ -352,6 +375,8 @@ class MELoRAModel(nn.Module):
         if features_only:
             return features
         weight, bias = self.head.weight, self.head.bias  # fast weights under functional_call
+        if self.head_kind == "cosine":
+            return self._cosine_logits(features, weight, bias, self.head.scale)
         if weight.dim() == 3:  # per-task heads (T, N, hidden), examples task-major
             f = features.reshape(weight.shape[0], -1, features.shape[-1])  # (T, b, hidden)
             return torch.baddbmm(bias.unsqueeze(1), f, weight.transpose(1, 2)).reshape(-1, weight.shape[1])
@@ -359,6 +384,20 @@ class MELoRAModel(nn.Module):
         if self._head_tap is not None:  # curvature statistics (trainer's block_diagonal method)
             self._head_tap(features, logits)
         return logits
+
+    def _cosine_logits(self, features, weight, bias, scale):
+        """s cos(f, W_n) + b_n; per-task heads (T, N, hidden) with scales (T,) when batched.
+
+        No K-FAC head statistics are recorded (`_head_tap`): K-FAC models a linear map, so
+        `block_diagonal` keeps the LoRA factors' blocks and drops this head's curvature.
+        """
+        f = F.normalize(features, dim=-1)
+        w = F.normalize(weight, dim=-1)
+        if weight.dim() == 3:
+            f = f.reshape(weight.shape[0], -1, f.shape[-1])  # (T, b, hidden)
+            cos = torch.bmm(f, w.transpose(1, 2))  # (T, b, N)
+            return (scale.reshape(-1, 1, 1) * cos + bias.unsqueeze(1)).reshape(-1, weight.shape[1])
+        return scale * F.linear(f, w) + bias
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor],
@@ -600,7 +639,8 @@ def _checkpointed(block_forward, layers: list[LoRALayer]):
 # ------------------------------------------------------------------------------------
 
 def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
-               dtype: torch.dtype = torch.float32, dropout: float | None = None
+               dtype: torch.dtype = torch.float32, dropout: float | None = None,
+               head: str = "euclidean", head_scale: float = COSINE_SCALE_INIT
                ) -> tuple[MELoRAModel, "object"]:
     """Build a `MELoRAModel` (backbone + N-way head) and its tokenizer. No LoRA yet.
 
@@ -611,6 +651,8 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
         seed: seeds the random init of `tiny-*` models.
         dtype: parameter dtype (float64 for exactness tests).
         dropout: when given, overrides every dropout probability of the backbone.
+        head: euclidean (linear head) or cosine (scaled cosine, learned temperature).
+        head_scale: initial temperature of the cosine head.
 
     Returns:
         (model, tokenizer); the tokenizer pads on the right and has a pad token.
@@ -630,7 +672,7 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     backbone.config.pad_token_id = tokenizer.pad_token_id
     backbone.config.use_cache = False  # a KV cache is mutated in forward; recomputation must not see it
     pool = _DEFAULT_POOLING[spec.family] if pooling == "auto" else pooling
-    model = MELoRAModel(backbone.to(dtype), spec.family, num_labels, pool).to(dtype)
+    model = MELoRAModel(backbone.to(dtype), spec.family, num_labels, pool, head, head_scale).to(dtype)
     return model, tokenizer
 
 
@@ -766,5 +808,6 @@ def export_peft_adapter(model: MELoRAModel, path: str | os.PathLike,
     save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()},
               str(out / HEAD_WEIGHTS))
     (out / HEAD_CONFIG).write_text(json.dumps(
-        {"family": model.family, "pooling": model.pooling, "num_labels": model.num_labels}, indent=2))
+        {"family": model.family, "pooling": model.pooling, "num_labels": model.num_labels,
+         "head": model.head_kind}, indent=2))
     return out

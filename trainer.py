@@ -387,7 +387,8 @@ class _Task:
             return M.forward(self.model, dict(zip(self.names, phi)), chunk, features_only=True)
 
     def with_proto_head(self, phi):
-        """phi with head W = 2 c, b = -|c|^2 from support prototypes c (B x hidden sums)."""
+        """phi with head W = 2 c, b = -|c|^2 from support prototypes c (B x hidden sums);
+        the cosine head gets W = c, b = 0 (its temperature stays theta's)."""
         w_index, b_index = self.names.index(HEAD_WEIGHT), self.names.index(HEAD_BIAS)
         n_way, hidden = phi[w_index].shape[-2:]
         sums = phi[w_index].new_zeros(self.tasks * n_way, hidden)
@@ -399,6 +400,10 @@ class _Task:
                 counts.index_add_(0, rows, torch.ones_like(rows, dtype=counts.dtype))
         c = sums / counts.clamp(min=1).unsqueeze(1)  # (T*N, hidden)
         phi = list(phi)
+        if _cosine_head(self.model):
+            phi[w_index] = c.reshape(phi[w_index].shape).clone()
+            phi[b_index] = torch.zeros_like(phi[b_index])
+            return phi, (c, counts)
         phi[w_index] = (2 * c).reshape(phi[w_index].shape)
         phi[b_index] = -(c * c).sum(1).reshape(phi[b_index].shape)
         return phi, (c, counts)
@@ -408,8 +413,12 @@ class _Task:
         c, counts = prototypes
         w_index, b_index = self.names.index(HEAD_WEIGHT), self.names.index(HEAD_BIAS)
         n_way = phi_0[w_index].shape[-2]
-        # dL/dc = 2 v_W - 2 c v_b, spread over each class's support examples (c is their mean)
-        u = 2 * v[w_index].reshape(c.shape) - 2 * c * v[b_index].reshape(-1, 1)
+        # dL/dc = 2 v_W - 2 c v_b (cosine head: v_W), spread over each class's support
+        # examples (c is their mean)
+        if _cosine_head(self.model):
+            u = v[w_index].reshape(c.shape)
+        else:
+            u = 2 * v[w_index].reshape(c.shape) - 2 * c * v[b_index].reshape(-1, 1)
         u = u / counts.clamp(min=1).unsqueeze(1)
         leaves = self._leaves(phi_0)
         v = list(v)
@@ -491,6 +500,10 @@ class _Task:
                 loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
                 torch.autograd.grad(loss, leaves)  # fills the recorder through tensor hooks
         return recorder.products(phi)
+
+
+def _cosine_head(model) -> bool:
+    return getattr(model, "head_kind", "euclidean") == "cosine"
 
 
 QUERY_STEP = -1  # dropout-stream id of the query pass
@@ -615,7 +628,8 @@ class _KFACRecorder:
 # Keys that define the model and what theta means: on resume the checkpoint's values win.
 MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
               "lora.layers", "tasks.n_way", "training.seed", "training.precision",
-              "meta_learning.inner.learn_lr", "meta_learning.head_init")
+              "meta_learning.inner.learn_lr", "meta_learning.head_init", "meta_learning.head",
+              "meta_learning.head_scale")
 # Of those, a mismatch that cannot be papered over: the checkpoint is refused.
 REFUSED_KEYS = ("models.selected_model", "lora.default_rank")
 # Keys that steer a run but not its numbers: they may differ on resume without a warning.
@@ -703,7 +717,8 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
     """
     name = cfg.models.selected_model
     model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
-                                    dtype=_PARAM_DTYPE[cfg.training.precision])
+                                    dtype=_PARAM_DTYPE[cfg.training.precision],
+                                    **_head_options(cfg.meta_learning))
     family = M.family_of(name)
     if family not in cfg.lora.target_modules:
         raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
@@ -798,6 +813,12 @@ def checkpointing_decision(cfg: Config, model: M.MELoRAModel, device: torch.devi
              "exceeds" if on else "fits in", where, budget,
              "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
     return on
+
+
+def _head_options(meta) -> dict:
+    """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
+    return {"head": meta.head if "head" in meta else "euclidean",
+            "head_scale": meta.head_scale if "head_scale" in meta else M.COSINE_SCALE_INIT}
 
 
 class MetaTrainer:

@@ -37,6 +37,7 @@ DEFAULT_CONFIG = REPO_DIR / "config.yml"
 CHOICES: dict[str, tuple] = {
     "models.pooling": ("auto", "cls", "mean", "last"),
     "meta_learning.head_init": ("zero", "proto"),
+    "meta_learning.head": ("euclidean", "cosine"),
     "memory_optimization.hessian_approximation.method": (
         "full", "gauss_newton", "block_diagonal", "diagonal", "none"),
     "memory_optimization.hessian_approximation.diagonal_estimator": ("fisher", "hutchinson"),
@@ -300,7 +301,20 @@ def _validate_values(data: dict) -> None:
     for key in PROBABILITIES:
         if not 0.0 <= _get(data, key) <= 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(data, key)!r}")
+    _validate_head(data)
     _validate_model_name(data["models"]["selected_model"])
+
+
+def _validate_head(data: dict) -> None:
+    meta = data["meta_learning"]
+    if meta["head"] != "cosine":
+        return
+    if meta["head_init"] != "proto":
+        raise ConfigError("meta_learning.head: cosine needs meta_learning.head_init: proto (a zero "
+                          "head weight has no direction to take a cosine with); set "
+                          "meta_learning.head_init=proto or meta_learning.head=euclidean")
+    if not meta["head_scale"] > 0:
+        raise ConfigError(f"config key 'meta_learning.head_scale' must be > 0, got {meta['head_scale']!r}")
 
 
 def _validate_model_name(name: str) -> None:

@@ -10,12 +10,14 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import accuracy  # noqa: E402
 import common  # noqa: E402
 import gpu_check  # noqa: E402
 import memory  # noqa: E402
@@ -163,3 +165,121 @@ def test_speed_peer_writes_json_and_table(tiny_bert_dir, tmp_path, capsys):
             assert len(row["time_ratio_rounds"]) == 2 and row["time_ratio"] > 0, name
     printed = capsys.readouterr().out
     assert "| MELoRA full, every graph kept |" in printed and "of peer 2nd" in printed
+
+
+# ------------------------------------------------------------------------------------
+# benchmarks/accuracy.py: the accuracy study, smoke preset end to end
+# ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """One smoke run (tiny random model, synthetic tasks): its JSON and its folders."""
+    root = tmp_path_factory.mktemp("accuracy")
+    args = ["--preset", "smoke", "--work-dir", str(root / "work"), "--output", str(root / "accuracy.json"),
+            "--threads", str(torch.get_num_threads())]
+    result = accuracy.main(args)
+    return result, root, args
+
+
+def test_accuracy_smoke_writes_the_study_json(smoke_study):
+    import baseline as B
+
+    result, root, _ = smoke_study
+    written = json.loads((root / "accuracy.json").read_text())
+    assert written["preset"] == "smoke" and written["seeds"] == [0, 1, 2]
+    # methods that do not exist yet are reported, never dropped silently
+    missing = [m for m in accuracy.COMPARISON_METHODS if m not in B.BASELINES]
+    assert written["missing_methods"] == missing
+    expected = ["melora"] + [m for m in accuracy.PRESETS["smoke"].methods if m in B.BASELINES]
+    assert list(written["methods"]) == expected
+    for name, m in written["methods"].items():
+        assert 0.0 <= m["accuracy_mean"] <= 1.0 and len(m["seed_accuracies"]) == 3
+        assert m["accuracy_sd"] == pytest.approx(np.std(m["seed_accuracies"], ddof=1), abs=1e-12)
+        lo, hi = m["ci95"]
+        assert lo <= m["accuracy_mean"] + 1e-12 and m["accuracy_mean"] <= hi + 1e-12
+        assert isinstance(m["config"], dict)
+    # paired over the same episodes: the mean difference is the difference of the means
+    assert set(written["comparisons"]) == set(expected) - {"melora"}
+    for name, comp in written["comparisons"].items():
+        assert comp["diff"] == pytest.approx(written["methods"]["melora"]["accuracy_mean"]
+                                             - written["methods"][name]["accuracy_mean"], abs=1e-9)
+        assert 0.0 <= comp["p_holm"] <= 1.0
+    # MELoRA's configuration is the meta-val winner, and it is what the meta-test ran
+    best = max(r["val_accuracy"] for r in written["sweep"])
+    assert written["sweep"][0]["val_accuracy"] == best
+    assert written["recommended_config"] == written["sweep"][0]["config"]
+    assert {k: written["methods"]["melora"]["config"][k] for k in written["recommended_config"]} \
+        == written["recommended_config"]
+    assert set(written["settings"]) == {"3way1shot", "3way2shot"}
+    assert written["methods"] == written["settings"]["3way1shot"]["methods"]
+    # regime map: head x inner lr x K x shots, full - none as the difference of the two
+    grid = accuracy.PRESETS["smoke"].grid
+    assert len(written["regime_map"]) == len(grid["head"]) * len(grid["inner_lr"]) * len(grid["inner_steps"]) * 2
+    val = {r["key"]: r["val_accuracy_per_shape"] for r in written["sweep"]}
+    for row in written["regime_map"]:
+        assert row["full_minus_none"] == pytest.approx(row["full"] - row["none"], abs=1e-12)
+        shape = f"{row['n_way']}way{row['k_shot']}shot"
+        for hessian in ("full", "none"):  # the sweep's own meta-val accuracy of that cell
+            key = accuracy.config_key({"inner_lr": row["inner_lr"], "inner_steps": row["inner_steps"],
+                                       "learn_lr": False, "hessian": hessian, "head": row["head"]})
+            assert row[hessian] == pytest.approx(val[key][shape], abs=1e-12)
+        assert (row["full_minus_proto_lora"] is None) == ("proto_lora" in missing)
+    assert "| melora |" in (root / "accuracy.md").read_text()
+    for figure in written["figures"]:
+        assert Path(figure).stat().st_size > 1000
+
+
+def test_accuracy_study_resumes_without_recomputing(smoke_study, monkeypatch, capsys):
+    result, root, args = smoke_study
+    cells = sorted((root / "work").rglob("*.json"))
+    assert any("sweep" in str(p) for p in cells) and any("test" in str(p) for p in cells)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+    monkeypatch.setattr(accuracy, "train_melora", no_training)
+    again = accuracy.main(args)
+    assert again["methods"] == result["methods"] and again["regime_map"] == result["regime_map"]
+    # a cell whose spec changed is not reused: another sweep length must train again
+    changed = accuracy.dataclasses.replace(accuracy.PRESETS["smoke"], sweep_iterations=2)
+    c = accuracy.grid_configs(changed)[0]
+    with pytest.raises(AssertionError, match="recomputed"):
+        accuracy.sweep_cell(changed, (3, 1), c, 0, root / "work", False, [])
+
+
+def test_accuracy_plan_and_bad_input(capsys):
+    assert accuracy.main(["--preset", "gpu", "--plan"]) is None
+    printed = capsys.readouterr().out
+    assert "144 configurations x 3 shapes" in printed and "600 episodes" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        accuracy.main(["--preset", "smoke", "--methods", "mamlx", "--work-dir", "/nonexistent/x"])
+    assert exit_info.value.code == 2
+    assert "error: --methods names ['mamlx']" in capsys.readouterr().err
+
+
+def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path, monkeypatch):
+    """A comparison method that lands in baseline.BASELINES gets its row, its comparison and
+    the regime map's full - proto_lora (here a stand-in: reptile_lora under that name)."""
+    import baseline as B
+
+    real = B.build_baseline
+
+    def build(name, cfg, device):
+        if name != "proto_lora":
+            return real(name, cfg, device)
+        method, tokenizer = real("reptile_lora", cfg, device)  # the FewShotMethod interface
+        method.name = "proto_lora"
+        return method, tokenizer
+    monkeypatch.setattr(B, "BASELINES", B.BASELINES + ("proto_lora",))
+    monkeypatch.setattr(B, "build_baseline", build)
+    preset = accuracy.dataclasses.replace(
+        accuracy.PRESETS["smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("proto_lora", "protonet"),
+        grid={"inner_lr": (0.5,), "inner_steps": (1,), "learn_lr": (False,),
+              "hessian": ("full", "none"), "head": ("euclidean",)})
+    result = accuracy.run(preset, tmp_path / "work", tmp_path / "accuracy.json")
+    assert list(result["methods"]) == ["melora", "proto_lora", "protonet"]
+    assert "proto_lora" not in result["missing_methods"] and "proto_lora" in result["comparisons"]
+    (row,) = result["regime_map"]
+    cell = json.loads(next((tmp_path / "work" / "sweep").rglob("proto_lora-*.json")).read_text())
+    after_k = [episode[1] for episode in cell["per_episode_accuracy_per_step"]["0.5"]]  # K = 1
+    assert row["proto_lora"] == pytest.approx(float(np.mean(after_k)), abs=1e-12)
+    assert row["full_minus_proto_lora"] == pytest.approx(row["full"] - row["proto_lora"], abs=1e-12)

@@ -404,3 +404,45 @@ def test_split_units_is_seeded_disjoint_and_sized():
     assert split_units(list(reversed(domains)), [0.6, 0.2, 0.2], seed=3) == parts
     assert split_units(domains, [0.6, 0.2, 0.2], seed=4) != parts
     assert [len(p) for p in split_units(domains[:3], [0.98, 0.01, 0.01], 0)] == [1, 1, 1]
+
+
+# ------------------------------------------------------------------------------------
+# tasks.within_group: fine-grained episodes from one domain
+# ------------------------------------------------------------------------------------
+
+def test_within_group_episodes_come_from_one_clinc_domain(tokenizer, tmp_path):
+    domains = json.loads((CLINC / "domains.json").read_text())
+    domain_of = {c: d for d, classes in domains.items() for c in classes}
+    splits = ([clinc("train", TRAIN_DOMAINS)], [clinc("test", ["small_talk", "meta"])],
+              [clinc("val", ["work"])])
+    fine = make_loader(config(*splits, **{"tasks.within_group": True, "tasks.n_way": 10,
+                                          "tasks.k_shot": 1, "tasks.q_query": 2}),
+                       tokenizer, tmp_path, seed=0)
+    seen = {"meta_train": set(), "meta_test": set()}
+    for split in seen:
+        for index in range(40):
+            plan = fine._plan(split, index)
+            groups = {domain_of[c] for c in plan["classes"]}
+            assert groups == {plan["group"]} and len(plan["classes"]) == 10
+            seen[split].add(plan["group"])
+        ep = fine.episode(split, 0)
+        assert ep.support["labels"].tolist().count(3) == 1 and len(ep.classes) == 10
+    assert seen["meta_test"] == {"small_talk", "meta"} and len(seen["meta_train"]) >= 5
+    assert fine._plan("meta_val", 7)["group"] == "work"
+    # the default mixes domains (10 of 30 classes: one domain only by a rare chance)
+    mixed = make_loader(config(*splits, **{"tasks.n_way": 10, "tasks.k_shot": 1,
+                                           "tasks.q_query": 2}), tokenizer, tmp_path, seed=0)
+    plans = [mixed._plan("meta_test", i) for i in range(10)]
+    assert all("group" not in p for p in plans)
+    assert any(len({domain_of[c] for c in p["classes"]}) > 1 for p in plans)
+
+
+def test_within_group_errors_name_the_fix(tokenizer, toy_csv, tmp_path):
+    splits = ([clinc("train", TRAIN_DOMAINS)], [clinc("test", ["small_talk", "meta"])])
+    # 16 classes fit the 30 of meta_test, but no domain has 16
+    with pytest.raises(DataError, match="within_group.*n_way = 16"):
+        make_loader(config(*splits, **{"tasks.within_group": True, "tasks.n_way": 16,
+                                       "tasks.k_shot": 1, "tasks.q_query": 1}), tokenizer, tmp_path)
+    with pytest.raises(ConfigError, match="has no group_file.*within_group=false"):
+        make_loader(config([source(toy_csv)], [source(toy_csv)], **{"tasks.within_group": True}),
+                    tokenizer, tmp_path)
