@@ -35,9 +35,10 @@ Input formats (the contract with `evaluation.py` and `trainer.py`):
 Statistics (all comparisons are paired over the shared meta-test episodes):
 
 - t confidence interval of a mean (`mean_ci`);
-- paired t-test and Wilcoxon signed-rank test (`paired_ttest`, `wilcoxon_test`);
-- percentile bootstrap CI of the mean paired difference (`bootstrap_ci_diff`;
-  Efron & Tibshirani 1993, ch. 13);
+- paired t-test and Wilcoxon signed-rank test with Pratt's treatment of zero differences
+  (`paired_ttest`, `wilcoxon_test`);
+- BCa bootstrap CI of the mean paired difference (`bootstrap_ci_diff`, via
+  `scipy.stats.bootstrap`; Efron & Tibshirani 1993, ch. 14);
 - Cohen's d for paired samples, d_z = mean(diff) / sd(diff) (`cohens_d_paired`;
   Cohen 1988; Lakens 2013);
 - Holm's step-down correction for multiple comparisons (`holm_bonferroni`; Holm 1979).
@@ -71,8 +72,8 @@ DEFAULT_REFERENCE = "melora"
 # break true ties in the Wilcoxon ranks and hide a zero variance.
 DIFF_DECIMALS = 12
 
-# Bootstrap resamples are drawn in chunks of at most this many indices, bounding memory
-# for long evaluations; chunking does not change the random stream.
+# Bootstrap resamples are drawn in batches of at most this many indices, bounding memory
+# for long evaluations (scipy.stats.bootstrap's `batch`).
 _BOOTSTRAP_CHUNK_ELEMENTS = 2**20
 
 
@@ -225,16 +226,19 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 def wilcoxon_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Two-sided Wilcoxon signed-rank test of the paired differences a - b.
 
-    Uses scipy's defaults (``zero_method="wilcox"``: zero differences are dropped;
-    exact p-value for small samples without ties, normal approximation otherwise).
+    ``zero_method="pratt"`` (Pratt 1959): zero differences are ranked with the others
+    and then dropped from the rank sums, so episodes on which two methods tie still
+    count towards the sample size (scipy's default, ``"wilcox"``, discards them first,
+    which overstates the evidence when many episodes tie, as few-shot accuracies do).
+    scipy chooses the exact or the normal-approximation p-value.
 
     Args:
         a: Per-episode scores of one method.
         b: Per-episode scores of another method on the same episodes.
 
     Returns:
-        ``{"statistic", "p_value"}``. When every difference is zero there is no evidence
-        of a difference: statistic 0, p 1.
+        ``{"statistic", "p_value"}`` as ``scipy.stats.wilcoxon(a - b, zero_method="pratt")``.
+        When every difference is zero there is no evidence of a difference: statistic 0, p 1.
 
     Raises:
         ValueError: If the samples differ in length, have fewer than two values or are
@@ -247,17 +251,20 @@ def wilcoxon_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     d = _paired_differences(a, b)
     if np.all(d == 0):
         return {"statistic": 0.0, "p_value": 1.0}
-    res = stats.wilcoxon(d)
+    res = stats.wilcoxon(d, zero_method="pratt")
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
 
 
 def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = DEFAULT_N_RESAMPLES,
                       confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean paired difference mean(a - b).
+    """BCa bootstrap CI of the mean paired difference mean(a - b).
 
-    Episodes are resampled with replacement as pairs. The draws are those of
-    ``scipy.stats.bootstrap(..., paired=True, method="percentile",
-    rng=np.random.default_rng(seed))``, so the interval equals scipy's.
+    Episodes are resampled with replacement as pairs (the differences d = a - b are
+    resampled), and the interval is the bias-corrected and accelerated one (Efron 1987;
+    Efron & Tibshirani 1993, ch. 14): it corrects the percentile interval for the skew
+    and bias of the mean of bounded accuracies. Computed by
+    ``scipy.stats.bootstrap((d,), np.mean, method="BCa", rng=np.random.default_rng(seed))``
+    in batches of resamples that bound memory for long evaluations.
 
     Args:
         a: Per-episode scores of one method.
@@ -267,7 +274,7 @@ def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int =
         seed: Seed of the resampling; the same seed gives the same interval.
 
     Returns:
-        ``(lo, hi)``.
+        ``(lo, hi)``; ``(d, d)`` when every difference is the same d (no spread).
 
     Raises:
         ValueError: On unpaired or non-finite samples or out-of-range arguments.
@@ -281,10 +288,12 @@ def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int =
     if not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     d = _paired_differences(a, b)
-    means = _bootstrap_means(d, int(n_resamples), np.random.default_rng(seed))
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+    if np.all(d == d[0]):
+        return float(d[0]), float(d[0])
+    res = stats.bootstrap((d,), np.mean, n_resamples=int(n_resamples), confidence_level=confidence,
+                          method="BCa", batch=max(1, _BOOTSTRAP_CHUNK_ELEMENTS // d.size),
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cohens_d_paired(a: Sequence[float], b: Sequence[float]) -> float:
@@ -355,7 +364,7 @@ def compare_methods(results: Mapping, reference: str = DEFAULT_REFERENCE,
     """Compare the reference method with every other method, paired over episodes.
 
     For each other method (in the order of ``results["methods"]``) computes the mean
-    difference reference - method of per-episode accuracy, its percentile bootstrap CI,
+    difference reference - method of per-episode accuracy, its BCa bootstrap CI,
     the paired t-test, the Wilcoxon signed-rank test, Cohen's d_z, and Holm-adjusted
     p-values of both tests over the family of comparisons. A comparison is
     ``significant`` when both Holm-adjusted p-values are below alpha = 1 - confidence.
@@ -572,18 +581,6 @@ def _paired_differences(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     if x.size != y.size:
         raise ValueError(f"paired samples must have the same length, got {x.size} and {y.size}")
     return np.round(x - y, DIFF_DECIMALS)
-
-
-def _bootstrap_means(d: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of n_resamples resamples of d, drawn as scipy.stats.bootstrap draws them."""
-    n = d.size
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, chunk):
-        stop = min(start + chunk, n_resamples)
-        idx = rng.integers(0, n, (stop - start, n))  # (chunk, n) episode indices
-        means[start:stop] = d[idx].mean(axis=1)
-    return means
 
 
 def _episode_accuracy(methods: Mapping[str, Mapping], name: str) -> list[float]:
