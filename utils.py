@@ -36,6 +36,7 @@ DEFAULT_CONFIG = REPO_DIR / "config.yml"
 CHOICES: dict[str, tuple] = {
     "models.pooling": ("auto", "cls", "mean", "last"),
     "meta_learning.head_init": ("zero", "proto"),
+    "evaluation.head_init": ("zero", "proto"),
     "memory_optimization.hessian_approximation.method": (
         "full", "gauss_newton", "block_diagonal", "diagonal", "none"),
     "memory_optimization.hessian_approximation.diagonal_estimator": ("fisher", "hutchinson"),
@@ -43,19 +44,20 @@ CHOICES: dict[str, tuple] = {
 }
 # Keys that must be integers >= 1 (or >= 0 where zero has a documented meaning).
 POSITIVE_INTS = (
-    "models.max_length", "lora.default_rank", "meta_learning.inner.default_num_steps",
+    "models.max_length", "lora.default_rank",
     "meta_learning.default_meta_batch_size", "meta_learning.num_iterations", "tasks.n_way",
     "tasks.k_shot", "tasks.q_query", "training.save_every", "training.log_every",
     "training.max_nonfinite", "evaluation.num_episodes", "synthetic.vocab_size",
     "synthetic.keywords_per_class", "synthetic.words_per_example",
     "memory_optimization.hessian_approximation.hutchinson_probes",
-    "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials",
+    "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials", "evaluation.seeds",
 )
 NON_NEGATIVE = (
     "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
+    "meta_learning.inner.default_num_steps",  # 0: no inner loop (the proto_lora control)
     "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
     "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
-    "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
+    "evaluation.baseline_meta_iterations", "datasets.synthetic_weight", "evaluation.tuning_trials",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")
@@ -275,6 +277,10 @@ def _validate_values(data: dict) -> None:
     for key in PROBABILITIES:
         if not 0.0 <= _get(data, key) <= 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(data, key)!r}")
+    inner = data["meta_learning"]["inner"]
+    if inner["learn_lr"] and inner["default_num_steps"] == 0:
+        raise ConfigError("meta_learning.inner.learn_lr learns one rate per inner step, but "
+                          "meta_learning.inner.default_num_steps is 0; set learn_lr=false or K >= 1")
     _validate_model_name(data["models"]["selected_model"])
 
 
