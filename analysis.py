@@ -489,6 +489,41 @@ def format_results_table(results: Mapping) -> str:
     return _markdown(header, body)
 
 
+def format_protocol_table(results: Mapping) -> str:
+    """Markdown table of how each method was run: head init, rates (tuned on meta-val or
+    configured), meta-training budget, seeds and their spread, and the extra peak memory
+    of one meta-training step by the Hessian method it used.
+
+    Args:
+        results: Evaluation results in the ``results.json`` format (keys missing from
+            older files show as "-").
+
+    Returns:
+        The table.
+    """
+    header = ["Method", "Head init", "Inner lr", "Outer lr", "Tuning trials", "Meta-train iterations",
+              "Seeds: accuracy (%)", "SD across seeds (pp)", "Meta-step extra peak (MiB, by Hessian)"]
+    body = []
+    for name, m in methods_of(results).items():
+        by = m.get("meta_step_peak_memory_mb_by_hessian") or {}
+        seeds = m.get("seed_accuracies") or []
+        body.append([name, str(m.get("head_init", "-")), _fmt_rate(m.get("inner_lr")),
+                     _fmt_rate(m.get("outer_lr")), str(m.get("tuning_trials", "-")),
+                     str(m.get("meta_train_iterations", "-")),
+                     ", ".join(f"{100 * a:.2f}" for a in seeds) or "-",
+                     f"{100 * m['accuracy_sd']:.2f}" if "accuracy_sd" in m else "-",
+                     "; ".join(f"{mb:.1f} ({h})" for h, mb in by.items()) or "-"])
+    return _markdown(header, body)
+
+
+def _fmt_rate(rate) -> str:
+    if rate is None:
+        return "-"
+    if isinstance(rate, Sequence):
+        return "[" + ", ".join(f"{r:.3g}" for r in rate) + "]"
+    return f"{rate:.3g}"
+
+
 def format_ablation_table(rows: Sequence[Mapping]) -> str:
     """Markdown table of ablation rows, grouped by parameter in order of appearance.
 
@@ -888,6 +923,7 @@ def write_report(run_dir: str | os.PathLike, cfg, results: Mapping, comparison: 
     run_dir = Path(run_dir)
     sections = [_report_header(cfg, results, training, argv),
                 ("## Results\n\n" + format_results_table(results)),
+                ("## Protocol per method\n\n" + _PROTOCOL_NOTE + "\n\n" + format_protocol_table(results)),
                 ("## MELoRA against each baseline (paired over episodes)\n\n"
                  + format_comparison_table(comparison))]
     if fidelity:
@@ -901,6 +937,19 @@ def write_report(run_dir: str | os.PathLike, cfg, results: Mapping, comparison: 
     from utils import atomic_write_text
     atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
+
+
+_PROTOCOL_NOTE = (
+    "Every method adapts on the same meta-test episodes for K steps from the same head init "
+    "(`evaluation.head_init`; MELoRA keeps its training's). Each baseline's inner rate (and outer "
+    "rate if it meta-trains) was chosen on meta-val episodes by the same number of Optuna trials; "
+    "MELoRA's are its checkpoint's. Meta-learned methods train for the same number of iterations "
+    "(MELoRA's) at the same meta-batch size, once per seed; accuracies and paired tests use "
+    "per-episode accuracies averaged over seeds. `proto_lora` is MELoRA without an inner loop "
+    "(K = 0) and `fomaml_lora` first-order MAML over the same LoRA: a lead over them is what the "
+    "inner loop and its second order add. Memory of one meta-training step is the extra peak "
+    "over the memory before it, named by the Hessian method the step used (MAML: `full` over "
+    "all weights; MELoRA: its configured method and `full`).")
 
 
 def format_fidelity_table(fidelity: Sequence[Mapping]) -> str:
@@ -1181,6 +1230,8 @@ def _command_line(argv: Sequence[str] | None) -> str:
 
 def _report_header(cfg, results: Mapping, training: Mapping | None, argv) -> str:
     m = cfg.meta_learning
+    budget = (f"{cfg.evaluation.baseline_meta_iterations} iterations"
+              if cfg.evaluation.baseline_meta_iterations else "as many iterations as MELoRA")
     memory = cfg.memory_optimization
     lines = [f"# MELoRA experiment `{cfg.training.experiment_name}`", "",
              "Produced by:", "", "```bash", _command_line(argv), "```", "",
@@ -1196,7 +1247,9 @@ def _report_header(cfg, results: Mapping, training: Mapping | None, argv) -> str
              f"{'on' if memory.checkpointing.enabled else 'off'}",
              f"- evaluation: {results.get('num_episodes', '?')} fixed meta-test episodes; accuracy "
              f"after K={results.get('reported_step', '?')} steps; memory: {results.get('memory_method', '?')}; "
-             f"baselines meta-trained for {cfg.evaluation.baseline_meta_iterations} iterations",
+             f"meta-learned baselines trained for {budget}; head init `{cfg.evaluation.head_init}`; "
+             f"{cfg.evaluation.seeds} seed(s); {cfg.evaluation.tuning_trials} tuning trial(s) per "
+             "baseline on meta-val",
              "- files: `results.json`, `comparison.json`, `metrics.jsonl`, `checkpoints/`, "
              "`config.yml` (the full config), `figures/`"]
     return "\n".join(lines)

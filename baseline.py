@@ -293,6 +293,7 @@ class MultitaskFineTune(FineTune):
 
     name = "finetune_multitask"
     optimizer_copies = 3
+    hessian = "none"  # its meta-step is one first-order classifier step
 
     def __init__(self, model, inner_lr, outer_lr: float, grad_clip: float, head_init: str = "zero"):
         super().__init__(model, inner_lr, head_init)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import json
 import logging
 import math
 import os
 import random
+import re
 import resource
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -869,3 +873,97 @@ def _dist():
     """`torch.distributed` when a process group is up, else None."""
     import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() else None
+
+# ------------------------------------------------------------------------------------
+# Memory windows (benchmarks/ and evaluation.py measure with the same instrument)
+# ------------------------------------------------------------------------------------
+
+SAMPLE_SECONDS = 0.001  # RSS sampling period of the CPU memory window without VmHWM
+CROSS_CHECK_SECONDS = 0.02  # the same with VmHWM: a light cross-check (the sampler holds the GIL)
+
+
+class MemoryWindow:
+    """Extra peak memory (MiB) of the code inside `with`, over the memory at its start.
+
+    Args:
+        device: where the work runs.
+
+    Attributes:
+        extra_mb: peak inside the window minus the start (set on exit).
+        base_mb: memory at the start (RSS on CPU, allocated on CUDA).
+        sampled_mb: on CPU, the sampled peak minus the start (cross-check).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_mb = self.base_mb = self.sampled_mb = float("nan")
+
+    def __enter__(self) -> "MemoryWindow":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        _malloc_trim()
+        self._hwm_reset = _reset_hwm()
+        self.base_mb = resident_memory_bytes() / 2**20
+        self._period = CROSS_CHECK_SECONDS if self._hwm_reset else SAMPLE_SECONDS
+        self._peak, self._stop = resident_memory_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mb
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, resident_memory_bytes())
+        self.sampled_mb = self._peak / 2**20 - self.base_mb
+        hwm = _hwm() if self._hwm_reset else 0
+        self.extra_mb = max(self._peak, hwm) / 2**20 - self.base_mb
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._period):
+            self._peak = max(self._peak, resident_memory_bytes())
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024 if match else 0
+
+
+MMAP_THRESHOLD = 64 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fix_mmap_threshold() -> bool:
+    """Serve every allocation of MMAP_THRESHOLD bytes or more from its own mapping,
+    returned to the OS when freed (glibc only; returns False elsewhere).
+
+    By default glibc raises the threshold (up to 32 MiB) each time a large block is
+    freed, after which freed tensors stay in the heap and count as resident, so a peak
+    would depend on the order of earlier allocations. Call it first thing in a process
+    that measures memory (benchmark and evaluation children do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return False
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS, so the window's start counts memory in use only."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
