@@ -151,7 +151,7 @@ def test_maml_meta_trains_through_the_proto_head(task64):
     """MAML's differentiable prototype head equals the evaluation-time one, and its
     meta-gradient reaches the backbone through the prototypes (head grad is zero)."""
     model, support, query = task64
-    theta = used_parameters(model)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in used_parameters(model).items()}
     maml = B.MAML(model, theta, 0.1, 1, 1e-3, 0.0, head_init="proto")
     head = B.proto_head(model, theta, support)
     start = maml.start(support)
