@@ -473,19 +473,22 @@ def format_results_table(results: Mapping) -> str:
 
     Returns:
         Columns: method, accuracy (%) mean ± half-width of the 95% CI, peak memory
-        (MiB), seconds per episode.
+        (MiB) with the Hessian method of the method's meta-gradient (``meta_step_hessian``;
+        "-" without meta-training), seconds per episode.
 
     Raises:
         ValueError: If a method lacks one of the reported keys.
     """
-    header = ["Method", "Accuracy (%, mean ± 95% CI)", "Peak memory (MiB)", "Time (s/episode)"]
+    header = ["Method", "Accuracy (%, mean ± 95% CI)", "Peak memory (MiB)", "Meta-gradient Hessian",
+              "Time (s/episode)"]
     body = []
     for name, m in methods_of(results).items():
         require_keys(m, ("accuracy_mean", "accuracy_ci95", "peak_memory_mb", "seconds_per_episode"),
                      f"method {name!r}")
         lo, hi = m["accuracy_ci95"]
         body.append([name, f"{100 * m['accuracy_mean']:.2f} ± {100 * (hi - lo) / 2:.2f}",
-                     f"{m['peak_memory_mb']:.1f}", f"{m['seconds_per_episode']:.3f}"])
+                     f"{m['peak_memory_mb']:.1f}", str(m.get("meta_step_hessian") or "-"),
+                     f"{m['seconds_per_episode']:.3f}"])
     return _markdown(header, body)
 
 

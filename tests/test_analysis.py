@@ -252,3 +252,16 @@ def test_docstring_examples_run():
 
     failures, _ = doctest.testmod(analysis)
     assert failures == 0
+
+
+def test_protocol_table_names_rates_seeds_and_the_hessian_of_each_memory_figure():
+    results = _results(melora=_accuracies(20, 10, 0.7), protonet=_accuracies(21, 10, 0.6))
+    results["methods"]["melora"].update(
+        head_init="proto", inner_lr=0.01, outer_lr=5e-4, tuning_trials=0, meta_train_iterations=30,
+        seed_accuracies=[0.7, 0.72], accuracy_sd=0.0141, meta_step_hessian="diagonal",
+        meta_step_peak_memory_mb_by_hessian={"diagonal": 57.2, "full": 143.2})
+    table = analysis.format_protocol_table(results)
+    assert "| melora | proto | 0.01 | 0.0005 | 0 | 30 | 70.00, 72.00 | 1.41 | 57.2 (diagonal); 143.2 (full) |" in table
+    assert "| protonet | - | - | - | - | - | - | - | - |" in table  # older files: dashes
+    assert "| melora | " in analysis.format_results_table(results) and "| diagonal |" in \
+        analysis.format_results_table(results)
