@@ -20,6 +20,10 @@ Input formats (the contract with `evaluation.py` and `trainer.py`):
             "accuracy_per_step": {"steps": [...], "mean": [...],
                                   "ci95_low": [...], "ci95_high": [...]},
             "peak_memory_mb": float, "seconds_per_episode": float,
+            # optional, written by evaluation.py's fair protocol (see its docstring):
+            # "head_init", "inner_lr", "outer_lr", "tuning_trials", "meta_train_iterations",
+            # "seeds", "seed_accuracies", "accuracy_sd", "per_seed_episode_accuracy",
+            # "meta_step_hessian", "meta_step_peak_memory_mb_by_hessian": {hessian: MiB},
             "memory_breakdown_mb": {"weights": f, "adapter_and_optimizer": f,
                                     "activations": f, "second_order": f}}}}  # optional
 
