@@ -280,7 +280,8 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
         with window():
             method.meta_train(SeedEpisodes(loader, s), iterations if name != "melora" else 0,
                               cfg.meta_learning.default_meta_batch_size)
-        train_seconds.append(train_s + time.perf_counter() - start)
+        if name != "melora" or s > 0:  # MELoRA's seed 0 is the checkpoint: not timed here
+            train_seconds.append(train_s + time.perf_counter() - start)
         # 5. Adaptation on every episode, dropout masks seeded per episode (paired runs,
         #    the same masks for every seed: seeds change the training, not the episodes).
         start, accuracies = time.perf_counter(), []
@@ -300,7 +301,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     out["peak_memory_mb"] = max(0.0, max(w.base_mb + w.extra_mb for w in windows) - origin)
     out.update(per_seed_accuracy_per_step=per_seed, episode_indices=list(mine),
                seconds_per_episode=sum(seconds) / len(seconds),
-               meta_train_seconds=sum(train_seconds) / len(train_seconds))
+               meta_train_seconds=sum(train_seconds) / len(train_seconds) if train_seconds else None)
     return out
 
 
