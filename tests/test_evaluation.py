@@ -210,7 +210,7 @@ def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkey
     adapt = B.FewShotMethod.adapt
 
     def spy(self, episode, steps):
-        seen.append((self.name, float(sum(t.double().sum() for t in self.theta.values())),
+        seen.append((self.name, float(sum(t.detach().double().sum() for t in self.theta.values())),
                      episode.support["input_ids"].tolist(), episode.query["input_ids"].tolist()))
         return adapt(self, episode, steps)
 
