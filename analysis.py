@@ -20,6 +20,10 @@ Input formats (the contract with `evaluation.py` and `trainer.py`):
             "accuracy_per_step": {"steps": [...], "mean": [...],
                                   "ci95_low": [...], "ci95_high": [...]},
             "peak_memory_mb": float, "seconds_per_episode": float,
+            # optional, written by evaluation.py's fair protocol (see its docstring):
+            # "head_init", "inner_lr", "outer_lr", "tuning_trials", "meta_train_iterations",
+            # "seeds", "seed_accuracies", "accuracy_sd", "per_seed_episode_accuracy",
+            # "meta_step_hessian", "meta_step_peak_memory_mb_by_hessian": {hessian: MiB},
             "memory_breakdown_mb": {"weights": f, "adapter_and_optimizer": f,
                                     "activations": f, "second_order": f}}}}  # optional
 
@@ -35,9 +39,10 @@ Input formats (the contract with `evaluation.py` and `trainer.py`):
 Statistics (all comparisons are paired over the shared meta-test episodes):
 
 - t confidence interval of a mean (`mean_ci`);
-- paired t-test and Wilcoxon signed-rank test (`paired_ttest`, `wilcoxon_test`);
-- percentile bootstrap CI of the mean paired difference (`bootstrap_ci_diff`;
-  Efron & Tibshirani 1993, ch. 13);
+- paired t-test and Wilcoxon signed-rank test with Pratt's treatment of zero differences
+  (`paired_ttest`, `wilcoxon_test`);
+- BCa bootstrap CI of the mean paired difference (`bootstrap_ci_diff`, via
+  `scipy.stats.bootstrap`; Efron & Tibshirani 1993, ch. 14);
 - Cohen's d for paired samples, d_z = mean(diff) / sd(diff) (`cohens_d_paired`;
   Cohen 1988; Lakens 2013);
 - Holm's step-down correction for multiple comparisons (`holm_bonferroni`; Holm 1979).
@@ -71,8 +76,8 @@ DEFAULT_REFERENCE = "melora"
 # break true ties in the Wilcoxon ranks and hide a zero variance.
 DIFF_DECIMALS = 12
 
-# Bootstrap resamples are drawn in chunks of at most this many indices, bounding memory
-# for long evaluations; chunking does not change the random stream.
+# Bootstrap resamples are drawn in batches of at most this many indices, bounding memory
+# for long evaluations (scipy.stats.bootstrap's `batch`).
 _BOOTSTRAP_CHUNK_ELEMENTS = 2**20
 
 
@@ -225,16 +230,19 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 def wilcoxon_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Two-sided Wilcoxon signed-rank test of the paired differences a - b.
 
-    Uses scipy's defaults (``zero_method="wilcox"``: zero differences are dropped;
-    exact p-value for small samples without ties, normal approximation otherwise).
+    ``zero_method="pratt"`` (Pratt 1959): zero differences are ranked with the others
+    and then dropped from the rank sums, so episodes on which two methods tie still
+    count towards the sample size (scipy's default, ``"wilcox"``, discards them first,
+    which overstates the evidence when many episodes tie, as few-shot accuracies do).
+    scipy chooses the exact or the normal-approximation p-value.
 
     Args:
         a: Per-episode scores of one method.
         b: Per-episode scores of another method on the same episodes.
 
     Returns:
-        ``{"statistic", "p_value"}``. When every difference is zero there is no evidence
-        of a difference: statistic 0, p 1.
+        ``{"statistic", "p_value"}`` as ``scipy.stats.wilcoxon(a - b, zero_method="pratt")``.
+        When every difference is zero there is no evidence of a difference: statistic 0, p 1.
 
     Raises:
         ValueError: If the samples differ in length, have fewer than two values or are
@@ -247,17 +255,20 @@ def wilcoxon_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     d = _paired_differences(a, b)
     if np.all(d == 0):
         return {"statistic": 0.0, "p_value": 1.0}
-    res = stats.wilcoxon(d)
+    res = stats.wilcoxon(d, zero_method="pratt")
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
 
 
 def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = DEFAULT_N_RESAMPLES,
                       confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean paired difference mean(a - b).
+    """BCa bootstrap CI of the mean paired difference mean(a - b).
 
-    Episodes are resampled with replacement as pairs. The draws are those of
-    ``scipy.stats.bootstrap(..., paired=True, method="percentile",
-    rng=np.random.default_rng(seed))``, so the interval equals scipy's.
+    Episodes are resampled with replacement as pairs (the differences d = a - b are
+    resampled), and the interval is the bias-corrected and accelerated one (Efron 1987;
+    Efron & Tibshirani 1993, ch. 14): it corrects the percentile interval for the skew
+    and bias of the mean of bounded accuracies. Computed by
+    ``scipy.stats.bootstrap((d,), np.mean, method="BCa", rng=np.random.default_rng(seed))``
+    in batches of resamples that bound memory for long evaluations.
 
     Args:
         a: Per-episode scores of one method.
@@ -267,7 +278,7 @@ def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int =
         seed: Seed of the resampling; the same seed gives the same interval.
 
     Returns:
-        ``(lo, hi)``.
+        ``(lo, hi)``; ``(d, d)`` when every difference is the same d (no spread).
 
     Raises:
         ValueError: On unpaired or non-finite samples or out-of-range arguments.
@@ -281,10 +292,12 @@ def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int =
     if not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     d = _paired_differences(a, b)
-    means = _bootstrap_means(d, int(n_resamples), np.random.default_rng(seed))
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+    if np.all(d == d[0]):
+        return float(d[0]), float(d[0])
+    res = stats.bootstrap((d,), np.mean, n_resamples=int(n_resamples), confidence_level=confidence,
+                          method="BCa", batch=max(1, _BOOTSTRAP_CHUNK_ELEMENTS // d.size),
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cohens_d_paired(a: Sequence[float], b: Sequence[float]) -> float:
@@ -355,7 +368,7 @@ def compare_methods(results: Mapping, reference: str = DEFAULT_REFERENCE,
     """Compare the reference method with every other method, paired over episodes.
 
     For each other method (in the order of ``results["methods"]``) computes the mean
-    difference reference - method of per-episode accuracy, its percentile bootstrap CI,
+    difference reference - method of per-episode accuracy, its BCa bootstrap CI,
     the paired t-test, the Wilcoxon signed-rank test, Cohen's d_z, and Holm-adjusted
     p-values of both tests over the family of comparisons. A comparison is
     ``significant`` when both Holm-adjusted p-values are below alpha = 1 - confidence.
@@ -464,20 +477,58 @@ def format_results_table(results: Mapping) -> str:
 
     Returns:
         Columns: method, accuracy (%) mean ± half-width of the 95% CI, peak memory
-        (MiB), seconds per episode.
+        (MiB) with the Hessian method of the method's meta-gradient (``meta_step_hessian``;
+        "-" without meta-training), seconds per episode.
 
     Raises:
         ValueError: If a method lacks one of the reported keys.
     """
-    header = ["Method", "Accuracy (%, mean ± 95% CI)", "Peak memory (MiB)", "Time (s/episode)"]
+    header = ["Method", "Accuracy (%, mean ± 95% CI)", "Peak memory (MiB)", "Meta-gradient Hessian",
+              "Time (s/episode)"]
     body = []
     for name, m in methods_of(results).items():
         require_keys(m, ("accuracy_mean", "accuracy_ci95", "peak_memory_mb", "seconds_per_episode"),
                      f"method {name!r}")
         lo, hi = m["accuracy_ci95"]
         body.append([name, f"{100 * m['accuracy_mean']:.2f} ± {100 * (hi - lo) / 2:.2f}",
-                     f"{m['peak_memory_mb']:.1f}", f"{m['seconds_per_episode']:.3f}"])
+                     f"{m['peak_memory_mb']:.1f}", str(m.get("meta_step_hessian") or "-"),
+                     f"{m['seconds_per_episode']:.3f}"])
     return _markdown(header, body)
+
+
+def format_protocol_table(results: Mapping) -> str:
+    """Markdown table of how each method was run: head init, rates (tuned on meta-val or
+    configured), meta-training budget, seeds and their spread, and the extra peak memory
+    of one meta-training step by the Hessian method it used.
+
+    Args:
+        results: Evaluation results in the ``results.json`` format (keys missing from
+            older files show as "-").
+
+    Returns:
+        The table.
+    """
+    header = ["Method", "Head init", "Inner lr", "Outer lr", "Tuning trials", "Meta-train iterations",
+              "Seeds: accuracy (%)", "SD across seeds (pp)", "Meta-step extra peak (MiB, by Hessian)"]
+    body = []
+    for name, m in methods_of(results).items():
+        by = m.get("meta_step_peak_memory_mb_by_hessian") or {}
+        seeds = m.get("seed_accuracies") or []
+        body.append([name, str(m.get("head_init", "-")), _fmt_rate(m.get("inner_lr")),
+                     _fmt_rate(m.get("outer_lr")), str(m.get("tuning_trials", "-")),
+                     str(m.get("meta_train_iterations", "-")),
+                     ", ".join(f"{100 * a:.2f}" for a in seeds) or "-",
+                     f"{100 * m['accuracy_sd']:.2f}" if "accuracy_sd" in m else "-",
+                     "; ".join(f"{mb:.1f} ({h})" for h, mb in by.items()) or "-"])
+    return _markdown(header, body)
+
+
+def _fmt_rate(rate) -> str:
+    if rate is None:
+        return "-"
+    if isinstance(rate, Sequence):
+        return "[" + ", ".join(f"{r:.3g}" for r in rate) + "]"
+    return f"{rate:.3g}"
 
 
 def format_ablation_table(rows: Sequence[Mapping]) -> str:
@@ -572,18 +623,6 @@ def _paired_differences(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     if x.size != y.size:
         raise ValueError(f"paired samples must have the same length, got {x.size} and {y.size}")
     return np.round(x - y, DIFF_DECIMALS)
-
-
-def _bootstrap_means(d: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of n_resamples resamples of d, drawn as scipy.stats.bootstrap draws them."""
-    n = d.size
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, chunk):
-        stop = min(start + chunk, n_resamples)
-        idx = rng.integers(0, n, (stop - start, n))  # (chunk, n) episode indices
-        means[start:stop] = d[idx].mean(axis=1)
-    return means
 
 
 def _episode_accuracy(methods: Mapping[str, Mapping], name: str) -> list[float]:
@@ -891,6 +930,7 @@ def write_report(run_dir: str | os.PathLike, cfg, results: Mapping, comparison: 
     run_dir = Path(run_dir)
     sections = [_report_header(cfg, results, training, argv),
                 ("## Results\n\n" + format_results_table(results)),
+                ("## Protocol per method\n\n" + _PROTOCOL_NOTE + "\n\n" + format_protocol_table(results)),
                 ("## MELoRA against each baseline (paired over episodes)\n\n"
                  + format_comparison_table(comparison))]
     if fidelity:
@@ -904,6 +944,19 @@ def write_report(run_dir: str | os.PathLike, cfg, results: Mapping, comparison: 
     from utils import atomic_write_text
     atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
+
+
+_PROTOCOL_NOTE = (
+    "Every method adapts on the same meta-test episodes for K steps from the same head init "
+    "(`evaluation.head_init`; MELoRA keeps its training's). Each baseline's inner rate (and outer "
+    "rate if it meta-trains) was chosen on meta-val episodes by the same number of Optuna trials; "
+    "MELoRA's are its checkpoint's. Meta-learned methods train for the same number of iterations "
+    "(MELoRA's) at the same meta-batch size, once per seed; accuracies and paired tests use "
+    "per-episode accuracies averaged over seeds. `proto_lora` is MELoRA without an inner loop "
+    "(K = 0) and `fomaml_lora` first-order MAML over the same LoRA: a lead over them is what the "
+    "inner loop and its second order add. Memory of one meta-training step is the extra peak "
+    "over the memory before it, named by the Hessian method the step used (MAML: `full` over "
+    "all weights; MELoRA: its configured method and `full`).")
 
 
 def format_fidelity_table(fidelity: Sequence[Mapping]) -> str:
@@ -1184,6 +1237,8 @@ def _command_line(argv: Sequence[str] | None) -> str:
 
 def _report_header(cfg, results: Mapping, training: Mapping | None, argv) -> str:
     m = cfg.meta_learning
+    budget = (f"{cfg.evaluation.baseline_meta_iterations} iterations"
+              if cfg.evaluation.baseline_meta_iterations else "as many iterations as MELoRA")
     memory = cfg.memory_optimization
     lines = [f"# MELoRA experiment `{cfg.training.experiment_name}`", "",
              "Produced by:", "", "```bash", _command_line(argv), "```", "",
@@ -1199,7 +1254,9 @@ def _report_header(cfg, results: Mapping, training: Mapping | None, argv) -> str
              f"{({True: 'on', False: 'off'}.get(memory.checkpointing.enabled, 'auto'))}",
              f"- evaluation: {results.get('num_episodes', '?')} fixed meta-test episodes; accuracy "
              f"after K={results.get('reported_step', '?')} steps; memory: {results.get('memory_method', '?')}; "
-             f"baselines meta-trained for {cfg.evaluation.baseline_meta_iterations} iterations",
+             f"meta-learned baselines trained for {budget}; head init `{cfg.evaluation.head_init}`; "
+             f"{cfg.evaluation.seeds} seed(s); {cfg.evaluation.tuning_trials} tuning trial(s) per "
+             "baseline on meta-val",
              "- files: `results.json`, `comparison.json`, `metrics.jsonl`, `checkpoints/`, "
              "`config.yml` (the full config), `figures/`"]
     return "\n".join(lines)

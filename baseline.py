@@ -1,22 +1,30 @@
 """Few-shot methods behind one interface: MELoRA and the baselines it is compared with.
 
 Every method is built from the same pretrained model and is run on the same episodes
-with the same adaptation budget (inner learning rate, number of steps):
+with the same adaptation budget (number of steps), from the same head initialisation
+(`head_init`: support-set prototypes computed with dropout off, or zero):
 
-    method = build_baseline("maml", cfg, device)      # or MELoRA(model, inner_lr)
+    method = build_baseline("maml", cfg, device, inner_lr=0.05, outer_lr=1e-3)
     method.meta_train(loader, iterations=100)         # no-op for methods without one
     accuracies = method.adapt(episode, steps=10)      # query accuracy after 0..10 steps
 
 | name | what adapts at test time | meta-training |
 | --- | --- | --- |
 | `melora` | LoRA + head from the checkpoint's theta | the checkpoint (trainer.py) |
+| `proto_lora` | LoRA + head | MELoRA with K = 0: LoRA meta-trained through the proto head, no inner loop (control) |
+| `fomaml_lora` | LoRA + head | first-order MAML over the same LoRA + head (MELoRA with Hessian `none`; control) |
 | `maml` | all weights | second order, unrolled autograd through the inner loop |
 | `fomaml` | all weights | first order (inner gradients detached) |
 | `reptile` | all weights | theta <- theta + eps (phi_K - theta), via Adam |
 | `reptile_lora` | LoRA + head | Reptile over LoRA + head |
-| `finetune` | a fresh LoRA + zero head | none |
-| `finetune_multitask` | LoRA (multitask) + zero head | LoRA + a classifier over the pooled meta-train classes |
+| `finetune` | a fresh LoRA + head init | none |
+| `finetune_multitask` | LoRA (multitask) + head init | LoRA + a classifier over the pooled meta-train classes |
 | `protonet` | nothing (0 steps) | none; nearest class prototype of frozen mean-pooled features |
+
+With `head_init: proto` every gradient-based method's head starts each episode at
+W = 2 c_n, b = -|c_n|^2 from its own features' support prototypes c_n (Proto-MAML,
+Triantafillou et al. 2020), and the meta-learners meta-train through them; with `zero`
+the head starts at theta's head (zero unless meta-learned).
 
 References: MAML/FOMAML, Finn et al. (2017), "Model-Agnostic Meta-Learning"; the
 unrolled second-order graph is how learn2learn (`algorithms/maml.py`) and `higher` do
@@ -38,8 +46,13 @@ from utils import Config, ConfigError, set_seed, to_device
 
 log = logging.getLogger("melora")
 
-BASELINES = ("maml", "fomaml", "reptile", "reptile_lora", "finetune", "finetune_multitask",
-             "protonet")
+BASELINES = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",
+             "finetune_multitask", "protonet")
+# Methods with a meta-training phase (tuned inner + outer rate, one training per seed).
+META_LEARNED = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora",
+                "finetune_multitask")
+# Methods that adapt by gradient steps (they take `head_init`, and a tuned inner rate).
+GRADIENT_BASED = ("melora",) + tuple(n for n in BASELINES if n != "protonet")
 
 Params = dict  # name -> tensor; names as in `named_parameters` of the model
 
@@ -70,9 +83,14 @@ class FewShotMethod:
     name = "method"
     second_order = False
     optimizer_copies = 1
+    head_init = "zero"   # zero: the head starts at theta's; proto: at support prototypes
+    micro_batch = 0      # examples per pass when computing prototypes (0 = all)
+    outer_lr: float | None = None  # the meta-training rate, for methods that meta-train
+    hessian = "-"        # the curvature of meta_step's meta-gradient (memory tables)
 
-    def __init__(self, model: M.MELoRAModel, theta: Params, inner_lr: float | torch.Tensor):
-        self.model, self.theta, self.inner_lr = model, theta, inner_lr
+    def __init__(self, model: M.MELoRAModel, theta: Params, inner_lr: float | torch.Tensor,
+                 head_init: str = "zero"):
+        self.model, self.theta, self.inner_lr, self.head_init = model, theta, inner_lr, head_init
 
     # -- verbs ------------------------------------------------------------------------
 
@@ -81,6 +99,7 @@ class FewShotMethod:
         for it in range(iterations):
             tasks = [loader.episode("meta_train", it * meta_batch_size + t)
                      for t in range(meta_batch_size)]
+            self.iteration = it
             self.meta_step(tasks)
 
     def meta_step(self, tasks: Sequence, update: bool = True, first_order: bool = False) -> float:
@@ -119,8 +138,13 @@ class FewShotMethod:
     # -- building blocks --------------------------------------------------------------
 
     def start(self, support: Mapping[str, torch.Tensor]) -> Params:
-        """theta for a new episode (a subclass may reset the head here)."""
-        return self.theta
+        """phi_0 of a new episode: theta, with the head from support prototypes (proto).
+
+        The same computation for every method (trainer.initial_fast_weights: features
+        with dropout off, W = 2 c, b = -|c|^2), on the method's own weights.
+        """
+        from trainer import initial_fast_weights
+        return initial_fast_weights(self.model, self.theta, support, self.head_init, self.micro_batch)
 
     def rate(self, k: int) -> float | torch.Tensor:
         """a_k; beyond the learned rates, the last one."""
@@ -179,47 +203,95 @@ class MELoRA(FewShotMethod):
 
     def __init__(self, model, inner_lr, inner_steps: int, hessian_method: str, micro_batch: int = 0,
                  head_init: str = "zero"):
-        super().__init__(model, M.lora_parameters(model), inner_lr)
+        super().__init__(model, M.lora_parameters(model), inner_lr, head_init)
         self.inner_steps, self.hessian_method, self.micro_batch = inner_steps, hessian_method, micro_batch
-        self.head_init = head_init
-        self.second_order = hessian_method != "none"
+        self.hessian = hessian_method
+        self.second_order = hessian_method != "none" and inner_steps > 0
 
-    def start(self, support) -> Params:
-        """phi_0 as in meta-training: theta, with the head from support prototypes (proto)."""
-        from trainer import initial_fast_weights
-        return initial_fast_weights(self.model, self.theta, support, self.head_init, self.micro_batch)
+    def meta_step(self, tasks, update=True, first_order=False, method: str | None = None) -> float:
+        """One meta-gradient per task as in training; never updates (theta is the checkpoint's).
 
-    def meta_step(self, tasks, update=True, first_order=False) -> float:
-        """One meta-gradient per task as in training; never updates (theta is the checkpoint's)."""
+        `method` overrides the Hessian method (evaluation probes `full` beside the configured one).
+        """
         from trainer import compute_meta_gradient
         assert not update, "MELoRA is meta-trained by trainer.py; meta_step only probes memory"
+        method = "none" if first_order else (method or self.hessian_method)
         losses = []
         for ep in tasks:
             loss, _ = compute_meta_gradient(
                 self.model, self.theta, self.to_device(ep.support), self.to_device(ep.query),
-                self.inner_lr, self.inner_steps, "none" if first_order else self.hessian_method,
-                self.micro_batch, head_init=self.head_init)
+                self.inner_lr, self.inner_steps, method, self.micro_batch, head_init=self.head_init)
             losses.append(float(loss))
         return sum(losses) / len(losses)
 
 
+class LoRAMetaLearner(FewShotMethod):
+    """MELoRA's own meta-training over LoRA + head, for the controls `proto_lora` and
+    `fomaml_lora`: the trainer's meta-gradient (same engine, head_init, micro-batch,
+    dropout seeding per task) and an outer Adam with clipping, as trainer.MetaTrainer.
+
+    Args:
+        model: a LoRA-wrapped model (trainer.build_model).
+        inner_lr: a, the inner SGD rate (meta-training and adaptation).
+        inner_steps: K during meta-training: 0 for proto_lora (no inner loop; theta is
+            trained only through the prototype head's query loss).
+        hessian_method: the meta-gradient's curvature; `none` = first-order MAML.
+        outer_lr, grad_clip: the outer Adam's rate and max global gradient norm.
+        micro_batch: examples per micro-batch.
+        head_init: zero or proto.
+        seed: seeds each task's dropout, from (seed, iteration, task).
+    """
+
+    optimizer_copies = 3
+
+    def __init__(self, model, inner_lr: float, inner_steps: int, hessian_method: str,
+                 outer_lr: float, grad_clip: float, micro_batch: int = 0, head_init: str = "proto",
+                 seed: int = 0):
+        super().__init__(model, M.lora_parameters(model), inner_lr, head_init)
+        self.inner_steps, self.hessian, self.micro_batch = inner_steps, hessian_method, micro_batch
+        self.outer_lr, self.grad_clip, self.seed, self.iteration = outer_lr, grad_clip, seed, 0
+        self.second_order = hessian_method != "none" and inner_steps > 0
+        self.optimizer = torch.optim.Adam(list(self.theta.values()), lr=outer_lr)
+
+    def meta_step(self, tasks, update=True, first_order=False) -> float:
+        from trainer import _task_seed, compute_meta_gradient
+        method = "none" if first_order else self.hessian
+        total, grads = 0.0, [torch.zeros_like(t) for t in self.theta.values()]
+        for t, ep in enumerate(tasks):
+            loss, g = compute_meta_gradient(
+                self.model, self.theta, self.to_device(ep.support), self.to_device(ep.query),
+                self.inner_lr, self.inner_steps, method, self.micro_batch,
+                seed=_task_seed(self.seed, self.iteration, t), head_init=self.head_init)
+            grads = [a + g[n] / len(tasks) for a, n in zip(grads, self.theta)]
+            total += float(loss) / len(tasks)
+        if update:
+            for p, g in zip(self.theta.values(), grads):
+                p.grad = g.to(p.dtype)
+            _clip(list(self.theta.values()), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+
 class FineTune(FewShotMethod):
-    """No meta-learning: a fresh LoRA and a zero head fitted on each support set.
+    """No meta-learning: a fresh LoRA and the head init fitted on each support set.
 
     theta is the LoRA initialisation MELoRA itself started from (same seed), and the head
-    is zero, so only meta-learning separates the two.
+    starts where every method's starts (prototypes or zero), so only meta-learning
+    separates the two.
     """
 
     name = "finetune"
     optimizer_copies = 1
 
-    def __init__(self, model, inner_lr):
-        super().__init__(model, M.lora_parameters(model), inner_lr)
+    def __init__(self, model, inner_lr, head_init: str = "zero"):
+        super().__init__(model, M.lora_parameters(model), inner_lr, head_init)
 
 
 class MultitaskFineTune(FineTune):
     """LoRA trained as an ordinary classifier over the pooled meta-train classes, then
-    fine-tuned per episode with a fresh zero N-way head.
+    fine-tuned per episode with a fresh N-way head (prototypes or zero; theta's N-way
+    head is never trained).
 
     Meta-training sees the same episodes as the meta-learners (support + query of every
     task, labelled by their class names) and takes one Adam step per meta-batch.
@@ -227,9 +299,10 @@ class MultitaskFineTune(FineTune):
 
     name = "finetune_multitask"
     optimizer_copies = 3
+    hessian = "none"  # its meta-step is one first-order classifier step
 
-    def __init__(self, model, inner_lr, outer_lr: float, grad_clip: float):
-        super().__init__(model, inner_lr)
+    def __init__(self, model, inner_lr, outer_lr: float, grad_clip: float, head_init: str = "zero"):
+        super().__init__(model, inner_lr, head_init)
         self.outer_lr, self.grad_clip = outer_lr, grad_clip
         self.classes: dict[str, int] = {}
         self.pooled_head: torch.nn.Linear | None = None
@@ -256,13 +329,6 @@ class MultitaskFineTune(FineTune):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
-
-    def start(self, support) -> Params:
-        """Multitask LoRA, fresh zero head (the pooled head does not fit N classes)."""
-        theta = dict(self.theta)
-        for name in ("head.weight", "head.bias"):
-            theta[name] = torch.zeros_like(theta[name])
-        return theta
 
     def optimizer_params(self) -> list[torch.Tensor]:
         lora = [t for n, t in self.theta.items() if not n.startswith(M.HEAD_PREFIX)]
@@ -312,18 +378,24 @@ class MAML(FewShotMethod):
     optimizer_copies = 3
 
     def __init__(self, model, theta, inner_lr: float, inner_steps: int, outer_lr: float,
-                 grad_clip: float, first_order: bool = False):
-        super().__init__(model, theta, inner_lr)
+                 grad_clip: float, first_order: bool = False, head_init: str = "zero"):
+        super().__init__(model, theta, inner_lr, head_init)
         self.inner_steps, self.grad_clip, self.first_order = inner_steps, grad_clip, first_order
         self.second_order = not first_order
+        self.hessian = "none" if first_order else "full"
+        self.outer_lr = outer_lr
         self.optimizer = torch.optim.Adam(list(theta.values()), lr=outer_lr)
 
     def task_loss(self, episode, first_order: bool) -> torch.Tensor:
-        """L_Q(phi_K), differentiable with respect to theta."""
+        """L_Q(phi_K), differentiable with respect to theta (through the prototypes too)."""
         support, query = self.to_device(episode.support), self.to_device(episode.query)
         phi = dict(self.theta)
+        if self.head_init == "proto":
+            phi.update(proto_head(self.model, phi, support))
         for _ in range(self.inner_steps):
-            grads = torch.autograd.grad(self.loss(phi, support), list(phi.values()),
+            # first order: the inner gradient at a detached copy (no graph back to theta)
+            at = {n: p.detach().requires_grad_() for n, p in phi.items()} if first_order else phi
+            grads = torch.autograd.grad(self.loss(at, support), list(at.values()),
                                         create_graph=not first_order, allow_unused=True)
             phi = {n: p if g is None else p - self.inner_lr * (g.detach() if first_order else g)
                    for (n, p), g in zip(phi.items(), grads)}
@@ -357,8 +429,9 @@ class FOMAML(MAML):
 
     name = "fomaml"
 
-    def __init__(self, model, theta, inner_lr, inner_steps, outer_lr, grad_clip):
-        super().__init__(model, theta, inner_lr, inner_steps, outer_lr, grad_clip, first_order=True)
+    def __init__(self, model, theta, inner_lr, inner_steps, outer_lr, grad_clip, head_init="zero"):
+        super().__init__(model, theta, inner_lr, inner_steps, outer_lr, grad_clip, first_order=True,
+                         head_init=head_init)
 
 
 class Reptile(FewShotMethod):
@@ -366,27 +439,33 @@ class Reptile(FewShotMethod):
 
     The meta-gradient theta - mean_i phi_K^i is handed to Adam (as learn2learn's Reptile
     example does), so the outer rate is `meta_learning.outer.default_lr` like MELoRA's.
+    With the proto head init the head restarts from prototypes every task, so it gets
+    no Reptile update (phi_K's head is compared with phi_0's, whose difference is the
+    task's own adaptation, not a direction for theta's unused head).
     """
 
     name = "reptile"
     optimizer_copies = 3
+    hessian = "none"
 
     def __init__(self, model, theta, inner_lr: float, inner_steps: int, outer_lr: float,
-                 grad_clip: float):
-        super().__init__(model, theta, inner_lr)
-        self.inner_steps, self.grad_clip = inner_steps, grad_clip
+                 grad_clip: float, head_init: str = "zero"):
+        super().__init__(model, theta, inner_lr, head_init)
+        self.inner_steps, self.grad_clip, self.outer_lr = inner_steps, grad_clip, outer_lr
         self.optimizer = torch.optim.Adam(list(theta.values()), lr=outer_lr)
 
     def meta_step(self, tasks, update=True, first_order=False) -> float:
         deltas = [torch.zeros_like(t) for t in self.theta.values()]
         for ep in tasks:
             support = self.to_device(ep.support)
-            phi = {n: t.detach() for n, t in self.theta.items()}
+            phi = {n: t.detach() for n, t in self.start(support).items()}
+            phi_0 = dict(phi)
             for k in range(self.inner_steps):
                 grads = self.support_gradient(phi, support)
                 phi = {n: p - self.inner_lr * g for (n, p), g in zip(phi.items(), grads)}
-            deltas = [d + (t.detach() - p) / len(tasks)
-                      for d, t, p in zip(deltas, self.theta.values(), phi.values())]
+            frozen = self.head_init == "proto"  # theta's head is unused: no update
+            deltas = [d if frozen and n.startswith(M.HEAD_PREFIX) else d + (phi_0[n] - p) / len(tasks)
+                      for d, (n, p) in zip(deltas, phi.items())]
         if update:
             for t, d in zip(self.theta.values(), deltas):
                 t.grad = d
@@ -412,6 +491,7 @@ class ProtoNet(FewShotMethod):
 
     def __init__(self, model):
         super().__init__(model, {}, 0.0)
+        self.head_init = "-"  # no head: nearest prototype of mean-pooled features
         model.requires_grad_(False)
 
     def adapt(self, episode, steps: int) -> list[float]:
@@ -439,17 +519,20 @@ class ProtoNet(FewShotMethod):
 # Construction from the config
 # ------------------------------------------------------------------------------------
 
-def build_baseline(name: str, cfg: Config, device: torch.device) -> tuple[FewShotMethod, object]:
+def build_baseline(name: str, cfg: Config, device: torch.device, inner_lr: float | None = None,
+                   outer_lr: float | None = None) -> tuple[FewShotMethod, object]:
     """A baseline on the pretrained model of `cfg` (the checkpoint's model), on `device`.
 
-    Hyperparameters are MELoRA's: inner rate and steps (`meta_learning.inner`), outer
-    rate and clipping (`meta_learning.outer`); LoRA variants use `build_model`, so their
-    LoRA starts where MELoRA's started.
+    Hyperparameters are MELoRA's unless given: inner rate and steps
+    (`meta_learning.inner`), outer rate and clipping (`meta_learning.outer`), micro-batch;
+    the head init is `evaluation.head_init`. LoRA variants use `build_model`, so their
+    LoRA starts where MELoRA's started (for the same `training.seed`).
 
     Args:
         name: one of `BASELINES`.
-        cfg: the validated config.
+        cfg: the validated config (`training.seed` seeds the initialisation and dropout).
         device: where the model lives.
+        inner_lr, outer_lr: the rates to use (evaluation passes each method's tuned ones).
 
     Returns:
         (method, tokenizer).
@@ -462,23 +545,48 @@ def build_baseline(name: str, cfg: Config, device: torch.device) -> tuple[FewSho
                           f"choose from {', '.join(BASELINES)}")
     set_seed(cfg.training.seed)
     inner, outer = cfg.meta_learning.inner, cfg.meta_learning.outer
-    steps = inner.default_num_steps
-    if name in ("finetune", "finetune_multitask", "reptile_lora"):
+    a = inner.default_lr if inner_lr is None else inner_lr
+    beta = outer.default_lr if outer_lr is None else outer_lr
+    steps, head = inner.default_num_steps, cfg.evaluation.head_init
+    micro = cfg.memory_optimization.gradient_accumulation.default_micro_batch
+    if name in ("finetune", "finetune_multitask", "reptile_lora", "proto_lora", "fomaml_lora"):
         from trainer import build_model
         model, tokenizer = build_model(cfg, device)
-        method = {"finetune": lambda: FineTune(model, inner.default_lr),
-                  "finetune_multitask": lambda: MultitaskFineTune(
-                      model, inner.default_lr, outer.default_lr, outer.grad_clip),
+        method = {"finetune": lambda: FineTune(model, a, head),
+                  "finetune_multitask": lambda: MultitaskFineTune(model, a, beta, outer.grad_clip, head),
                   "reptile_lora": lambda: _named(Reptile(
-                      model, M.lora_parameters(model), inner.default_lr, steps,
-                      outer.default_lr, outer.grad_clip), "reptile_lora")}[name]()
+                      model, M.lora_parameters(model), a, steps, beta, outer.grad_clip, head),
+                      "reptile_lora"),
+                  "proto_lora": lambda: _named(LoRAMetaLearner(
+                      model, a, 0, "none", beta, outer.grad_clip, micro, head, cfg.training.seed),
+                      "proto_lora"),
+                  "fomaml_lora": lambda: _named(LoRAMetaLearner(
+                      model, a, steps, "none", beta, outer.grad_clip, micro, head, cfg.training.seed),
+                      "fomaml_lora")}[name]()
+        method.micro_batch = micro
         return method, tokenizer
     model, tokenizer = full_model(cfg, device)
     if name == "protonet":
         return ProtoNet(model), tokenizer
     theta = dict(model.named_parameters())
     cls = {"maml": MAML, "fomaml": FOMAML, "reptile": Reptile}[name]
-    return cls(model, theta, inner.default_lr, steps, outer.default_lr, outer.grad_clip), tokenizer
+    method = cls(model, theta, a, steps, beta, outer.grad_clip, head_init=head)
+    method.micro_batch = micro
+    return method, tokenizer
+
+
+def proto_head(model: M.MELoRAModel, params: Params, support) -> Params:
+    """{"head.weight": 2 c, "head.bias": -|c|^2} from the support prototypes c at `params`,
+    dropout off, differentiable (MAML/FOMAML meta-train through it); the values equal
+    trainer.initial_fast_weights'."""
+    from trainer import dropout_off
+    with dropout_off(model):
+        features = M.forward(model, params, support, features_only=True)  # (N*K, hidden)
+    labels = support["labels"]
+    n_way = model.num_labels
+    onehot = F.one_hot(labels, n_way).to(features.dtype)  # (N*K, N)
+    c = onehot.T @ features / onehot.sum(0).clamp(min=1).unsqueeze(1)  # (N, hidden)
+    return {"head.weight": 2 * c, "head.bias": -(c * c).sum(1)}
 
 
 def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:

@@ -3,22 +3,39 @@
     python main.py --mode evaluate --checkpoint results/melora/checkpoints/checkpoint_iter_1000.pt
     python main.py --mode evaluate --checkpoint CKPT --skip_baselines --set evaluation.num_episodes=50
 
-Every method (MELoRA from the checkpoint, then each of `evaluation.baselines`, see
-baseline.py) runs on the same pretrained model, the same `evaluation.num_episodes`
-meta-test episodes in the same order (their spec is saved as
-`<run>/meta_test_episodes.json`, so analysis can pair them and a later run can repeat
-them) and the same budget: K = `meta_learning.inner.default_num_steps` inner SGD steps
-at the inner rate. Accuracy is reported after K steps, and per step for
-0..max(K, `evaluation.adaptation_steps`).
+The protocol (a fair fight: only meta-learning separates the methods):
 
-Memory: each method is measured in a window of its own (`memory_method` in the results):
+- the same pretrained model, the same `evaluation.num_episodes` meta-test episodes in
+  the same order (their spec is saved as `<run>/meta_test_episodes.json`, so analysis
+  can pair them and a later run can repeat them), K =
+  `meta_learning.inner.default_num_steps` adaptation steps; accuracy is reported after
+  K steps, and per step for 0..max(K, `evaluation.adaptation_steps`);
+- one head init for every gradient-based baseline (`evaluation.head_init`: support
+  prototypes computed with dropout off, or zero); MELoRA keeps its training's;
+- equal budgets: every meta-learned baseline meta-trains for
+  `evaluation.baseline_meta_iterations` iterations (0 = MELoRA's own count) at MELoRA's
+  meta-batch size;
+- each baseline's inner rate (and outer rate if it meta-trains) is chosen on meta-val
+  episodes by `evaluation.tuning_trials` Optuna trials (TPE, the configured rates first);
+  MELoRA's rates are its checkpoint's (tuned by `--hyperparameter_search`);
+- `evaluation.seeds` trainings of every meta-learned method (MELoRA: seed 0 is the
+  checkpoint, the others retrain it with its config): per-episode accuracies are
+  averaged over seeds for the CIs and paired tests, and the spread across seeds is
+  reported (`seed_accuracies`, `accuracy_sd`).
 
-- CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`;
-- CPU, `evaluation.child_process: true`: each method runs in a freshly spawned process,
-  and its peak resident memory (`ru_maxrss`) is its own, interpreter and libraries
-  included; phases inside it are sampled by a thread (psutil RSS, every 2 ms);
-- CPU, `child_process: false`: sampled RSS increase over the method's start (fast, for
-  tests; an allocator that reuses memory freed earlier can hide some of it).
+Memory: each phase of a method is measured in a `utils.MemoryWindow` (the benchmarks'
+instrument; `memory_method` in the results):
+
+- CUDA: `torch.cuda.max_memory_allocated` in the window;
+- CPU, `evaluation.child_process: true`: each method runs in a freshly spawned process
+  with glibc's mmap threshold fixed (freed tensors leave the resident set), and
+  `peak_memory_mb` is the process's peak RSS over its phases, interpreter and libraries
+  included;
+- CPU, `child_process: false`: the RSS increase over the method's start (for tests).
+
+`meta_step_peak_memory_mb` is the extra peak of one meta-training step over the memory
+before it, with the Hessian method that step used (`meta_step_hessian`); MELoRA's is
+measured with its configured method and with `full` (`meta_step_peak_memory_mb_by_hessian`).
 
 Writes `<run>/results.json` (schema: analysis.py's module docstring, plus the keys
 documented in `run_evaluation`), logs to `<run>/evaluation/` (metrics.jsonl, MLflow,
@@ -31,8 +48,8 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -44,17 +61,17 @@ from tqdm import tqdm
 import analysis
 import baseline as B
 import model as M
-from utils import (Config, MetricsSink, UserError, atomic_write_json, gather_to_main,
-                   is_main_process, load_checkpoint, load_config, load_config_with_base,
-                   peak_memory_mb, rank, rank_device, resolve_device, run_on_main, set_seed,
-                   world_size, resident_memory_bytes, thread_budget)
+from utils import (Config, MemoryWindow, MetricsSink, UserError, atomic_write_json,
+                   fix_mmap_threshold, gather_to_main, is_main_process, load_checkpoint,
+                   load_config, load_config_with_base, rank, rank_device, resolve_device,
+                   run_on_main, set_seed, thread_budget, world_size, resident_memory_bytes)
 
 log = logging.getLogger("melora")
 
 RESULTS_FILE = "results.json"
 EPISODE_SPEC = "meta_test_episodes.json"
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
-SAMPLE_SECONDS = 0.002        # RSS sampling interval on CPU
+SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
 
 
 # ------------------------------------------------------------------------------------
@@ -79,9 +96,12 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     Returns:
         The results dict written to `<run_dir>/results.json`: analysis.py's schema, plus
         `checkpoint`, `config`, `memory_method`, `reported_step`, `steps`, and per method
-        `per_episode_accuracy_per_step`, `meta_step_peak_memory_mb`,
-        `adapt_peak_memory_mb`, `meta_train_iterations`, `meta_train_seconds`,
-        `trainable_parameters`, `total_parameters`.
+        `per_episode_accuracy_per_step` (averaged over seeds), `per_seed_episode_accuracy`,
+        `seeds`, `seed_accuracies`, `accuracy_sd`, `head_init`, `inner_lr`, `outer_lr`,
+        `tuning_trials`, `tuning`, `meta_step_peak_memory_mb`, `meta_step_hessian`,
+        `meta_step_peak_memory_mb_by_hessian`, `adapt_peak_memory_mb`,
+        `meta_train_iterations`, `meta_train_seconds`, `trainable_parameters`,
+        `total_parameters`.
 
     Under torchrun every rank adapts on its share of the episodes (strided, seeds per
     episode unchanged) and rank 0 gathers the results and writes them; the other ranks
@@ -89,7 +109,8 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
 
     Raises:
         UserError: no checkpoint, a missing, truncated or foreign checkpoint, a model
-            other than the checkpoint's, or an unknown baseline name.
+            other than the checkpoint's, an unknown baseline name, or tuning without
+            meta-validation tasks.
     """
     if checkpoint is None:
         raise UserError("--mode evaluate needs --checkpoint PATH (a checkpoints/"
@@ -98,11 +119,13 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     state = read_checkpoint(checkpoint)
     cfg = evaluation_config(cfg, state, checkpoint)
     methods = ["melora"] + ([] if skip_baselines else _baseline_names(cfg))
+    _check_tuning(cfg, methods)
     # 1. The fixed episodes, saved once so every method (and a later run) uses them.
     spec = run_on_main(prepare_episodes, cfg, run_dir, baselines=len(methods) > 1)
     # 2. Each method in a window of its own (a child process on CPU, by default).
     job = {"config": cfg.to_dict(), "checkpoint": str(checkpoint), "spec": str(spec),
-           "share": [rank(), world_size()], "threads": thread_budget()}
+           "share": [rank(), world_size()], "melora_iterations": int(state.get("iteration", 0)),
+           "threads": thread_budget()}
     raw = {}
     for name in methods:
         log.info("evaluating %s on %d episodes", name, cfg.evaluation.num_episodes)
@@ -167,17 +190,49 @@ def prepare_episodes(cfg: Config, run_dir: Path, baselines: bool) -> Path:
     return spec
 
 
+def budget(name: str, cfg: Config, melora_iterations: int) -> int:
+    """Meta-training iterations of a method: MELoRA's own count for MELoRA and, unless
+    `evaluation.baseline_meta_iterations` sets another, for every meta-learned baseline."""
+    if name == "melora":
+        return melora_iterations
+    if name not in B.META_LEARNED:
+        return 0
+    return cfg.evaluation.baseline_meta_iterations or melora_iterations
+
+
+def seed_config(cfg: Config, s: int) -> Config:
+    """The config of training seed s: `training.seed` + s (LoRA init, dropout, order)."""
+    return cfg if s == 0 else load_config_with_base(
+        cfg.to_dict(), None, {"training.seed": cfg.training.seed + s})
+
+
+class SeedEpisodes:
+    """A loader whose meta-train episode i is the base loader's s * stride + i: another
+    seed meta-trains on other tasks of the same distribution; every other split (the
+    meta-test episodes, meta-val) is the base loader's, unchanged."""
+
+    def __init__(self, loader, s: int):
+        self.loader, self.offset = loader, s * SEED_EPISODE_STRIDE
+
+    def episode(self, split: str, index: int):
+        return self.loader.episode(split, index + (self.offset if split == "meta_train" else 0))
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 # ------------------------------------------------------------------------------------
 # One method (runs in a child process when evaluation.child_process is true)
 # ------------------------------------------------------------------------------------
 
 def evaluate_method(job: Mapping[str, Any]) -> dict:
-    """Build one method, meta-train it if it has meta-training, adapt on every episode.
+    """Tune one method's rates, meta-train it once per seed, adapt on every episode.
 
     Args:
         job: `method`, `config` (a plain dict), `checkpoint`, `spec` (the episode spec),
             `in_process` (measure RSS increases instead of process peaks), `share`
             ([rank, world size]: adapt on episodes rank, rank + world size, ...),
+            `melora_iterations` (the checkpoint's meta-iterations: the budget).
             `threads` (torch threads of a child process: its share of the cores, as
             `utils.thread_budget`; the parent waits meanwhile).
 
@@ -185,55 +240,83 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     process too (it writes to the inherited stderr); under torchrun, rank 0's share.
 
     Returns:
-        Raw per-episode accuracies per step, timings and memory readings.
+        Raw per-seed, per-episode accuracies per step, rates, timings and memory readings.
     """
     cfg, name = Config(job["config"]), job["method"]
-    if not job["in_process"] and job.get("threads"):
-        torch.set_num_threads(job["threads"])  # a child: its share of the cores, not all
+    if not job["in_process"]:
+        fix_mmap_threshold()  # freed tensors leave RSS, as in benchmarks/ (utils.MemoryWindow)
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])  # a child: its share of the cores, not all
     device = rank_device(resolve_device(cfg.training.device))
-    meter = _meter_factory(device, job["in_process"])
-    out: dict[str, Any] = {}
-    # 1. Setup: the method's model and the episodes (from the saved spec).
-    with meter() as setup:
-        method, tokenizer = build_method(name, cfg, job["checkpoint"], device)
-        loader = _loader(cfg, tokenizer, baselines=name != "melora")
+    windows: list[MemoryWindow] = []
+
+    def window() -> MemoryWindow:  # in-process (tests): no gc pass over the big heap
+        windows.append(MemoryWindow(device, collect=not job["in_process"]))
+        return windows[-1]
+
+    origin = resident_memory_bytes() / 2**20 if device.type == "cpu" and job["in_process"] else 0.0
+    meta_learned = name == "melora" or name in B.META_LEARNED
+    show = job["share"][0] == 0  # progress bars: rank 0's share only
+    iterations = budget(name, cfg, job["melora_iterations"])
+    out: dict[str, Any] = {"meta_train_iterations": iterations}
+    # 1. Setup: the episodes (from the saved spec) and the meta-train/val tasks.
+    with window():
+        _, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way)
+        retrains = name == "melora" and cfg.evaluation.seeds > 1 and iterations > 0
+        loader = _loader(cfg, tokenizer, baselines=name != "melora" or retrains,
+                         meta_val=_tuned(name, cfg))
         episodes = loader.load_episode_spec(job["spec"])
-    # 2. Memory breakdown first, in a fresh heap and from the smallest window to the
-    #    largest, so a CPU allocator that reuses freed memory hides nothing it should show.
-    if cfg.evaluation.memory_profiling.enabled:
-        out.update(memory_breakdown(method, episodes[0], meter,
-                                    cfg.evaluation.memory_profiling.detailed_breakdown))
-    # 3. Meta-training (baselines), then one meta-training step on episode 0: the memory
-    #    reference (MELoRA's step uses its configured Hessian method; theta is unchanged).
-    iterations = cfg.evaluation.baseline_meta_iterations if _meta_learned(name) else 0
-    start = time.perf_counter()
-    with meter() as training, _counting_meta_steps(method, name, iterations, job["share"][0] == 0):
-        method.meta_train(loader, iterations, cfg.meta_learning.default_meta_batch_size)
-    out["meta_train_seconds"], out["meta_train_iterations"] = time.perf_counter() - start, iterations
-    with meter() as step:
-        method.meta_step(episodes[:1], update=False)
-    # 4. Adaptation on every episode, dropout masks seeded per episode (paired runs).
+    # 2. Rates: tuned on meta-val (baselines), or the configured / checkpoint's ones.
+    with window():
+        rates = tune_rates(name, cfg, loader, device, iterations) if _tuned(name, cfg) \
+            else {"inner_lr": None, "outer_lr": None, "tuning_trials": 0, "tuning": []}
     steps = max(cfg.meta_learning.inner.default_num_steps, cfg.evaluation.adaptation_steps)
-    start, accuracies = time.perf_counter(), []
     mine = range(job["share"][0], len(episodes), job["share"][1])  # this rank's episodes
-    bar = tqdm(mine, desc=f"evaluate {name}", unit="episode", mininterval=1.0,
-               dynamic_ncols=True, disable=job["share"][0] != 0)
-    with meter() as adapt:
-        for i in bar:
-            set_seed(cfg.training.seed + 7919 * (i + 1))
-            accuracies.append(method.adapt(episodes[i], steps))
-    bar.close()
-    out["seconds_per_episode"] = (time.perf_counter() - start) / max(1, len(mine))
-    # 5. Memory: the method's peak over every phase.
-    phases = (setup, training, step, adapt)
-    out["peak_memory_mb"] = (peak_memory_mb(device) if device.type == "cpu" and not job["in_process"]
-                             else max(p.mb for p in phases))
-    out["meta_step_peak_memory_mb"] = step.mb if _has_meta_step(name) else None
-    out["adapt_peak_memory_mb"] = adapt.mb
-    _, total = M.count_parameters(method.model)
-    out.update(per_episode_accuracy_per_step=accuracies, episode_indices=list(mine),
-               trainable_parameters=method.trainable_numel(),
-               total_parameters=total, torch_threads=torch.get_num_threads())
+    per_seed, seconds, train_seconds = [], [], []
+    for s in range(cfg.evaluation.seeds if meta_learned else 1):
+        # 3. The method of seed s (MELoRA: s = 0 is the checkpoint, others retrain it).
+        with window():
+            method, train_s = build_method(name, cfg, job["checkpoint"], device, s, iterations,
+                                           loader, rates)
+        if s == 0:
+            # Memory breakdown and one meta-training step (theta unchanged): the memory
+            # reference, for every Hessian method it names.
+            out.update(_describe(name, method, rates))
+            if cfg.evaluation.memory_profiling.enabled:
+                out.update(memory_breakdown(method, episodes[0], window,
+                                            cfg.evaluation.memory_profiling.detailed_breakdown))
+            out.update(_meta_step_memory(name, method, episodes[0], window))
+        # 4. Meta-training (baselines; MELoRA's retrains are timed in build_method).
+        start = time.perf_counter()
+        todo = iterations if name != "melora" else 0
+        label = f"{name} seed {s}" if meta_learned and cfg.evaluation.seeds > 1 else name
+        with window(), _counting_meta_steps(method, label, todo, show):
+            method.meta_train(SeedEpisodes(loader, s), todo, cfg.meta_learning.default_meta_batch_size)
+        if name != "melora" or s > 0:  # MELoRA's seed 0 is the checkpoint: not timed here
+            train_seconds.append(train_s + time.perf_counter() - start)
+        # 5. Adaptation on every episode, dropout masks seeded per episode (paired runs,
+        #    the same masks for every seed: seeds change the training, not the episodes).
+        start, accuracies = time.perf_counter(), []
+        bar = tqdm(mine, desc=f"evaluate {label}", unit="episode", mininterval=1.0, dynamic_ncols=True, disable=not show)
+        with window() as adapt:
+            for i in bar:
+                set_seed(cfg.training.seed + 7919 * (i + 1))
+                accuracies.append(method.adapt(episodes[i], steps))
+        bar.close()
+        seconds.append((time.perf_counter() - start) / max(1, len(mine)))
+        per_seed.append(accuracies)
+        if s == 0:
+            out["adapt_peak_memory_mb"] = adapt.extra_mb
+            _, total = M.count_parameters(method.model)
+            out.update(trainable_parameters=method.trainable_numel(), total_parameters=total)
+        del method
+    # 6. Memory: the method's peak over every phase (process RSS in a child; else the
+    #    increase over the method's start).
+    out["peak_memory_mb"] = max(0.0, max(w.base_mb + w.extra_mb for w in windows) - origin)
+    out.update(per_seed_accuracy_per_step=per_seed, episode_indices=list(mine),
+               seconds_per_episode=sum(seconds) / len(seconds),
+               meta_train_seconds=sum(train_seconds) / len(train_seconds) if train_seconds else None,
+               torch_threads=torch.get_num_threads())
     return out
 
 
@@ -259,24 +342,120 @@ def _counting_meta_steps(method, name: str, iterations: int, show: bool):
         bar.close()
 
 
-def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device):
-    """(method, tokenizer): MELoRA restored from the checkpoint, or a baseline."""
+def tune_rates(name: str, cfg: Config, loader, device: torch.device, iterations: int) -> dict:
+    """A baseline's inner rate (and outer rate if it meta-trains), chosen on meta-val.
+
+    `evaluation.tuning_trials` Optuna trials (TPE sampler seeded by `training.seed`; the
+    first trial is the configured rates, so tuning never scores below them on meta-val):
+    each builds the method (seed 0) with the trial's rates, meta-trains it for the
+    method's budget and scores its mean query accuracy after K steps on the first
+    `analysis.hyperparameter_search.val_episodes` meta-val episodes (log-uniform ranges
+    `hyperparameter_search.inner_lr` / `outer_lr`). The meta-test episodes are never seen.
+
+    Returns:
+        `inner_lr`, `outer_lr` (None when the method does not meta-train), `tuning_trials`
+        and `tuning` (each trial's rates and meta-val accuracy).
+    """
+    import optuna
+
+    search, trials = cfg.analysis.hyperparameter_search, cfg.evaluation.tuning_trials
+    meta = name in B.META_LEARNED
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.training.seed))
+    configured = {"inner_lr": cfg.meta_learning.inner.default_lr}
+    if meta:
+        configured["outer_lr"] = cfg.meta_learning.outer.default_lr
+    study.enqueue_trial(configured, skip_if_exists=True)
+    val = [loader.episode("meta_val", i) for i in range(search.val_episodes)]
+    k = cfg.meta_learning.inner.default_num_steps
+
+    def objective(trial) -> float:
+        inner = trial.suggest_float("inner_lr", *search.inner_lr, log=True)
+        outer = trial.suggest_float("outer_lr", *search.outer_lr, log=True) if meta else None
+        method, _ = B.build_baseline(name, cfg, device, inner, outer)
+        method.meta_train(loader, iterations, cfg.meta_learning.default_meta_batch_size)
+        accuracy = analysis._val_accuracy(method, val, k, cfg.training.seed)
+        return accuracy if math.isfinite(accuracy) else 0.0
+
+    with warnings.catch_warnings():  # an enqueued rate outside the search range is kept
+        warnings.simplefilter("ignore", UserWarning)
+        study.optimize(objective, n_trials=trials)
+    best = study.best_params
+    log.info("%s: meta-val accuracy %.4f with %s (%d trials)", name, study.best_value, best, trials)
+    return {"inner_lr": best["inner_lr"], "outer_lr": best.get("outer_lr"), "tuning_trials": trials,
+            "tuning": [{"params": t.params, "val_accuracy": t.value} for t in study.trials]}
+
+
+def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, s: int = 0,
+                 iterations: int = 0, loader=None, rates: Mapping | None = None):
+    """(method, seconds spent meta-training it here) for training seed s.
+
+    MELoRA: s = 0 is the checkpoint's theta; s >= 1 meta-trains MELoRA again with the
+    checkpoint's config and `training.seed` + s for `iterations` iterations (as
+    trainer.py does). A baseline: built with the rates in `rates` (None: configured)
+    and seed `training.seed` + s; its meta-training is the caller's.
+    """
+    rates = rates or {}
     if name != "melora":
-        return B.build_baseline(name, cfg, device)
-    from trainer import build_model, load_theta
-    state = read_checkpoint(checkpoint)
-    model, tokenizer = build_model(cfg, device)
-    load_theta(model, state["theta"], checkpoint)
-    inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
-        else cfg.meta_learning.inner.default_lr
+        method, _ = B.build_baseline(name, seed_config(cfg, s), device, rates.get("inner_lr"),
+                                     rates.get("outer_lr"))
+        return method, 0.0
+    from trainer import MetaTrainer, build_model, load_theta
     memory = cfg.memory_optimization
-    return B.MELoRA(model, inner_lr, cfg.meta_learning.inner.default_num_steps,
-                    memory.hessian_approximation.method,
-                    memory.gradient_accumulation.default_micro_batch,
-                    cfg.meta_learning.head_init), tokenizer
+    start = time.perf_counter()
+    if s == 0:
+        state = read_checkpoint(checkpoint)
+        model, _ = build_model(cfg, device)
+        load_theta(model, state["theta"], checkpoint)
+        inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
+            else cfg.meta_learning.inner.default_lr
+    else:
+        scfg = seed_config(cfg, s)
+        model, _ = build_model(scfg, device)
+        meta = MetaTrainer(model, SeedEpisodes(loader, s), scfg.meta_learning, memory,
+                           scfg.training, device, {"lora": {"rank": cfg.lora.default_rank}})
+        for it in range(iterations):
+            meta.train_step(it)
+        inner_lr = meta.inner_lr.detach() if torch.is_tensor(meta.inner_lr) else meta.inner_lr
+    method = B.MELoRA(model, inner_lr, cfg.meta_learning.inner.default_num_steps,
+                      memory.hessian_approximation.method,
+                      memory.gradient_accumulation.default_micro_batch,
+                      cfg.meta_learning.head_init)
+    method.outer_lr = cfg.meta_learning.outer.default_lr
+    return method, time.perf_counter() - start if s else 0.0
 
 
-def memory_breakdown(method: B.FewShotMethod, episode, meter, detailed: bool) -> dict:
+def _describe(name: str, method: B.FewShotMethod, rates: Mapping) -> dict:
+    """What results.json records of a method's protocol."""
+    lr = method.inner_lr if name in B.GRADIENT_BASED else None
+    return {"head_init": method.head_init,
+            "inner_lr": lr.tolist() if torch.is_tensor(lr) else None if lr is None else float(lr),
+            "outer_lr": getattr(method, "outer_lr", None)
+            if (name == "melora" or name in B.META_LEARNED) else None,
+            "tuning_trials": rates.get("tuning_trials", 0), "tuning": rates.get("tuning", [])}
+
+
+def _meta_step_memory(name: str, method: B.FewShotMethod, episode, window) -> dict:
+    """Extra peak of one meta-training step (theta unchanged), named by its Hessian
+    method; MELoRA's with its configured method and with `full`."""
+    if not _has_meta_step(name):
+        return {"meta_step_peak_memory_mb": None, "meta_step_hessian": None,
+                "meta_step_peak_memory_mb_by_hessian": {}}
+    by = {}
+    method.meta_step([episode], update=False)  # warm-up: lazy library state is not the step's
+    with window() as step:
+        method.meta_step([episode], update=False)
+    by[method.hessian] = step.extra_mb
+    if name == "melora" and method.hessian != "full":
+        with window() as full:
+            method.meta_step([episode], update=False, method="full")
+        by["full"] = full.extra_mb
+    return {"meta_step_peak_memory_mb": step.extra_mb, "meta_step_hessian": method.hessian,
+            "meta_step_peak_memory_mb_by_hessian": by}
+
+
+def memory_breakdown(method: B.FewShotMethod, episode, window, detailed: bool) -> dict:
     """Peak memory split into weights, adapter + optimizer state, activations, second order.
 
     An estimate, from the parts that can be counted and three measured windows:
@@ -292,89 +471,33 @@ def memory_breakdown(method: B.FewShotMethod, episode, meter, detailed: bool) ->
     params = {id(p): p for p in method.model.parameters()}.values()
     element = next(iter(params)).element_size()
     trainable = method.trainable_numel() * element
-    with meter(relative=True) as act:
+    with window() as act:
         method.adapt(episode, 1)
     second = 0.0
     if method.second_order:
-        with meter(relative=True) as first:
+        with window() as first:
             method.meta_step([episode], update=False, first_order=True)
-        with meter(relative=True) as full:
+        with window() as full:
             method.meta_step([episode], update=False)
-        second = max(0.0, full.mb - first.mb)
+        second = max(0.0, full.extra_mb - first.extra_mb)
     mb = 2**20
     out = {"memory_breakdown_mb": {
         "weights": sum(p.numel() * p.element_size() for p in params) / mb,
         "adapter_and_optimizer": trainable * method.optimizer_copies / mb,
-        "activations": max(0.0, act.mb - 2 * trainable / mb),
+        "activations": max(0.0, act.extra_mb - 2 * trainable / mb),
         "second_order": second}}
     if detailed:
         out["memory_breakdown_detail"] = {
             "trainable_bytes": trainable, "optimizer_copies": method.optimizer_copies,
-            "adapt_step_increase_mb": act.mb,
-            "first_order_step_increase_mb": first.mb if method.second_order else None,
-            "second_order_step_increase_mb": full.mb if method.second_order else None}
+            "adapt_step_increase_mb": act.extra_mb,
+            "first_order_step_increase_mb": first.extra_mb if method.second_order else None,
+            "second_order_step_increase_mb": full.extra_mb if method.second_order else None}
     return out
 
 
 # ------------------------------------------------------------------------------------
-# Memory windows
+# Memory (measured with utils.MemoryWindow, the benchmarks' instrument)
 # ------------------------------------------------------------------------------------
-
-class MemoryMeter:
-    """Peak memory of a block of work, in MiB (a context manager).
-
-    CUDA: `max_memory_allocated` after `reset_peak_memory_stats`. CPU: resident memory
-    sampled by a background thread every `SAMPLE_SECONDS` (torch kernels release the
-    GIL, so it samples during them).
-
-    Args:
-        device: the device the work runs on.
-        origin: bytes subtracted from the peak (None: the peak as read); `relative=True`
-            takes the reading at entry.
-
-    Example:
-        >>> with MemoryMeter(torch.device("cpu")) as m:
-        ...     x = torch.ones(2**20)
-        >>> m.mb > 0
-        True
-    """
-
-    def __init__(self, device: torch.device, origin: int | None = None, relative: bool = False):
-        self.device, self.origin, self.relative = device, origin, relative
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "MemoryMeter":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            now = torch.cuda.memory_allocated(self.device)
-        else:
-            now = resident_memory_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        self.peak = now
-        if self.relative:
-            self.origin = now
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, resident_memory_bytes())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - (self.origin or 0)) / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, resident_memory_bytes())
-
 
 def memory_method(device: torch.device, child_process: bool) -> str:
     """How `peak_memory_mb` was measured (recorded in results.json)."""
@@ -383,21 +506,12 @@ def memory_method(device: torch.device, child_process: bool) -> str:
     return "peak_rss_child_process" if child_process else "rss_increase_sampled"
 
 
-def _meter_factory(device: torch.device, in_process: bool):
-    """Meters of one method: on CPU in-process, relative to the method's start."""
-    origin = resident_memory_bytes() if device.type == "cpu" and in_process else None
-
-    def meter(relative: bool = False) -> MemoryMeter:
-        return MemoryMeter(device, None if relative else origin, relative)
-    return meter
-
-
 # ------------------------------------------------------------------------------------
 # Results
 # ------------------------------------------------------------------------------------
 
 def summarize(raw: Mapping[str, dict], cfg: Config, checkpoint, spec: Path) -> dict:
-    """The results.json dict: accuracy at step K with its CI, per-step curves, memory."""
+    """The results.json dict: accuracy at step K with its CI, per-step curves, seeds, memory."""
     device = resolve_device(cfg.training.device)
     k = cfg.meta_learning.inner.default_num_steps
     methods = {name: _method_stats(r, k, cfg.analysis.confidence) for name, r in raw.items()}
@@ -406,38 +520,47 @@ def summarize(raw: Mapping[str, dict], cfg: Config, checkpoint, spec: Path) -> d
             "num_episodes": cfg.evaluation.num_episodes, "reported_step": k,
             "steps": max(k, cfg.evaluation.adaptation_steps),
             "inner_lr": cfg.meta_learning.inner.default_lr, "confidence": cfg.analysis.confidence,
+            "seeds": cfg.evaluation.seeds, "tuning_trials": cfg.evaluation.tuning_trials,
+            "head_init": cfg.evaluation.head_init,
             "memory_method": memory_method(device, cfg.evaluation.child_process),
             "device": str(device), "checkpoint": str(checkpoint), "episodes_spec": str(spec),
             "config": cfg.to_dict(), "methods": methods}
 
 
 def _method_stats(raw: Mapping, k: int, confidence: float) -> dict:
-    per_step = raw["per_episode_accuracy_per_step"]  # (episodes, steps + 1)
-    final = [row[k] for row in per_step]
+    """Per-seed accuracies, then the seed-averaged per-episode accuracies behind the CI,
+    the curves and the paired tests."""
+    import numpy as np
+    per_seed = np.asarray(raw["per_seed_accuracy_per_step"], dtype=float)  # (seeds, episodes, steps + 1)
+    per_step = per_seed.mean(0)  # (episodes, steps + 1): averaged over seeds
+    final = per_step[:, k].tolist()
     mean, lo, hi = analysis.mean_ci(final, confidence)
-    curve = [analysis.mean_ci([row[s] for row in per_step], confidence)
-             for s in range(len(per_step[0]))]
+    curve = [analysis.mean_ci(per_step[:, s].tolist(), confidence) for s in range(per_step.shape[1])]
+    seed_means = per_seed[:, :, k].mean(1)
     return {"accuracy_mean": mean, "accuracy_ci95": [lo, hi], "per_episode_accuracy": final,
+            "seeds": int(per_seed.shape[0]), "seed_accuracies": seed_means.tolist(),
+            "accuracy_sd": float(seed_means.std(ddof=1)) if seed_means.size > 1 else 0.0,
+            "per_seed_episode_accuracy": per_seed[:, :, k].tolist(),
             "accuracy_per_step": {"steps": list(range(len(curve))),
                                   "mean": [c[0] for c in curve],
                                   "ci95_low": [c[1] for c in curve],
                                   "ci95_high": [c[2] for c in curve]},
-            **{key: value for key, value in raw.items() if key != "per_episode_accuracy_per_step"},
-            "per_episode_accuracy_per_step": per_step}
+            **{key: value for key, value in raw.items() if key != "per_seed_accuracy_per_step"},
+            "per_episode_accuracy_per_step": per_step.tolist()}
 
 
 def format_tables(results: Mapping) -> str:
-    """The results table, then memory of one meta-training step and the accuracy curve."""
+    """The results table, then each method's protocol (head init, tuned rates, budget,
+    seeds), its meta-training step's memory by Hessian method, and the accuracy curve."""
     lines = [analysis.format_results_table(results), "",
              f"Accuracy after K={results['reported_step']} steps; memory: "
              f"{results['memory_method']}; {results['num_episodes']} episodes, "
              f"{results['n_way']}-way {results['k_shot']}-shot.", "",
-             "| Method | Acc. step 0 (%) | Acc. last step (%) | Meta-train step peak (MiB) |",
-             "|---|---|---|---|"]
+             analysis.format_protocol_table(results), "",
+             "| Method | Acc. step 0 (%) | Acc. last step (%) |", "|---|---|---|"]
     for name, m in results["methods"].items():
-        curve, step_mb = m["accuracy_per_step"]["mean"], m.get("meta_step_peak_memory_mb")
-        lines.append(f"| {name} | {100 * curve[0]:.2f} | {100 * curve[-1]:.2f} | "
-                     f"{'-' if step_mb is None else f'{step_mb:.1f}'} |")
+        curve = m["accuracy_per_step"]["mean"]
+        lines.append(f"| {name} | {100 * curve[0]:.2f} | {100 * curve[-1]:.2f} |")
     return "\n".join(lines)
 
 
@@ -483,12 +606,15 @@ def _merge_shares(shares: list[dict]) -> dict:
     """One method's raw results from every rank's share of the episodes, in episode order;
     times per episode averaged, memory peaks the largest rank's."""
     out = dict(shares[0])
-    by_index = {i: acc for s in shares
-                for i, acc in zip(s.pop("episode_indices"), s["per_episode_accuracy_per_step"])}
+    indices = [i for s in shares for i in s["episode_indices"]]
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    seeds = len(shares[0]["per_seed_accuracy_per_step"])
+    out["per_seed_accuracy_per_step"] = [
+        [[row for s in shares for row in s["per_seed_accuracy_per_step"][seed]][j] for j in order]
+        for seed in range(seeds)]
     out.pop("episode_indices", None)
-    out["per_episode_accuracy_per_step"] = [by_index[i] for i in sorted(by_index)]
-    out["seconds_per_episode"] = sum(s["seconds_per_episode"] * len(s["per_episode_accuracy_per_step"])
-                                     for s in shares) / max(1, len(by_index))
+    count = lambda s: len(s["episode_indices"])  # noqa: E731
+    out["seconds_per_episode"] = sum(s["seconds_per_episode"] * count(s) for s in shares) / max(1, len(indices))
     for key in ("peak_memory_mb", "meta_step_peak_memory_mb", "adapt_peak_memory_mb"):
         values = [s[key] for s in shares if s[key] is not None]
         out[key] = max(values) if values else None
@@ -504,18 +630,31 @@ def _baseline_names(cfg: Config) -> list[str]:
     return names
 
 
-def _meta_learned(name: str) -> bool:
-    return name in ("maml", "fomaml", "reptile", "reptile_lora", "finetune_multitask")
-
-
 def _has_meta_step(name: str) -> bool:
-    return name == "melora" or _meta_learned(name)
+    return name == "melora" or name in B.META_LEARNED
 
 
-def _loader(cfg: Config, tokenizer, baselines: bool):
+def _tuned(name: str, cfg: Config) -> bool:
+    """Baselines that adapt by gradient steps get their rates tuned on meta-val."""
+    return cfg.evaluation.tuning_trials > 0 and name != "melora" and name in B.GRADIENT_BASED
+
+
+def _check_tuning(cfg: Config, methods: list[str]) -> None:
+    """Tuning needs meta-validation tasks: fail before any work when there are none."""
+    if not any(_tuned(n, cfg) for n in methods):
+        return
+    if not cfg.datasets.synthetic_only and not cfg.datasets.meta_val:
+        raise UserError("evaluation.tuning_trials > 0 chooses each baseline's learning rates on "
+                        "meta-validation tasks, but datasets.meta_val lists no source; add one, or "
+                        "set --set evaluation.tuning_trials=0 to use the configured rates")
+    analysis._check_search(cfg)
+
+
+def _loader(cfg: Config, tokenizer, baselines: bool, meta_val: bool = False):
     from dataset_loader import DatasetLoader
     cache = cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
     splits = ("meta_train", "meta_test") if baselines else ("meta_test",)
+    splits += ("meta_val",) if meta_val else ()
     return DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
                          cache, cfg.training.seed, splits=splits)
 

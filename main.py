@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name or local model directory")
     p.add_argument("--lora_rank", type=int, help="LoRA rank r (lora.default_rank)")
     p.add_argument("--meta_batch_size", type=int, help="tasks per meta-update")
-    p.add_argument("--inner_steps", type=int, help="inner-loop adaptation steps K")
+    p.add_argument("--inner_steps", type=int, help="inner-loop adaptation steps K (0: no inner loop)")
     p.add_argument("--num_iterations", type=int, help="meta-iterations")
     p.add_argument("--inner_lr", type=float, help="inner-loop learning rate (meta_learning.inner.default_lr)")
     p.add_argument("--outer_lr", type=float, help="outer Adam learning rate (meta_learning.outer.default_lr)")

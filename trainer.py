@@ -204,6 +204,17 @@ def _stack_sets(sets: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tenso
             "labels": torch.cat([s["labels"] for s in sets])}
 
 
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module):
+    """Every dropout of `model` off inside the block (prototypes); the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _check_head_init(head_init: str) -> None:
     if head_init not in HEAD_INITS:
         raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
@@ -383,7 +394,9 @@ class _Task:
         return task * n_way + chunk["labels"]
 
     def _features(self, phi, chunk, index):
-        with self._dropout_rng(PROTO_STEP, index), M.second_order_attention():
+        """Pooled support features for the prototypes, dropout off (callers that
+        differentiate them stay inside `dropout_off`, so recomputations match)."""
+        with dropout_off(self.model), M.second_order_attention():
             return M.forward(self.model, dict(zip(self.names, phi)), chunk, features_only=True)
 
     def with_proto_head(self, phi):
@@ -423,7 +436,7 @@ class _Task:
         leaves = self._leaves(phi_0)
         v = list(v)
         for i, chunk in enumerate(self.support):
-            with M.second_order_attention():  # as _features; checkpointed blocks recompute
+            with dropout_off(self.model), M.second_order_attention():  # as _features; checkpointed blocks recompute
                 features = self._features(leaves, chunk, i)
                 weights = u[self._class_rows(chunk, n_way)].to(features.dtype)
                 grads = torch.autograd.grad((features * weights).sum(), leaves, allow_unused=True)

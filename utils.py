@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -20,6 +22,7 @@ import re
 import resource
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -38,6 +41,7 @@ CHOICES: dict[str, tuple] = {
     "models.pooling": ("auto", "cls", "mean", "last"),
     "meta_learning.head_init": ("zero", "proto"),
     "meta_learning.head": ("euclidean", "cosine"),
+    "evaluation.head_init": ("zero", "proto"),
     "memory_optimization.hessian_approximation.method": (
         "full", "gauss_newton", "block_diagonal", "diagonal", "none"),
     "memory_optimization.hessian_approximation.diagonal_estimator": ("fisher", "hutchinson"),
@@ -45,21 +49,23 @@ CHOICES: dict[str, tuple] = {
 }
 # Keys that must be integers >= 1 (or >= 0 where zero has a documented meaning).
 POSITIVE_INTS = (
-    "models.max_length", "lora.default_rank", "meta_learning.inner.default_num_steps",
+    "models.max_length", "lora.default_rank",
     "meta_learning.default_meta_batch_size", "meta_learning.num_iterations", "tasks.n_way",
     "tasks.k_shot", "tasks.q_query", "training.save_every", "training.log_every",
     "training.max_nonfinite", "evaluation.num_episodes", "synthetic.vocab_size",
     "synthetic.keywords_per_class", "synthetic.words_per_example",
     "memory_optimization.hessian_approximation.hutchinson_probes",
-    "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials",
+    "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials", "evaluation.seeds",
 )
 NON_NEGATIVE = (
     "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
+    "meta_learning.inner.default_num_steps",  # 0: no inner loop (the proto_lora control)
     "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
     "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
     "memory_optimization.hessian_approximation.keep_graphs",
     "memory_optimization.checkpointing.cpu_budget_mb",
+    "evaluation.baseline_meta_iterations", "datasets.synthetic_weight", "evaluation.tuning_trials",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")
@@ -302,6 +308,10 @@ def _validate_values(data: dict) -> None:
         if not 0.0 <= _get(data, key) <= 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(data, key)!r}")
     _validate_head(data)
+    inner = data["meta_learning"]["inner"]
+    if inner["learn_lr"] and inner["default_num_steps"] == 0:
+        raise ConfigError("meta_learning.inner.learn_lr learns one rate per inner step, but "
+                          "meta_learning.inner.default_num_steps is 0; set learn_lr=false or K >= 1")
     _validate_model_name(data["models"]["selected_model"])
 
 
@@ -1005,3 +1015,106 @@ def _dist():
     """`torch.distributed` when a process group is up, else None."""
     import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() else None
+
+# ------------------------------------------------------------------------------------
+# Memory windows (benchmarks/ and evaluation.py measure with the same instrument)
+# ------------------------------------------------------------------------------------
+
+SAMPLE_SECONDS = 0.001  # RSS sampling period of the CPU memory window without VmHWM
+CROSS_CHECK_SECONDS = 0.02  # the same with VmHWM: a light cross-check (the sampler holds the GIL)
+
+
+class MemoryWindow:
+    """Extra peak memory (MiB) of the code inside `with`, over the memory at its start.
+
+    Args:
+        device: where the work runs.
+        collect: run the garbage collector first, so the start counts live objects only
+            (a large in-process heap, as under pytest, makes it slow).
+
+    Attributes:
+        extra_mb: peak inside the window minus the start (set on exit).
+        base_mb: memory at the start (RSS on CPU, allocated on CUDA).
+        sampled_mb: on CPU, the sampled peak minus the start (cross-check).
+
+    Example:
+        >>> with MemoryWindow(torch.device("cpu")) as window:
+        ...     block = torch.ones(16, 2**20)  # 64 MiB
+        >>> window.extra_mb > 32
+        True
+    """
+
+    def __init__(self, device: torch.device, collect: bool = True):
+        self.device, self.collect = device, collect
+        self.extra_mb = self.base_mb = self.sampled_mb = float("nan")
+
+    def __enter__(self) -> "MemoryWindow":
+        if self.collect:
+            gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        _malloc_trim()
+        self._hwm_reset = _reset_hwm()
+        self.base_mb = resident_memory_bytes() / 2**20
+        self._period = CROSS_CHECK_SECONDS if self._hwm_reset else SAMPLE_SECONDS
+        self._peak, self._stop = resident_memory_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mb
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, resident_memory_bytes())
+        self.sampled_mb = self._peak / 2**20 - self.base_mb
+        hwm = _hwm() if self._hwm_reset else 0
+        self.extra_mb = max(self._peak, hwm) / 2**20 - self.base_mb
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._period):
+            self._peak = max(self._peak, resident_memory_bytes())
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024 if match else 0
+
+
+MMAP_THRESHOLD = 64 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fix_mmap_threshold() -> bool:
+    """Serve every allocation of MMAP_THRESHOLD bytes or more from its own mapping,
+    returned to the OS when freed (glibc only; returns False elsewhere).
+
+    By default glibc raises the threshold (up to 32 MiB) each time a large block is
+    freed, after which freed tensors stay in the heap and count as resident, so a peak
+    would depend on the order of earlier allocations. Call it first thing in a process
+    that measures memory (benchmark and evaluation children do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return False
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS, so the window's start counts memory in use only."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -27,15 +27,12 @@ Used by `benchmarks/memory.py` and `benchmarks/speed.py`; not a public API.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
-import gc
 import os
 import platform
 import re
 import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -50,7 +47,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from utils import atomic_write_json, resident_memory_bytes  # noqa: E402
+from utils import MemoryWindow, atomic_write_json, resident_memory_bytes  # noqa: E402, F401
+from utils import fix_mmap_threshold as _fix_mmap_threshold  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # GPT-2 shapes (GPT2Config keyword overrides). gpt2-small is GPT2Config() itself: 124M
@@ -61,8 +59,6 @@ SHAPES = {
     "gpt2-mini": dict(n_embd=256, n_layer=4, n_head=4),
     "gpt2-small": dict(),
 }
-SAMPLE_SECONDS = 0.001  # RSS sampling period of the CPU memory window without VmHWM
-CROSS_CHECK_SECONDS = 0.02  # the same with VmHWM: a light cross-check (the sampler holds the GIL)
 
 
 # ------------------------------------------------------------------------------------
@@ -193,7 +189,7 @@ def inner_lr() -> float:
 
 
 # ------------------------------------------------------------------------------------
-# Memory windows
+# Memory windows (the window itself is utils.MemoryWindow, shared with evaluation.py)
 # ------------------------------------------------------------------------------------
 
 def memory_method(device: torch.device) -> str:
@@ -203,88 +199,6 @@ def memory_method(device: torch.device) -> str:
     return ("cpu: peak RSS of the configuration's child process (VmHWM after clear_refs, "
             "cross-checked by psutil sampling) minus its RSS after model load and malloc_trim; "
             "glibc mmap threshold fixed at 64 KiB so that freed tensors leave RSS")
-
-
-class MemoryWindow:
-    """Extra peak memory (MiB) of the code inside `with`, over the memory at its start.
-
-    Args:
-        device: where the work runs.
-
-    Attributes:
-        extra_mb: peak inside the window minus the start (set on exit).
-        base_mb: memory at the start (RSS on CPU, allocated on CUDA).
-        sampled_mb: on CPU, the sampled peak minus the start (cross-check).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.extra_mb = self.base_mb = self.sampled_mb = float("nan")
-
-    def __enter__(self) -> "MemoryWindow":
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base_mb = torch.cuda.memory_allocated(self.device) / 2**20
-            return self
-        _malloc_trim()
-        self._hwm_reset = _reset_hwm()
-        self.base_mb = resident_memory_bytes() / 2**20
-        self._period = CROSS_CHECK_SECONDS if self._hwm_reset else SAMPLE_SECONDS
-        self._peak, self._stop = resident_memory_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.extra_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base_mb
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, resident_memory_bytes())
-        self.sampled_mb = self._peak / 2**20 - self.base_mb
-        hwm = _hwm() if self._hwm_reset else 0
-        self.extra_mb = max(self._peak, hwm) / 2**20 - self.base_mb
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self._period):
-            self._peak = max(self._peak, resident_memory_bytes())
-
-
-def _reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm() -> int:
-    match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) * 1024 if match else 0
-
-
-MMAP_THRESHOLD = 64 * 1024
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def _fix_mmap_threshold() -> bool:
-    """Serve every allocation of MMAP_THRESHOLD bytes or more from its own mapping,
-    returned to the OS when freed (glibc only; see the module docstring)."""
-    with contextlib.suppress(OSError, AttributeError):
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    return False
-
-
-def _malloc_trim() -> None:
-    """Give freed heap back to the OS, so the window's start counts memory in use only."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ------------------------------------------------------------------------------------

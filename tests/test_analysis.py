@@ -67,7 +67,8 @@ def test_wilcoxon_matches_scipy_with_ties_and_zeros():
     a, b = _accuracies(3, 60, 0.7), _accuracies(4, 60, 0.65)
     d = a - b
     assert np.any(d == 0) and len(np.unique(np.abs(d))) < len(d)  # zeros and ties exercised
-    res, ref = analysis.wilcoxon_test(a, b), stats.wilcoxon(np.round(d, analysis.DIFF_DECIMALS))
+    res = analysis.wilcoxon_test(a, b)
+    ref = stats.wilcoxon(np.round(d, analysis.DIFF_DECIMALS), zero_method="pratt")
     assert res["statistic"] == pytest.approx(ref.statistic)
     assert res["p_value"] == pytest.approx(ref.pvalue)
 
@@ -75,8 +76,18 @@ def test_wilcoxon_matches_scipy_with_ties_and_zeros():
 def test_wilcoxon_small_sample_exact_matches_scipy():
     a = np.array([0.5, 0.75, 0.25, 1.0, 0.625, 0.875])  # binary fractions: no round-off
     b = np.array([0.375, 0.25, 0.5, 0.0, 0.5, 0.0])
-    res, ref = analysis.wilcoxon_test(a, b), stats.wilcoxon(a, b)
+    res, ref = analysis.wilcoxon_test(a, b), stats.wilcoxon(a, b, zero_method="pratt")
     assert (res["statistic"], res["p_value"]) == pytest.approx((ref.statistic, ref.pvalue))
+
+
+def test_wilcoxon_pratt_keeps_ties_in_the_sample():
+    """Many tied episodes: Pratt ranks the zeros (less evidence than dropping them)."""
+    a = np.array([0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.8, 0.7, 0.9, 0.7, 0.8, 0.4])
+    b = np.array([0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
+    d = np.round(a - b, analysis.DIFF_DECIMALS)
+    pratt, wilcox = stats.wilcoxon(d, zero_method="pratt"), stats.wilcoxon(d, zero_method="wilcox")
+    assert analysis.wilcoxon_test(a, b)["p_value"] == pytest.approx(pratt.pvalue)
+    assert pratt.pvalue != pytest.approx(wilcox.pvalue)
 
 
 def test_identical_samples_give_no_evidence():
@@ -103,26 +114,28 @@ def test_unpaired_samples_are_rejected(fn):
 # --- bootstrap and effect size -------------------------------------------------------------
 
 
-def test_bootstrap_ci_equals_scipy_percentile_paired():
+def test_bootstrap_ci_equals_scipy_bca():
     a, b = _accuracies(6, 35, 0.7), _accuracies(7, 35, 0.6)
     lo, hi = analysis.bootstrap_ci_diff(a, b, n_resamples=2000, confidence=0.9, seed=3)
-    def mean_diff(x, y, axis=-1):
-        return np.mean(np.round(x - y, analysis.DIFF_DECIMALS), axis=axis)
-
-    ref = stats.bootstrap((a, b), mean_diff,
-                          paired=True, n_resamples=2000, confidence_level=0.9, method="percentile",
+    d = np.round(a - b, analysis.DIFF_DECIMALS)
+    ref = stats.bootstrap((d,), np.mean, n_resamples=2000, confidence_level=0.9, method="BCa",
                           rng=np.random.default_rng(3))
     assert (lo, hi) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    percentile = stats.bootstrap((d,), np.mean, n_resamples=2000, confidence_level=0.9,
+                                 method="percentile", rng=np.random.default_rng(3))
+    assert (lo, hi) != pytest.approx((percentile.confidence_interval.low,
+                                      percentile.confidence_interval.high))  # BCa, not percentile
 
 
-def test_bootstrap_ci_is_deterministic_and_chunked_draws_agree(monkeypatch):
+def test_bootstrap_ci_is_deterministic_and_batched_draws_agree(monkeypatch):
     a, b = _accuracies(8, 30, 0.7), _accuracies(9, 30, 0.6)
     first = analysis.bootstrap_ci_diff(a, b, n_resamples=500, seed=11)
     assert analysis.bootstrap_ci_diff(a, b, n_resamples=500, seed=11) == first
-    monkeypatch.setattr(analysis, "_BOOTSTRAP_CHUNK_ELEMENTS", 64)  # many small chunks
-    assert analysis.bootstrap_ci_diff(a, b, n_resamples=500, seed=11) == first
+    monkeypatch.setattr(analysis, "_BOOTSTRAP_CHUNK_ELEMENTS", 64)  # many small batches
+    assert analysis.bootstrap_ci_diff(a, b, n_resamples=500, seed=11) == pytest.approx(first)
     lo, hi = first
     assert lo <= np.mean(a - b) <= hi
+    assert analysis.bootstrap_ci_diff(a, a - 0.1, n_resamples=50) == pytest.approx((0.1, 0.1))
 
 
 def test_bootstrap_rejects_bad_resamples():
@@ -239,3 +252,16 @@ def test_docstring_examples_run():
 
     failures, _ = doctest.testmod(analysis)
     assert failures == 0
+
+
+def test_protocol_table_names_rates_seeds_and_the_hessian_of_each_memory_figure():
+    results = _results(melora=_accuracies(20, 10, 0.7), protonet=_accuracies(21, 10, 0.6))
+    results["methods"]["melora"].update(
+        head_init="proto", inner_lr=0.01, outer_lr=5e-4, tuning_trials=0, meta_train_iterations=30,
+        seed_accuracies=[0.7, 0.72], accuracy_sd=0.0141, meta_step_hessian="diagonal",
+        meta_step_peak_memory_mb_by_hessian={"diagonal": 57.2, "full": 143.2})
+    table = analysis.format_protocol_table(results)
+    assert "| melora | proto | 0.01 | 0.0005 | 0 | 30 | 70.00, 72.00 | 1.41 | 57.2 (diagonal); 143.2 (full) |" in table
+    assert "| protonet | - | - | - | - | - | - | - | - |" in table  # older files: dashes
+    assert "| melora | " in analysis.format_results_table(results) and "| diagonal |" in \
+        analysis.format_results_table(results)

@@ -15,8 +15,9 @@ EASY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "task
         "synthetic.keyword_prob=0.9", "synthetic.class_overlap=0.0", "synthetic.noise=0.0",
         "synthetic.words_per_example=6", "synthetic.keywords_per_class=2", "lora.dropout=0.0",
         "meta_learning.inner.default_num_steps=3", "meta_learning.default_meta_batch_size=2"]
-# Full-weight SGD needs a smaller rate than LoRA + head (a zero head learns slowly).
-INNER_LR = {"maml": 0.05, "fomaml": 0.05, "reptile": 0.05}
+# Full-weight SGD needs a smaller rate than LoRA + head (from a proto head, large steps on
+# every weight overshoot; evaluation tunes each rate on meta-val).
+INNER_LR = {"maml": 0.002, "fomaml": 0.002, "reptile": 0.002}
 CHANCE = 1 / 3
 
 
@@ -111,3 +112,67 @@ def test_protonet_is_nearest_prototype(task64):
     centres = np.stack([s[support["labels"].numpy() == c].mean(0) for c in range(3)])
     expected = (((q[:, None] - centres[None]) ** 2).sum(-1).argmin(1) == query["labels"].numpy()).mean()
     assert proto.adapt(ep, 2) == [pytest.approx(expected)] * 3
+
+
+# ---- one head init for every method; the controls ----------------------------------------
+
+def test_proto_head_init_is_the_same_tensor_for_every_method(tmp_path):
+    """Before meta-training every method's features are the pretrained model's (LoRA B = 0),
+    so every gradient-based method starts the episode from the same prototype head,
+    computed with dropout off (LoRA dropout 0.3 here, model in train mode)."""
+    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}", "lora.dropout=0.3",
+                                              "evaluation.head_init=proto"])
+    heads = {}
+    for name in B.GRADIENT_BASED:
+        if name == "melora":
+            model, tokenizer = trainer.build_model(cfg, torch.device("cpu"))
+            method = B.MELoRA(model, 0.1, 3, "full", head_init="proto")
+        else:
+            method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))
+        assert method.head_init == "proto" and method.model.training
+        episode = evaluation._loader(cfg, tokenizer, baselines=False).episode("meta_test", 0)
+        torch.manual_seed(123)
+        first = method.start(episode.support)
+        torch.manual_seed(456)  # another dropout stream: no effect, dropout is off
+        second = method.start(episode.support)
+        assert torch.equal(first["head.weight"], second["head.weight"]), name
+        heads[name] = (first["head.weight"], first["head.bias"])
+    model, _ = M.load_model("tiny-bert", 3)
+    with torch.no_grad(), B._eval_mode(model):
+        features = model.embed(episode.support["input_ids"], episode.support["attention_mask"])
+    labels = episode.support["labels"]
+    c = torch.stack([features[labels == k].mean(0) for k in range(3)])
+    for name, (w, b) in heads.items():
+        assert torch.allclose(w, 2 * c, atol=1e-5), name
+        assert torch.allclose(b, -(c * c).sum(1), atol=1e-5), name
+
+
+def test_maml_meta_trains_through_the_proto_head(task64):
+    """MAML's differentiable prototype head equals the evaluation-time one, and its
+    meta-gradient reaches the backbone through the prototypes (head grad is zero)."""
+    model, support, query = task64
+    theta = {n: p.detach().clone().requires_grad_() for n, p in used_parameters(model).items()}
+    maml = B.MAML(model, theta, 0.1, 1, 1e-3, 0.0, head_init="proto")
+    head = B.proto_head(model, theta, support)
+    start = maml.start(support)
+    assert torch.allclose(head["head.weight"], start["head.weight"], atol=1e-10)
+    _, grads = maml.meta_gradient([_Episode(support, query)])
+    by_name = dict(zip(theta, grads))
+    assert torch.count_nonzero(by_name["head.weight"]) == 0
+    assert by_name["backbone.embeddings.word_embeddings.weight"].norm() > 0
+
+
+@pytest.mark.parametrize("name", ["proto_lora", "fomaml_lora"])
+def test_controls_meta_training_lowers_the_query_loss(name, tmp_path):
+    """proto_lora (K = 0) and fomaml_lora meta-train theta with MELoRA's engine."""
+    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
+                                              "synthetic.keyword_prob=0.5", "synthetic.noise=0.0"])
+    method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"), inner_lr=0.02, outer_lr=0.005)
+    assert method.inner_steps == (0 if name == "proto_lora" else 3) and method.hessian == "none"
+    loader = evaluation._loader(cfg, tokenizer, baselines=True)
+    tasks = [loader.episode("meta_train", i) for i in range(4)]
+    before = {n: t.detach().clone() for n, t in method.theta.items()}
+    loss_before = method.meta_step(tasks, update=False)
+    method.meta_train(loader, iterations=4, meta_batch_size=2)
+    assert any(not torch.equal(before[n], t) for n, t in method.theta.items())
+    assert method.meta_step(tasks, update=False) < loss_before

@@ -92,7 +92,7 @@ def test_two_processes_split_evaluation_episodes_and_gather_them(two_processes, 
     run, _ = two_processes
     checkpoint = trainer.checkpoint_path(run, ITERATIONS)
     extra = ["evaluation.num_episodes=3", "evaluation.child_process=false",
-             "evaluation.adaptation_steps=2"]  # 3 episodes: rank 0 adapts on 2, rank 1 on 1
+             "evaluation.adaptation_steps=2", "evaluation.seeds=1"]  # 3 episodes: rank 0 adapts on 2, rank 1 on 1
     done = torchrun(tmp_path, "--checkpoint", str(checkpoint), "--skip_baselines",
                     *[a for key in extra for a in ("--set", key)], mode="evaluate")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,7 @@ TINY = {"models.selected_model": "tiny-bert", "datasets.synthetic_only": True,
         "meta_learning.default_meta_batch_size": 1, "meta_learning.inner.default_num_steps": 1,
         "meta_learning.num_iterations": 2, "tracking.mlflow": False, "tracking.tensorboard": False,
         "evaluation.num_episodes": 3, "evaluation.adaptation_steps": 1,
-        "evaluation.child_process": False, "evaluation.baselines": [],
+        "evaluation.child_process": False, "evaluation.baselines": [], "evaluation.seeds": 1,
         "memory_optimization.hessian_approximation.method": "none"}
 NO_ABLATIONS = {f"analysis.ablations.{p}": [] for p in analysis.ABLATION_KEYS}
 

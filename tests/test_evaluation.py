@@ -1,9 +1,11 @@
 """Evaluate mode: the real CLI end to end, results schema, checkpoint errors, memory windows."""
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +20,8 @@ TINY = ["datasets.synthetic_only=true", "tasks.n_way=3", "tasks.k_shot=2", "task
         "meta_learning.inner.default_num_steps=2", "tracking.mlflow=false",
         "tracking.tensorboard=false"]
 FAST_EVAL = ["evaluation.num_episodes=3", "evaluation.adaptation_steps=3",
-             "evaluation.baseline_meta_iterations=1", "evaluation.child_process=false"]
+             "evaluation.baseline_meta_iterations=1", "evaluation.child_process=false",
+             "evaluation.seeds=1", "evaluation.tuning_trials=0"]
 
 
 def sets(items):
@@ -76,7 +79,7 @@ def test_child_processes_measure_each_method_apart(checkpoint, tmp_path, monkeyp
     """The default: a spawned process per method; its peak RSS includes the interpreter."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", "evaluation.num_episodes=2",
-                                       "evaluation.adaptation_steps=1"])
+                                       "evaluation.adaptation_steps=1", "evaluation.seeds=1"])
     results = evaluation.run_evaluation(cfg, checkpoint, True, tmp_path)
     assert results["memory_method"] == "peak_rss_child_process"
     assert list(results["methods"]) == ["melora"]
@@ -131,11 +134,19 @@ def test_evaluate_needs_a_checkpoint(tmp_path):
         evaluation.run_evaluation(cfg, None, False, tmp_path)
 
 
-def test_memory_meter_sees_an_allocation():
-    with evaluation.MemoryMeter(torch.device("cpu"), relative=True) as meter:
+def test_evaluation_measures_with_the_benchmarks_memory_window():
+    """One instrument: evaluation.py and benchmarks/common.py use utils.MemoryWindow."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert evaluation.MemoryWindow is utils.MemoryWindow is common.MemoryWindow
+    assert not hasattr(evaluation, "MemoryMeter")
+    with evaluation.MemoryWindow(torch.device("cpu")) as window:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB
         x += 1
-    assert meter.mb > 48
+    assert window.extra_mb > 48
 
 
 def test_proto_head_checkpoint_adapts_from_support_prototypes(tmp_path):
@@ -150,3 +161,99 @@ def test_proto_head_checkpoint_adapts_from_support_prototypes(tmp_path):
     results = evaluation.run_evaluation(cfg, out / "run" / "checkpoints" / "checkpoint_iter_1.pt",
                                         True, tmp_path)
     assert results["methods"]["melora"]["accuracy_per_step"]["mean"][0] > 0.6
+
+
+# ---- the fair protocol --------------------------------------------------------------------
+
+GRADIENT = ["melora", "proto_lora", "fomaml_lora", "maml", "finetune"]
+META_LEARNED = ["melora", "proto_lora", "fomaml_lora", "maml"]
+
+
+def test_fair_protocol_cli_with_two_seeds(checkpoint, tmp_path):
+    """`--set evaluation.seeds=2`: one head init, MELoRA's budget, tuned rates, seeds."""
+    done = evaluate_cli(checkpoint, tmp_path, *sets(FAST_EVAL + [
+        "evaluation.seeds=2", "evaluation.tuning_trials=1", "evaluation.num_episodes=2",
+        "evaluation.baseline_meta_iterations=0", "analysis.hyperparameter_search.val_episodes=2",
+        "evaluation.baselines=[proto_lora,fomaml_lora,maml,finetune,protonet]"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = analysis.load_results(tmp_path / "eval" / "results.json")
+    methods = results["methods"]
+    assert list(methods) == ["melora", "proto_lora", "fomaml_lora", "maml", "finetune", "protonet"]
+    assert results["seeds"] == 2 and results["head_init"] == "proto"
+    for name in GRADIENT:
+        m = methods[name]
+        assert m["head_init"] == "proto", name
+        assert isinstance(m["inner_lr"], float) and m["inner_lr"] > 0, name
+        assert m["tuning_trials"] == (0 if name == "melora" else 1), name
+    for name in META_LEARNED:
+        m = methods[name]
+        assert m["meta_train_iterations"] == 1, name  # the checkpoint's iteration count
+        assert len(m["seed_accuracies"]) == 2 and len(m["per_seed_episode_accuracy"]) == 2, name
+        assert m["accuracy_sd"] == pytest.approx(float(np.std(m["seed_accuracies"], ddof=1))), name
+        assert m["outer_lr"] > 0, name
+        # the CI and the paired tests use per-episode accuracies averaged over seeds
+        assert m["per_episode_accuracy"] == pytest.approx(np.mean(m["per_seed_episode_accuracy"], 0).tolist())
+    for name in ("finetune", "protonet"):
+        assert methods[name]["meta_train_iterations"] == 0 and len(methods[name]["seed_accuracies"]) == 1
+    assert methods["protonet"]["inner_lr"] is None
+    # every meta-step memory names its Hessian method; MELoRA's also for `full`
+    assert set(methods["melora"]["meta_step_peak_memory_mb_by_hessian"]) == {"diagonal", "full"}
+    assert methods["maml"]["meta_step_hessian"] == "full"
+    assert methods["proto_lora"]["meta_step_hessian"] == "none"
+    assert "| proto_lora | proto |" in done.stdout and "(diagonal); " in done.stdout
+
+
+def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkeypatch):
+    """Each seed adapts on the same episodes (same order), from differently trained theta."""
+    import baseline as B
+    seen = []
+    adapt = B.FewShotMethod.adapt
+
+    def spy(self, episode, steps):
+        seen.append((self.name, float(sum(t.detach().double().sum() for t in self.theta.values())),
+                     episode.support["input_ids"].tolist(), episode.query["input_ids"].tolist()))
+        return adapt(self, episode, steps)
+
+    monkeypatch.setattr(B.FewShotMethod, "adapt", spy)
+    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL, "evaluation.seeds=2",
+                                       "evaluation.num_episodes=2", "evaluation.baselines=[fomaml_lora]"])
+    results = evaluation.run_evaluation(cfg, checkpoint, False, tmp_path)
+    for name in ("melora", "fomaml_lora"):
+        calls = [c for c in seen if c[0] == name]
+        assert len(calls) == 4, name  # 2 seeds x 2 episodes
+        first, second = calls[:2], calls[2:]
+        assert [c[2:] for c in first] == [c[2:] for c in second], name  # the same episodes
+        assert first[0][1] != second[0][1], name  # another theta
+        assert len(results["methods"][name]["seed_accuracies"]) == 2
+
+
+def test_inner_steps_zero_trains_melora(tmp_path):
+    """K = 0 (`--inner_steps 0`): MELoRA learns through the proto head alone (proto_lora)."""
+    out = tmp_path / "train"
+    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "2",
+                      "--inner_steps", "0", "--output_dir", str(out), "--experiment_name", "run",
+                      *sets([t for t in TINY if "default_num_steps" not in t])]) == 0
+    state = utils.load_checkpoint(out / "run" / "checkpoints" / "checkpoint_iter_2.pt")
+    assert state["iteration"] == 2 and "default_num_steps\": 0" in state["config"]
+    start = trainer_start_theta(state)
+    moved = [n for n in state["theta"] if "lora_B" in n and not torch.equal(state["theta"][n], start[n])]
+    assert moved  # the LoRA factors were trained (B starts at zero)
+    with pytest.raises(utils.ConfigError, match="learn_lr"):
+        utils.load_config(overrides=["meta_learning.inner.default_num_steps=0",
+                                     "meta_learning.inner.learn_lr=true"])
+
+
+def trainer_start_theta(state):
+    import model as M
+    import trainer
+    cfg = utils.Config(json.loads(state["config"]))
+    net, _ = trainer.build_model(cfg, torch.device("cpu"))
+    return M.lora_parameters(net)
+
+
+def test_tuning_needs_meta_val_tasks(tmp_path):
+    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", "datasets.meta_val=[]",
+                                       "evaluation.tuning_trials=2"])
+    with pytest.raises(utils.UserError, match="datasets.meta_val lists no source.*tuning_trials=0"):
+        evaluation._check_tuning(cfg, ["melora", "finetune"])
+    evaluation._check_tuning(cfg, ["melora", "protonet"])  # nothing to tune: no error

@@ -17,6 +17,7 @@ SMALL = ["tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2", "models.max_lengt
          "meta_learning.default_meta_batch_size=1", "meta_learning.inner.default_num_steps=1",
          "tracking.tensorboard=false", "tracking.mlflow=false", "evaluation.num_episodes=3", "evaluation.adaptation_steps=1",
          "evaluation.baseline_meta_iterations=1", "evaluation.child_process=false",
+         "evaluation.seeds=1", "evaluation.tuning_trials=0",
          "evaluation.baselines=[maml,protonet]", "analysis.bootstrap_samples=100",
          "analysis.fidelity_tasks=1", "analysis.run_ablations=true",
          *[f"analysis.ablations.{p}=[]" for p in ("lora_rank", "inner_steps", "checkpointing", "micro_batch")],

@@ -244,8 +244,11 @@ def test_peak_estimate_follows_the_tensors_autograd_saves(name):
     assert more[1] > more[0] > estimate > more[2]
 
 
-def test_auto_checkpointing_turns_on_only_over_the_budget(caplog):
+def test_auto_checkpointing_turns_on_only_over_the_budget(caplog, monkeypatch):
+    import logging
     import trainer
+    # utils.setup_logging (run by earlier tests) stops propagation to the root logger caplog reads
+    monkeypatch.setattr(logging.getLogger("melora"), "propagate", True)
     device = torch.device("cpu")
     with caplog.at_level("INFO", logger="melora"):
         tight, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.cpu_budget_mb=1",
