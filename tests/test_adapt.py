@@ -14,6 +14,7 @@ import torch
 
 import adapt
 import evaluation
+import model as M
 import main
 import utils
 from conftest import CLINC_DIR, REPO
@@ -159,7 +160,8 @@ def test_adaptation_is_evaluations(checkpoint):
     texts, labels = [t for t, _ in support], [y for _, y in support]
     clf = adapt.adapt(checkpoint, texts, labels)
     cfg, _ = adapt.checkpoint_config(checkpoint, utils.load_config())
-    method, tokenizer = evaluation.build_method("melora", cfg, str(checkpoint), torch.device("cpu"))
+    method, _ = evaluation.build_method("melora", cfg, str(checkpoint), torch.device("cpu"))
+    _, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way)
 
     def batch(rows):
         b = dict(tokenizer([t for t, _ in rows], padding=True, truncation=True,

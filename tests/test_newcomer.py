@@ -206,7 +206,7 @@ def test_evaluation_child_uses_its_thread_share_and_shows_progress(tiny_checkpoi
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(utils, "cpu_cores", lambda: 4)  # the parent's view, passed to the child
     cfg = utils.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 3,
-                                       "evaluation.adaptation_steps": 1,
+                                       "evaluation.adaptation_steps": 1, "evaluation.seeds": 1,
                                        "evaluation.child_process": True})
     results = evaluation.run_evaluation(cfg, checkpoint, True, out / "eval")
     melora = results["methods"]["melora"]
@@ -220,7 +220,8 @@ def test_evaluation_in_process_shows_progress_and_keeps_its_threads(tiny_checkpo
     import evaluation
     cfg, checkpoint, out = tiny_checkpoint
     cfg = utils.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 2,
-                                       "evaluation.adaptation_steps": 1,
+                                       "evaluation.adaptation_steps": 1, "evaluation.seeds": 1,
+                                       "evaluation.tuning_trials": 0,
                                        "evaluation.child_process": False,
                                        "evaluation.baselines": ["reptile_lora"],
                                        "evaluation.baseline_meta_iterations": 2})
