@@ -297,7 +297,8 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
         # 5. Adaptation on every episode, dropout masks seeded per episode (paired runs,
         #    the same masks for every seed: seeds change the training, not the episodes).
         start, accuracies = time.perf_counter(), []
-        bar = tqdm(mine, desc=f"evaluate {label}", unit="episode", mininterval=1.0, dynamic_ncols=True, disable=not show)
+        bar = tqdm(mine, desc=f"evaluate {label}", unit="episode", mininterval=1.0,
+                   dynamic_ncols=True, disable=not show)
         with window() as adapt:
             for i in bar:
                 set_seed(cfg.training.seed + 7919 * (i + 1))
