@@ -14,6 +14,7 @@ as one `error: ...` paragraph on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 
@@ -35,6 +36,10 @@ FLAG_KEYS = {
     "device": "training.device",
     "output_dir": "training.output_dir",
 }
+# What --mode evaluate writes into a run folder: --overwrite sets these aside, not the run.
+EVALUATION_OUTPUTS = ("results.json", "meta_test_episodes.json", "evaluation")
+# Errors of the machine, not the code: one `error:` line instead of a traceback.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,21 +123,53 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     if utils.init_distributed(training.device) and args.mode == "full":
         raise UserError("--mode full runs in one process; under torchrun run --mode train, "
                         "then --mode evaluate (or run --mode full with python main.py)")
-    # Rank 0 prepares the run folder; the others wait for it (and share its refusal).
-    run_dir = utils.run_on_main(utils.prepare_run_dir, training.output_dir,
-                                training.experiment_name, overwrite=args.overwrite,
-                                resume=bool(args.resume) or args.mode == "evaluate",
-                                protect=("results.json",) if args.mode == "evaluate" else ())
-    created = not any(run_dir.iterdir())  # this command's folder, not an earlier run's
-    utils.setup_logging(log_file=run_dir / f"{args.mode}.log")
+    utils.resolve_device(training.device)  # cheap checks before any folder is touched
+    from dataset_loader import check_sources
+    check_sources(cfg.datasets)
+    # Rank 0 opens the run folder; the others wait for it (and share its refusal).
+    evaluate = args.mode == "evaluate"
+    folder = utils.run_on_main(utils.open_run_dir, training.output_dir,
+                               training.experiment_name, overwrite=args.overwrite,
+                               resume=bool(args.resume) or evaluate,
+                               protect=("results.json",) if evaluate else (),
+                               replace=EVALUATION_OUTPUTS if evaluate else (),
+                               checkpoint=args.resume, reserved=(_token_cache(cfg),))
+    utils.setup_logging(log_file=folder.path / f"{args.mode}.log")
+    ok = False
     try:
-        return _run_mode(args, cfg, run_dir)
-    except UserError:
-        # Failed before its first checkpoint (bad data, device, ...): leave no folder that
-        # would make the corrected command a refused rerun.
-        if created and utils.is_main_process():
-            utils.discard_unstarted_run_dir(run_dir)
-        raise
+        result = _run_mode(args, cfg, folder.path)
+        ok = True
+        return result
+    except KeyboardInterrupt as e:  # a second signal: stopped at once, maybe before a checkpoint
+        if isinstance(e, utils.RunInterrupted):
+            raise
+        raise _stopped_at_once(args, folder.path) from None
+    finally:
+        # A failed start (no checkpoint or results yet, whatever the error) leaves no
+        # folder that would make the corrected command a refused rerun, and gets back
+        # what --overwrite set aside; a started run deletes it.
+        if utils.is_main_process():
+            utils.close_run_dir(folder, ok)
+
+
+def _token_cache(cfg: utils.Config):
+    """The tokenisation cache folder, which no run folder may be."""
+    from pathlib import Path
+    return cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
+
+
+def _stopped_at_once(args: argparse.Namespace, run_dir) -> utils.RunInterrupted:
+    """What a second Ctrl-C/SIGTERM left behind, truthfully: a checkpoint or nothing."""
+    import signal
+    if args.mode == "evaluate":
+        return utils.RunInterrupted("stopped at once; results.json was not written", signal.SIGINT)
+    import trainer
+    last = trainer.latest_checkpoint(run_dir)
+    if last is None:
+        return utils.RunInterrupted("stopped at once, before the first checkpoint: nothing to "
+                                    "resume; run the command again", signal.SIGINT)
+    return utils.RunInterrupted(f"stopped at once; the last complete checkpoint is {last}. "
+                                f"Continue with: python main.py --resume {last}", signal.SIGINT)
 
 
 def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir) -> dict:
@@ -164,9 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     except utils.RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was written first
         print(f"interrupted: {e}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
-        print("interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run folder was opened
+        print("interrupted before anything was written", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, read-only or forbidden, wherever it was hit
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or 'a file'}; free disk space, or pass an "
+              "--output_dir you can write to", file=sys.stderr)
+        return 2
     except torch.OutOfMemoryError as e:  # outside the training loop's own handling
         print(f"error: out of memory ({str(e).splitlines()[0]}); {utils.OOM_ADVICE}",
               file=sys.stderr)
