@@ -839,8 +839,11 @@ def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], l
     if suffix == ".json":
         try:
             data = json.loads(text)
-        except ValueError:
-            data = None  # not one JSON document: maybe JSON lines, read as a table below
+        except ValueError as e:
+            if not _is_json_lines(text):
+                raise DataError(f"{entry.source} is not valid JSON ({e}); fix the file, or "
+                                "save it as JSON lines (one object per line)") from e
+            data = None  # JSON lines: read as a table below
         if isinstance(data, dict) and _looks_like_pairs(data):
             return _read_pairs(data, entry)
     import datasets
@@ -883,9 +886,17 @@ def _read_pairs(data: dict, entry: _Source) -> tuple[list[str], list[str]]:
 
 
 def _looks_like_pairs(data: dict) -> bool:
-    first = next(iter(data.values()), None)
-    return (isinstance(first, list) and bool(first) and isinstance(first[0], list)
-            and len(first[0]) == 2)
+    first = next(iter(data.values()), None)  # rows are checked by _read_pairs
+    return isinstance(first, list) and bool(first) and isinstance(first[0], list)
+
+
+def _is_json_lines(text: str) -> bool:
+    """Whether every non-blank line of `text` is one JSON object."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        return bool(lines) and all(isinstance(json.loads(line), dict) for line in lines)
+    except ValueError:
+        return False
 
 
 def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:

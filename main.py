@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
+import threading
 import warnings
 
 import torch
@@ -143,7 +145,7 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     except KeyboardInterrupt as e:  # a second signal: stopped at once, maybe before a checkpoint
         if isinstance(e, utils.RunInterrupted):
             raise
-        raise _stopped_at_once(args, folder.path) from None
+        raise _stopped_at_once(args, folder.path, e) from None
     finally:
         # A failed start (no checkpoint or results yet, whatever the error) leaves no
         # folder that would make the corrected command a refused rerun, and gets back
@@ -158,18 +160,27 @@ def _token_cache(cfg: utils.Config):
     return cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
 
 
-def _stopped_at_once(args: argparse.Namespace, run_dir) -> utils.RunInterrupted:
-    """What a second Ctrl-C/SIGTERM left behind, truthfully: a checkpoint or nothing."""
-    import signal
+def _stopped_at_once(args: argparse.Namespace, run_dir, e: KeyboardInterrupt) -> utils.RunInterrupted:
+    """What a signal that stopped at once left behind, truthfully: a checkpoint or nothing."""
+    signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+    name = signal.Signals(signum).name
     if args.mode == "evaluate":
-        return utils.RunInterrupted("stopped at once; results.json was not written", signal.SIGINT)
+        return utils.RunInterrupted(f"{name} stopped the evaluation; results.json was not "
+                                    "written: run the command again", signum)
     import trainer
     last = trainer.latest_checkpoint(run_dir)
     if last is None:
-        return utils.RunInterrupted("stopped at once, before the first checkpoint: nothing to "
-                                    "resume; run the command again", signal.SIGINT)
-    return utils.RunInterrupted(f"stopped at once; the last complete checkpoint is {last}. "
-                                f"Continue with: python main.py --resume {last}", signal.SIGINT)
+        return utils.RunInterrupted(f"{name} stopped the run before its first checkpoint: "
+                                    "nothing to resume and no run folder kept; run the "
+                                    "command again", signum)
+    return utils.RunInterrupted(f"{name} stopped the run at once; the last complete checkpoint "
+                                f"is {last}. Continue with: python main.py --resume {last}", signum)
+
+
+def _raise_on_sigterm(signum, frame):
+    """SIGTERM outside training's own handling stops like Ctrl-C, so the run folder is
+    settled (a failed start leaves none) instead of the process dying mid-way."""
+    raise KeyboardInterrupt(signum)
 
 
 def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir) -> dict:
@@ -191,6 +202,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, dispatch; a UserError becomes `error: ...` and exit status 2."""
     warnings.formatwarning = _format_warning
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         check_flags(args)
@@ -198,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except utils.RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was written first
+    except utils.RunInterrupted as e:  # SIGINT/SIGTERM: the message says what was kept
         print(f"interrupted: {e}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:  # before the run folder was opened
+    except KeyboardInterrupt as e:  # before the run folder was opened
         print("interrupted before anything was written", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
     except OSError as e:  # disk full, read-only or forbidden, wherever it was hit
         if e.errno not in DISK_ERRNOS:
             raise
@@ -216,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         utils.close_distributed()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

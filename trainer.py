@@ -653,7 +653,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # main names the signal and what is left
         self.signum = signum
         log.warning("%s received: finishing this iteration, then writing a checkpoint "
                     "(send it again to stop at once)", signal.Signals(signum).name)

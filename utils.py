@@ -567,12 +567,12 @@ def close_run_dir(folder: RunFolder, ok: bool) -> None:
         ok: whether the command succeeded.
     """
     import shutil
+    _close_log_files(folder.path)  # this command's log file is complete
     started = set(_saved_files(folder.path)) - set(folder.before)
     if ok or started:
         if folder.set_aside is not None:
             shutil.rmtree(folder.set_aside, ignore_errors=True)
         return
-    _close_log_files(folder.path)
     if folder.created:
         shutil.rmtree(folder.path, ignore_errors=True)
         if folder.existed:  # the user's empty folder: leave it as it was
@@ -710,6 +710,7 @@ def load_checkpoint(path: str | os.PathLike, require: Iterable[str] = ()) -> dic
             required key; each message names the path.
     """
     import pickle
+    import zipfile
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} is a folder; pass one of the "
@@ -717,6 +718,9 @@ def load_checkpoint(path: str | os.PathLike, require: Iterable[str] = ()) -> dic
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a "
                         "checkpoints/checkpoint_iter_N.pt file of a training run")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; text, cut-off files fail here
+        raise UserError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint (no "
+                        "torch.save archive); use another checkpoint of the run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
