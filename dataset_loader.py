@@ -852,7 +852,7 @@ def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], l
                         f"set the source's split to \"train\" (got {entry.split!r})")
     try:
         if suffix == ".csv":  # every cell a string: "NA", "nan" and "123" are texts, "" is empty
-            table = datasets.Dataset.from_pandas(_read_csv(path), preserve_index=False)
+            table = datasets.Dataset.from_pandas(_read_csv(text), preserve_index=False)
         else:
             table = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path),
                                           split="train", cache_dir=str(hf_cache))
@@ -863,10 +863,10 @@ def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], l
     return _columns(table, entry)
 
 
-def _read_csv(path: Path):
-    """A CSV file as a pandas DataFrame of strings, with no value read as missing."""
+def _read_csv(text: str):
+    """CSV text as a pandas DataFrame of strings, with no value read as missing."""
     import pandas as pd
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
 
 
 def _read_pairs(data: dict, entry: _Source) -> tuple[list[str], list[str]]:

@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only or forbidden, wherever it was hit
         if e.errno not in DISK_ERRNOS:
             raise
-        print(f"error: {e.strerror}: {e.filename or 'a file'}; free disk space, or pass an "
-              "--output_dir you can write to", file=sys.stderr)
+        print(f"error: {e.strerror}: {e.filename or 'a file'}; free disk space or fix its "
+              "permissions, or pass another --output_dir", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:  # outside the training loop's own handling
         print(f"error: out of memory ({str(e).splitlines()[0]}); {utils.OOM_ADVICE}",
