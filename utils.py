@@ -549,6 +549,7 @@ def open_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwrite:
         if not holds:
             atomic_write_json(run_dir / RUN_MARKER, {"format": RUN_MARKER, "pid": os.getpid()})
     except OSError as e:
+        close_run_dir(RunFolder(run_dir, not holds, set_aside, (), existed), ok=False)  # undo
         raise UserError(f"cannot create run folder {str(run_dir)!r} ({e.strerror}); pass an "
                         "--output_dir you can write to") from e
     return RunFolder(run_dir, not holds, set_aside, _saved_files(run_dir), existed)

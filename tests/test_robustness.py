@@ -6,6 +6,9 @@ What test_cli.py, test_config.py and test_trainer_loop.py already cover (bad fla
 `--set` values, refusal of an existing run folder, bad checkpoints read directly) is not
 repeated here; this file adds the table of bad inputs through `main.main`, a property
 test of `load_config`, and the interrupted-run scenarios through real subprocesses.
+Issue 14's cases are here too: what `--overwrite`, `--resume` and evaluate may delete or
+write (in a throwaway tree whose other files must survive byte for byte), disk-full and
+signal paths, and CSV texts kept as strings.
 """
 
 import copy
@@ -359,6 +362,22 @@ def test_the_users_empty_folder_is_kept_after_a_failed_start(tmp_path, capsys):
     assert main.main([*TINY, "--device", "meta", "--output_dir", str(tmp_path)]) == 2
     assert main.main([*TINY, "--set", "models.max_length=4096", "--output_dir", str(tmp_path)]) == 2
     assert (tmp_path / "melora").is_dir() and not any((tmp_path / "melora").iterdir())
+
+
+def test_overwrite_puts_the_old_run_back_when_the_new_folder_cannot_be_made(tmp_path, monkeypatch):
+    old = utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    (old / "metrics.jsonl").write_text("{}\n")
+    before = snapshot(tmp_path)
+    real = utils.atomic_write_json
+
+    def full(path, obj):
+        if path.name == utils.RUN_MARKER:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+    monkeypatch.setattr(utils, "atomic_write_json", full)
+    with pytest.raises(utils.UserError, match="cannot create run folder .*No space left"):
+        utils.open_run_dir(tmp_path, "exp", overwrite=True, resume=False)
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob(".replaced-*"))
 
 
 # ---- disk full ------------------------------------------------------------------------------
