@@ -251,9 +251,7 @@ class DatasetLoader:
                               "positive weight")
 
     def _entries(self, split: str) -> list[_Source]:
-        return [_Source(e["source"], e["config"], e["split"], e["text_column"],
-                        e["label_column"], e["group_file"], tuple(e["groups"]), e["weight"])
-                for e in getattr(self.cfg, split)]
+        return [_source(e) for e in getattr(self.cfg, split)]
 
     # --------------------------------------------------------------------------------
     # Sources -> tables -> pools (class selection and checks)
@@ -760,6 +758,21 @@ def cli_dataset_overrides(dataset: str | None, eval_dataset: str | None,
     return out
 
 
+def check_sources(datasets_cfg) -> None:
+    """Check every source of every meta-split (files exist, types known); reads no data.
+
+    So a bad `--eval_dataset` is refused by `--mode train` too, not only when evaluating.
+
+    Raises:
+        ConfigError, DataError: as `DatasetLoader.validate`, naming the source's key.
+    """
+    if datasets_cfg.synthetic_only:
+        return
+    for split in SPLITS:
+        for i, e in enumerate(getattr(datasets_cfg, split)):
+            _validate_entry(f"datasets.{split}[{i}]", _source(e))
+
+
 def _cli_split(source: str, role: str) -> str:
     path = Path(source)
     single_table = (path.suffix.lower() in FILE_BUILDERS or path.exists()) and not _is_pairs_json(path)
@@ -770,7 +783,7 @@ def _is_pairs_json(path: Path) -> bool:
     """Whether `path` looks like CLINC150's `{"split": [[text, label], ...]}` (peeks only)."""
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
-    with path.open("r", encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8", errors="replace") as f:  # _read_file names bad bytes
         head = f.read(4096)
     return re.match(r'\s*\{\s*"[^"]*"\s*:\s*\[\s*\[', head) is not None
 
@@ -807,6 +820,12 @@ def split_units(units: list[str], fractions: list[float], seed: int) -> list[lis
     return [sorted(shuffled[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
 
 
+def _source(e: dict) -> _Source:
+    """A `_Source` from one config item of a meta-split's list."""
+    return _Source(e["source"], e["config"], e["split"], e["text_column"], e["label_column"],
+                   e["group_file"], tuple(e["groups"]), e["weight"])
+
+
 def _synthetic_seed(seed: int, split: str) -> int:
     """A generator seed per meta-split, so meta-test tasks differ from meta-train ones."""
     return int(np.random.SeedSequence([seed, _SYNTHETIC_STREAM, SPLITS.index(split)])
@@ -824,6 +843,9 @@ def _validate_entry(key: str, entry: _Source) -> None:
                           "domains.json) or set groups to []")
     if entry.kind == "file":
         path = Path(entry.source)
+        if path.is_dir():
+            raise DataError(f"{key}.source: {entry.source!r} is a folder; pass a {', '.join(FILE_BUILDERS)} "
+                            "file (e.g. --dataset data/clinc150/data_full.json)")
         if not path.is_file():
             raise DataError(f"{key}.source: file {entry.source!r} does not exist (relative "
                             f"paths resolve against {os.getcwd()})")
@@ -849,30 +871,74 @@ def _check_custom(source: str, data: Any) -> tuple[list[str], list[str]]:
 
 def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], list[str]]:
     """(texts, label names) of a local file: CLINC150 pairs JSON or a `datasets` table."""
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl", ".csv"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{entry.source} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                            "save it as UTF-8") from e
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            if not _is_json_lines(text):
+                raise DataError(f"{entry.source} is not valid JSON ({e}); fix the file, or "
+                                "save it as JSON lines (one object per line)") from e
+            data = None  # JSON lines: read as a table below
         if isinstance(data, dict) and _looks_like_pairs(data):
-            if entry.split not in data:
-                raise DataError(f"{entry.source} has no split {entry.split!r}; its splits are "
-                                f"{', '.join(data)}; set the source's split to one of them")
-            return [str(t) for t, _ in data[entry.split]], [str(y) for _, y in data[entry.split]]
+            return _read_pairs(data, entry)
     import datasets
     if entry.split != "train":
         raise DataError(f"{entry.source} is one table, which `datasets` calls split 'train'; "
                         f"set the source's split to \"train\" (got {entry.split!r})")
     try:
-        table = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
-                                      split="train", cache_dir=str(hf_cache))
-    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
-        raise DataError(f"could not read {entry.source} as {path.suffix[1:]} ({e}); check the "
-                        "file's format") from e
+        if suffix == ".csv":  # every cell a string: "NA", "nan" and "123" are texts, "" is empty
+            table = datasets.Dataset.from_pandas(_read_csv(text), preserve_index=False)
+        else:
+            table = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path),
+                                          split="train", cache_dir=str(hf_cache))
+    except Exception as e:  # pandas, pyarrow and `datasets` each fail in their own way
+        first = (str(e) or type(e).__name__).splitlines()[0][:300]
+        raise DataError(f"could not read {entry.source} as {path.suffix[1:]} ({first}); check "
+                        "the file's format") from e
     return _columns(table, entry)
 
 
+def _read_csv(text: str):
+    """CSV text as a pandas DataFrame of strings, with no value read as missing."""
+    import pandas as pd
+    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+
+
+def _read_pairs(data: dict, entry: _Source) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a CLINC150-style `{split: [[text, label], ...]}` object."""
+    if entry.split not in data:
+        raise DataError(f"{entry.source} has no split {entry.split!r}; its splits are "
+                        f"{', '.join(data)}; set the source's split to one of them")
+    rows = data[entry.split]
+    bad = [i for i, row in enumerate(rows) if not (isinstance(row, list) and len(row) == 2
+                                                   and row[0] not in (None, "")
+                                                   and row[1] not in (None, ""))]
+    if bad:
+        raise DataError(f"{entry.source}: {len(bad)} row(s) of split {entry.split!r} are not "
+                        f"[text, label] pairs with a text and a label (first: row {bad[0]}, "
+                        f"{str(rows[bad[0]])[:80]}); fix or drop those rows")
+    return [str(t) for t, _ in rows], [str(y) for _, y in rows]
+
+
 def _looks_like_pairs(data: dict) -> bool:
-    first = next(iter(data.values()), None)
-    return (isinstance(first, list) and bool(first) and isinstance(first[0], list)
-            and len(first[0]) == 2)
+    first = next(iter(data.values()), None)  # rows are checked by _read_pairs
+    return isinstance(first, list) and bool(first) and isinstance(first[0], list)
+
+
+def _is_json_lines(text: str) -> bool:
+    """Whether every non-blank line of `text` is one JSON object."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        return bool(lines) and all(isinstance(json.loads(line), dict) for line in lines)
+    except ValueError:
+        return False
 
 
 def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
@@ -885,13 +951,19 @@ def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
                             f"{role} in datasets")
     feature = table.features[entry.label_column]
     raw = table[entry.label_column]
+    unlabelled = [i for i, x in enumerate(raw) if x is None or x == ""]
+    if unlabelled:
+        raise DataError(f"{entry.name}: {len(unlabelled)} row(s) have an empty label in column "
+                        f"{entry.label_column!r} (first: data row {unlabelled[0] + 1}); fill "
+                        "them in or drop those rows")
     labels = [feature.int2str(x) for x in raw] if hasattr(feature, "int2str") else [str(x) for x in raw]
     texts = table[entry.text_column]
-    missing = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    missing = [i for i, t in enumerate(texts) if t is None or t == ""]
     if missing:
         raise DataError(f"{entry.name}: {len(missing)} row(s) have no text in column "
-                        f"{entry.text_column!r} (first: row {missing[0]}); clean the file")
-    return list(texts), labels
+                        f"{entry.text_column!r} (first: data row {missing[0] + 1}); fill them "
+                        "in or drop those rows")
+    return [t if isinstance(t, str) else str(t) for t in texts], labels  # numbers are texts too
 
 
 def _load_hub(entry: _Source):

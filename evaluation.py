@@ -50,6 +50,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -61,10 +63,11 @@ from tqdm import tqdm
 import analysis
 import baseline as B
 import model as M
-from utils import (Config, MemoryWindow, MetricsSink, UserError, atomic_write_json,
-                   fix_mmap_threshold, gather_to_main, is_main_process, load_checkpoint,
-                   load_config, load_config_with_base, rank, rank_device, resolve_device,
-                   run_on_main, set_seed, thread_budget, world_size, resident_memory_bytes)
+from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
+                   atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
+                   load_checkpoint, load_config, load_config_with_base, rank, rank_device,
+                   resolve_device, run_on_main, set_seed, thread_budget, world_size,
+                   resident_memory_bytes)
 
 log = logging.getLogger("melora")
 
@@ -160,8 +163,8 @@ def evaluation_config(cfg: Config, state: Mapping, checkpoint) -> Config:
     Raises:
         UserError: `cfg` asks for another model or LoRA rank than the checkpoint's.
     """
-    from trainer import MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS
-    saved = json.loads(state["config"])
+    from trainer import MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS, saved_config
+    saved = saved_config(state, checkpoint)
     theirs, defaults = Config(saved).flat(), load_config().flat()
     given = {k: v for k, v in cfg.flat().items()
              if defaults.get(k) != v or k.startswith(RUN_CONTROL_KEYS)}
@@ -599,8 +602,45 @@ def _run_job(job: dict, cfg: Config) -> dict:
         return result
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(evaluate_method, {**job, "in_process": False}).result()
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with _stop_on_signal(job["method"]):
+            return pool.submit(evaluate_method, {**job, "in_process": False}).result()
+    except BaseException:
+        _terminate_workers(pool)  # a signal or an error ended the wait: the child must not outlive us
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signal(method: str):
+    """SIGTERM/SIGINT while a child evaluates: raise RunInterrupted here (main thread only),
+    so `_run_job` ends the child instead of dying and leaving it blocked on its pipe."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise RunInterrupted(f"{signal.Signals(signum).name} stopped the evaluation of {method}; "
+                             "results.json was not written: run the command again", signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _terminate_workers(pool) -> None:
+    """Stop the pool's worker processes (ProcessPoolExecutor has no public way before 3.14)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+            process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _merge_shares(shares: list[dict]) -> dict:

@@ -16,7 +16,10 @@ as one `error: ...` paragraph on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 import warnings
 
 import torch
@@ -42,6 +45,14 @@ FLAG_KEYS = {
     "device": "training.device",
     "output_dir": "training.output_dir",
 }
+# What --mode evaluate writes into a run folder: --overwrite sets these aside, not the run.
+EVALUATION_OUTPUTS = ("results.json", "meta_test_episodes.json", "evaluation")
+# What --mode adapt writes into a run folder: a folder holding the first two is refused
+# without --overwrite, which sets all of them aside (put back if the new adapt fails).
+ADAPT_PROTECTED = ("predictions.csv", "adapted")
+ADAPT_OUTPUTS = ADAPT_PROTECTED + ("metrics.json", "confusion_matrix.png")
+# Errors of the machine, not the code: one `error:` line instead of a traceback.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,26 +156,67 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     if args.mode == "export":  # writes --output_dir itself, no run folder
         import adapt
         return {"exported": str(adapt.run_export(cfg, args.checkpoint, args.output_dir, args.overwrite))}
+    utils.resolve_device(training.device)  # cheap checks before any folder is touched
     job = None
     if args.mode == "adapt":  # every input read and checked before the run folder exists
         import adapt
         job = adapt.prepare(cfg, args.checkpoint, args.support, args.predict)
-    # Rank 0 prepares the run folder; the others wait for it (and share its refusal).
-    run_dir = utils.run_on_main(utils.prepare_run_dir, training.output_dir,
-                                training.experiment_name, overwrite=args.overwrite,
-                                resume=bool(args.resume) or args.mode in ("evaluate", "adapt"),
-                                protect={"evaluate": ("results.json",),
-                                         "adapt": ("predictions.csv", "adapted")}.get(args.mode, ()))
-    created = not any(run_dir.iterdir())  # this command's folder, not an earlier run's
-    utils.setup_logging(log_file=run_dir / f"{args.mode}.log")
+    else:
+        from dataset_loader import check_sources
+        check_sources(cfg.datasets)
+    # Rank 0 opens the run folder; the others wait for it (and share its refusal).
+    outputs = {"evaluate": (("results.json",), EVALUATION_OUTPUTS),
+               "adapt": (ADAPT_PROTECTED, ADAPT_OUTPUTS)}.get(args.mode, ((), ()))
+    folder = utils.run_on_main(utils.open_run_dir, training.output_dir,
+                               training.experiment_name, overwrite=args.overwrite,
+                               resume=bool(args.resume) or args.mode in ("evaluate", "adapt"),
+                               protect=outputs[0], replace=outputs[1],
+                               checkpoint=args.resume, reserved=(_token_cache(cfg),))
+    utils.setup_logging(log_file=folder.path / f"{args.mode}.log")
+    ok = False
     try:
-        return _run_mode(args, cfg, run_dir, job)
-    except UserError:
-        # Failed before its first checkpoint (bad data, device, ...): leave no folder that
-        # would make the corrected command a refused rerun.
-        if created and utils.is_main_process():
-            utils.discard_unstarted_run_dir(run_dir)
-        raise
+        result = _run_mode(args, cfg, folder.path, job)
+        ok = True
+        return result
+    except KeyboardInterrupt as e:  # a second signal: stopped at once, maybe before a checkpoint
+        if isinstance(e, utils.RunInterrupted):
+            raise
+        raise _stopped_at_once(args, folder.path, e) from None
+    finally:
+        # A failed start (no checkpoint or results yet, whatever the error) leaves no
+        # folder that would make the corrected command a refused rerun, and gets back
+        # what --overwrite set aside; a started run deletes it.
+        if utils.is_main_process():
+            utils.close_run_dir(folder, ok)
+
+
+def _token_cache(cfg: utils.Config):
+    """The tokenisation cache folder, which no run folder may be."""
+    from pathlib import Path
+    return cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
+
+
+def _stopped_at_once(args: argparse.Namespace, run_dir, e: KeyboardInterrupt) -> utils.RunInterrupted:
+    """What a signal that stopped at once left behind, truthfully: a checkpoint or nothing."""
+    signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+    name = signal.Signals(signum).name
+    if args.mode == "evaluate":
+        return utils.RunInterrupted(f"{name} stopped the evaluation; results.json was not "
+                                    "written: run the command again", signum)
+    import trainer
+    last = trainer.latest_checkpoint(run_dir)
+    if last is None:
+        return utils.RunInterrupted(f"{name} stopped the run before its first checkpoint: "
+                                    "nothing to resume and no run folder kept; run the "
+                                    "command again", signum)
+    return utils.RunInterrupted(f"{name} stopped the run at once; the last complete checkpoint "
+                                f"is {last}. Continue with: python main.py --resume {last}", signum)
+
+
+def _raise_on_sigterm(signum, frame):
+    """SIGTERM outside training's own handling stops like Ctrl-C, so the run folder is
+    settled (a failed start leaves none) instead of the process dying mid-way."""
+    raise KeyboardInterrupt(signum)
 
 
 def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None) -> dict:
@@ -189,6 +241,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, dispatch; a UserError becomes `error: ...` and exit status 2."""
     warnings.formatwarning = _format_warning
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         utils.quiet_third_party(args.verbose)  # before transformers/datasets are imported
@@ -197,18 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except utils.RunInterrupted as e:  # SIGINT/SIGTERM: a checkpoint was written first
+    except utils.RunInterrupted as e:  # SIGINT/SIGTERM: the message says what was kept
         print(f"interrupted: {e}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
-        print("interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before the run folder was opened
+        print("interrupted before anything was written", file=sys.stderr)
+        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
+    except OSError as e:  # disk full, read-only or forbidden, wherever it was hit
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or 'a file'}; free disk space or fix its "
+              "permissions, or pass another --output_dir", file=sys.stderr)
+        return 2
     except torch.OutOfMemoryError as e:  # outside the training loop's own handling
         print(f"error: out of memory ({str(e).splitlines()[0]}); {utils.OOM_ADVICE}",
               file=sys.stderr)
         return 2
     finally:
         utils.close_distributed()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

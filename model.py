@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import UserError
+from utils import ConfigError, UserError
 
 log = logging.getLogger("melora")
 
@@ -218,9 +218,10 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
         raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
     linear = [n for n, m in model.named_modules() if _is_linear(m) and not _inside_lora(model, n)]
     unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linear)]
-    if unmatched:
-        raise ValueError(f"LoRA target modules {unmatched} match no linear layer of this model; "
-                         f"its linear layers are: {', '.join(_name_patterns(linear))}")
+    if unmatched:  # a ConfigError is a ValueError that main prints as one `error:` line
+        raise ConfigError(f"LoRA target modules {unmatched} match no linear layer of this "
+                          f"model; its linear layers are: {', '.join(_name_patterns(linear))}; "
+                          "fix lora.target_modules")
     wrapped = [n for n in linear if _matches(n, target_modules)]
     if layers:
         wrapped = [n for n in wrapped if _block_index(model, n) in set(layers)]
@@ -674,6 +675,20 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     pool = _DEFAULT_POOLING[spec.family] if pooling == "auto" else pooling
     model = MELoRAModel(backbone.to(dtype), spec.family, num_labels, pool, head, head_scale).to(dtype)
     return model, tokenizer
+
+
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Refuse a `models.max_length` beyond the backbone's learned positions.
+
+    Raises:
+        ConfigError: `max_length` exceeds `max_position_embeddings` (BERT, DistilBERT)
+            or `n_positions` (GPT-2); T5's relative positions have no such limit.
+    """
+    config = model.backbone.config if hasattr(model, "backbone") else model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"models.max_length is {max_length}, but this model has {limit} "
+                          f"positions; set --set models.max_length={limit} or less")
 
 
 def family_of(name: str) -> str:

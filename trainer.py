@@ -650,6 +650,8 @@ RUN_CONTROL_KEYS = ("meta_learning.num_iterations", "training.save_every", "trai
                     "training.device", "training.output_dir", "training.experiment_name",
                     "tracking.", "evaluation.", "analysis.", "datasets.cache_dir")
 CHECKPOINT_VERSION = 1
+# What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
+RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
 _PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
                 "fp64": torch.float64}
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -701,7 +703,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # main names the signal and what is left
         self.signum = signum
         log.warning("%s received: finishing this iteration, then writing a checkpoint "
                     "(send it again to stop at once)", signal.Signals(signum).name)
@@ -742,6 +744,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
         M.check_lora_layers(model, layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    M.check_max_length(model, cfg.models.max_length)
     M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
                   dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
                   layers=layers)
@@ -874,6 +877,7 @@ class MetaTrainer:
         self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
         self.iteration = 0          # meta-iterations completed
         self.nonfinite_streak = 0   # non-finite meta-batches in a row
+        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
         self._autocast = _autocast_context(training.precision, device)
 
     @classmethod
@@ -1064,6 +1068,7 @@ class MetaTrainer:
         if not is_main_process():
             return Path(path)
         path = save_checkpoint(path, self.state_dict())
+        self.last_checkpoint = path
         log.debug("checkpoint %s", path)
         return path
 
@@ -1123,10 +1128,12 @@ class MetaTrainer:
         self.nonfinite_streak += 1
         limit = self.training.max_nonfinite
         if self.nonfinite_streak >= limit:
+            kept = (f"the last checkpoint, {self.last_checkpoint}, holds the last finite theta"
+                    if self.last_checkpoint is not None else "no checkpoint was written yet")
             raise NonFiniteError(
                 f"training stopped at iteration {iteration + 1}: {limit} meta-batches in a row "
                 f"had a non-finite query loss or meta-gradient (loss {meta_loss}, gradient norm "
-                f"{grad_norm}); the last checkpoint holds the last finite theta. Lower "
+                f"{grad_norm}); {kept}. Lower "
                 "meta_learning.inner.default_lr or meta_learning.outer.default_lr, set "
                 "meta_learning.outer.grad_clip, or use training.precision=fp32")
         warnings.warn(f"iteration {iteration + 1}: non-finite query loss or meta-gradient "
@@ -1203,13 +1210,14 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
             evenly over the processes, or non-finite training.
     """
     run_dir = Path(run_dir)
-    state = load_checkpoint(resume) if resume is not None else None
+    state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
     if state is not None:
         cfg = reconcile_config(cfg, state, resume)
     # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
     trainer = MetaTrainer.from_config(cfg)
     if state is not None:
         trainer.load_state_dict(state)
+        trainer.last_checkpoint = Path(resume)
         _check_not_done(trainer.iteration, cfg, resume)
     main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
     if main:
@@ -1250,8 +1258,25 @@ def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike 
         config_path: a YAML file, or None.
         overrides: `{"section.key": value}` from the command line.
     """
-    saved = json.loads(load_checkpoint(checkpoint)["config"])
+    saved = saved_config(load_checkpoint(checkpoint, require=RESUME_KEYS), checkpoint)
     return load_config_with_base(saved, config_path, overrides)
+
+
+def saved_config(state: Mapping, checkpoint) -> dict:
+    """The config a checkpoint recorded, as nested dicts.
+
+    Raises:
+        UserError: the record is not a JSON mapping (an edited or foreign checkpoint).
+    """
+    try:
+        saved = json.loads(state["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {str(checkpoint)!r} holds no readable config ({e}); pass "
+                        "another checkpoint of the run") from e
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {str(checkpoint)!r} holds no readable config; pass "
+                        "another checkpoint of the run")
+    return saved
 
 
 def reconcile_config(cfg: Config, state: Mapping, checkpoint) -> Config:

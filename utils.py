@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -194,11 +195,20 @@ def load_config(path: str | os.PathLike | None = None,
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass --config with the "
+                          f"path of a YAML file (see {DEFAULT_CONFIG.name} for every key)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with the "
                           f"path of a YAML file (see {DEFAULT_CONFIG.name} for every key)")
     try:
-        data = yaml.load(path.read_text(), Loader=YamlLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}: "
+                          f"{e.reason}); pass a YAML file saved as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror}); pass a "
+                          "readable YAML file") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML ({e}); fix the "
                           "syntax at the line named above") from e
@@ -312,6 +322,9 @@ def _validate_values(data: dict) -> None:
     if inner["learn_lr"] and inner["default_num_steps"] == 0:
         raise ConfigError("meta_learning.inner.learn_lr learns one rate per inner step, but "
                           "meta_learning.inner.default_num_steps is 0; set learn_lr=false or K >= 1")
+    if not 0 <= data["training"]["seed"] < 2**32:  # what NumPy's and torch's seeding accept
+        raise ConfigError(f"config key 'training.seed' must be in 0 .. 2**32 - 1 = {2**32 - 1}, "
+                          f"got {data['training']['seed']!r}; pass another --seed")
     _validate_model_name(data["models"]["selected_model"])
 
 
@@ -359,9 +372,20 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError as e:
         raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {spec!r}: MELoRA trains on cpu, cuda or mps, not "
+                        f"{device.type}; use --device auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {spec!r} asks for CUDA but this machine has no CUDA GPU "
                         "(or torch is a CPU build); use --device cpu")
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {spec!r}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s), numbered from 0; use --device cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {spec!r} asks for Apple's MPS, which this machine or torch "
+                        "build lacks; use --device cpu (or cuda on a CUDA machine)")
     return device
 
 
@@ -538,70 +562,223 @@ def quiet_third_party(verbose: bool = False) -> None:
 # ------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "melora-checkpoint"
+# Written into every run folder MELoRA creates; `--overwrite` replaces only a folder
+# holding it, so a mistyped --output_dir or --experiment_name cannot delete user files.
+RUN_MARKER = ".melora-run"
+# The files that show a run has started (its inputs were read and work was saved).
+_STARTED_GLOBS = ("checkpoints/*.pt", "results*.json", "hpo_trials.json")
+_NAME_MAX_BYTES = 255  # NAME_MAX of the common file systems
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder opened by `open_run_dir`; `close_run_dir` settles it at the end.
+
+    Attributes:
+        path: the run folder.
+        created: this command created it (it did not exist, or was empty).
+        existed: the folder existed before (empty); a failed start empties it again
+            instead of removing it.
+        set_aside: a hidden `.replaced-*` folder holding what `--overwrite` moved away
+            (the earlier run, or its evaluation files), put back or deleted by
+            `close_run_dir`; None when nothing was replaced.
+        before: the checkpoints and results already there, `(path, mtime_ns)`, so a
+            failure can tell whether this command saved any.
+    """
+    path: Path
+    created: bool
+    set_aside: Path | None = None
+    before: tuple = ()
+    existed: bool = False
 
 
 def prepare_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwrite: bool,
                     resume: bool, protect: Iterable[str] = ()) -> Path:
-    """Create `<output_dir>/<experiment_name>`, refusing to mix two runs in one folder.
+    """`open_run_dir(...).path`: the run folder, for callers that manage no failure."""
+    return open_run_dir(output_dir, experiment_name, overwrite, resume, protect).path
+
+
+def open_run_dir(output_dir: str | os.PathLike, experiment_name: str, overwrite: bool,
+                 resume: bool, protect: Iterable[str] = (), replace: Iterable[str] = (),
+                 checkpoint: str | os.PathLike | None = None,
+                 reserved: Iterable[str | os.PathLike] = ()) -> RunFolder:
+    """Check, then open `<output_dir>/<experiment_name>`, refusing to mix or lose runs.
+
+    Every check runs before anything on disk changes, and `--overwrite` deletes nothing
+    here: it moves the earlier run (only a folder holding `RUN_MARKER`) into a hidden
+    `.replaced-*` folder beside it. `close_run_dir` deletes that once the new run has
+    started, or puts it back when the new run failed before saving anything.
 
     Args:
         output_dir: parent of every run folder (`training.output_dir`).
         experiment_name: the run's folder name (`training.experiment_name`).
-        overwrite: empty an existing folder first (`--overwrite`).
-        resume: continue in an existing folder (`--resume`); nothing is deleted.
+        overwrite: replace an existing run (`--overwrite`).
+        resume: continue in an existing folder (`--resume`, `--mode evaluate`).
         protect: files this command writes (e.g. `results.json` of `--mode evaluate`):
-            when the folder already holds one, it is refused unless `overwrite`.
+            a folder already holding one is refused unless `overwrite`.
+        replace: with `resume` and `overwrite`, the earlier outputs to set aside (e.g.
+            `results.json` and the episode spec); the rest of the folder stays.
+        checkpoint: with `resume`, the checkpoint continued; an existing, non-empty run
+            folder must be the one holding it.
+        reserved: folders a run folder must not be or lie inside (the token cache).
 
     Returns:
-        The run folder, existing and (unless resuming) empty.
+        The RunFolder; a folder this command created holds `RUN_MARKER`.
 
     Raises:
-        UserError: the folder exists and is not empty, and neither flag was given; or
-            `experiment_name` is not a plain folder name.
+        UserError: a name that is not a plain folder name, an output_dir that is a file
+            or cannot be written, another run's folder given to `--resume`, an existing
+            run without `--overwrite`, or a folder to overwrite MELoRA did not create.
     """
-    if not experiment_name or Path(experiment_name).name != experiment_name:
-        raise UserError(f"experiment name {experiment_name!r} must be a plain folder name "
-                        "(no '/'); set it with --experiment_name")
-    run_dir = Path(output_dir) / experiment_name
+    _check_experiment_name(experiment_name)
+    output_dir = Path(output_dir)
+    run_dir = output_dir / experiment_name
+    _check_output_dir(output_dir)
+    for folder in map(Path, reserved):
+        if run_dir.resolve() == folder.resolve() or folder.resolve() in run_dir.resolve().parents:
+            raise UserError(f"run folder {str(run_dir)!r} is the tokenisation cache "
+                            f"({str(folder)!r}); pass another --experiment_name")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {str(run_dir)!r} exists and is a file; pass another "
                         "--experiment_name or --output_dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"run folder {str(run_dir)!r} already holds a run; pass --overwrite "
-                            "to replace it, --resume CHECKPOINT to continue it, or another "
-                            "--experiment_name")
-        import shutil
-        shutil.rmtree(run_dir)
+    holds = run_dir.is_dir() and any(run_dir.iterdir())
+    if holds and resume and checkpoint is not None:
+        _check_resume_folder(run_dir, Path(checkpoint))
+    if holds and not resume and not overwrite:
+        raise UserError(f"run folder {str(run_dir)!r} already holds a run; pass --overwrite "
+                        "to replace it, --resume CHECKPOINT to continue it, or another "
+                        "--experiment_name")
     existing = [name for name in protect if (run_dir / name).exists()]
     if existing and not overwrite:
         raise UserError(f"run folder {str(run_dir)!r} already holds {', '.join(existing)} of an "
                         "earlier run; pass --overwrite to replace it, or another "
                         "--experiment_name to keep both")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    outputs = [run_dir / name for name in replace if (run_dir / name).exists()] if resume else []
+    if overwrite and (outputs or holds and not resume):
+        _check_marker(run_dir)
+    # Every check passed: only now does anything on disk change.
+    set_aside, existed = None, run_dir.is_dir() and not holds
+    if overwrite and holds and not resume:
+        set_aside, holds = _set_aside([run_dir], output_dir), False
+    elif overwrite and outputs:
+        set_aside = _set_aside(outputs, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not holds:
+            atomic_write_json(run_dir / RUN_MARKER, {"format": RUN_MARKER, "pid": os.getpid()})
+    except OSError as e:
+        close_run_dir(RunFolder(run_dir, not holds, set_aside, (), existed), ok=False)  # undo
+        raise UserError(f"cannot create run folder {str(run_dir)!r} ({e.strerror}); pass an "
+                        "--output_dir you can write to") from e
+    return RunFolder(run_dir, not holds, set_aside, _saved_files(run_dir), existed)
 
 
-def discard_unstarted_run_dir(run_dir: str | os.PathLike) -> bool:
-    """Remove a run folder that holds no checkpoint and no results (a run that failed
-    before its first checkpoint), so the corrected command is not refused as a rerun.
+def close_run_dir(folder: RunFolder, ok: bool) -> None:
+    """Settle a folder of `open_run_dir` when its command ends (call it on rank 0).
 
-    Call it only for a folder this command created.
+    After success, or a failure once this command saved a checkpoint or results, what
+    `--overwrite` set aside is deleted. After a failure before that (a failed start,
+    whatever the error), a folder this command created is removed, so the corrected
+    command is not refused as a rerun, and what was set aside is put back.
 
-    Returns:
-        Whether the folder was removed.
+    Args:
+        folder: the RunFolder of this command.
+        ok: whether the command succeeded.
     """
     import shutil
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir() or any(run_dir.glob("checkpoints/*.pt")) or \
-            any(run_dir.glob("results*.json")):
-        return False
+    _close_log_files(folder.path)  # this command's log file is complete
+    started = set(_saved_files(folder.path)) - set(folder.before)
+    if ok or started:
+        if folder.set_aside is not None:
+            shutil.rmtree(folder.set_aside, ignore_errors=True)
+        return
+    if folder.created:
+        shutil.rmtree(folder.path, ignore_errors=True)
+        if folder.existed:  # the user's empty folder: leave it as it was
+            folder.path.mkdir(exist_ok=True)
+    if folder.set_aside is not None:
+        for item in folder.set_aside.iterdir():  # back where it was: the aside's parent
+            target = folder.set_aside.parent / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(item, target)
+        folder.set_aside.rmdir()
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder MELoRA created as a run folder (it holds `RUN_MARKER`)."""
+    return (Path(path) / RUN_MARKER).is_file()
+
+
+def _check_experiment_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or "\0" in name or \
+            Path(name).name != name or "/" in name or os.sep in name:
+        raise UserError(f"experiment name {name!r} must be a plain folder name (not '.' or "
+                        "'..', no '/'); set it with --experiment_name")
+    if len(os.fsencode(name)) > _NAME_MAX_BYTES:
+        raise UserError(f"experiment name {name[:40]!r}... is {len(os.fsencode(name))} bytes; "
+                        f"a folder name holds at most {_NAME_MAX_BYTES}: pass a shorter "
+                        "--experiment_name")
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """output_dir, or the nearest of its parents that exists, must be a writable folder."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"output_dir {str(output_dir)!r}: {str(existing)!r} is a file, not a "
+                        "folder; pass another --output_dir")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {str(output_dir)!r}: cannot write to {str(existing)!r} "
+                        "(permission denied); pass an --output_dir you can write to")
+
+
+def _check_resume_folder(run_dir: Path, checkpoint: Path) -> None:
+    """A resumed run continues in the checkpoint's own folder, never in another run's."""
+    home = checkpoint.resolve().parent
+    home = home.parent if home.name == "checkpoints" else home
+    if run_dir.resolve() != home:
+        raise UserError(f"run folder {str(run_dir)!r} holds another run than checkpoint "
+                        f"{str(checkpoint)!r} (of {str(home)!r}); resume without "
+                        "--experiment_name/--output_dir to continue in the checkpoint's "
+                        "folder, or name a new folder")
+
+
+def _check_marker(run_dir: Path) -> None:
+    if not is_run_folder(run_dir):
+        raise UserError(f"--overwrite replaces only run folders MELoRA created (they hold "
+                        f"{RUN_MARKER}); {str(run_dir)!r} does not, so nothing was deleted: "
+                        "pass another --experiment_name or --output_dir, or move that "
+                        "folder away yourself")
+
+
+def _set_aside(paths: list[Path], parent: Path) -> Path:
+    """Move `paths` into a new hidden folder in `parent` (renames: nothing is copied)."""
+    aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=parent))
+    for path in paths:
+        os.replace(path, aside / path.name)
+    log.info("--overwrite: %s set aside in %s until the new run has started",
+             ", ".join(p.name for p in paths), aside)
+    return aside
+
+
+def _saved_files(run_dir: Path) -> tuple:
+    """`(path, mtime_ns)` of every checkpoint and results file of `run_dir`."""
+    return tuple(sorted((str(p), p.stat().st_mtime_ns) for pattern in _STARTED_GLOBS
+                        for p in run_dir.glob(pattern)))
+
+
+def _close_log_files(run_dir: Path) -> None:
+    """Close the log handlers writing into `run_dir` (before it is removed)."""
     for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)
                     and Path(h.baseFilename).parent == run_dir.resolve()]:
         log.removeHandler(handler)
         handler.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return True
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
@@ -616,15 +793,24 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
 
     Returns:
         `path` as a Path.
+
+    Raises:
+        UserError: the file could not be written (disk full, read-only, ...); the
+            checkpoints written before are intact.
     """
     import io
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {str(path)!r} ({e.strerror or e}); the "
+                        "checkpoints written before it are intact (writes are atomic): free "
+                        "disk space, then continue from the newest with --resume") from e
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike, require: Iterable[str] = ()) -> dict:
     """Read a checkpoint written by `save_checkpoint`, onto the CPU, executing no code.
 
     `torch.load(weights_only=True)` accepts only tensors and plain containers, so a file
@@ -632,16 +818,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
     Args:
         path: the checkpoint file.
+        require: keys the caller needs (e.g. `theta`, `config`).
 
     Returns:
         The saved state.
 
     Raises:
         UserError: the file is missing, truncated, not a torch archive, holds objects
-            other than tensors and plain data, or is not a MELoRA checkpoint; each
-            message names the path.
+            other than tensors and plain data, is not a MELoRA checkpoint, or lacks a
+            required key; each message names the path.
     """
     import pickle
+    import zipfile
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} is a folder; pass one of the "
@@ -649,20 +837,28 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass the path of a "
                         "checkpoints/checkpoint_iter_N.pt file of a training run")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; text, cut-off files fail here
+        raise UserError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint (no "
+                        "torch.save archive); use another checkpoint of the run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors and plain "
                         "data, so it was refused (loading never executes code); use a "
                         "checkpoint written by MELoRA") from e
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as e:  # IndexError: a text file
+    except Exception as e:  # torch.load fails in many ways on a file it cannot parse
         raise UserError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint "
-                        f"({(str(e) or type(e).__name__).split('.')[0]}); use "
+                        f"({type(e).__name__}: {(str(e) or '-').splitlines()[0][:200]}); use "
                         "another checkpoint of the run") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {str(path)!r} is a torch file but not a MELoRA "
                         "checkpoint; pass a checkpoints/checkpoint_iter_N.pt file written "
                         "by `python main.py --mode train`")
+    missing = [key for key in require if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; it was not "
+                        "written by `python main.py --mode train`, or was edited: pass "
+                        "another checkpoint of the run")
     return state
 
 
@@ -709,7 +905,8 @@ class MetricsSink:
         self._mlflow = None  # the MLflow writer process (mlflow_writer.py)
         self.mlflow_uri = None
         if tracking.mlflow:
-            self._open_mlflow(experiment_name, params or {}, start_iteration)
+            with self._mlflow_errors():
+                self._open_mlflow(experiment_name, params or {}, start_iteration)
 
     # -- public ------------------------------------------------------------------------
 
@@ -729,7 +926,8 @@ class MetricsSink:
             for key, value in numbers.items():
                 self._tb.add_scalar(key, value, iteration)
         if self._mlflow is not None:
-            self._mlflow_log(iteration, numbers)
+            with self._mlflow_errors():
+                self._mlflow_log(iteration, numbers)
 
     def locations(self) -> dict[str, str]:
         """Where each backend writes, and how to open it."""
@@ -750,7 +948,21 @@ class MetricsSink:
             self._tb = None
         if self._mlflow is not None:
             self._close_mlflow(status)
+
+    @contextlib.contextmanager
+    def _mlflow_errors(self):
+        """MLflow's store failing (disk full, locked or read-only database) ends the
+        run with one clear error instead of a traceback from deep inside SQLAlchemy."""
+        try:
+            yield
+        except Exception as e:
+            if isinstance(e, UserError):
+                raise
             self._mlflow = None
+            first = (str(e) or type(e).__name__).strip().splitlines()[0][:300]
+            raise UserError(f"MLflow could not write to {self.mlflow_uri} ({first}); free "
+                            "disk space or fix the store, or run with --set "
+                            "tracking.mlflow=false (metrics.jsonl is kept either way)") from e
 
     # -- backends ----------------------------------------------------------------------
 

@@ -6,9 +6,13 @@ What test_cli.py, test_config.py and test_trainer_loop.py already cover (bad fla
 `--set` values, refusal of an existing run folder, bad checkpoints read directly) is not
 repeated here; this file adds the table of bad inputs through `main.main`, a property
 test of `load_config`, and the interrupted-run scenarios through real subprocesses.
+Issue 14's cases are here too: what `--overwrite`, `--resume` and evaluate may delete or
+write (in a throwaway tree whose other files must survive byte for byte), disk-full and
+signal paths, and CSV texts kept as strings.
 """
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -65,10 +69,28 @@ def _write(path, text):
     return str(path)
 
 
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+def _data(tmp, source):
+    """The tiny run on `source` (--dataset) with its columns text/label."""
+    return [*TINY[:2], "--dataset", source, "--text_column", "text", "--label_column", "label", *TINY[3:]]
+
+
 def _checkpoint(tmp, kind):
-    """A checkpoint file that is missing, truncated, foreign, pickled code or a folder."""
+    """A checkpoint file that is missing, truncated, foreign, pickled code, a folder, or
+    written by MELoRA's saver but lacking what a resume reads."""
     path = tmp / f"{kind}.pt"
-    if kind == "truncated":
+    if kind in ("no-config", "no-theta", "bad-config"):
+        state = {"theta": {"a": torch.ones(2)}, "config": "{}", "inner_lr": None, "optimizer": {},
+                 "iteration": 1, "nonfinite_streak": 0}
+        state.pop({"no-config": "config", "no-theta": "theta"}.get(kind, "-"), None)
+        if kind == "bad-config":
+            state["config"] = "not json {"
+        utils.save_checkpoint(path, state)
+    elif kind == "truncated":
         good = utils.save_checkpoint(tmp / "good.pt", {"theta": {"a": torch.ones(64)}})
         path.write_bytes(good.read_bytes()[:100])
     elif kind == "foreign":
@@ -132,6 +154,58 @@ BAD_INPUTS = [
      ["truncated.pt", "truncated"]),
     ("evaluate-pickled-code", lambda t: ["--mode", "evaluate", "--checkpoint", _checkpoint(t, "evil")],
      ["evil.pt", "refused"]),
+    # issue 14, case 4: config files that are not UTF-8 text, binary, or a folder
+    ("config-not-utf8", lambda t: ["--config", _write_bytes(t / "c.yml", b"lora:\n  alpha: \xff\xfe\n")],
+     ["c.yml", "not UTF-8"]),
+    ("config-binary", lambda t: ["--config", _write_bytes(t / "c.yml", b"\x00\x01\x02\x03PK")],
+     ["c.yml", "not valid YAML"]),
+    ("config-folder", lambda t: ["--config", str(t)], ["is a folder", "--config with the path of a YAML file"]),
+    # case 5: a text file as a checkpoint (torch.load fails with KeyError, IndexError, ...)
+    *[(f"resume-text-{i}", lambda t, text=text: ["--resume", _write(t / "notes.pt", text)],
+       ["notes.pt", "not a torch checkpoint"]) for i, text in enumerate(["hello world\n", "e", "{}\n"])],
+    ("evaluate-text", lambda t: ["--mode", "evaluate", "--checkpoint", _write(t / "notes.pt", "hello\n")],
+     ["notes.pt", "not a torch checkpoint"]),
+    # case 6: MELoRA checkpoints lacking what --resume reads
+    ("resume-no-config", lambda t: ["--resume", _checkpoint(t, "no-config")], ["no-config.pt", "lacks config"]),
+    ("resume-no-theta", lambda t: ["--resume", _checkpoint(t, "no-theta")], ["no-theta.pt", "lacks", "theta"]),
+    ("resume-config-not-json", lambda t: ["--resume", _checkpoint(t, "bad-config")],
+     ["bad-config.pt", "no readable config"]),
+    # case 7: dataset JSON that is invalid, not UTF-8, or CLINC-style pairs with a short row
+    ("dataset-json-invalid", lambda t: _data(t, _write(t / "d.json", '{"train": [["a", "x"], ["b"\n')),
+     ["d.json", "not valid JSON"]),
+    ("dataset-json-not-utf8", lambda t: _data(t, _write_bytes(t / "d.json", b'{"train": [["caf\xe9", "a"]]}')),
+     ["d.json", "not UTF-8"]),
+    ("dataset-json-short-row", lambda t: _data(t, _write(t / "d.json", json.dumps(
+        {"train": [["a", "x"], ["b"]], "test": [["c", "y"]]}))), ["d.json", "not [text, label] pairs", "row 1"]),
+    ("dataset-csv-not-utf8", lambda t: _data(t, _write_bytes(t / "d.csv", b"text,label\ncaf\xe9,a\n")),
+     ["d.csv", "not UTF-8"]),
+    # case 8: output_dir a file or not writable; a name too long for a folder
+    ("output-dir-file", lambda t: [*TINY, "--set", f"training.output_dir={_write(t / 'f', 'x')}"],
+     ["is a file, not a folder", "--output_dir"]),
+    ("output-dir-not-writable", lambda t: [*TINY, "--set", "training.output_dir=/sys/melora-test-output"],
+     ["cannot", "/sys/melora-test-output", "--output_dir you can write to"]),
+    ("experiment-name-too-long", lambda t: [*TINY, "--experiment_name", "x" * 256],
+     ["256 bytes", "at most 255", "shorter --experiment_name"]),
+    # case 9: devices torch knows but MELoRA cannot use; seeds out of range; LoRA targets
+    # that match nothing; max_length beyond the model's positions
+    ("device-mps", lambda t: [*TINY, "--device", "mps"], ["'mps'", "--device cpu"]),
+    ("device-meta", lambda t: [*TINY, "--device", "meta"], ["'meta'", "cpu, cuda or mps"]),
+    ("seed-negative", lambda t: [*TINY, "--seed", "-1"], ["training.seed", "2**32", "--seed"]),
+    ("seed-too-large", lambda t: [*TINY, "--seed", str(2**32)], ["training.seed", "2**32", "--seed"]),
+    ("lora-target-matches-nothing", lambda t: [*TINY, "--set", "lora.target_modules.bert=[nothing]"],
+     ["['nothing'] match no linear layer", "attention.self.query", "lora.target_modules"]),
+    ("max-length-above-positions", lambda t: [*TINY, "--set", "models.max_length=4096"],
+     ["models.max_length is 4096", "128 positions"]),
+    # case 11: rows with an empty label are refused, not made a class "None"
+    ("dataset-csv-empty-label", lambda t: _data(t, _write(t / "d.csv", "text,label\nhello,a\nbye,\n")),
+     ["d.csv", "1 row(s) have an empty label", "'label'", "data row 2"]),
+    # case 13: a folder as --dataset; an --eval_dataset that train mode would not read; a run
+    # folder that is the token cache
+    ("dataset-folder", lambda t: _data(t, str(t)), ["datasets.meta_train[0].source", "is a folder"]),
+    ("train-bad-eval-dataset", lambda t: [*TINY[:2], "--eval_dataset", str(t / "nope.csv"), *TINY[3:]],
+     ["datasets.meta_test[0]", "nope.csv", "does not exist"]),
+    ("experiment-name-cache", lambda t: [*TINY, "--experiment_name", "cache"],
+     ["tokenisation cache", "another --experiment_name"]),
 ]
 
 
@@ -166,6 +240,245 @@ def test_evaluate_refuses_to_overwrite_results(tmp_path, capsys):
     line = error_line(capsys.readouterr().err)
     assert "results.json" in line and "--overwrite" in line and "--experiment_name" in line
     assert (run / "results.json").read_text() == "{}\n"
+
+
+# ---- no data lost: what a command may delete ------------------------------------------------
+
+def snapshot(root):
+    """Every file under `root` (hidden ones included) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def user_tree(tmp_path):
+    """A throwaway 'repository' with the user's own files around results/: what no
+    command may touch."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / "notes.md").write_bytes(b"my notes \x00\xff")
+    (repo / "results" / "docs").mkdir(parents=True)  # the user's folder, not a run
+    (repo / "results" / "docs" / "paper.tex").write_text("\\section{x}\n")
+    return repo
+
+
+def _assert_untouched(repo, before):
+    def ours(tree):  # the token cache may grow; it is MELoRA's, not the user's
+        return {k: v for k, v in tree.items() if not k.startswith("results/cache/")}
+    assert ours(snapshot(repo)) == ours(before)
+    assert not [p for p in repo.rglob(".replaced-*")]  # nothing set aside is left over
+
+
+@pytest.mark.parametrize("how", [
+    ["--experiment_name", ".."],
+    ["--set", "training.experiment_name=.."],
+    ["--config", "CONFIG"],
+    ["--experiment_name", "."],
+    ["--experiment_name", "docs"],  # the user's own folder: never deleted, not a run folder
+])
+def test_overwrite_never_deletes_what_it_did_not_create(user_tree, how, capsys):
+    """Case 1: `--experiment_name .. --overwrite` deleted the parent of output_dir."""
+    config = user_tree.parent / "c.yml"
+    config.write_text("training:\n  experiment_name: ..\n")
+    how = [str(config) if a == "CONFIG" else a for a in how]
+    before = snapshot(user_tree)
+    code = main.main([*TINY, "--num_iterations", "1", "--output_dir", str(user_tree / "results"),
+                      "--overwrite", *how])
+    assert code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "plain folder name" in line or "MELoRA created" in line, line
+    _assert_untouched(user_tree, before)
+
+
+def test_evaluate_never_writes_outside_its_run_folder(user_tree, capsys):
+    """Case 1 without --overwrite: evaluate wrote results.json into the parent."""
+    out = user_tree / "results"
+    assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(out)]) == 0
+    checkpoint = out / "melora" / "checkpoints" / "checkpoint_iter_1.pt"
+    before = snapshot(user_tree)
+    assert main.main(["--mode", "evaluate", "--checkpoint", str(checkpoint), "--skip_baselines",
+                      "--output_dir", str(out), "--experiment_name", ".."]) == 2
+    assert "plain folder name" in error_line(capsys.readouterr().err)
+    _assert_untouched(user_tree, before)
+
+
+def test_resume_refuses_another_runs_folder(user_tree, capsys):
+    """Case 2: `--resume CKPT_OF_A --experiment_name B` rewrote B's files."""
+    out = user_tree / "results"
+    for name in ("a", "b"):
+        assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(out),
+                          "--experiment_name", name]) == 0
+    before = snapshot(user_tree)
+    code = main.main(["--resume", str(out / "a" / "checkpoints" / "checkpoint_iter_1.pt"),
+                      "--num_iterations", "2", "--experiment_name", "b"])
+    assert code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "holds another run" in line and str(out / "a") in line, line
+    _assert_untouched(user_tree, before)
+    # Resuming in the checkpoint's own folder still works.
+    assert main.main(["--resume", str(out / "a" / "checkpoints" / "checkpoint_iter_1.pt"),
+                      "--num_iterations", "2"]) == 0, capsys.readouterr().err
+    assert (out / "a" / "checkpoints" / "checkpoint_iter_2.pt").is_file()
+    assert not (out / "b" / "checkpoints" / "checkpoint_iter_2.pt").exists()
+
+
+def test_overwrite_deletes_the_old_run_only_after_the_new_one_started(user_tree, capsys):
+    """Case 3: `--overwrite --label_column typo` deleted the old run before reading the data."""
+    out = user_tree / "results"
+    data = user_tree / "d.csv"
+    data.write_text("text,label\n" + "".join(f"t{i} {c},{c}\n" for c in "abcdefghijklmno" for i in range(5)))
+    argv = [*TINY[:2], "--dataset", str(data), *TINY[3:], "--num_iterations", "1",
+            "--output_dir", str(out), "--text_column", "text"]
+    assert main.main([*argv, "--label_column", "label"]) == 0, capsys.readouterr().err
+    before = snapshot(user_tree)
+    assert main.main([*argv, "--label_column", "typo", "--overwrite"]) == 2
+    assert "no column 'typo'" in error_line(capsys.readouterr().err)
+    _assert_untouched(user_tree, before)  # the old run is back, byte for byte
+    # With valid inputs --overwrite replaces the run, and nothing set aside is left.
+    assert main.main([*argv, "--label_column", "label", "--overwrite",
+                      "--set", "training.seed=7"]) == 0, capsys.readouterr().err
+    assert "seed: 7" in (out / "melora" / "config.yml").read_text()
+    assert utils.is_run_folder(out / "melora")
+    assert not list(user_tree.rglob(".replaced-*"))  # the old run, set aside, is gone now
+    assert {k: v for k, v in snapshot(user_tree).items() if not k.startswith("results/")} == \
+        {k: v for k, v in before.items() if not k.startswith("results/")}
+    assert snapshot(out / "docs") == {"paper.tex": b"\\section{x}\n"}
+
+
+def test_a_failed_start_leaves_no_folder_whatever_the_error(tmp_path, monkeypatch, capsys):
+    """Case 10: any error (here one no check foresees) before the first checkpoint."""
+    def crash(*args, **kwargs):
+        raise RuntimeError("something unforeseen")
+    monkeypatch.setattr(trainer.MetaTrainer, "train", crash)
+    with pytest.raises(RuntimeError, match="unforeseen"):
+        main.main([*TINY, "--num_iterations", "1", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "melora").exists()
+    monkeypatch.undo()
+    assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(tmp_path)]) == 0
+
+
+def test_the_users_empty_folder_is_kept_after_a_failed_start(tmp_path, capsys):
+    (tmp_path / "melora").mkdir()
+    assert main.main([*TINY, "--device", "meta", "--output_dir", str(tmp_path)]) == 2
+    assert main.main([*TINY, "--set", "models.max_length=4096", "--output_dir", str(tmp_path)]) == 2
+    assert (tmp_path / "melora").is_dir() and not any((tmp_path / "melora").iterdir())
+
+
+def test_overwrite_puts_the_old_run_back_when_the_new_folder_cannot_be_made(tmp_path, monkeypatch):
+    old = utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    (old / "metrics.jsonl").write_text("{}\n")
+    before = snapshot(tmp_path)
+    real = utils.atomic_write_json
+
+    def full(path, obj):
+        if path.name == utils.RUN_MARKER:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+    monkeypatch.setattr(utils, "atomic_write_json", full)
+    with pytest.raises(utils.UserError, match="cannot create run folder .*No space left"):
+        utils.open_run_dir(tmp_path, "exp", overwrite=True, resume=False)
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob(".replaced-*"))
+
+
+# ---- disk full ------------------------------------------------------------------------------
+
+def _enospc_on(monkeypatch, name):
+    real = utils.atomic_write_bytes
+
+    def write(path, data):
+        if os.path.basename(path) == name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+    monkeypatch.setattr(utils, "atomic_write_bytes", write)
+
+
+def test_disk_full_on_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch, capsys):
+    _enospc_on(monkeypatch, "checkpoint_iter_2.pt")
+    assert main.main([*TINY, "--num_iterations", "3", "--output_dir", str(tmp_path),
+                      "--set", "training.save_every=1"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "checkpoint_iter_2.pt" in line and "No space left" in line and "--resume" in line
+    first = tmp_path / "melora" / "checkpoints" / "checkpoint_iter_1.pt"
+    assert utils.load_checkpoint(first)["iteration"] == 1  # intact: the run can go on
+    assert not list(first.parent.glob("*.tmp"))
+
+
+def test_disk_full_before_the_first_checkpoint_is_one_error_and_no_folder(tmp_path, monkeypatch, capsys):
+    _enospc_on(monkeypatch, "config.yml")  # written by training, outside any check
+    assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(tmp_path)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "config.yml" in line
+    assert not (tmp_path / "melora").exists()
+
+
+def test_mlflow_store_full_is_one_error(tmp_path, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    real = MlflowClient.log_batch
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        if metrics:
+            raise MlflowException("(sqlite3.OperationalError) database or disk is full")
+        return real(self, run_id, metrics=metrics, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    assert main.main([*TINY, "--num_iterations", "2", "--output_dir", str(tmp_path),
+                      "--set", "tracking.mlflow=true"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "MLflow could not write" in line and "disk is full" in line and "tracking.mlflow=false" in line
+
+
+# ---- data files: texts stay strings, labels must be there -----------------------------------
+
+def test_csv_texts_are_kept_as_strings(tmp_path):
+    """Case 11: "NA"/"nan" counted as missing and numeric texts as no text."""
+    import dataset_loader as D
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\nNA,a\nnan,a\n123,b\n"0.5",b\nNone,1\n')
+    entry = D._Source(str(path), "", "train", "text", "label", "", (), 1.0)
+    texts, labels = D._read_file(path, entry, tmp_path / "hf")
+    assert texts == ["NA", "nan", "123", "0.5", "None"]
+    assert labels == ["a", "a", "b", "b", "1"]
+
+
+def test_json_lines_in_a_json_file_still_read(tmp_path):
+    import dataset_loader as D
+    path = tmp_path / "d.json"
+    path.write_text('{"text": "hi", "label": "a"}\n{"text": "yo", "label": "b"}\n')
+    entry = D._Source(str(path), "", "train", "text", "label", "", (), 1.0)
+    assert D._read_file(path, entry, tmp_path / "hf") == (["hi", "yo"], ["a", "b"])
+
+
+# ---- what stop messages promise ---------------------------------------------------------------
+
+def test_the_nonfinite_stop_claims_no_checkpoint_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """Case 12: the non-finite stop said 'the last checkpoint holds ...' with none written."""
+    def nan_gradient(model, theta, *args, **kwargs):
+        return torch.tensor(float("nan")), {n: torch.zeros_like(p) for n, p in theta.items()}
+    monkeypatch.setattr(trainer, "compute_meta_gradient", nan_gradient)
+    assert main.main([*TINY, "--num_iterations", "3", "--output_dir", str(tmp_path),
+                      "--set", "training.max_nonfinite=1"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "no checkpoint was written yet" in line and "last checkpoint" not in line, line
+    assert not (tmp_path / "melora").exists()
+
+
+def test_evaluate_overwrite_replaces_the_episode_spec(tmp_path, capsys):
+    """Case 13: `--overwrite` in evaluate kept a stale meta_test_episodes.json."""
+    assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(tmp_path)]) == 0
+    run = tmp_path / "melora"
+    evaluate = ["--mode", "evaluate", "--checkpoint", str(run / "checkpoints" / "checkpoint_iter_1.pt"),
+                "--skip_baselines", "--output_dir", str(tmp_path), "--set", "evaluation.child_process=false",
+                "--set", "evaluation.adaptation_steps=1", "--set", "tracking.mlflow=false",
+                "--set", "tracking.tensorboard=false"]
+    assert main.main([*evaluate, "--set", "evaluation.num_episodes=2"]) == 0, capsys.readouterr().err
+    checkpoint = (run / "checkpoints" / "checkpoint_iter_1.pt").read_bytes()
+    assert main.main([*evaluate, "--set", "evaluation.num_episodes=3", "--overwrite"]) == 0, \
+        capsys.readouterr().err
+    assert len(json.loads((run / "meta_test_episodes.json").read_text())["episodes"]) == 3
+    assert len(json.loads((run / "results.json").read_text())["methods"]["melora"]
+               ["per_episode_accuracy_per_step"]) == 3
+    assert (run / "checkpoints" / "checkpoint_iter_1.pt").read_bytes() == checkpoint  # the run stays
+    assert not list(run.glob(".replaced-*"))
 
 
 # ---- property: any mutation of the config loads or is a clean ConfigError ------------------
@@ -340,6 +653,81 @@ def test_sigterm_and_sigint_finish_the_iteration_checkpoint_and_exit(tmp_path, s
     done = utils.load_checkpoint(checkpoint)["iteration"]
     assert f"python main.py --resume {checkpoint}" in last and f"iteration {done} of 500" in last
     assert len(losses(run)) == done  # every finished iteration was logged, none half-done
+
+
+def _truthful_stop(run, stderr):
+    """The last stderr line names a checkpoint only if one exists, and a run that saved
+    none leaves no folder behind."""
+    assert "Traceback" not in stderr, stderr
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    checkpoint = trainer.latest_checkpoint(run) if run.exists() else None
+    if checkpoint is None:
+        assert "before its first checkpoint" in last and "nothing to resume" in last, last
+        assert not run.exists()
+    else:
+        assert f"--resume {checkpoint}" in last, last
+    return checkpoint
+
+
+def test_sigterm_during_setup_leaves_nothing_and_says_so(tmp_path):
+    """Case 10/12: a SIGTERM before training's own handler killed the process and left a
+    folder that blocked the rerun."""
+    process = start(train_command(tmp_path, 5))
+    run = tmp_path / "melora"
+    wait_for(run / "train.log", process)  # the folder is open; the model is being set up
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert _truthful_stop(run, stderr) is None, "training started before the signal"
+
+
+def test_a_second_sigterm_before_the_first_checkpoint_claims_no_checkpoint(tmp_path):
+    """Case 12: a second SIGTERM before the first checkpoint said 'resume from the last
+    checkpoint' when none existed."""
+    slow = ["--meta_batch_size", "4", "--inner_steps", "2", "--set", "training.save_every=1000",
+            "--set", "memory_optimization.hessian_approximation.method=full"]
+    process = start(train_command(tmp_path, 500, *slow))
+    run = tmp_path / "melora"
+    wait_for(run / "metrics.jsonl", process)
+    while not (run / "metrics.jsonl").read_text():  # in the loop: its handler is active
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    while "SIGTERM received" not in (run / "train.log").read_text():
+        assert process.poll() is None
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # mid-iteration: stop at once
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    _truthful_stop(run, stderr)
+
+
+def test_sigterm_during_evaluate_ends_the_child_too(tmp_path, capsys):
+    """Case 12: SIGTERM during evaluate left the spawned child orphaned, blocked on a pipe."""
+    import psutil
+    assert main.main([*TINY, "--num_iterations", "1", "--output_dir", str(tmp_path)]) == 0
+    run = tmp_path / "melora"
+    process = start([sys.executable, str(REPO / "main.py"), "--mode", "evaluate", "--checkpoint",
+                     str(run / "checkpoints" / "checkpoint_iter_1.pt"), "--skip_baselines",
+                     "--output_dir", str(tmp_path), "--set", "evaluation.num_episodes=500",
+                     "--set", "evaluation.child_process=true"])
+    deadline, children = time.monotonic() + 240, []
+    while not children:  # the spawned worker (not multiprocessing's resource tracker)
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        children = [c for c in psutil.Process(process.pid).children()
+                    if "spawn_main" in " ".join(c.cmdline())]
+        time.sleep(0.05)
+    time.sleep(1.0)  # the child is importing or evaluating
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted: SIGTERM stopped the evaluation") and "results.json was not written" in last
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, "the evaluation child outlived its parent"
+    assert not (run / "results.json").exists()
+    assert (run / "checkpoints" / "checkpoint_iter_1.pt").is_file()  # the trained run stays
 
 
 def test_a_half_written_checkpoint_and_a_torn_metrics_line_do_not_break_resume(tmp_path):

@@ -148,7 +148,8 @@ def test_run_dir_refuses_an_existing_run(tmp_path):
     with pytest.raises(utils.UserError, match="--overwrite.*--resume"):
         utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
     assert (utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=True) / "metrics.jsonl").exists()
-    assert not any(utils.prepare_run_dir(tmp_path, "exp", overwrite=True, resume=False).iterdir())
+    replaced = utils.prepare_run_dir(tmp_path, "exp", overwrite=True, resume=False)
+    assert [p.name for p in replaced.iterdir()] == [utils.RUN_MARKER]  # a new, marked folder
 
 
 # ---- non-finite meta-batches ------------------------------------------------------------
