@@ -905,8 +905,7 @@ class MetricsSink:
         self._mlflow = None  # the MLflow writer process (mlflow_writer.py)
         self.mlflow_uri = None
         if tracking.mlflow:
-            with self._mlflow_errors():
-                self._open_mlflow(experiment_name, params or {}, start_iteration)
+            self._open_mlflow(experiment_name, params or {}, start_iteration)
 
     # -- public ------------------------------------------------------------------------
 
@@ -926,8 +925,7 @@ class MetricsSink:
             for key, value in numbers.items():
                 self._tb.add_scalar(key, value, iteration)
         if self._mlflow is not None:
-            with self._mlflow_errors():
-                self._mlflow_log(iteration, numbers)
+            self._mlflow_log(iteration, numbers)
 
     def locations(self) -> dict[str, str]:
         """Where each backend writes, and how to open it."""
@@ -948,21 +946,6 @@ class MetricsSink:
             self._tb = None
         if self._mlflow is not None:
             self._close_mlflow(status)
-
-    @contextlib.contextmanager
-    def _mlflow_errors(self):
-        """MLflow's store failing (disk full, locked or read-only database) ends the
-        run with one clear error instead of a traceback from deep inside SQLAlchemy."""
-        try:
-            yield
-        except Exception as e:
-            if isinstance(e, UserError):
-                raise
-            self._mlflow = None
-            first = (str(e) or type(e).__name__).strip().splitlines()[0][:300]
-            raise UserError(f"MLflow could not write to {self.mlflow_uri} ({first}); free "
-                            "disk space or fix the store, or run with --set "
-                            "tracking.mlflow=false (metrics.jsonl is kept either way)") from e
 
     # -- backends ----------------------------------------------------------------------
 
