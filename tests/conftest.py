@@ -20,6 +20,14 @@ CLINC_DIR = REPO / "data" / "clinc150"
 TINY_MODELS = ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-t5"]
 
 
+@pytest.fixture(autouse=True)
+def melora_log_reaches_caplog(monkeypatch):
+    """utils.setup_logging (run by CLI tests) stops the melora logger's propagation to the
+    root logger that caplog reads; every test starts with it on again."""
+    import logging
+    monkeypatch.setattr(logging.getLogger("melora"), "propagate", True)
+
+
 @pytest.fixture
 def clinc_dir() -> Path:
     assert (CLINC_DIR / "data_full.json").is_file(), f"CLINC150 expected at {CLINC_DIR}"

@@ -256,21 +256,9 @@ def test_accuracy_plan_and_bad_input(capsys):
     assert "error: --methods names ['mamlx']" in capsys.readouterr().err
 
 
-def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path, monkeypatch):
-    """A comparison method that lands in baseline.BASELINES gets its row, its comparison and
-    the regime map's full - proto_lora (here a stand-in: reptile_lora under that name)."""
-    import baseline as B
-
-    real = B.build_baseline
-
-    def build(name, cfg, device):
-        if name != "proto_lora":
-            return real(name, cfg, device)
-        method, tokenizer = real("reptile_lora", cfg, device)  # the FewShotMethod interface
-        method.name = "proto_lora"
-        return method, tokenizer
-    monkeypatch.setattr(B, "BASELINES", B.BASELINES + ("proto_lora",))
-    monkeypatch.setattr(B, "build_baseline", build)
+def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path):
+    """A comparison method of baseline.BASELINES (here the proto_lora control) gets its row,
+    its comparison and the regime map's full - proto_lora."""
     preset = accuracy.dataclasses.replace(
         accuracy.PRESETS["smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("proto_lora", "protonet"),
         grid={"inner_lr": (0.5,), "inner_steps": (1,), "learn_lr": (False,),
