@@ -54,6 +54,9 @@ import torch
 
 import baseline as B
 import model as M
+from dataset_loader import FILE_BUILDERS
+from evaluation import evaluation_config, read_checkpoint
+from trainer import build_model, load_theta
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                    load_config, resolve_device, set_seed, world_size)
 
@@ -178,7 +181,6 @@ def checkpoint_config(checkpoint: str | os.PathLike, cfg: Config) -> tuple[Confi
         UserError: a missing, truncated or foreign checkpoint, another model or LoRA rank
             asked for, or a bad `adapt.batch_size`.
     """
-    from evaluation import evaluation_config, read_checkpoint
     state = read_checkpoint(checkpoint)
     cfg = evaluation_config(cfg, state, checkpoint)
     if cfg.adapt.batch_size < 1:
@@ -194,7 +196,6 @@ def build_adapter(cfg: Config, state: Mapping, checkpoint, n_classes: int) -> tu
         UserError: the checkpoint's tensors do not fit its model (another model, LoRA
             setting, or an edited file).
     """
-    from trainer import build_model, load_theta
     data = cfg.to_dict()
     data["tasks"]["n_way"] = n_classes
     model, tokenizer = build_model(Config(data), resolve_device(cfg.training.device))
@@ -344,7 +345,6 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, fla
             without text.
     """
     import datasets
-    from dataset_loader import FILE_BUILDERS
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} file {str(path)!r} does not exist (relative paths resolve "
@@ -461,7 +461,6 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
                         "--overwrite to replace it, or another directory")
-    from trainer import build_model, load_theta
     cfg, state = checkpoint_config(checkpoint, cfg)
     model, tokenizer = build_model(cfg, torch.device("cpu"))
     load_theta(model, state["theta"], checkpoint)

@@ -57,17 +57,21 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import analysis
 import baseline as B
 import model as M
+from dataset_loader import DatasetLoader
+from trainer import (MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS, MetaTrainer, build_model, load_theta,
+                     saved_config)
 from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
                    atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
                    load_checkpoint, load_config, load_config_with_base, rank, rank_device,
                    resolve_device, run_on_main, set_seed, thread_budget, world_size,
-                   resident_memory_bytes)
+                   resident_memory_bytes, check_search, episode_seed)
 
 log = logging.getLogger("melora")
 
@@ -163,7 +167,6 @@ def evaluation_config(cfg: Config, state: Mapping, checkpoint) -> Config:
     Raises:
         UserError: `cfg` asks for another model or LoRA rank than the checkpoint's.
     """
-    from trainer import MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS, saved_config
     saved = saved_config(state, checkpoint)
     theirs, defaults = Config(saved).flat(), load_config().flat()
     given = {k: v for k, v in cfg.flat().items()
@@ -304,7 +307,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
                    dynamic_ncols=True, disable=not show)
         with window() as adapt:
             for i in bar:
-                set_seed(cfg.training.seed + 7919 * (i + 1))
+                set_seed(episode_seed(cfg.training.seed, i))
                 accuracies.append(method.adapt(episodes[i], steps))
         bar.close()
         seconds.append((time.perf_counter() - start) / max(1, len(mine)))
@@ -379,7 +382,7 @@ def tune_rates(name: str, cfg: Config, loader, device: torch.device, iterations:
         outer = trial.suggest_float("outer_lr", *search.outer_lr, log=True) if meta else None
         method, _ = B.build_baseline(name, cfg, device, inner, outer)
         method.meta_train(loader, iterations, cfg.meta_learning.default_meta_batch_size)
-        accuracy = analysis._val_accuracy(method, val, k, cfg.training.seed)
+        accuracy = val_accuracy(method, val, k, cfg.training.seed)
         return accuracy if math.isfinite(accuracy) else 0.0
 
     with warnings.catch_warnings():  # an enqueued rate outside the search range is kept
@@ -389,6 +392,16 @@ def tune_rates(name: str, cfg: Config, loader, device: torch.device, iterations:
     log.info("%s: meta-val accuracy %.4f with %s (%d trials)", name, study.best_value, best, trials)
     return {"inner_lr": best["inner_lr"], "outer_lr": best.get("outer_lr"), "tuning_trials": trials,
             "tuning": [{"params": t.params, "val_accuracy": t.value} for t in study.trials]}
+
+
+def val_accuracy(method, episodes: list, steps: int, seed: int) -> float:
+    """Mean query accuracy after `steps` adaptation steps (dropout seeded per episode, as
+    `evaluate_method` does: paired across trials)."""
+    accuracies = []
+    for i, episode in enumerate(episodes):
+        set_seed(episode_seed(seed, i))
+        accuracies.append(method.adapt(episode, steps)[-1])
+    return float(np.mean(accuracies))
 
 
 def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, s: int = 0,
@@ -405,7 +418,6 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, 
         method, _ = B.build_baseline(name, seed_config(cfg, s), device, rates.get("inner_lr"),
                                      rates.get("outer_lr"))
         return method, 0.0
-    from trainer import MetaTrainer, build_model, load_theta
     memory = cfg.memory_optimization
     start = time.perf_counter()
     if s == 0:
@@ -534,7 +546,6 @@ def summarize(raw: Mapping[str, dict], cfg: Config, checkpoint, spec: Path) -> d
 def _method_stats(raw: Mapping, k: int, confidence: float) -> dict:
     """Per-seed accuracies, then the seed-averaged per-episode accuracies behind the CI,
     the curves and the paired tests."""
-    import numpy as np
     per_seed = np.asarray(raw["per_seed_accuracy_per_step"], dtype=float)  # (seeds, episodes, steps + 1)
     per_step = per_seed.mean(0)  # (episodes, steps + 1): averaged over seeds
     final = per_step[:, k].tolist()
@@ -688,16 +699,13 @@ def _check_tuning(cfg: Config, methods: list[str]) -> None:
         raise UserError("evaluation.tuning_trials > 0 chooses each baseline's learning rates on "
                         "meta-validation tasks, but datasets.meta_val lists no source; add one, or "
                         "set --set evaluation.tuning_trials=0 to use the configured rates")
-    analysis._check_search(cfg)
+    check_search(cfg)
 
 
 def _loader(cfg: Config, tokenizer, baselines: bool, meta_val: bool = False):
-    from dataset_loader import DatasetLoader
-    cache = cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
     splits = ("meta_train", "meta_test") if baselines else ("meta_test",)
     splits += ("meta_val",) if meta_val else ()
-    return DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
-                         cache, cfg.training.seed, splits=splits)
+    return DatasetLoader.from_config(cfg, tokenizer, splits)
 
 
 def _check_spec(spec: Path, cfg: Config) -> None:

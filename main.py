@@ -230,8 +230,8 @@ def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None) ->
     if args.mode == "evaluate":
         import evaluation
         return evaluation.run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir)
-    import analysis
-    return analysis.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
+    import experiment
+    return experiment.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

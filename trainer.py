@@ -32,6 +32,7 @@ import yaml
 from tqdm import tqdm
 
 import model as M
+from dataset_loader import DatasetLoader
 from utils import (OOM_ADVICE, Config, ConfigError, MetricsSink, RunInterrupted, UserError,
                    all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
                    is_main_process, load_checkpoint, load_config_with_base, peak_memory_mb, rank,
@@ -652,7 +653,7 @@ RUN_CONTROL_KEYS = ("meta_learning.num_iterations", "training.save_every", "trai
 CHECKPOINT_VERSION = 1
 # What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
 RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
-_PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
+PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
                 "fp64": torch.float64}
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -732,7 +733,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
     """
     name = cfg.models.selected_model
     model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
-                                    dtype=_PARAM_DTYPE[cfg.training.precision],
+                                    dtype=PARAM_DTYPE[cfg.training.precision],
                                     **_head_options(cfg.meta_learning))
     family = M.family_of(name)
     if family not in cfg.lora.target_modules:
@@ -889,14 +890,10 @@ class MetaTrainer:
             cache_dir: tokenisation cache; default `datasets.cache_dir`, or
                 `<training.output_dir>/cache` when that is "".
         """
-        from dataset_loader import DatasetLoader  # lazy: pulls in `datasets`
         _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
         device = rank_device(resolve_device(cfg.training.device))
         model, tokenizer = build_model(cfg, device)
-        cache = cache_dir or cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
-        loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer,
-                               cfg.models.max_length, cache, cfg.training.seed,
-                               splits=("meta_train",))
+        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
         lora = cfg.lora
         family = M.family_of(cfg.models.selected_model)
         identity = {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
@@ -1089,7 +1086,7 @@ class MetaTrainer:
         for t, episode in zip(self.local_tasks, tasks):
             # Dropout is seeded by the global index t, and so is any other random draw (the
             # global generator restarts per task): results do not depend on the world size.
-            seed = _task_seed(self.seed, iteration, t)
+            seed = task_seed(self.seed, iteration, t)
             torch.manual_seed(seed)
             task_loss, task_grads, metrics = self._task_gradient(episode, seed)
             loss += float(task_loss)
@@ -1108,7 +1105,7 @@ class MetaTrainer:
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
                 head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
                 **_meta_gradient_options(self.memory.hessian_approximation,
-                                         _task_seed(self.seed, iteration, self.local_tasks[0])))
+                                         task_seed(self.seed, iteration, self.local_tasks[0])))
         n = len(tasks)  # the call returns means over its tasks
         return (float(loss) * n, {name: g * n for name, g in grads.items()},
                 {k: float(v) * n for k, v in metrics.items()})
@@ -1376,7 +1373,7 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
 
 
-def _task_seed(seed: int, iteration: int, task: int) -> int:
+def task_seed(seed: int, iteration: int, task: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, task]).generate_state(2, np.uint64)[0] % 2**62)
 
 

