@@ -667,7 +667,10 @@ def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-# --- Run-folder file names (written by experiment.py, read here and by visualization) ---
+# --- Run-folder file names (read by the loaders' callers, visualization and experiment) ---
+RESULTS_FILE, METRICS_FILE = "results.json", "metrics.jsonl"  # evaluation.py; trainer (utils.MetricsSink)
+EPISODE_SPEC = "meta_test_episodes.json"                       # evaluation.py's fixed episodes
+FULL_SUMMARY_FILE, FIGURES_DIR = "full_summary.json", "figures"
 ABLATIONS_FILE, FIDELITY_FILE, COMPARISON_FILE = "ablations.json", "fidelity.json", "comparison.json"
 BEST_CONFIG_FILE, TRIALS_FILE, OPTUNA_DB, REPORT_FILE = ("best_config.yml", "hpo_trials.json",
                                                         "optuna.db", "report.md")

@@ -34,7 +34,6 @@ it, so `maml` is the memory reference of MELoRA's claim. Reptile, Nichol et al. 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Mapping, Sequence
 
@@ -43,12 +42,10 @@ import torch.nn.functional as F
 
 import model as M
 import trainer as T
-from utils import Config, ConfigError, set_seed, to_device
+from utils import BASELINES, Config, ConfigError, set_seed, to_device
 
 log = logging.getLogger("melora")
 
-BASELINES = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",
-             "finetune_multitask", "protonet")
 # Methods with a meta-training phase (tuned inner + outer rate, one training per seed).
 META_LEARNED = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora",
                 "finetune_multitask")
@@ -167,7 +164,7 @@ class FewShotMethod:
     @torch.no_grad()
     def accuracy(self, params: Params, batch) -> float:
         """Query accuracy with dropout off."""
-        with _eval_mode(self.model):
+        with T.dropout_off(self.model):
             logits = M.forward(self.model, params, batch)
         return (logits.argmax(-1) == batch["labels"]).float().mean().item()
 
@@ -494,7 +491,7 @@ class ProtoNet(FewShotMethod):
 
     def adapt(self, episode, steps: int) -> list[float]:
         support, query = self.to_device(episode.support), self.to_device(episode.query)
-        with torch.no_grad(), _eval_mode(self.model):
+        with torch.no_grad(), T.dropout_off(self.model):
             s, q = self.features(support), self.features(query)  # (N*K, d), (N*Q, d)
             n_way = int(support["labels"].max()) + 1
             prototypes = torch.stack([s[support["labels"] == c].mean(0) for c in range(n_way)])
@@ -582,7 +579,7 @@ def proto_head(model: M.MELoRAModel, params: Params, support) -> Params:
     n_way = model.num_labels
     onehot = F.one_hot(labels, n_way).to(features.dtype)  # (N*K, N)
     c = onehot.T @ features / onehot.sum(0).clamp(min=1).unsqueeze(1)  # (N, hidden)
-    return {"head.weight": 2 * c, "head.bias": -(c * c).sum(1)}
+    return {M.HEAD_WEIGHT: 2 * c, M.HEAD_BIAS: -(c * c).sum(1)}
 
 
 def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
@@ -603,14 +600,3 @@ def _named(method: FewShotMethod, name: str) -> FewShotMethod:
 def _clip(params: list[torch.Tensor], max_norm: float) -> None:
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Dropout off inside the block; the previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -65,18 +65,16 @@ import analysis
 import baseline as B
 import model as M
 from dataset_loader import DatasetLoader
-from trainer import (MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS, MetaTrainer, build_model, load_theta,
-                     saved_config)
+from trainer import MetaTrainer, build_model, restore_model, saved_config
 from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
                    atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
-                   load_checkpoint, load_config, load_config_with_base, rank, rank_device,
+                   load_checkpoint, load_config_with_base, rank, rank_device,
                    resolve_device, run_on_main, set_seed, thread_budget, world_size,
-                   resident_memory_bytes, check_search, episode_seed)
+                   resident_memory_bytes, check_search, checkpoint_config, episode_seed)
 
 log = logging.getLogger("melora")
 
-RESULTS_FILE = "results.json"
-EPISODE_SPEC = "meta_test_episodes.json"
+RESULTS_FILE, EPISODE_SPEC = analysis.RESULTS_FILE, analysis.EPISODE_SPEC
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
 SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
 
@@ -86,19 +84,23 @@ SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s 
 # ------------------------------------------------------------------------------------
 
 def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_baselines: bool,
-                   run_dir: str | os.PathLike) -> dict:
+                   run_dir: str | os.PathLike, config_file: str | os.PathLike | None = None,
+                   explicit_overrides: Mapping | None = None) -> dict:
     """Evaluate a checkpoint (and the baselines) on the fixed meta-test episodes.
 
     The config is the checkpoint's (model, data, tasks, inner loop), with `cfg`'s
-    evaluation, tracking, analysis, device and output-folder keys, and every other key
-    `cfg` sets to a non-default value (a `--config` file, flags, `--set`), on top; keys
-    that define the model stay the checkpoint's.
+    evaluation, tracking, analysis, device and output-folder keys, and every key the user
+    named (`config_file` and `explicit_overrides`, as main passes them; without them,
+    every key `cfg` sets to a non-default value) on top; keys that define the model stay
+    the checkpoint's (`utils.checkpoint_config`).
 
     Args:
         cfg: the validated config of the command line.
         checkpoint: a `checkpoint_iter_N.pt` written by training.
         skip_baselines: evaluate MELoRA only.
         run_dir: where results.json, the episode spec and the metrics go.
+        config_file, explicit_overrides: the `--config` file and the flags/`--set` keys
+            the user gave.
 
     Returns:
         The results dict written to `<run_dir>/results.json`: analysis.py's schema, plus
@@ -124,7 +126,7 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
                         "checkpoint_iter_N.pt file of a training run)")
     run_dir = Path(run_dir)
     state = read_checkpoint(checkpoint)
-    cfg = evaluation_config(cfg, state, checkpoint)
+    cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
     methods = ["melora"] + ([] if skip_baselines else _baseline_names(cfg))
     _check_tuning(cfg, methods)
     # 1. The fixed episodes, saved once so every method (and a later run) uses them.
@@ -159,31 +161,18 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> dict:
     return state
 
 
-def evaluation_config(cfg: Config, state: Mapping, checkpoint) -> Config:
+def evaluation_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
+                      explicit_overrides: Mapping | None = None) -> Config:
     """The checkpoint's config, with the command line's run-control keys (evaluation,
-    tracking, analysis, device, output folder) and every other key it changed from
-    config.yml applied on top.
+    tracking, analysis, device, output folder) and the keys the user named (`config_file`,
+    `explicit_overrides`; None: those of `cfg` that differ from config.yml) applied on top:
+    `utils.checkpoint_config`'s rule.
 
     Raises:
         UserError: `cfg` asks for another model or LoRA rank than the checkpoint's.
     """
-    saved = saved_config(state, checkpoint)
-    theirs, defaults = Config(saved).flat(), load_config().flat()
-    given = {k: v for k, v in cfg.flat().items()
-             if defaults.get(k) != v or k.startswith(RUN_CONTROL_KEYS)}
-    for key in REFUSED_KEYS:
-        if key in given and given[key] != theirs.get(key):
-            raise UserError(f"checkpoint {str(checkpoint)!r} belongs to model "
-                            f"{theirs['models.selected_model']!r} with LoRA rank "
-                            f"{theirs['lora.default_rank']}, but {key}={given[key]!r} was asked "
-                            "for; drop --model/--lora_rank to evaluate this checkpoint")
-    kept = [k for k in given if k.startswith(MODEL_KEYS) and given[k] != theirs.get(k)]
-    if kept:
-        warnings.warn(f"evaluate: {', '.join(kept)} differ from the checkpoint's run; the "
-                      "checkpoint's values are kept (they define the model)", UserWarning,
-                      stacklevel=2)
-    overrides = {k: v for k, v in given.items() if not k.startswith(MODEL_KEYS)}
-    return load_config_with_base(saved, None, overrides)
+    return checkpoint_config(saved_config(state, checkpoint), config_file, explicit_overrides,
+                             "evaluate", checkpoint, current=cfg)
 
 
 def prepare_episodes(cfg: Config, run_dir: Path, baselines: bool) -> Path:
@@ -421,11 +410,7 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, 
     memory = cfg.memory_optimization
     start = time.perf_counter()
     if s == 0:
-        state = read_checkpoint(checkpoint)
-        model, _ = build_model(cfg, device)
-        load_theta(model, state["theta"], checkpoint)
-        inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
-            else cfg.meta_learning.inner.default_lr
+        model, _, _, inner_lr = restore_model(checkpoint, device, cfg, read_checkpoint(checkpoint))
     else:
         scfg = seed_config(cfg, s)
         model, _ = build_model(scfg, device)
@@ -674,12 +659,7 @@ def _merge_shares(shares: list[dict]) -> dict:
 
 
 def _baseline_names(cfg: Config) -> list[str]:
-    names = list(cfg.evaluation.baselines)
-    unknown = [n for n in names if n not in B.BASELINES]
-    if unknown:
-        raise UserError(f"evaluation.baselines names unknown method(s) {unknown}; choose "
-                        f"from {', '.join(B.BASELINES)}")
-    return names
+    return list(cfg.evaluation.baselines)  # names checked at load time (utils.BASELINES)
 
 
 def _has_meta_step(name: str) -> bool:

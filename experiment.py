@@ -36,33 +36,16 @@ import evaluation
 import model as M
 import trainer as T
 import visualization
-from analysis import (ABLATIONS_DIR, ABLATIONS_FILE, BEST_CONFIG_FILE, COMPARISON_FILE, FIDELITY_FILE,
-                      OPTUNA_DB, REPORT_FILE, TRIALS_FILE, _markdown, compare_methods,
+from analysis import (ABLATIONS_DIR, ABLATIONS_FILE, BEST_CONFIG_FILE, COMPARISON_FILE, EPISODE_SPEC,
+                      FIDELITY_FILE, FIGURES_DIR, FULL_SUMMARY_FILE, METRICS_FILE, OPTUNA_DB,
+                      REPORT_FILE, RESULTS_FILE, TRIALS_FILE, _markdown, compare_methods,
                       format_ablation_table, format_comparison_table, format_fidelity_table,
                       format_protocol_table, format_results_table, load_metrics, methods_of)
 from dataset_loader import DatasetLoader
-from utils import (ConfigError, UserError, atomic_write_json, atomic_write_text, check_search,
-                   load_config_with_base, prepare_run_dir, resolve_device)
-from visualization import FIGURES_DIR
+from utils import (ABLATION_KEYS, SEARCH_KEYS, UserError, atomic_write_json, atomic_write_text, check_search,
+                   load_config_with_base, mlflow_store, prepare_run_dir, resolve_device)
 
 logger = logging.getLogger("melora")
-
-# Ablated parameter (analysis.ablations key) -> the config key it sets.
-ABLATION_KEYS = {
-    "lora_rank": "lora.default_rank",
-    "inner_steps": "meta_learning.inner.default_num_steps",
-    "hessian_method": "memory_optimization.hessian_approximation.method",
-    "checkpointing": "memory_optimization.checkpointing.enabled",
-    "micro_batch": "memory_optimization.gradient_accumulation.default_micro_batch",
-}
-# Searched hyperparameter (analysis.hyperparameter_search key) -> the config key it sets.
-SEARCH_KEYS = {
-    "inner_lr": "meta_learning.inner.default_lr",
-    "outer_lr": "meta_learning.outer.default_lr",
-    "inner_steps": "meta_learning.inner.default_num_steps",
-    "lora_rank": "lora.default_rank",
-}
-
 
 def run_ablations(cfg, run_dir: str | os.PathLike) -> list[dict]:
     """Train and evaluate one variant per value of `analysis.ablations`; write ablations.json.
@@ -86,19 +69,19 @@ def run_ablations(cfg, run_dir: str | os.PathLike) -> list[dict]:
         `peak_memory_mb`, `seconds_per_iteration`, plus `run_dir`, `iterations`).
 
     Raises:
-        utils.ConfigError: an unknown ablated parameter or a value the config rejects,
-            naming the key, before any variant runs.
+        utils.ConfigError: a variant the config rejects (names and values are checked
+            when the config loads, so a bad one never reaches here).
     """
 
     run_dir = Path(run_dir)
     variants = _ablation_variants(cfg)  # all configs first: a bad value fails before any work
-    spec = run_dir / "meta_test_episodes.json"
+    spec = run_dir / EPISODE_SPEC
     rows = []
     for param, value, variant in tqdm(variants, desc="ablations", unit="variant", dynamic_ncols=True):
         sub = run_dir / ABLATIONS_DIR / _variant_folder(param, value)
         rows.append(_ablation_row(param, value, variant, sub, spec if spec.is_file() else None))
         if not spec.is_file():
-            spec = sub / "meta_test_episodes.json"
+            spec = sub / EPISODE_SPEC
         _write_json(run_dir / ABLATIONS_FILE, rows)  # after each variant: partial results survive
     _write_json(run_dir / ABLATIONS_FILE, rows)
     return rows
@@ -230,7 +213,7 @@ def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = Fals
     training = T.run_training(cfg, run_dir)
     logger.info("full mode 2/7: evaluation%s", "" if skip_baselines else " with baselines")
     results = evaluation.run_evaluation(cfg, training["last_checkpoint"], skip_baselines, run_dir)
-    files["results"] = str(run_dir / "results.json")
+    files["results"] = str(run_dir / RESULTS_FILE)
     logger.info("full mode 3/7: meta-gradient fidelity")
     fidelity = compute_fidelity(cfg, training["last_checkpoint"])
     if fidelity:
@@ -251,7 +234,7 @@ def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = Fals
     report = write_report(run_dir, cfg, results, comparison, figures, fidelity, ablations, search, training)
     summary = {"run_dir": str(run_dir), "report": str(report), "files": files,
                "figures": [str(p) for p in figures], "training": training}
-    _write_json(run_dir / "full_summary.json", summary)
+    _write_json(run_dir / FULL_SUMMARY_FILE, summary)
     print(_full_summary_text(summary, training))
     return summary
 
@@ -319,13 +302,9 @@ def _variant_config(cfg, overrides: Mapping[str, Any], experiment_name: str):
 
 
 def _ablation_variants(cfg) -> list[tuple[str, Any, Any]]:
+    """(param, value, variant config) of every ablation (names and values were checked at load)."""
     out = []
     for param, values in cfg.analysis.ablations.to_dict().items():
-        if param not in ABLATION_KEYS:
-            raise ConfigError(f"analysis.ablations.{param} is not an ablation; use "
-                              f"{', '.join(ABLATION_KEYS)}")
-        if not isinstance(values, list):
-            raise ConfigError(f"analysis.ablations.{param} must be a list of values, got {values!r}")
         for value in values:
             name = f"{cfg.training.experiment_name}-{_variant_folder(param, value)}"
             out.append((param, value, _variant_config(cfg, {ABLATION_KEYS[param]: value}, name)))
@@ -342,11 +321,11 @@ def _ablation_row(param: str, value: Any, cfg, sub: Path, spec: Path | None) -> 
 
     sub = prepare_run_dir(sub.parent, sub.name, overwrite=True, resume=False)
     if spec is not None:  # the same meta-test episodes as the run (or the first variant)
-        shutil.copyfile(spec, sub / "meta_test_episodes.json")
+        shutil.copyfile(spec, sub / EPISODE_SPEC)
     training = T.run_training(cfg, sub)
     results = evaluation.run_evaluation(cfg, training["last_checkpoint"], True, sub)
     melora = results["methods"]["melora"]
-    seconds = [r["seconds"] for r in load_metrics(sub / "metrics.jsonl") if r.get("seconds") is not None]
+    seconds = [r["seconds"] for r in load_metrics(sub / METRICS_FILE) if r.get("seconds") is not None]
     step_mb = melora.get("meta_step_peak_memory_mb")
     return {"parameter": param, "value": value, "accuracy_mean": melora["accuracy_mean"],
             "accuracy_ci95": melora["accuracy_ci95"],
@@ -407,11 +386,10 @@ class _TrialTracker:
         self.client = None
         if not cfg.tracking.mlflow:
             return
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.tracking import MlflowClient
+        self.uri = mlflow_store(run_dir)
+        from mlflow.tracking import MlflowClient  # lazy: mlflow is slow to import, and optional here
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.client = MlflowClient(tracking_uri=self.uri)

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -32,13 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (the registry lives with the config schema)
+from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (registry, heads: with the config schema)
 
 log = logging.getLogger("melora")
 
 LORA_PREFIX = "lora_"   # the name prefix is the contract for what trains (as in loralib)
 HEAD_PREFIX = "head."
-HEADS = ("euclidean", "cosine")  # meta_learning.head: see MELoRAModel
+HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"  # theta names of the N-way head
 COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_learning.head_scale)
 
 
@@ -191,7 +190,7 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
         raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
-    linear = [n for n, m in model.named_modules() if _is_linear(m) and not _inside_lora(model, n)]
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and not _inside_lora(n)]
     unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linear)]
     if unmatched:  # a ConfigError is a ValueError that main prints as one `error:` line
         raise ConfigError(f"LoRA target modules {unmatched} match no linear layer of this "
@@ -227,7 +226,7 @@ def check_lora_layers(model: nn.Module, layers: Sequence[int]) -> None:
                          f"have; it has {count} blocks, 0..{count - 1} ([] = every block)")
 
 
-def _inside_lora(model: nn.Module, name: str) -> bool:
+def _inside_lora(name: str) -> bool:
     return name.endswith(".base_layer") or ".base_layer." in name
 
 

@@ -45,9 +45,9 @@ def test_ablation_rows_for_two_ranks(tmp_path):
 
 
 def test_ablation_value_the_config_rejects_fails_before_any_run(tmp_path):
-    cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2],
-                              "analysis.ablations.hessian_method": ["exact"]})
     with pytest.raises(utils.ConfigError, match="hessian_approximation.method"):
+        cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2],
+                                  "analysis.ablations.hessian_method": ["exact"]})  # fails at load time
         experiment.run_ablations(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -90,8 +90,8 @@ def test_search_writes_a_loadable_best_config_and_resumes_the_study(tmp_path):
 
 
 def test_search_refuses_a_bad_range_naming_the_key(tmp_path):
-    cfg = config(tmp_path, **{"analysis.hyperparameter_search.inner_lr": [0.1, 0.0]})
     with pytest.raises(utils.ConfigError, match="hyperparameter_search.inner_lr"):
+        cfg = config(tmp_path, **{"analysis.hyperparameter_search.inner_lr": [0.1, 0.0]})  # at load time
         experiment.run_hyperparameter_search(cfg, tmp_path)
 
 

@@ -252,7 +252,7 @@ def test_auto_checkpointing_turns_on_only_over_the_budget(caplog, monkeypatch):
     device = torch.device("cpu")
     with caplog.at_level("INFO", logger="melora"):
         tight, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.cpu_budget_mb=1",
-                                                "models.max_length=512"), device)
+                                                "models.max_length=128"), device)
     assert checkpointed(tight)
     assert "gradient checkpointing on (auto)" in caplog.text and "exceeds the CPU budget of 1 MiB" in caplog.text
     caplog.clear()
@@ -266,7 +266,7 @@ def test_auto_checkpointing_turns_on_only_over_the_budget(caplog, monkeypatch):
     assert checkpointed(forced)
     off, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=false",
                                           "memory_optimization.checkpointing.cpu_budget_mb=1",
-                                          "models.max_length=512"), device)
+                                          "models.max_length=128"), device)
     assert not checkpointed(off)
     with pytest.raises(utils.ConfigError, match="must be true, false or auto"):
         auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=sometimes")
