@@ -207,15 +207,9 @@ def load_config(path: str | os.PathLike | None = None,
         ConfigError: invalid YAML, an unknown key, a wrong type or an out-of-range value,
             naming the key and what is allowed.
     """
-    defaults = _read_yaml(DEFAULT_CONFIG)
-    data = copy.deepcopy(defaults)
-    if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
-        user = _read_yaml(Path(path))
-        _merge(data, user, defaults, "")
-    for key, value in _parse_overrides(overrides):
-        _merge(data, _nest(key, value), defaults, "")
-    _validate_values(data)
-    return Config(data)
+    if path is not None and Path(path).resolve() == DEFAULT_CONFIG:
+        path = None  # config.yml itself: its values are the defaults
+    return load_config_with_base({}, path, overrides)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -648,27 +642,19 @@ def quiet_third_party(verbose: bool = False) -> None:
         for key in _QUIETED:  # only what an earlier call set, never the user's choice
             os.environ.pop(key, None)
         _QUIETED.clear()
-        if "transformers" in sys.modules:
-            import transformers
-            transformers.utils.logging.set_verbosity_warning()
-            transformers.utils.logging.enable_progress_bar()
-        if "datasets" in sys.modules:
-            import datasets
-            datasets.utils.logging.set_verbosity_warning()
-            datasets.enable_progress_bars()
-        return
-    for key, value in QUIET_ENV.items():
-        if key not in os.environ:
-            os.environ[key] = value
-            _QUIETED.add(key)
-    if "transformers" in sys.modules:
-        import transformers
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    if "datasets" in sys.modules:
-        import datasets
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
+    else:
+        for key, value in QUIET_ENV.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _QUIETED.add(key)
+    transformers, datasets = sys.modules.get("transformers"), sys.modules.get("datasets")
+    if transformers is not None:  # already imported: apply now (else QUIET_ENV does at import)
+        logging_ = transformers.utils.logging
+        (logging_.set_verbosity_warning if verbose else logging_.set_verbosity_error)()
+        (logging_.enable_progress_bar if verbose else logging_.disable_progress_bar)()
+    if datasets is not None:
+        (datasets.utils.logging.set_verbosity_warning if verbose else datasets.utils.logging.set_verbosity_error)()
+        (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
 
 
 # ------------------------------------------------------------------------------------
