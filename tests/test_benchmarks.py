@@ -263,10 +263,10 @@ def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path, monkeypatch):
 
     real = B.build_baseline
 
-    def build(name, cfg, device):
+    def build(name, cfg, device, *rates):  # rates: evaluation.tune_rates passes inner, outer
         if name != "proto_lora":
-            return real(name, cfg, device)
-        method, tokenizer = real("reptile_lora", cfg, device)  # the FewShotMethod interface
+            return real(name, cfg, device, *rates)
+        method, tokenizer = real("reptile_lora", cfg, device, *rates)  # the FewShotMethod interface
         method.name = "proto_lora"
         return method, tokenizer
     monkeypatch.setattr(B, "BASELINES", B.BASELINES + ("proto_lora",))
