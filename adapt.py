@@ -54,6 +54,9 @@ import torch
 
 import baseline as B
 import model as M
+from dataset_loader import FILE_BUILDERS
+from evaluation import evaluation_config, read_checkpoint
+from trainer import build_model, dropout_off, load_theta
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                    load_config, resolve_device, set_seed, world_size)
 
@@ -108,7 +111,7 @@ class Classifier:
         size = batch_size or self.cfg.adapt.batch_size
         starts = range(0, len(texts), size)
         out = []
-        with B._eval_mode(self.model):
+        with dropout_off(self.model):
             for start in tqdm(starts, desc="predict", unit="batch",
                               disable=not progress or len(starts) < 2):
                 batch = _tokenize(self.tokenizer, texts[start:start + size], self.cfg.models.max_length,
@@ -164,23 +167,24 @@ def adapt(checkpoint: str | os.PathLike, support_texts: Sequence[str],
         >>> clf.predict(["hey there"])
         ['hi']
     """
-    cfg, state = checkpoint_config(checkpoint, load_config(None, overrides))
+    cfg, state = checkpoint_config(checkpoint, load_config(None, overrides), None, overrides or {})
     classes = check_support(support_texts, support_labels, classes, "the support set")
     method, tokenizer = build_adapter(cfg, state, checkpoint, len(classes))
     return fit(method, tokenizer, cfg, state, checkpoint, list(support_texts),
                list(support_labels), classes)
 
 
-def checkpoint_config(checkpoint: str | os.PathLike, cfg: Config) -> tuple[Config, dict]:
-    """(config, state): the checkpoint's config with `cfg`'s changes on top, as evaluation.
+def checkpoint_config(checkpoint: str | os.PathLike, cfg: Config, config_file=None,
+                      explicit_overrides: Mapping | None = None) -> tuple[Config, dict]:
+    """(config, state): the checkpoint's config with the user's keys on top, as evaluation
+    (`utils.checkpoint_config`; `config_file`, `explicit_overrides`: what main passes).
 
     Raises:
         UserError: a missing, truncated or foreign checkpoint, another model or LoRA rank
             asked for, or a bad `adapt.batch_size`.
     """
-    from evaluation import evaluation_config, read_checkpoint
     state = read_checkpoint(checkpoint)
-    cfg = evaluation_config(cfg, state, checkpoint)
+    cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
     if cfg.adapt.batch_size < 1:
         raise UserError(f"config key 'adapt.batch_size' must be a positive integer, got "
                         f"{cfg.adapt.batch_size!r}")
@@ -194,7 +198,6 @@ def build_adapter(cfg: Config, state: Mapping, checkpoint, n_classes: int) -> tu
         UserError: the checkpoint's tensors do not fit its model (another model, LoRA
             setting, or an edited file).
     """
-    from trainer import build_model, load_theta
     data = cfg.to_dict()
     data["tasks"]["n_way"] = n_classes
     model, tokenizer = build_model(Config(data), resolve_device(cfg.training.device))
@@ -275,8 +278,10 @@ class AdaptJob:
 
 
 def prepare(cfg: Config, checkpoint: str | None, support: str | None,
-            predict: str | None) -> AdaptJob:
+            predict: str | None, config_file=None, explicit_overrides: Mapping | None = None) -> AdaptJob:
     """Read and check every input of `--mode adapt`, and build the model (no output yet).
+
+    `config_file` and `explicit_overrides` are the keys the user named (see `checkpoint_config`).
 
     Raises:
         UserError: a missing flag, checkpoint or file; a file without the text or label
@@ -289,7 +294,7 @@ def prepare(cfg: Config, checkpoint: str | None, support: str | None,
                             "--checkpoint CKPT --support support.csv --predict texts.csv")
     if world_size() > 1:
         raise UserError("--mode adapt runs in one process; run it with python main.py, not torchrun")
-    cfg, state = checkpoint_config(checkpoint, cfg)
+    cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
     columns = cfg.adapt
     _, s_texts, s_labels = read_table(support, columns.text_column, columns.label_column,
                                       "--support", need_labels=True)
@@ -344,7 +349,6 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, fla
             without text.
     """
     import datasets
-    from dataset_loader import FILE_BUILDERS
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} file {str(path)!r} does not exist (relative paths resolve "
@@ -448,8 +452,10 @@ def confusion_png(metrics: Mapping) -> bytes:
 # ------------------------------------------------------------------------------------
 
 def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, config_file=None, explicit_overrides: Mapping | None = None) -> Path:
     """Write a checkpoint's meta-learned initialisation (theta) as a PEFT adapter + head.
+
+    `config_file` and `explicit_overrides` are the keys the user named (see `checkpoint_config`).
 
     Raises:
         UserError: no --checkpoint or --output_dir, a missing or foreign checkpoint, or an
@@ -461,8 +467,7 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
                         "--overwrite to replace it, or another directory")
-    from trainer import build_model, load_theta
-    cfg, state = checkpoint_config(checkpoint, cfg)
+    cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
     model, tokenizer = build_model(cfg, torch.device("cpu"))
     load_theta(model, state["theta"], checkpoint)
     rate = _inner_lr(cfg, state, model)
@@ -520,7 +525,7 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
 def _theta_for(theta: Mapping[str, torch.Tensor], n_classes: int) -> dict[str, torch.Tensor]:
     """theta with an N-row head: the checkpoint's when N = n_way, else its mean row N times."""
     out = dict(theta)
-    for name in ("head.weight", "head.bias"):
+    for name in (M.HEAD_WEIGHT, M.HEAD_BIAS):
         t = theta[name]
         if t.shape[0] != n_classes:
             out[name] = t.mean(0, keepdim=True).expand(n_classes, *t.shape[1:]).clone()

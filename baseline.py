@@ -34,7 +34,6 @@ it, so `maml` is the memory reference of MELoRA's claim. Reptile, Nichol et al. 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Mapping, Sequence
 
@@ -42,12 +41,11 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from utils import Config, ConfigError, set_seed, to_device
+import trainer as T
+from utils import BASELINES, Config, ConfigError, set_seed, to_device
 
 log = logging.getLogger("melora")
 
-BASELINES = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",
-             "finetune_multitask", "protonet")
 # Methods with a meta-training phase (tuned inner + outer rate, one training per seed).
 META_LEARNED = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora",
                 "finetune_multitask")
@@ -143,8 +141,7 @@ class FewShotMethod:
         The same computation for every method (trainer.initial_fast_weights: features
         with dropout off, W = 2 c, b = -|c|^2), on the method's own weights.
         """
-        from trainer import initial_fast_weights
-        return initial_fast_weights(self.model, self.theta, support, self.head_init, self.micro_batch)
+        return T.initial_fast_weights(self.model, self.theta, support, self.head_init, self.micro_batch)
 
     def rate(self, k: int) -> float | torch.Tensor:
         """a_k; beyond the learned rates, the last one."""
@@ -167,7 +164,7 @@ class FewShotMethod:
     @torch.no_grad()
     def accuracy(self, params: Params, batch) -> float:
         """Query accuracy with dropout off."""
-        with _eval_mode(self.model):
+        with T.dropout_off(self.model):
             logits = M.forward(self.model, params, batch)
         return (logits.argmax(-1) == batch["labels"]).float().mean().item()
 
@@ -213,12 +210,11 @@ class MELoRA(FewShotMethod):
 
         `method` overrides the Hessian method (evaluation probes `full` beside the configured one).
         """
-        from trainer import compute_meta_gradient
         assert not update, "MELoRA is meta-trained by trainer.py; meta_step only probes memory"
         method = "none" if first_order else (method or self.hessian_method)
         losses = []
         for ep in tasks:
-            loss, _ = compute_meta_gradient(
+            loss, _ = T.compute_meta_gradient(
                 self.model, self.theta, self.to_device(ep.support), self.to_device(ep.query),
                 self.inner_lr, self.inner_steps, method, self.micro_batch, head_init=self.head_init)
             losses.append(float(loss))
@@ -254,14 +250,13 @@ class LoRAMetaLearner(FewShotMethod):
         self.optimizer = torch.optim.Adam(list(self.theta.values()), lr=outer_lr)
 
     def meta_step(self, tasks, update=True, first_order=False) -> float:
-        from trainer import _task_seed, compute_meta_gradient
         method = "none" if first_order else self.hessian
         total, grads = 0.0, [torch.zeros_like(t) for t in self.theta.values()]
         for t, ep in enumerate(tasks):
-            loss, g = compute_meta_gradient(
+            loss, g = T.compute_meta_gradient(
                 self.model, self.theta, self.to_device(ep.support), self.to_device(ep.query),
                 self.inner_lr, self.inner_steps, method, self.micro_batch,
-                seed=_task_seed(self.seed, self.iteration, t), head_init=self.head_init)
+                seed=T.task_seed(self.seed, self.iteration, t), head_init=self.head_init)
             grads = [a + g[n] / len(tasks) for a, n in zip(grads, self.theta)]
             total += float(loss) / len(tasks)
         if update:
@@ -496,7 +491,7 @@ class ProtoNet(FewShotMethod):
 
     def adapt(self, episode, steps: int) -> list[float]:
         support, query = self.to_device(episode.support), self.to_device(episode.query)
-        with torch.no_grad(), _eval_mode(self.model):
+        with torch.no_grad(), T.dropout_off(self.model):
             s, q = self.features(support), self.features(query)  # (N*K, d), (N*Q, d)
             n_way = int(support["labels"].max()) + 1
             prototypes = torch.stack([s[support["labels"] == c].mean(0) for c in range(n_way)])
@@ -550,8 +545,7 @@ def build_baseline(name: str, cfg: Config, device: torch.device, inner_lr: float
     steps, head = inner.default_num_steps, cfg.evaluation.head_init
     micro = cfg.memory_optimization.gradient_accumulation.default_micro_batch
     if name in ("finetune", "finetune_multitask", "reptile_lora", "proto_lora", "fomaml_lora"):
-        from trainer import build_model
-        model, tokenizer = build_model(cfg, device)
+        model, tokenizer = T.build_model(cfg, device)
         method = {"finetune": lambda: FineTune(model, a, head),
                   "finetune_multitask": lambda: MultitaskFineTune(model, a, beta, outer.grad_clip, head),
                   "reptile_lora": lambda: _named(Reptile(
@@ -579,22 +573,20 @@ def proto_head(model: M.MELoRAModel, params: Params, support) -> Params:
     """{"head.weight": 2 c, "head.bias": -|c|^2} from the support prototypes c at `params`,
     dropout off, differentiable (MAML/FOMAML meta-train through it); the values equal
     trainer.initial_fast_weights'."""
-    from trainer import dropout_off
-    with dropout_off(model):
+    with T.dropout_off(model):
         features = M.forward(model, params, support, features_only=True)  # (N*K, hidden)
     labels = support["labels"]
     n_way = model.num_labels
     onehot = F.one_hot(labels, n_way).to(features.dtype)  # (N*K, N)
     c = onehot.T @ features / onehot.sum(0).clamp(min=1).unsqueeze(1)  # (N, hidden)
-    return {"head.weight": 2 * c, "head.bias": -(c * c).sum(1)}
+    return {M.HEAD_WEIGHT: 2 * c, M.HEAD_BIAS: -(c * c).sum(1)}
 
 
 def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
     """The pretrained model of `cfg` with its zero N-way head and no LoRA, all weights trainable."""
-    from trainer import _PARAM_DTYPE
     model, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way,
                                     pooling=cfg.models.pooling,
-                                    dtype=_PARAM_DTYPE[cfg.training.precision])
+                                    dtype=T.PARAM_DTYPE[cfg.training.precision])
     return model.to(device).train(), tokenizer
 
 
@@ -608,14 +600,3 @@ def _named(method: FewShotMethod, name: str) -> FewShotMethod:
 def _clip(params: list[torch.Tensor], max_norm: float) -> None:
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Dropout off inside the block; the previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

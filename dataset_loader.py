@@ -213,6 +213,16 @@ class DatasetLoader:
     # Validation (no data read)
     # --------------------------------------------------------------------------------
 
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer, splits: Sequence[str],
+                    cache_dir: str | os.PathLike | None = None) -> "DatasetLoader":
+        """The loader of a whole config: its datasets, tasks, synthetic and model length, seed
+        `training.seed`; the token cache is `cache_dir`, else `datasets.cache_dir`, else
+        ``<training.output_dir>/cache``."""
+        cache = cache_dir or cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
+        return cls(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
+                   cache, cfg.training.seed, splits=tuple(splits))
+
     def validate(self) -> None:
         """Check the config and that named files exist; reads no data.
 

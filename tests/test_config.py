@@ -74,3 +74,22 @@ def test_1e_4_is_accepted_in_set_and_in_yaml_files(tmp_path):
     assert utils.load_config(path).meta_learning.inner.default_lr == 0.05
     with pytest.raises(utils.ConfigError, match="default_lr"):  # a string is still refused
         utils.load_config(overrides=["meta_learning.outer.default_lr=fast"])
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"evaluation.baselines": ["maml", "bogus"]}, "evaluation.baselines"),
+    ({"analysis.ablations.inner_steps": [1, -2]}, "meta_learning.inner.default_num_steps"),
+    ({"analysis.ablations.hessian_method": ["exact"]}, "hessian_approximation.method"),
+    ({"analysis.hyperparameter_search.outer_lr": [0.1, 0.01]}, "hyperparameter_search.outer_lr"),
+])
+def test_what_full_mode_runs_after_training_is_checked_at_load_time(override, named):
+    with pytest.raises(utils.ConfigError, match=named):
+        utils.load_config(overrides=override)
+
+
+def test_full_mode_with_an_unknown_baseline_fails_before_training(tmp_path, capsys):
+    import main
+    assert main.main(["--mode", "full", "--model", "tiny-bert", "--output_dir", str(tmp_path),
+                      "--set", "evaluation.baselines=[maml,bogus]"]) == 2
+    assert "evaluation.baselines" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -1,10 +1,11 @@
-"""Drivers of analysis.py: ablations, Optuna search (resumable), meta-gradient fidelity."""
+"""Drivers of experiment.py: ablations, Optuna search (resumable), meta-gradient fidelity."""
 
 import math
 
 import pytest
 
 import analysis
+import experiment
 import trainer
 import utils
 
@@ -15,7 +16,7 @@ TINY = {"models.selected_model": "tiny-bert", "datasets.synthetic_only": True,
         "evaluation.num_episodes": 3, "evaluation.adaptation_steps": 1,
         "evaluation.child_process": False, "evaluation.baselines": [], "evaluation.seeds": 1,
         "memory_optimization.hessian_approximation.method": "none"}
-NO_ABLATIONS = {f"analysis.ablations.{p}": [] for p in analysis.ABLATION_KEYS}
+NO_ABLATIONS = {f"analysis.ablations.{p}": [] for p in experiment.ABLATION_KEYS}
 
 
 def config(tmp_path, **overrides):
@@ -26,7 +27,7 @@ def config(tmp_path, **overrides):
 
 def test_ablation_rows_for_two_ranks(tmp_path):
     cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2, 4]})
-    rows = analysis.run_ablations(cfg, tmp_path / "run")
+    rows = experiment.run_ablations(cfg, tmp_path / "run")
     assert [(r["parameter"], r["value"]) for r in rows] == [("lora_rank", 2), ("lora_rank", 4)]
     for r in rows:
         lo, hi = r["accuracy_ci95"]
@@ -44,10 +45,10 @@ def test_ablation_rows_for_two_ranks(tmp_path):
 
 
 def test_ablation_value_the_config_rejects_fails_before_any_run(tmp_path):
-    cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2],
-                              "analysis.ablations.hessian_method": ["exact"]})
     with pytest.raises(utils.ConfigError, match="hessian_approximation.method"):
-        analysis.run_ablations(cfg, tmp_path / "run")
+        cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2],
+                                  "analysis.ablations.hessian_method": ["exact"]})  # fails at load time
+        experiment.run_ablations(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -64,44 +65,44 @@ def test_search_writes_a_loadable_best_config_and_resumes_the_study(tmp_path):
     run.mkdir()
     cfg = config(tmp_path, **SEARCH, **{"analysis.hyperparameter_search.n_trials": 2,
                                         "tracking.mlflow": True})
-    first = analysis.run_hyperparameter_search(cfg, run)
+    first = experiment.run_hyperparameter_search(cfg, run)
     assert first["n_trials"] == 2 and 0 <= first["best_value"] <= 1
     best = utils.load_config(first["best_config"])  # what --config accepts
-    for name, key in analysis.SEARCH_KEYS.items():
+    for name, key in experiment.SEARCH_KEYS.items():
         assert best.flat()[key] == first["best_params"][name]
     assert best.models.selected_model == "tiny-bert"
     storage = f"sqlite:///{run / 'optuna.db'}"
     trial = optuna.load_study(study_name="melora", storage=storage).trials[0]
-    assert set(trial.params) == set(analysis.SEARCH_KEYS)
+    assert set(trial.params) == set(experiment.SEARCH_KEYS)
     assert sorted(trial.intermediate_values) == [1, 2]  # meta-val accuracy per report, for the pruner
     # A second call with more trials continues the same study.
     more = utils.load_config(overrides={**cfg.flat(), "analysis.hyperparameter_search.n_trials": 3})
-    second = analysis.run_hyperparameter_search(more, run)
+    second = experiment.run_hyperparameter_search(more, run)
     assert second["n_trials"] == 3
     assert [t["params"] for t in second["trials"][:2]] == [t["params"] for t in first["trials"]]
     # Each trial is an MLflow run.
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(f"{cfg.training.experiment_name}-hpo")
-    runs = client.search_runs([experiment.experiment_id])
+    hpo_experiment = client.get_experiment_by_name(f"{cfg.training.experiment_name}-hpo")
+    runs = client.search_runs([hpo_experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1", "trial-2"]
     assert all("val_accuracy" in r.data.metrics for r in runs)
 
 
 def test_search_refuses_a_bad_range_naming_the_key(tmp_path):
-    cfg = config(tmp_path, **{"analysis.hyperparameter_search.inner_lr": [0.1, 0.0]})
     with pytest.raises(utils.ConfigError, match="hyperparameter_search.inner_lr"):
-        analysis.run_hyperparameter_search(cfg, tmp_path)
+        cfg = config(tmp_path, **{"analysis.hyperparameter_search.inner_lr": [0.1, 0.0]})  # at load time
+        experiment.run_hyperparameter_search(cfg, tmp_path)
 
 
 def test_fidelity_of_each_hessian_method(tmp_path):
     cfg = config(tmp_path, **{"meta_learning.inner.default_num_steps": 2,
                               "meta_learning.inner.default_lr": 0.5})
     summary = trainer.run_training(cfg, utils.prepare_run_dir(tmp_path, "train", False, False))
-    rows = analysis.compute_fidelity(cfg, summary["last_checkpoint"], num_tasks=2)
+    rows = experiment.compute_fidelity(cfg, summary["last_checkpoint"], num_tasks=2)
     assert len(rows) == 2
     for row in rows:
         assert list(row) == list(trainer.HESSIAN_METHODS)
         assert row["full"] == pytest.approx(1.0, abs=1e-6)
         assert all(-1 - 1e-9 <= v <= 1 + 1e-9 and math.isfinite(v) for v in row.values())
-    assert analysis.compute_fidelity(cfg, summary["last_checkpoint"], num_tasks=0) == []
+    assert experiment.compute_fidelity(cfg, summary["last_checkpoint"], num_tasks=0) == []

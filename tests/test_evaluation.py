@@ -257,3 +257,23 @@ def test_tuning_needs_meta_val_tasks(tmp_path):
     with pytest.raises(utils.UserError, match="datasets.meta_val lists no source.*tuning_trials=0"):
         evaluation._check_tuning(cfg, ["melora", "finetune"])
     evaluation._check_tuning(cfg, ["melora", "protonet"])  # nothing to tune: no error
+
+
+def test_explicit_key_equal_to_the_default_wins_over_the_checkpoint(tmp_path):
+    """`--set meta_learning.inner.default_lr=0.01` (config.yml's value) against a checkpoint
+    trained at 0.05 evaluates at 0.01; without it, at the checkpoint's 0.05."""
+    default = utils.load_config().meta_learning.inner.default_lr
+    assert default == 0.01
+    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
+                      "--output_dir", str(tmp_path), "--experiment_name", "run",
+                      *sets(TINY + ["meta_learning.inner.default_lr=0.05"])]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint_iter_1.pt"
+    rates = {}
+    for name, extra in (("named", ["meta_learning.inner.default_lr=0.01"]), ("unnamed", [])):
+        assert main.main(["--mode", "evaluate", "--checkpoint", str(ckpt), "--skip_baselines",
+                          "--output_dir", str(tmp_path), "--experiment_name", name,
+                          *sets(FAST_EVAL + extra)]) == 0
+        results = analysis.load_results(tmp_path / name / "results.json")
+        rates[name] = (results["config"]["meta_learning"]["inner"]["default_lr"],
+                       results["methods"]["melora"]["inner_lr"])
+    assert rates == {"named": (0.01, 0.01), "unnamed": (0.05, 0.05)}

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import analysis
+import experiment as drivers
 import utils
 from conftest import REPO
 
@@ -94,7 +95,7 @@ def test_rerun_refuses_an_existing_experiment_without_overwrite(experiment):
 def test_full_mode_flags_reach_run_full(monkeypatch, tmp_path):
     import main
     calls = []
-    monkeypatch.setattr(analysis, "run_full", lambda cfg, run_dir, search, skip: calls.append(
+    monkeypatch.setattr(drivers, "run_full", lambda cfg, run_dir, search, skip: calls.append(
         (cfg.training.experiment_name, run_dir.name, search, skip)) or {})
     assert main.main(["--mode", "full", "--model", "tiny-bert", "--output_dir", str(tmp_path),
                       "--experiment_name", "flags", "--hyperparameter_search", "--skip_baselines"]) == 0

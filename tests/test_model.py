@@ -313,8 +313,11 @@ def test_prefix_cache_gives_the_same_meta_gradient(name):
         assert relative_error(b["inner_lr"], a["inner_lr"]) < 1e-8
 
 
-def test_lora_layers_from_the_config(caplog):
+def test_lora_layers_from_the_config(caplog, monkeypatch):
+    import logging
     import trainer
+    # utils.setup_logging (run by earlier tests) stops propagation to the root logger caplog reads
+    monkeypatch.setattr(logging.getLogger("melora"), "propagate", True)
     with caplog.at_level("INFO", logger="melora"):
         model, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]"), torch.device("cpu"))
     assert model._prefix_cache.first == 1 and "prefix cache" in caplog.text

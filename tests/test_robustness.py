@@ -809,3 +809,15 @@ def test_oom_that_cannot_be_retried_names_the_settings_to_lower(oom_above, tmp_p
                      "auto_micro_batch=true"):
         assert fragment in line, (fragment, line)
     assert not (tmp_path / "melora").exists()  # nothing to resume: no folder left to refuse
+
+
+def test_oom_chosen_micro_batch_is_checkpointed_and_used_on_resume(oom_above, tmp_path, capsys):
+    argv = [*TINY, "--num_iterations", "2", "--output_dir", str(tmp_path),
+            "--set", "memory_optimization.gradient_accumulation.default_micro_batch=0"]
+    assert main.main(argv) == 0, capsys.readouterr().err
+    last = tmp_path / "melora" / "checkpoints" / "checkpoint_iter_2.pt"
+    saved = json.loads(utils.load_checkpoint(last)["config"])
+    assert saved["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] == 1
+    oom_above.seen.clear()
+    assert main.main(["--resume", str(last), "--num_iterations", "3"]) == 0, capsys.readouterr().err
+    assert oom_above.seen == [1, 1]  # the third iteration's two tasks, no out-of-memory retry
