@@ -129,7 +129,7 @@ PRESETS = {
         sweep_iterations=10, val_episodes=20, sweep_seeds=(0,), test_iterations=30,
         test_episodes=100, seeds=(0, 1, 2), methods=("proto_lora", "fomaml_lora", "protonet", "finetune"),
         overrides={"memory_optimization.gradient_accumulation.default_micro_batch": 0,
-                   "evaluation.child_process": False},
+                   "evaluation.child_process": False, "evaluation.tuning_trials": 2},
         cuts=("5-way 1-shot only (no 5-way 5-shot, no 10-way 1-shot: the regime map has one shots value)",
               "sweep grid: K in {1, 3} (no 5), learned per-step rates off only, Hessian in "
               "{full, none} (no gauss_newton, diagonal): 24 of 144 configurations",
@@ -137,6 +137,7 @@ PRESETS = {
               "20 meta-val episodes, 32 tokens",
               "meta-test: 30 meta-iterations per method and seed, 100 episodes (not 600)",
               "maml (full-weight second order) left out of the meta-test rows",
+              "2 meta-val tuning trials per baseline (config.yml: 8), the same for every baseline",
               "evaluation in-process (memory read as RSS increase, not a child's peak)")),
     "smoke": Preset(
         name="smoke", model="tiny-bert", data="synthetic", shapes=((3, 1), (3, 2)),
@@ -146,6 +147,7 @@ PRESETS = {
         sweep_iterations=1, val_episodes=3, sweep_seeds=(0,), test_iterations=1,
         test_episodes=3, seeds=(0, 1, 2),
         overrides={"evaluation.child_process": False, "evaluation.adaptation_steps": 0,
+                   "evaluation.tuning_trials": 0,
                    "analysis.bootstrap_samples": 200,
                    "memory_optimization.checkpointing.enabled": False},
         cuts=("a tiny random model on synthetic tasks: the numbers test the pipeline only",)),
