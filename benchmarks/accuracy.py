@@ -300,10 +300,10 @@ def val_episodes(cfg, tokenizer, num: int) -> list:
 def adapted_accuracies(method, episodes: list, steps: int, seed: int) -> list[list[float]]:
     """Per episode, query accuracy after 0..steps adaptation steps (dropout seeded per
     episode, as evaluation.py does, so configurations are paired)."""
-    from utils import set_seed
+    from utils import episode_seed, set_seed
     out = []
     for i, episode in enumerate(episodes):
-        set_seed(seed + 7919 * (i + 1))
+        set_seed(episode_seed(seed, i))
         out.append(method.adapt(episode, steps))
     return out
 

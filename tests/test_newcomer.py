@@ -37,14 +37,19 @@ def tracked_files() -> list[Path]:
                 and "results" not in p.parts and "__pycache__" not in p.parts]
 
 
+# Parent-relative paths, this workplace's folders, the old location of the data. Spelled in
+# pieces so that this file, which holds the rule, is no match for a search for such paths.
+OUTSIDE = re.compile("|".join(re.escape(part) for part in (".." + "/", "/" + "work/", "shared" + "/data")))
+
+
 def test_no_tracked_file_names_a_path_outside_the_repository():
     offenders = []
     for path in tracked_files():
         if path.suffix not in TEXT_SUFFIXES or not path.is_file() or \
-                path.parts[-3:-1] == ("data", "clinc150") or path == Path(__file__).resolve():
+                path.parts[-3:-1] == ("data", "clinc150"):
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if re.search(r"\.\./|/work/|shared/data", line):
+            if OUTSIDE.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "paths outside the repository:\n" + "\n".join(offenders)
 
