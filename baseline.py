@@ -260,11 +260,7 @@ class LoRAMetaLearner(FewShotMethod):
             grads = [a + g[n] / len(tasks) for a, n in zip(grads, self.theta)]
             total += float(loss) / len(tasks)
         if update:
-            for p, g in zip(self.theta.values(), grads):
-                p.grad = g.to(p.dtype)
-            _clip(list(self.theta.values()), self.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            _outer_update(self.theta, grads, self.optimizer, self.grad_clip)
         return total
 
 
@@ -411,11 +407,7 @@ class MAML(FewShotMethod):
     def meta_step(self, tasks, update=True, first_order=False) -> float:
         loss, grads = self.meta_gradient(tasks, self.first_order or first_order)
         if update:
-            for t, g in zip(self.theta.values(), grads):
-                t.grad = g
-            _clip(list(self.theta.values()), self.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            _outer_update(self.theta, grads, self.optimizer, self.grad_clip)
         return loss
 
 
@@ -462,11 +454,7 @@ class Reptile(FewShotMethod):
             deltas = [d if frozen and n.startswith(M.HEAD_PREFIX) else d + (phi_0[n] - p) / len(tasks)
                       for d, (n, p) in zip(deltas, phi.items())]
         if update:
-            for t, d in zip(self.theta.values(), deltas):
-                t.grad = d
-            _clip(list(self.theta.values()), self.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            _outer_update(self.theta, deltas, self.optimizer, self.grad_clip)
         return 0.0
 
 
@@ -595,6 +583,16 @@ def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object
 def _named(method: FewShotMethod, name: str) -> FewShotMethod:
     method.name = name
     return method
+
+
+def _outer_update(theta: Mapping[str, torch.Tensor], grads: Sequence[torch.Tensor],
+                  optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """One outer step: `grads` (in theta's order) become theta's .grad, clipped, applied."""
+    for t, g in zip(theta.values(), grads):
+        t.grad = g.to(t.dtype)
+    _clip(list(theta.values()), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> None:

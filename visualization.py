@@ -3,7 +3,7 @@
 Each ``plot_*`` function takes recorded data (a dict or list, or the path of the file
 that holds it; formats in `analysis`'s module docstring) and an output path *stem*
 (``figures/memory`` writes ``figures/memory.png`` and ``figures/memory.pdf``) and
-returns the written paths. `plot_all` draws whatever a run directory holds:
+returns the written PNG and PDF paths; the docstrings below name only the other arguments. `plot_all` draws whatever a run directory holds:
 
     python -c "import visualization; print(visualization.plot_all('results/melora'))"
 
@@ -65,10 +65,6 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike,
 
     Args:
         metrics: Training-log records, or the path of ``metrics.jsonl``.
-        out_stem: Output path without extension.
-
-    Returns:
-        The written PNG and PDF paths.
 
     Raises:
         ValueError: If there are no records or a record lacks a required key.
@@ -106,10 +102,6 @@ def plot_accuracy_per_step(results: Mapping | str | os.PathLike, out_stem: str |
 
     Args:
         results: Evaluation results (``results.json`` format) or its path.
-        out_stem: Output path without extension.
-
-    Returns:
-        The written PNG and PDF paths.
 
     Raises:
         ValueError: If no method has ``accuracy_per_step`` or its lists differ in length.
@@ -147,10 +139,6 @@ def plot_memory(results: Mapping | str | os.PathLike, out_stem: str | os.PathLik
 
     Args:
         results: Evaluation results (``results.json`` format) or its path.
-        out_stem: Output path without extension.
-
-    Returns:
-        The written PNG and PDF paths.
 
     Raises:
         ValueError: If a method lacks ``peak_memory_mb``.
@@ -188,10 +176,6 @@ def plot_accuracy_vs_memory(results: Mapping | str | os.PathLike, out_stem: str 
 
     Args:
         results: Evaluation results (``results.json`` format) or its path.
-        out_stem: Output path without extension.
-
-    Returns:
-        The written PNG and PDF paths.
 
     Raises:
         ValueError: If a method lacks accuracy or memory.
@@ -234,10 +218,6 @@ def plot_ablations(rows: Sequence[Mapping] | str | os.PathLike, out_stem: str | 
 
     Args:
         rows: Ablation rows (format in `analysis`) or the path of ``ablations.json``.
-        out_stem: Output path without extension.
-
-    Returns:
-        The written PNG and PDF paths.
 
     Raises:
         ValueError: If there are no rows or a row lacks a required key.
@@ -269,10 +249,6 @@ def plot_gradient_fidelity(fidelity: Mapping | Sequence[Mapping] | str | os.Path
 
     Args:
         fidelity: ``{method: cosine}``, a list of such dicts, or the path of ``fidelity.json``.
-        out_stem: Output path without extension.
-
-    Returns:
-        The written PNG and PDF paths.
 
     Raises:
         ValueError: If there are no values or a value is not a number in [-1, 1].

@@ -248,6 +248,13 @@ def _preset_spec(preset: Preset, *fields: str) -> dict:
     return {f: getattr(preset, f) for f in _DATA_FIELDS + fields}
 
 
+def _cell_spec(kind: str, preset_fields: dict, shape, seed: int, within_group: bool,
+               extra: Sequence[str], **what) -> dict:
+    """Everything a cell's result depends on (its file is reused only when this matches)."""
+    return {"kind": kind, "preset": preset_fields, "shape": list(shape), **what, "seed": seed,
+            "within_group": within_group, "extra": list(extra)}
+
+
 def _spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -311,9 +318,8 @@ def adapted_accuracies(method, episodes: list, steps: int, seed: int) -> list[li
 def sweep_cell(preset: Preset, shape, c: dict, seed: int, work: Path, within_group: bool,
                extra: Sequence[str]) -> dict:
     """Meta-train one grid point and score it on the meta-val episodes (cached)."""
-    spec = {"kind": "sweep", "preset": _preset_spec(preset, "sweep_iterations", "val_episodes"),
-            "shape": list(shape), "config": c, "seed": seed, "within_group": within_group,
-            "extra": list(extra)}
+    spec = _cell_spec("sweep", _preset_spec(preset, "sweep_iterations", "val_episodes"), shape, seed,
+                      within_group, extra, config=c)
     path = work / "sweep" / shape_key(shape) / f"{config_key(c)}-seed{seed}.json"
     cell = load_cell(path, spec)
     if cell is not None:
@@ -337,9 +343,8 @@ def proto_lora_cell(preset: Preset, shape, head: str, seed: int, work: Path, wit
                     extra: Sequence[str]) -> dict:
     """proto_lora (no inner loop in meta-training) on the same meta-val episodes, adapted at
     every inner lr of the grid for 0..max K steps: the regime map's second reference."""
-    spec = {"kind": "proto_lora", "preset": _preset_spec(preset, "sweep_iterations", "val_episodes", "grid"),
-            "shape": list(shape), "head": head, "seed": seed, "within_group": within_group,
-            "extra": list(extra)}
+    spec = _cell_spec("proto_lora", _preset_spec(preset, "sweep_iterations", "val_episodes", "grid"),
+                      shape, seed, within_group, extra, head=head)
     path = work / "sweep" / shape_key(shape) / f"proto_lora-{head}-seed{seed}.json"
     cell = load_cell(path, spec)
     if cell is not None:
@@ -384,9 +389,8 @@ def test_cell(preset: Preset, shape, best: dict, seed: int, methods: list[str], 
     """
     import evaluation
     from utils import atomic_write_json, load_checkpoint
-    spec = {"kind": "test", "preset": _preset_spec(preset, "test_iterations", "test_episodes"),
-            "shape": list(shape), "config": best, "seed": seed, "methods": methods,
-            "within_group": within_group, "extra": list(extra)}
+    spec = _cell_spec("test", _preset_spec(preset, "test_iterations", "test_episodes"), shape, seed,
+                      within_group, extra, config=best, methods=methods)
     folder = work / "test" / shape_key(shape) / f"seed{seed}-{_spec_hash(spec)}"
     path = folder / "cell.json"
     cell = load_cell(path, spec)

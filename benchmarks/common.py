@@ -26,6 +26,7 @@ Used by `benchmarks/memory.py` and `benchmarks/speed.py`; not a public API.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
@@ -352,9 +353,33 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def episode_parser(description: str, model_shape: str, inner_steps: int,
+                   inner_help: str) -> argparse.ArgumentParser:
+    """The arguments every synthetic-episode benchmark shares: device, model shape, N-way
+    K-shot with Q queries, tokens per example, K."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--model-shape", default=model_shape, choices=list(SHAPES),
+                        help="random GPT-2 shape (gpt2-small = GPT2Config(), 124M parameters)")
+    parser.add_argument("--n-way", type=int, default=5)
+    parser.add_argument("--k-shot", type=int, default=1)
+    parser.add_argument("--q-query", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per example")
+    parser.add_argument("--inner-steps", type=int, default=inner_steps, help=inner_help)
+    return parser
+
+
+def describe_setting(s: dict, p: dict) -> str:
+    """The model and episode of a synthetic-episode benchmark, as the tables' first sentence."""
+    return (f"Model: random GPT-2, shape `{s['model_shape']}` ({p['model'] / 1e6:.1f}M parameters; "
+            f"MELoRA theta = LoRA + head, {p['melora_theta'] / 1e6:.2f}M). Episode: "
+            f"{s['n_way']}-way {s['k_shot']}-shot, {s['q_query']} queries per class, "
+            f"{s['seq_len']} tokens per example.")
+
+
 def parse_methods(text: str) -> list[str]:
     """`--methods full,none` -> ["full", "none"], checked against trainer's methods."""
-    import argparse
     from trainer import HESSIAN_METHODS
     methods = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in methods if m not in HESSIAN_METHODS]
@@ -366,7 +391,6 @@ def parse_methods(text: str) -> list[str]:
 
 def parse_ints(text: str) -> list[int]:
     """`1,2,4` -> [1, 2, 4]; "" -> []."""
-    import argparse
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as e:

@@ -21,7 +21,6 @@ markdown tables and writes benchmarks/results/memory.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -207,10 +206,7 @@ def tables(result: dict) -> str:
     s, hw = result["setting"], result["hardware"]
     p = result["parameters"]
     lines = [C.header("Memory: one meta-gradient, MELoRA vs full-parameter MAML", hw), "",
-             f"Model: random GPT-2, shape `{s['model_shape']}` ({p['model'] / 1e6:.1f}M parameters; "
-             f"MELoRA theta = LoRA + head, {p['melora_theta'] / 1e6:.2f}M). Episode: "
-             f"{s['n_way']}-way {s['k_shot']}-shot, {s['q_query']} queries per class, "
-             f"{s['seq_len']} tokens per example. Inner steps K = {result['inner_steps']}, "
+             C.describe_setting(s, p) + f" Inner steps K = {result['inner_steps']}, "
              f"inner lr {result['inner_lr']}.",
              f"Memory: {result['memory_method']}. Extra = peak minus after-load; the idle row "
              "is the floor of the method (a child that loads the model and does nothing). "
@@ -296,16 +292,7 @@ def _yes(flag: bool) -> str:
 # ------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--model-shape", default="gpt2-small", choices=list(C.SHAPES),
-                        help="random GPT-2 shape (gpt2-small = GPT2Config(), 124M parameters)")
-    parser.add_argument("--n-way", type=int, default=5)
-    parser.add_argument("--k-shot", type=int, default=1)
-    parser.add_argument("--q-query", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per example")
-    parser.add_argument("--inner-steps", type=int, default=2, help="K of the method grid")
+    parser = C.episode_parser(__doc__.splitlines()[0], "gpt2-small", 2, "K of the method grid")
     parser.add_argument("--k-sweep", type=C.parse_ints, default=[1, 2, 4, 8],
                         help="inner steps of the MAML / MELoRA-full sweep ('' = none)")
     parser.add_argument("--methods", type=C.parse_methods, default=list(HESSIAN_METHODS),

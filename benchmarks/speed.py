@@ -39,7 +39,6 @@ benchmarks/results/speed.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -199,10 +198,7 @@ def tables(r: dict) -> str:
     s, p, hw = r["setting"], r["parameters"], r["hardware"]
     load = r["load_average"]
     lines = [C.header("Speed: one meta-iteration", hw), "",
-             f"Model: random GPT-2, shape `{s['model_shape']}` ({p['model'] / 1e6:.1f}M parameters; "
-             f"theta = LoRA + head, {p['melora_theta'] / 1e6:.2f}M). Episode: {s['n_way']}-way "
-             f"{s['k_shot']}-shot, {s['q_query']} queries per class, {s['seq_len']} tokens per "
-             f"example. K = {r['inner_steps']} inner steps, micro-batch "
+             C.describe_setting(s, p) + f" K = {r['inner_steps']} inner steps, micro-batch "
              f"{'whole set' if r['micro_batch'] == 0 else r['micro_batch']}, no checkpointing. "
              f"Medians of {r['repeats']} interleaved rounds"
              + (f"; load average {load['before'][0]} before, {load['after'][0]} after." if load["before"] else "."),
@@ -255,16 +251,7 @@ def _batched_lines(b: dict, hw: dict) -> list[str]:
 # ------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--model-shape", default="gpt2-mini", choices=list(C.SHAPES),
-                        help="random GPT-2 shape (gpt2-small = GPT2Config(), 124M parameters)")
-    parser.add_argument("--n-way", type=int, default=5)
-    parser.add_argument("--k-shot", type=int, default=1)
-    parser.add_argument("--q-query", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per example")
-    parser.add_argument("--inner-steps", type=int, default=4, help="K")
+    parser = C.episode_parser(__doc__.splitlines()[0], "gpt2-mini", 4, "K")
     parser.add_argument("--micro-batch", type=int, default=0, help="0 = the whole set")
     parser.add_argument("--methods", type=C.parse_methods, default=list(HESSIAN_METHODS),
                         help="MELoRA Hessian methods to time, comma-separated")
