@@ -960,19 +960,34 @@ def _validate_entry(key: str, entry: _Source) -> None:
                           "set group_file to a class-to-group JSON (e.g. CLINC150's "
                           "domains.json) or set groups to []")
     if entry.kind == "file":
-        path = Path(entry.source)
-        if path.is_dir():
-            raise DataError(f"{key}.source: {entry.source!r} is a folder; pass a {', '.join(FILE_BUILDERS)} "
-                            "file (e.g. --dataset data/clinc150/data_full.json)")
-        if not path.is_file():
-            raise DataError(f"{key}.source: file {entry.source!r} does not exist (relative "
-                            f"paths resolve against {os.getcwd()})")
-        if path.suffix.lower() not in FILE_BUILDERS:
-            raise DataError(f"{key}.source: {entry.source!r} has an unsupported type; use "
-                            f"{', '.join(FILE_BUILDERS)}")
+        check_data_file(entry.source, f"{key}.source", "--dataset data/clinc150/data_full.json")
     if entry.group_file and not _is_url(entry.group_file) and not Path(entry.group_file).is_file():
         raise DataError(f"{key}.group_file {entry.group_file!r} does not exist; give the path "
                         "of a JSON class-to-group map or set it to \"\"")
+
+
+def check_data_file(spec: str, what: str, example: str = "") -> None:
+    """Refuse a data file that is a folder, does not exist, or has a type MELoRA cannot read.
+
+    Used for dataset sources and for `--mode adapt`'s `--support`/`--predict` files.
+
+    Args:
+        spec: the path as the user gave it (named verbatim in the message).
+        what: what the path is, e.g. `datasets.meta_train[0].source` or `--predict`.
+        example: a good value, shown when `spec` is a folder; "" for none.
+
+    Raises:
+        DataError: naming `what`, `spec` and the fix.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        hint = f" (e.g. {example})" if example else ""
+        raise DataError(f"{what}: {spec!r} is a folder; pass a {', '.join(FILE_BUILDERS)} file{hint}")
+    if not path.is_file():
+        raise DataError(f"{what}: file {spec!r} does not exist (relative paths resolve against "
+                        f"{os.getcwd()})")
+    if path.suffix.lower() not in FILE_BUILDERS:
+        raise DataError(f"{what}: {spec!r} has an unsupported type; use {', '.join(FILE_BUILDERS)}")
 
 
 def _check_custom(source: str, data: Any) -> tuple[list[str], list[str]]:
@@ -1069,19 +1084,19 @@ def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
                             f"{role} in datasets")
     feature = table.features[entry.label_column]
     raw = table[entry.label_column]
-    unlabelled = [i for i, x in enumerate(raw) if x is None or x == ""]
-    if unlabelled:
-        raise DataError(f"{entry.name}: {len(unlabelled)} row(s) have an empty label in column "
-                        f"{entry.label_column!r} (first: data row {unlabelled[0] + 1}); fill "
-                        "them in or drop those rows")
+    _check_filled(raw, entry, entry.label_column, "have an empty label")
     labels = [feature.int2str(x) for x in raw] if hasattr(feature, "int2str") else [str(x) for x in raw]
     texts = table[entry.text_column]
-    missing = [i for i, t in enumerate(texts) if t is None or t == ""]
-    if missing:
-        raise DataError(f"{entry.name}: {len(missing)} row(s) have no text in column "
-                        f"{entry.text_column!r} (first: data row {missing[0] + 1}); fill them "
-                        "in or drop those rows")
+    _check_filled(texts, entry, entry.text_column, "have no text")
     return [t if isinstance(t, str) else str(t) for t in texts], labels  # numbers are texts too
+
+
+def _check_filled(values: list, entry: _Source, column: str, problem: str) -> None:
+    """Refuse rows whose `column` value is None or ""; `problem` says what they lack."""
+    empty = [i for i, x in enumerate(values) if x is None or x == ""]
+    if empty:
+        raise DataError(f"{entry.name}: {len(empty)} row(s) {problem} in column {column!r} "
+                        f"(first: data row {empty[0] + 1}); fill them in or drop those rows")
 
 
 def _load_hub(entry: _Source):
