@@ -54,7 +54,7 @@ import torch
 
 import baseline as B
 import model as M
-from dataset_loader import FILE_BUILDERS
+from dataset_loader import FILE_BUILDERS, check_data_file
 from evaluation import evaluation_config, read_checkpoint
 from trainer import build_model, dropout_off, load_theta
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
@@ -350,12 +350,7 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, fla
     """
     import datasets
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} file {str(path)!r} does not exist (relative paths resolve "
-                        f"against {Path.cwd()})")
-    if path.suffix.lower() not in FILE_BUILDERS:
-        raise UserError(f"{flag} file {str(path)!r} must be csv, json, jsonl or parquet "
-                        f"(by its extension), got {path.suffix or 'no extension'!r}")
+    check_data_file(str(path), flag)
     table, quiet = None, datasets.utils.are_progress_bars_disabled()
     if path.stat().st_size > 0:
         datasets.disable_progress_bars()  # one small file: no "Generating train split" bar

@@ -166,6 +166,10 @@ class DatasetLoader:
     sources, columns, groups, class sizes, and that each split has at least `n_way`
     classes. Tokenisation of uncached sources comes last.
 
+    The loader is a facade over three collaborators: `_SourceReader` (sources -> tables ->
+    the classes each meta-split may use), `_TokenCache` (tokenisation and its on-disk cache)
+    and `_EpisodeSampler` (episode plans, tokenised episodes, episode specs).
+
     Args:
         datasets_cfg: the `datasets` config section.
         tasks_cfg: the `tasks` config section (`n_way`, `k_shot`, `q_query`).
@@ -200,18 +204,19 @@ class DatasetLoader:
         self.cache_dir = Path(cache_dir)
         self.seed = int(seed)
         self.splits = tuple(splits)
-        self.cache_stats = {"hits": 0, "misses": 0}   # tokenisation cache, per source split
+        self._cache = _TokenCache(tokenizer, self.max_length, self.cache_dir)
+        self.cache_stats = self._cache.stats   # tokenisation cache, per source split
         self.validate()
-        self._generators = {s: SyntheticTaskGenerator(synthetic_cfg, _synthetic_seed(self.seed, s))
-                            for s in SPLITS}
-        self._tables: dict[tuple, _Table] = {}
-        self._group_maps: dict[str, dict[str, list[str]]] = {}
-        self._pools = self._build_pools()
-        self._tokenize_pending()
-
-    # --------------------------------------------------------------------------------
-    # Validation (no data read)
-    # --------------------------------------------------------------------------------
+        shape = (self.n_way, self.k_shot, self.q_query)
+        generators = {s: SyntheticTaskGenerator(synthetic_cfg, _synthetic_seed(self.seed, s))
+                      for s in SPLITS}
+        self._reader = _SourceReader(datasets_cfg, self.splits, shape, self.within_group,
+                                     self.seed, self._cache, self._load_custom_task)
+        self._tables = self._reader.tables   # source table key -> rows (and token ids)
+        pools = self._reader.build_pools()
+        self._cache.tokenize_pending(self._tables, self._reader.sources)
+        self._sampler = _EpisodeSampler(pools, self._tables, generators, shape, self.seed,
+                                        synthetic_cfg, tokenizer, self.max_length)
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer, splits: Sequence[str],
@@ -230,51 +235,153 @@ class DatasetLoader:
             ConfigError: a bad setting, naming the key and the fix.
             DataError: a named file does not exist.
         """
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown:
-            raise ConfigError(f"unknown meta-split(s) {unknown}; use {', '.join(SPLITS)}")
-        if self.n_way < 2:
-            raise ConfigError(f"tasks.n_way must be >= 2 (a task needs two classes), got {self.n_way}")
-        if self.cfg.synthetic_weight < 0:
-            raise ConfigError(f"datasets.synthetic_weight must be >= 0, got {self.cfg.synthetic_weight}")
-        fractions = list(self.cfg.class_split)
-        if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
-            raise ConfigError("datasets.class_split must be three fractions >= 0 "
-                              f"(meta-train, meta-val, meta-test), got {fractions}")
-        if self.cfg.synthetic_only:
-            return
-        for split in self.splits:
-            self._validate_split(split)
+        _validate_datasets(self.cfg, self.splits, self.n_way)
 
-    def _validate_split(self, split: str) -> None:
-        entries = self._entries(split)
-        synthetic = self.cfg.synthetic_weight if split == "meta_train" else 0.0
-        if not entries and split == "meta_val":
-            return  # meta-validation is optional
-        if not entries and not synthetic:
-            raise ConfigError(f"datasets.{split} lists no source; add one (or run with "
-                              "--synthetic_only, or --dataset PATH)")
-        for i, entry in enumerate(entries):
-            _validate_entry(f"datasets.{split}[{i}]", entry)
-        if entries and sum(e.weight for e in entries) + synthetic <= 0:
-            raise ConfigError(f"the weights of datasets.{split} sum to 0; give a source a "
-                              "positive weight")
+    def episode(self, split: str, index: int) -> Episode:
+        """Episode number `index` of `split`: a pure function of (seed, split, index).
 
-    def _entries(self, split: str) -> list[_Source]:
-        return [_source(e) for e in getattr(self.cfg, split)]
+        Args:
+            split: `meta_train`, `meta_val` or `meta_test` (one this loader prepared).
+            index: any integer >= 0; the trainer passes
+                `iteration * meta_batch_size + task_index`.
+
+        Returns:
+            The tokenised episode; labels are a fresh permutation of the classes.
+
+        Raises:
+            UserError: `split` was not prepared or has no source.
+        """
+        return self._sampler.episode(split, index)
+
+    def fixed_episodes(self, split: str, num: int, spec_path=None) -> list[Episode]:
+        """The fixed evaluation list: episodes 0..num-1 of `split`.
+
+        With `spec_path`, the list is read from that saved spec when the file exists (so a
+        later run, or another method, evaluates on exactly the same episodes even if the
+        config changed) and saved there otherwise.
+
+        Args:
+            split: usually `meta_test`.
+            num: number of episodes (`evaluation.num_episodes`).
+            spec_path: optional JSON spec file (see `save_episode_spec`).
+
+        Returns:
+            `num` episodes.
+
+        Raises:
+            UserError: a saved spec holds a different number of episodes or names data
+                this loader does not have.
+        """
+        return self._sampler.fixed_episodes(split, num, spec_path)
+
+    def save_episode_spec(self, split: str, num: int, path) -> None:
+        """Write episodes 0..num-1 of `split` as a tokenizer-independent JSON spec.
+
+        The spec names, per episode, the source, its data fingerprint, the class names and
+        the row ids (position in the source split) of every support and query example in
+        order, with their episode labels; synthetic episodes are stored as generator seed,
+        index and config. `load_episode_spec` rebuilds them with any tokenizer.
+
+        Args:
+            split: the meta-split.
+            num: number of episodes.
+            path: the JSON file to write (atomically).
+        """
+        self._sampler.save_spec(split, num, path)
+
+    def load_episode_spec(self, path) -> list[Episode]:
+        """Rebuild the episodes of a spec written by `save_episode_spec`.
+
+        Args:
+            path: the spec file.
+
+        Returns:
+            The episodes, in order, tokenised with this loader's tokenizer.
+
+        Raises:
+            UserError: not a spec file, or it names a source this loader has not loaded
+                or whose data changed since.
+        """
+        return self._sampler.load_spec(path)
+
+    def split_classes(self, split: str) -> dict[str, list[str]]:
+        """Source name -> the class names `split` samples from (synthetic excluded)."""
+        return self._sampler.split_classes(split)
+
+    def _plan(self, split: str, index: int) -> dict[str, Any]:
+        """JSON-able description of episode `index`: source, classes, row ids, labels."""
+        return self._sampler.plan(split, index)
 
     # --------------------------------------------------------------------------------
-    # Sources -> tables -> pools (class selection and checks)
+    # Extension point
     # --------------------------------------------------------------------------------
 
-    def _build_pools(self) -> dict[str, list[_Pool]]:
+    def _load_custom_task(self, task_name: str) -> Dict[str, List]:
+        """Rows of the source `custom:<task_name>`; override this in a subclass.
+
+        Args:
+            task_name: the part of the source name after `custom:`.
+
+        Returns:
+            `{"text": [str, ...], "label": [label, ...]}`, equally long; labels may be
+            strings or integers (they become class names).
+
+        Raises:
+            ConfigError: always, in this base class.
+
+        Example:
+            >>> class MyLoader(DatasetLoader):
+            ...     def _load_custom_task(self, task_name):
+            ...         rows = read_my_rows(task_name)
+            ...         return {"text": [r.text for r in rows], "label": [r.tag for r in rows]}
+        """
+        raise ConfigError(f"source 'custom:{task_name}' needs a DatasetLoader subclass that "
+                          "overrides _load_custom_task; or use a hub name or file path")
+
+
+# ------------------------------------------------------------------------------------
+# Sources -> tables -> pools (class selection and checks)
+# ------------------------------------------------------------------------------------
+
+class _SourceReader:
+    """Reads each source split once (from the token cache when it can) and picks, per
+    meta-split, the classes episodes may draw: groups, `class_split`, class sizes,
+    `tasks.within_group`, and that no class serves two meta-splits.
+
+    Args:
+        cfg: the `datasets` config section.
+        splits: the meta-splits to prepare.
+        shape: `(n_way, k_shot, q_query)`.
+        within_group: `tasks.within_group`.
+        seed: seeds the class splits.
+        cache: the token cache, asked first for each source split; its folder also holds
+            `datasets`' own cache (`hf/`) and downloaded group files (`groups/`).
+        load_custom: the loader's `_load_custom_task` (for `custom:NAME` sources).
+    """
+
+    def __init__(self, cfg, splits: tuple[str, ...], shape: tuple[int, int, int],
+                 within_group: bool, seed: int, cache: "_TokenCache",
+                 load_custom: Callable[[str], Dict[str, List]]):
+        self.cfg, self.splits, self.seed = cfg, splits, seed
+        self.n_way, self.k_shot, self.q_query = shape
+        self.within_group = within_group
+        self.cache = cache
+        self.load_custom = load_custom
+        self.tables: dict[tuple, _Table] = {}       # table key -> rows
+        self.sources: dict[tuple, _Source] = {}     # table key -> the entry first read
+        self.group_maps: dict[str, dict[str, list[str]]] = {}
+
+    def entries(self, split: str) -> list[_Source]:
+        return _entries(self.cfg, split)
+
+    def build_pools(self) -> dict[str, list[_Pool]]:
         """Per requested split, the weighted pools episodes draw from."""
         synthetic = _Pool(None, [], {}, 1.0)
         if self.cfg.synthetic_only:
             return {s: [synthetic] for s in self.splits}
         pools, small = {}, []
         for split in self.splits:
-            pools[split] = [self._pool(split, e, small) for e in self._entries(split)]
+            pools[split] = [self._pool(split, e, small) for e in self.entries(split)]
             if split == "meta_train" and self.cfg.synthetic_weight > 0:
                 pools[split].append(_Pool(None, [], {}, self.cfg.synthetic_weight))
         if small:
@@ -286,7 +393,7 @@ class DatasetLoader:
 
     def _pool(self, split: str, entry: _Source, small: list[str]) -> _Pool:
         """The eligible classes of `entry` for `split`, after the class-size checks."""
-        table = self._table(entry)
+        table = self.table(entry)
         wanted = set(self._entry_classes(split, entry, table))
         counts = np.bincount(table.labels, minlength=len(table.label_names))
         needed = self.k_shot + self.q_query
@@ -311,6 +418,7 @@ class DatasetLoader:
         rows = {c: np.flatnonzero(table.labels == c) for c in classes}
         groups = self._within_groups(split, entry, table, classes) if self.within_group else None
         return _Pool(table, classes, rows, entry.weight, groups)
+
 
     def _within_groups(self, split: str, entry: _Source, table: _Table,
                        classes: list[int]) -> list[tuple[str, list[int]]]:
@@ -339,18 +447,17 @@ class DatasetLoader:
                      split, self.n_way, ", ".join(small))
         return out
 
-    def _table(self, entry: _Source) -> _Table:
+    def table(self, entry: _Source) -> _Table:
         """The rows of `entry`, from the token cache or read from the source."""
-        if entry.table_key not in self._tables:
-            self._tables[entry.table_key] = self._open_table(entry)
-        return self._tables[entry.table_key]
+        if entry.table_key not in self.tables:
+            self.tables[entry.table_key] = self._open_table(entry)
+            self.sources[entry.table_key] = entry
+        return self.tables[entry.table_key]
 
     def _open_table(self, entry: _Source) -> _Table:
         fingerprint, read = self._open_source(entry)
-        cached = self._read_cache(entry, fingerprint)
+        cached = self.cache.read(entry, fingerprint)
         if cached is not None:
-            self.cache_stats["hits"] += 1
-            log.info("tokenisation cache hit for %s", entry.name)
             return cached
         texts, labels = read()
         label_names = sorted(set(labels))
@@ -361,13 +468,13 @@ class DatasetLoader:
     def _open_source(self, entry: _Source) -> tuple[str, Callable[[], tuple[list, list]]]:
         """(fingerprint of the data, a function returning (texts, label names))."""
         if entry.kind == "custom":
-            data = self._load_custom_task(entry.source[len(CUSTOM_PREFIX):])
+            data = self.load_custom(entry.source[len(CUSTOM_PREFIX):])
             texts, labels = _check_custom(entry.source, data)
             return _hash_json([texts, labels]), lambda: (texts, labels)
         if entry.kind == "file":
             path = Path(entry.source)
             fingerprint = _hash_file(path)
-            return fingerprint, lambda: _read_file(path, entry, self.cache_dir / "hf")
+            return fingerprint, lambda: _read_file(path, entry, self.cache.cache_dir / "hf")
         dataset = _load_hub(entry)
         return dataset._fingerprint, lambda: _columns(dataset, entry)
 
@@ -383,7 +490,7 @@ class DatasetLoader:
                                 f"like {table.label_names[:5]}; check label_column")
             return classes
         users = [s for s in SPLITS if any(e.identity == entry.identity and not e.groups
-                                          for e in self._entries(s))]
+                                          for e in self.entries(s))]
         if len(users) <= 1:
             return table.label_names
         return self._class_split_part(split, entry, users, present)
@@ -402,9 +509,9 @@ class DatasetLoader:
         """Sorted class names of every split of a source shared by several meta-splits."""
         names = set()
         for split in users:
-            for other in self._entries(split):
+            for other in self.entries(split):
                 if other.identity == entry.identity:
-                    names.update(self._table(other).label_names)
+                    names.update(self.table(other).label_names)
         return sorted(names)
 
     def _group_map(self, entry: _Source) -> dict[str, list[str]]:
@@ -413,10 +520,10 @@ class DatasetLoader:
             raise ConfigError(f"source {entry.name} selects groups {list(entry.groups)} but "
                               "has no group_file; set group_file to a class-to-group JSON "
                               "(e.g. CLINC150's domains.json) or set groups to []")
-        if entry.group_file not in self._group_maps:
-            self._group_maps[entry.group_file] = _read_group_file(entry.group_file,
-                                                                  self.cache_dir / "groups")
-        groups = self._group_maps[entry.group_file]
+        if entry.group_file not in self.group_maps:
+            self.group_maps[entry.group_file] = _read_group_file(entry.group_file,
+                                                                  self.cache.cache_dir / "groups")
+        groups = self.group_maps[entry.group_file]
         unknown = [g for g in entry.groups if g not in groups]
         if unknown:
             raise ConfigError(f"groups {unknown} of source {entry.name} are not in "
@@ -427,7 +534,7 @@ class DatasetLoader:
         """No class of one source may serve two meta-splits."""
         seen: dict[tuple, str] = {}
         for split in self.splits:
-            for entry, pool in zip(self._entries(split), pools[split]):
+            for entry, pool in zip(self.entries(split), pools[split]):
                 for label in pool.classes:
                     key = (entry.identity, pool.table.label_names[label])
                     if seen.setdefault(key, split) != split:
@@ -436,24 +543,40 @@ class DatasetLoader:
                             f"{seen[key]} and datasets.{split}; give the splits disjoint "
                             "groups, or drop groups so class_split divides the classes")
 
-    # --------------------------------------------------------------------------------
-    # Tokenisation and its cache
-    # --------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------
+# Tokenisation and its cache
+# ------------------------------------------------------------------------------------
 
-    def _tokenize_pending(self) -> None:
+class _TokenCache:
+    """Tokenises source splits into ragged token ids and keeps them as `.npy` files under
+    `<cache_dir>/tokens/`, keyed by tokenizer, `max_length`, the data's fingerprint and the
+    source's table key.
+
+    Args:
+        tokenizer: the Hugging Face tokenizer.
+        max_length: tokens per example; longer texts are truncated.
+        cache_dir: the cache folder (`datasets`' own cache and group files go beside).
+    """
+
+    def __init__(self, tokenizer, max_length: int, cache_dir: Path):
+        self.tokenizer, self.max_length, self.cache_dir = tokenizer, max_length, cache_dir
+        self.stats = {"hits": 0, "misses": 0}   # per source split
+        self._fingerprint: str | None = None
+
+    def tokenize_pending(self, tables: dict[tuple, _Table], sources: dict[tuple, _Source]) -> None:
         """Tokenise every table not read from the cache, then cache it."""
-        for key, table in self._tables.items():
+        for key, table in tables.items():
             if table.input_ids is not None:
                 continue
-            self.cache_stats["misses"] += 1
+            self.stats["misses"] += 1
             if not getattr(self.tokenizer, "is_fast", True):
                 log.warning("tokenising with a slow (Python) tokenizer; a fast one is much quicker")
             log.info("tokenising %d texts of %s", len(table.texts), table.name)
-            table.input_ids, table.offsets = self._tokenize(table.texts)
+            table.input_ids, table.offsets = self.tokenize(table.texts)
             table.texts = None
-            self._write_cache(key, table)
+            self.write(sources[key], table)
 
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ragged token ids: (flat int32 ids, (len(texts) + 1,) offsets)."""
         lengths, chunks = [], []
         for start in range(0, len(texts), TOKENIZE_BATCH):
@@ -466,27 +589,29 @@ class DatasetLoader:
         flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
         return flat, offsets
 
-    def _cache_path(self, entry: _Source, fingerprint: str) -> Path:
-        key = _hash_json({"version": CACHE_VERSION, "tokenizer": self._tokenizer_fingerprint(),
+    def path(self, entry: _Source, fingerprint: str) -> Path:
+        key = _hash_json({"version": CACHE_VERSION, "tokenizer": self.tokenizer_fingerprint(),
                           "max_length": self.max_length, "data": fingerprint,
                           "table": list(entry.table_key)})[:24]
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(entry.source).name + "_" + entry.split)
         return self.cache_dir / "tokens" / f"{stem}-{key}"
 
-    def _read_cache(self, entry: _Source, fingerprint: str) -> _Table | None:
-        folder = self._cache_path(entry, fingerprint)
+    def read(self, entry: _Source, fingerprint: str) -> _Table | None:
+        """The cached, tokenised table of `entry` at `fingerprint`, or None (a miss)."""
+        folder = self.path(entry, fingerprint)
         meta_file = folder / "meta.json"   # written last: its presence marks a whole entry
         if not meta_file.is_file():
             return None
         meta = json.loads(meta_file.read_text())
         arrays = {k: np.load(folder / f"{k}.npy", allow_pickle=False)
                   for k in ("labels", "offsets", "input_ids")}
+        self.stats["hits"] += 1
+        log.info("tokenisation cache hit for %s", entry.name)
         return _Table(entry.name, fingerprint, meta["label_names"], arrays["labels"],
                       arrays["offsets"], arrays["input_ids"])
 
-    def _write_cache(self, key: tuple, table: _Table) -> None:
-        entry = next(e for s in SPLITS for e in self._entries(s) if e.table_key == key)
-        folder = self._cache_path(entry, table.fingerprint)
+    def write(self, entry: _Source, table: _Table) -> None:
+        folder = self.path(entry, table.fingerprint)
         for name in ("labels", "offsets", "input_ids"):
             buffer = io.BytesIO()
             np.save(buffer, getattr(table, name), allow_pickle=False)
@@ -496,8 +621,8 @@ class DatasetLoader:
             "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
             "max_length": self.max_length, "label_names": table.label_names})
 
-    def _tokenizer_fingerprint(self) -> str:
-        if not hasattr(self, "_tok_fp"):
+    def tokenizer_fingerprint(self) -> str:
+        if self._fingerprint is None:
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
             if backend is not None:
                 # Calls set truncation/padding on the backend; they are not its identity.
@@ -507,119 +632,89 @@ class DatasetLoader:
             else:
                 payload = json.dumps(sorted(self.tokenizer.get_vocab().items()))
             side = getattr(self.tokenizer, "truncation_side", "right")
-            self._tok_fp = _hash_json([type(self.tokenizer).__name__, side, payload])
-        return self._tok_fp
+            self._fingerprint = _hash_json([type(self.tokenizer).__name__, side, payload])
+        return self._fingerprint
 
-    # --------------------------------------------------------------------------------
-    # Episodes
-    # --------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------
+# Episodes
+# ------------------------------------------------------------------------------------
+
+class _EpisodeSampler:
+    """Episodes as pure functions of `(seed, split, index)`: first a JSON-able plan (source,
+    classes, row ids, labels), then the padded, tokenised episode; plans saved as a spec
+    rebuild the same episodes later.
+
+    Args:
+        pools: meta-split -> the weighted pools its episodes draw from.
+        tables: the source tables (shared with the reader), for rebuilding plans.
+        generators: meta-split -> its synthetic task generator.
+        shape: `(n_way, k_shot, q_query)`.
+        seed: seeds the episodes.
+        synthetic_cfg: the `synthetic` config section (saved in synthetic plans).
+        tokenizer: tokenises synthetic tasks; its pad token and side pad every episode.
+        max_length: tokens per synthetic example.
+    """
+
+    def __init__(self, pools: dict[str, list[_Pool]], tables: dict[tuple, _Table],
+                 generators: dict[str, SyntheticTaskGenerator], shape: tuple[int, int, int],
+                 seed: int, synthetic_cfg, tokenizer, max_length: int):
+        self.pools, self.tables, self.generators = pools, tables, generators
+        self.n_way, self.k_shot, self.q_query = shape
+        self.seed, self.synthetic_cfg = seed, synthetic_cfg
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     def episode(self, split: str, index: int) -> Episode:
-        """Episode number `index` of `split`: a pure function of (seed, split, index).
-
-        Args:
-            split: `meta_train`, `meta_val` or `meta_test` (one this loader prepared).
-            index: any integer >= 0; the trainer passes
-                `iteration * meta_batch_size + task_index`.
-
-        Returns:
-            The tokenised episode; labels are a fresh permutation of the classes.
-
-        Raises:
-            UserError: `split` was not prepared or has no source.
-        """
-        return self._materialise(self._plan(split, index))
+        return self.materialise(self.plan(split, index))
 
     def fixed_episodes(self, split: str, num: int, spec_path=None) -> list[Episode]:
-        """The fixed evaluation list: episodes 0..num-1 of `split`.
-
-        With `spec_path`, the list is read from that saved spec when the file exists (so a
-        later run, or another method, evaluates on exactly the same episodes even if the
-        config changed) and saved there otherwise.
-
-        Args:
-            split: usually `meta_test`.
-            num: number of episodes (`evaluation.num_episodes`).
-            spec_path: optional JSON spec file (see `save_episode_spec`).
-
-        Returns:
-            `num` episodes.
-
-        Raises:
-            UserError: a saved spec holds a different number of episodes or names data
-                this loader does not have.
-        """
+        """Episodes 0..num-1 of `split`, read from `spec_path` if it exists, else saved there."""
         if spec_path is not None and Path(spec_path).is_file():
-            episodes = self.load_episode_spec(spec_path)
+            episodes = self.load_spec(spec_path)
             if len(episodes) != num:
                 raise UserError(f"episode spec {spec_path} holds {len(episodes)} episodes, not "
                                 f"{num}; delete it to sample a new list or set "
                                 f"evaluation.num_episodes={len(episodes)}")
             return episodes
         if spec_path is not None:
-            self.save_episode_spec(split, num, spec_path)
+            self.save_spec(split, num, spec_path)
         return [self.episode(split, i) for i in range(num)]
 
-    def save_episode_spec(self, split: str, num: int, path) -> None:
-        """Write episodes 0..num-1 of `split` as a tokenizer-independent JSON spec.
-
-        The spec names, per episode, the source, its data fingerprint, the class names and
-        the row ids (position in the source split) of every support and query example in
-        order, with their episode labels; synthetic episodes are stored as generator seed,
-        index and config. `load_episode_spec` rebuilds them with any tokenizer.
-
-        Args:
-            split: the meta-split.
-            num: number of episodes.
-            path: the JSON file to write (atomically).
-        """
+    def save_spec(self, split: str, num: int, path) -> None:
         atomic_write_json(path, {"format": SPEC_FORMAT, "split": split, "seed": self.seed,
                                  "n_way": self.n_way, "k_shot": self.k_shot,
                                  "q_query": self.q_query,
-                                 "episodes": [self._plan(split, i) for i in range(num)]})
+                                 "episodes": [self.plan(split, i) for i in range(num)]})
 
-    def load_episode_spec(self, path) -> list[Episode]:
-        """Rebuild the episodes of a spec written by `save_episode_spec`.
-
-        Args:
-            path: the spec file.
-
-        Returns:
-            The episodes, in order, tokenised with this loader's tokenizer.
-
-        Raises:
-            UserError: not a spec file, or it names a source this loader has not loaded
-                or whose data changed since.
-        """
+    def load_spec(self, path) -> list[Episode]:
         try:
             spec = json.loads(Path(path).read_text())
             assert spec["format"] == SPEC_FORMAT
         except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
             raise UserError(f"{path} is not a MELoRA episode spec ({e!r}); delete it or "
                             "pass a file written by save_episode_spec") from e
-        return [self._materialise(plan) for plan in spec["episodes"]]
+        return [self.materialise(plan) for plan in spec["episodes"]]
 
     def split_classes(self, split: str) -> dict[str, list[str]]:
-        """Source name -> the class names `split` samples from (synthetic excluded)."""
         return {p.table.name: [p.table.label_names[c] for c in p.classes]
                 for p in self._split_pools(split) if p.table is not None}
 
     def _split_pools(self, split: str) -> list[_Pool]:
-        if split not in self._pools:
+        if split not in self.pools:
             raise UserError(f"meta-split {split!r} was not prepared by this loader (it has "
-                            f"{', '.join(self._pools)}); construct it with splits including it")
-        if not self._pools[split]:
+                            f"{', '.join(self.pools)}); construct it with splits including it")
+        if not self.pools[split]:
             raise UserError(f"datasets.{split} lists no source; add one to config.yml")
-        return self._pools[split]
+        return self.pools[split]
 
-    def _plan(self, split: str, index: int) -> dict[str, Any]:
+    def plan(self, split: str, index: int) -> dict[str, Any]:
         """JSON-able description of episode `index`: source, classes, row ids, labels."""
         pools = self._split_pools(split)
         rng = np.random.default_rng([self.seed, SPLITS.index(split), int(index)])
         weights = np.array([p.weight for p in pools], dtype=float)
         pool = pools[rng.choice(len(pools), p=weights / weights.sum())]
         if pool.table is None:
-            return {"source": SYNTHETIC, "seed": self._generators[split].seed,
+            return {"source": SYNTHETIC, "seed": self.generators[split].seed,
                     "index": int(index), "synthetic": self.synthetic_cfg.to_dict()}
         # Sampling without replacement in random order = a fresh label permutation.
         group = None
@@ -643,7 +738,7 @@ class DatasetLoader:
             plan["group"] = group
         return plan
 
-    def _materialise(self, plan: dict[str, Any]) -> Episode:
+    def materialise(self, plan: dict[str, Any]) -> Episode:
         if plan["source"] == SYNTHETIC:
             generator = SyntheticTaskGenerator(Config(plan["synthetic"]), plan["seed"])
             task = generator.sample_task(self.n_way, self.k_shot, self.q_query, plan["index"])
@@ -654,7 +749,7 @@ class DatasetLoader:
         return Episode(support, query, len(plan["classes"]), list(plan["classes"]), plan["source"])
 
     def _table_for_plan(self, plan: dict[str, Any]) -> _Table:
-        for table in self._tables.values():
+        for table in self.tables.values():
             if table.name == plan["source"] and table.fingerprint == plan["fingerprint"]:
                 return table
         raise UserError(f"episode spec names source {plan['source']} (data fingerprint "
@@ -690,32 +785,6 @@ class DatasetLoader:
             if pad is not None:
                 return int(pad)
         return 0
-
-    # --------------------------------------------------------------------------------
-    # Extension point
-    # --------------------------------------------------------------------------------
-
-    def _load_custom_task(self, task_name: str) -> Dict[str, List]:
-        """Rows of the source `custom:<task_name>`; override this in a subclass.
-
-        Args:
-            task_name: the part of the source name after `custom:`.
-
-        Returns:
-            `{"text": [str, ...], "label": [label, ...]}`, equally long; labels may be
-            strings or integers (they become class names).
-
-        Raises:
-            ConfigError: always, in this base class.
-
-        Example:
-            >>> class MyLoader(DatasetLoader):
-            ...     def _load_custom_task(self, task_name):
-            ...         rows = read_my_rows(task_name)
-            ...         return {"text": [r.text for r in rows], "label": [r.tag for r in rows]}
-        """
-        raise ConfigError(f"source 'custom:{task_name}' needs a DatasetLoader subclass that "
-                          "overrides _load_custom_task; or use a hub name or file path")
 
 
 # ------------------------------------------------------------------------------------
@@ -836,6 +905,45 @@ def _source(e: dict) -> _Source:
                    e["group_file"], tuple(e["groups"]), e["weight"])
 
 
+def _entries(datasets_cfg, split: str) -> list[_Source]:
+    """The sources of one meta-split, normalised."""
+    return [_source(e) for e in getattr(datasets_cfg, split)]
+
+
+def _validate_datasets(datasets_cfg, splits: Sequence[str], n_way: int) -> None:
+    """`DatasetLoader.validate`: the `datasets` settings and named files; reads no data."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ConfigError(f"unknown meta-split(s) {unknown}; use {', '.join(SPLITS)}")
+    if n_way < 2:
+        raise ConfigError(f"tasks.n_way must be >= 2 (a task needs two classes), got {n_way}")
+    if datasets_cfg.synthetic_weight < 0:
+        raise ConfigError(f"datasets.synthetic_weight must be >= 0, got {datasets_cfg.synthetic_weight}")
+    fractions = list(datasets_cfg.class_split)
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ConfigError("datasets.class_split must be three fractions >= 0 "
+                          f"(meta-train, meta-val, meta-test), got {fractions}")
+    if datasets_cfg.synthetic_only:
+        return
+    for split in splits:
+        _validate_split(datasets_cfg, split)
+
+
+def _validate_split(datasets_cfg, split: str) -> None:
+    entries = _entries(datasets_cfg, split)
+    synthetic = datasets_cfg.synthetic_weight if split == "meta_train" else 0.0
+    if not entries and split == "meta_val":
+        return  # meta-validation is optional
+    if not entries and not synthetic:
+        raise ConfigError(f"datasets.{split} lists no source; add one (or run with "
+                          "--synthetic_only, or --dataset PATH)")
+    for i, entry in enumerate(entries):
+        _validate_entry(f"datasets.{split}[{i}]", entry)
+    if entries and sum(e.weight for e in entries) + synthetic <= 0:
+        raise ConfigError(f"the weights of datasets.{split} sum to 0; give a source a "
+                          "positive weight")
+
+
 def _synthetic_seed(seed: int, split: str) -> int:
     """A generator seed per meta-split, so meta-test tasks differ from meta-train ones."""
     return int(np.random.SeedSequence([seed, _SYNTHETIC_STREAM, SPLITS.index(split)])
@@ -852,19 +960,34 @@ def _validate_entry(key: str, entry: _Source) -> None:
                           "set group_file to a class-to-group JSON (e.g. CLINC150's "
                           "domains.json) or set groups to []")
     if entry.kind == "file":
-        path = Path(entry.source)
-        if path.is_dir():
-            raise DataError(f"{key}.source: {entry.source!r} is a folder; pass a {', '.join(FILE_BUILDERS)} "
-                            "file (e.g. --dataset data/clinc150/data_full.json)")
-        if not path.is_file():
-            raise DataError(f"{key}.source: file {entry.source!r} does not exist (relative "
-                            f"paths resolve against {os.getcwd()})")
-        if path.suffix.lower() not in FILE_BUILDERS:
-            raise DataError(f"{key}.source: {entry.source!r} has an unsupported type; use "
-                            f"{', '.join(FILE_BUILDERS)}")
+        check_data_file(entry.source, f"{key}.source", "--dataset data/clinc150/data_full.json")
     if entry.group_file and not _is_url(entry.group_file) and not Path(entry.group_file).is_file():
         raise DataError(f"{key}.group_file {entry.group_file!r} does not exist; give the path "
                         "of a JSON class-to-group map or set it to \"\"")
+
+
+def check_data_file(spec: str, what: str, example: str = "") -> None:
+    """Refuse a data file that is a folder, does not exist, or has a type MELoRA cannot read.
+
+    Used for dataset sources and for `--mode adapt`'s `--support`/`--predict` files.
+
+    Args:
+        spec: the path as the user gave it (named verbatim in the message).
+        what: what the path is, e.g. `datasets.meta_train[0].source` or `--predict`.
+        example: a good value, shown when `spec` is a folder; "" for none.
+
+    Raises:
+        DataError: naming `what`, `spec` and the fix.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        hint = f" (e.g. {example})" if example else ""
+        raise DataError(f"{what}: {spec!r} is a folder; pass a {', '.join(FILE_BUILDERS)} file{hint}")
+    if not path.is_file():
+        raise DataError(f"{what}: file {spec!r} does not exist (relative paths resolve against "
+                        f"{os.getcwd()})")
+    if path.suffix.lower() not in FILE_BUILDERS:
+        raise DataError(f"{what}: {spec!r} has an unsupported type; use {', '.join(FILE_BUILDERS)}")
 
 
 def _check_custom(source: str, data: Any) -> tuple[list[str], list[str]]:
@@ -961,19 +1084,19 @@ def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
                             f"{role} in datasets")
     feature = table.features[entry.label_column]
     raw = table[entry.label_column]
-    unlabelled = [i for i, x in enumerate(raw) if x is None or x == ""]
-    if unlabelled:
-        raise DataError(f"{entry.name}: {len(unlabelled)} row(s) have an empty label in column "
-                        f"{entry.label_column!r} (first: data row {unlabelled[0] + 1}); fill "
-                        "them in or drop those rows")
+    _check_filled(raw, entry, entry.label_column, "have an empty label")
     labels = [feature.int2str(x) for x in raw] if hasattr(feature, "int2str") else [str(x) for x in raw]
     texts = table[entry.text_column]
-    missing = [i for i, t in enumerate(texts) if t is None or t == ""]
-    if missing:
-        raise DataError(f"{entry.name}: {len(missing)} row(s) have no text in column "
-                        f"{entry.text_column!r} (first: data row {missing[0] + 1}); fill them "
-                        "in or drop those rows")
+    _check_filled(texts, entry, entry.text_column, "have no text")
     return [t if isinstance(t, str) else str(t) for t in texts], labels  # numbers are texts too
+
+
+def _check_filled(values: list, entry: _Source, column: str, problem: str) -> None:
+    """Refuse rows whose `column` value is None or ""; `problem` says what they lack."""
+    empty = [i for i, x in enumerate(values) if x is None or x == ""]
+    if empty:
+        raise DataError(f"{entry.name}: {len(empty)} row(s) {problem} in column {column!r} "
+                        f"(first: data row {empty[0] + 1}); fill them in or drop those rows")
 
 
 def _load_hub(entry: _Source):
