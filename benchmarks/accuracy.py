@@ -16,7 +16,9 @@ Protocol (every preset; the numbers per preset are in `PRESETS`):
    training domains, meta-val on `work`, meta-test on `small_talk` + `meta`
    (configs/clinc150_local.yml).
 2. **Choice**: MELoRA's recommended configuration is the grid point with the highest
-   meta-val accuracy averaged over the shapes (and sweep seeds). Meta-test plays no part.
+   meta-val accuracy averaged over the shapes (and sweep seeds); a tie goes to the cheaper
+   point (fewer inner steps, then the cheaper Hessian method, then fixed rates; `cost_rank`).
+   Meta-test plays no part.
 3. **Meta-test, every method once**: for every shape and each of `seeds` training seeds,
    MELoRA with the chosen configuration is meta-trained for `test_iterations`, and
    `evaluation.run_evaluation` evaluates it and the baselines (proto_lora, fomaml_lora,
@@ -445,8 +447,19 @@ def choose(preset: Preset, sweep: dict) -> tuple[dict, list[dict]]:
                      "val_accuracy_per_shape": per_shape,
                      "seconds_per_iteration": float(np.mean([x["seconds_per_iteration"] for x in cells])),
                      "peak_memory_mb": float(max(x["peak_memory_mb"] for x in cells))})
-    ranked = sorted(rows, key=lambda r: -r["val_accuracy"])  # stable: grid order breaks ties
+    ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], cost_rank(r["config"])))
     return ranked[0]["config"], ranked
+
+
+# Ties on meta-val accuracy go to the cheaper configuration (then grid order): fewer inner
+# steps, then the cheaper Hessian method, then fixed rates. A measured s/iteration would
+# break ties by machine noise; this order is what each choice costs by construction.
+HESSIAN_COST = ("none", "diagonal", "block_diagonal", "gauss_newton", "full")
+
+
+def cost_rank(c: dict) -> tuple:
+    """Sort key of a grid point by cost (smaller = cheaper)."""
+    return (c["inner_steps"], HESSIAN_COST.index(c["hessian"]), bool(c["learn_lr"]))
 
 
 def regime_map(preset: Preset, sweep: dict, proto: dict) -> list[dict]:

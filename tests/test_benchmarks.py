@@ -271,3 +271,27 @@ def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path):
     after_k = [episode[1] for episode in cell["per_episode_accuracy_per_step"]["0.5"]]  # K = 1
     assert row["proto_lora"] == pytest.approx(float(np.mean(after_k)), abs=1e-12)
     assert row["full_minus_proto_lora"] == pytest.approx(row["full"] - row["proto_lora"], abs=1e-12)
+
+
+def test_accuracy_choice_breaks_meta_val_ties_by_cost():
+    """Equal meta-val accuracy: fewer inner steps win, then the cheaper Hessian method; the
+    higher accuracy wins whatever it costs."""
+    preset = accuracy.dataclasses.replace(
+        accuracy.PRESETS["smoke"], shapes=((3, 1),), sweep_seeds=(0,),
+        grid={"inner_lr": (0.1,), "inner_steps": (1, 3), "learn_lr": (False,),
+              "hessian": ("full", "none"), "head": ("euclidean",)})
+    configs = accuracy.grid_configs(preset)
+    accuracy_of = {(1, "full"): 0.8, (1, "none"): 0.8, (3, "full"): 0.8, (3, "none"): 0.8}
+
+    def sweep(acc):
+        return {("3way1shot", accuracy.config_key(c), 0):
+                {"accuracy_mean": acc[(c["inner_steps"], c["hessian"])], "seconds_per_iteration": 1.0,
+                 "peak_memory_mb": 1.0} for c in configs}
+
+    assert accuracy.shape_key((3, 1)) == "3way1shot"
+    best, ranked = accuracy.choose(preset, sweep(accuracy_of))
+    assert (best["inner_steps"], best["hessian"]) == (1, "none")
+    assert [(r["config"]["inner_steps"], r["config"]["hessian"]) for r in ranked] == [
+        (1, "none"), (1, "full"), (3, "none"), (3, "full")]
+    best, _ = accuracy.choose(preset, sweep({**accuracy_of, (3, "full"): 0.81}))
+    assert (best["inner_steps"], best["hessian"]) == (3, "full")
