@@ -107,6 +107,10 @@ class Preset:
     seeds: tuple[int, ...]
     methods: tuple[str, ...] = COMPARISON_METHODS
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config keys
+    # Shapes swept for the regime map only (no part in the choice, no meta-test), on
+    # `regime_grid` (a sub-grid of `grid`; None = `grid`).
+    regime_shapes: tuple[tuple[int, int], ...] = ()
+    regime_grid: dict[str, tuple] | None = None
     cuts: tuple[str, ...] = ()
 
 
@@ -130,9 +134,13 @@ PRESETS = {
               "hessian": ("full", "none"), "head": ("euclidean", "cosine")},
         sweep_iterations=10, val_episodes=20, sweep_seeds=(0,), test_iterations=30,
         test_episodes=100, seeds=(0, 1, 2), methods=("proto_lora", "fomaml_lora", "protonet", "finetune"),
+        regime_shapes=((5, 5),),
+        regime_grid={"inner_lr": (0.1, 0.5), "inner_steps": (1, 3), "learn_lr": (False,),
+                     "hessian": ("full", "none"), "head": ("cosine",)},
         overrides={"memory_optimization.gradient_accumulation.default_micro_batch": 0,
                    "evaluation.child_process": False, "evaluation.tuning_trials": 2},
-        cuts=("5-way 1-shot only (no 5-way 5-shot, no 10-way 1-shot: the regime map has one shots value)",
+        cuts=("meta-test at 5-way 1-shot only (no 5-way 5-shot, no 10-way 1-shot); 5-way 5-shot "
+              "only in the regime map, on inner lr {0.1, 0.5} x K {1, 3} x {full, none}, cosine head",
               "sweep grid: K in {1, 3} (no 5), learned per-step rates off only, Hessian in "
               "{full, none} (no gauss_newton, diagonal): 24 of 144 configurations",
               "10 meta-iterations per sweep configuration, meta-batch 4, 4 queries per class, "
@@ -156,10 +164,19 @@ PRESETS = {
 }
 
 
-def grid_configs(preset: Preset) -> list[dict]:
-    """Every grid point as {inner_lr, inner_steps, learn_lr, hessian, head}."""
+def grid_configs(preset: Preset, grid: dict | None = None) -> list[dict]:
+    """Every point of `grid` (default: the preset's) as {inner_lr, inner_steps, learn_lr,
+    hessian, head}."""
+    grid = preset.grid if grid is None else grid
     keys = ("inner_lr", "inner_steps", "learn_lr", "hessian", "head")
-    return [dict(zip(keys, values)) for values in itertools.product(*(preset.grid[k] for k in keys))]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def swept_shapes(preset: Preset, stage: str = "all") -> list[tuple[tuple[int, int], dict]]:
+    """(shape, grid) of every swept shape: the preset's shapes on its grid, then the
+    regime-only shapes on the regime grid (stage "regime": those only)."""
+    regime = [(s, preset.regime_grid or preset.grid) for s in preset.regime_shapes]
+    return regime if stage == "regime" else [(s, preset.grid) for s in preset.shapes] + regime
 
 
 def config_key(c: dict) -> str:
@@ -467,10 +484,12 @@ def regime_map(preset: Preset, sweep: dict, proto: dict) -> list[dict]:
     learned rates off, per-episode accuracies averaged over the sweep seeds."""
     import analysis
     out = []
-    if not {"full", "none"} <= set(preset.grid["hessian"]) or False not in preset.grid["learn_lr"]:
-        return out
-    for head, lr, k, shape in itertools.product(preset.grid["head"], preset.grid["inner_lr"],
-                                                preset.grid["inner_steps"], preset.shapes):
+    cells = [(head, lr, k, shape) for shape, grid in swept_shapes(preset)
+             if {"full", "none"} <= set(grid["hessian"]) and False in grid["learn_lr"]
+             for head, lr, k in itertools.product(grid["head"], grid["inner_lr"], grid["inner_steps"])]
+    order = [s for s, _ in swept_shapes(preset)]  # head, lr, K, then shape vary slowest to fastest
+    for head, lr, k, shape in sorted(cells, key=lambda x: (preset.grid["head"].index(x[0]), x[1], x[2],
+                                                           order.index(x[3]))):
         acc = {}
         for hessian in ("full", "none"):
             key = config_key({"inner_lr": lr, "inner_steps": k, "learn_lr": False,
@@ -645,6 +664,11 @@ def plan(preset: Preset, methods: list[str], missing: list[str]) -> str:
              f"  meta-test: {tests} cells (shape x seed), each MELoRA {preset.test_iterations} "
              f"meta-iterations + {', '.join(methods) or 'no baselines'} on {preset.test_episodes} episodes",
              f"  meta-iterations in all (about): {iterations}"]
+    if preset.regime_shapes:
+        regime = len(grid_configs(preset, preset.regime_grid)) * len(preset.regime_shapes)
+        lines.append(f"  regime map only (no choice, no meta-test): "
+                     f"{', '.join(f'{n}-way {k}-shot' for n, k in preset.regime_shapes)}, "
+                     f"{regime} cells of {preset.sweep_iterations} meta-iterations")
     if missing:
         lines.append(f"  missing methods (reported in the JSON): {', '.join(missing)}")
     for cut in preset.cuts:
@@ -653,8 +677,11 @@ def plan(preset: Preset, methods: list[str], missing: list[str]) -> str:
 
 
 def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
-        extra: Sequence[str] = (), only_methods: Sequence[str] | None = None) -> dict:
-    """The whole study; returns (and writes) the accuracy.json dict."""
+        extra: Sequence[str] = (), only_methods: Sequence[str] | None = None,
+        stage: str = "all") -> dict | None:
+    """The whole study; returns (and writes) the accuracy.json dict. `stage="regime"`
+    computes the regime-only shapes' cells and returns None (a second process may run it
+    beside the main one: cells are separate files)."""
     import baseline as B
     from utils import ConfigError, atomic_write_json, atomic_write_text
 
@@ -669,24 +696,28 @@ def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
         raise ConfigError("--within-group needs grouped real data (the gpu or cpu preset); "
                           "synthetic tasks have no groups")
     # Every configuration is validated before any work (a bad --set fails here).
-    for shape in preset.shapes:
-        for c in grid_configs(preset):
+    for shape, grid in swept_shapes(preset):
+        for c in grid_configs(preset, grid):
             make_config({**base_overrides(preset, shape, 0, work, within_group), **melora_overrides(c)}, extra)
     print(plan(preset, methods, missing), flush=True)
     work.mkdir(parents=True, exist_ok=True)
 
     # 1. Meta-val sweep (and the proto_lora references of the regime map).
     sweep, proto = {}, {}
-    jobs = [(shape, c, seed) for shape in preset.shapes for c in grid_configs(preset)
-            for seed in preset.sweep_seeds]
+    jobs = [(shape, c, seed) for shape, grid in swept_shapes(preset, stage)
+            for c in grid_configs(preset, grid) for seed in preset.sweep_seeds]
     from tqdm import tqdm
     for shape, c, seed in tqdm(jobs, desc="meta-val sweep", unit="cell", dynamic_ncols=True):
         sweep[(shape_key(shape), config_key(c), seed)] = sweep_cell(preset, shape, c, seed, work,
                                                                    within_group, extra)
     if "proto_lora" in methods:
-        for shape, head, seed in itertools.product(preset.shapes, preset.grid["head"], preset.sweep_seeds):
+        for shape, head, seed in [(s, h, seed) for s, grid in swept_shapes(preset, stage)
+                                  for h in grid["head"] for seed in preset.sweep_seeds]:
             proto[(shape_key(shape), head, seed)] = proto_lora_cell(preset, shape, head, seed, work,
                                                                     within_group, extra)
+    if stage == "regime":
+        print(f"regime-only cells done under {work / 'sweep'}; the main run reports them", flush=True)
+        return None
     # 2. The choice, on meta-val only.
     best, ranking = choose(preset, sweep)
     log.info("recommended configuration (meta-val): %s", config_key(best))
@@ -743,6 +774,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                                     "(accuracy_<preset>.json for smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--plan", action="store_true", help="print the cells and the budget only")
+    parser.add_argument("--stage", choices=["all", "regime"], default="all",
+                        help="regime: only the regime-map-only shapes' cells (may run beside the main run)")
     args = parser.parse_args(argv)
     import torch
 
@@ -762,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             print(plan(preset, [m for m in wanted if m in B.BASELINES],
                        [m for m in COMPARISON_METHODS if m not in B.BASELINES]))
             return None
-        return run(preset, work, output, args.within_group, args.set, only)
+        return run(preset, work, output, args.within_group, args.set, only, args.stage)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -295,3 +295,22 @@ def test_accuracy_choice_breaks_meta_val_ties_by_cost():
         (1, "none"), (1, "full"), (3, "none"), (3, "full")]
     best, _ = accuracy.choose(preset, sweep({**accuracy_of, (3, "full"): 0.81}))
     assert (best["inner_steps"], best["hessian"]) == (3, "full")
+
+
+def test_accuracy_regime_only_shapes_join_the_map_not_the_choice(tmp_path):
+    """A regime-only shape is swept (alone with stage="regime") and reported in the regime
+    map, but plays no part in the choice and gets no meta-test."""
+    grid = {"inner_lr": (0.5,), "inner_steps": (1,), "learn_lr": (False,),
+            "hessian": ("full", "none"), "head": ("euclidean",)}
+    preset = accuracy.dataclasses.replace(
+        accuracy.PRESETS["smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("protonet",), grid=grid,
+        regime_shapes=((3, 2),), regime_grid={**grid, "hessian": ("none", "full")})
+    work = tmp_path / "work"
+    assert accuracy.run(preset, work, tmp_path / "accuracy.json", stage="regime") is None
+    assert sorted(p.name for p in (work / "sweep").iterdir()) == ["3way2shot"]
+    result = accuracy.run(preset, work, tmp_path / "accuracy.json")
+    assert set(result["settings"]) == {"3way1shot"}
+    assert all(set(r["val_accuracy_per_shape"]) == {"3way1shot"} for r in result["sweep"])
+    assert [(r["n_way"], r["k_shot"]) for r in result["regime_map"]] == [(3, 1), (3, 2)]
+    for row in result["regime_map"]:
+        assert row["full_minus_none"] == pytest.approx(row["full"] - row["none"], abs=1e-12)
