@@ -89,7 +89,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
     Reverse recomputation (DESIGN.md): the forward sweep keeps only phi_0..phi_K; the
     backward sweep recomputes one inner step at a time and applies (I - a_k H_k) to the
     adjoint v with one Hessian-vector product (or its approximation, by `method`), so
-    peak memory is one step's graph whatever K is.
+    peak memory is one step's graph whatever K is. `MetaGradient(...)(theta, support,
+    query)` in one call.
 
     Args:
         model: a LoRA-wrapped `model.MELoRAModel`; its own parameters are not touched.
@@ -120,14 +121,9 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         >>> loss, grads = compute_meta_gradient(model, lora_parameters(model), support,
         ...                                     query, inner_lr=0.01, inner_steps=3)
     """
-    if method not in HESSIAN_METHODS:
-        raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
-    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
-    _check_head_init(head_init)
-    task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=1)
-    phi_0 = [t.detach() for t in theta.values()]
-    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init,
-                          acc_before)
+    engine = MetaGradient(model, inner_lr, inner_steps, method, micro_batch, hessian=hessian,
+                          head_init=head_init)
+    return engine(theta, support, query, metrics=metrics, seed=seed, acc_before=acc_before)
 
 
 def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -146,6 +142,7 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
     examples. The tasks' losses are summed, their parameters are separate, so gradients
     and Hessian-vector products separate by task exactly: the result equals the mean of
     `compute_meta_gradient` over the tasks (without dropout, whose masks differ).
+    `MetaGradient(...).batched(theta, episodes)` in one call.
 
     Args:
         episodes: [(support, query), ...]; every task has as many support (and query)
@@ -156,38 +153,175 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
         (mean query loss, {name: mean meta-gradient}) (and "inner_lr" for learned rates);
         `metrics` gets accuracies averaged over the tasks.
     """
-    if method not in HESSIAN_METHODS:
-        raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
-    _check_head_init(head_init)
-    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
-    if method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
-        return _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method,
-                              micro_batch, metrics, hessian, seed, head_init, acc_before)
-    T = len(episodes)
-    support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
-    task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=T)
-    phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
-    query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian,
-                                       metrics, head_init, acc_before)
-    mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
-    return query_loss / T, mean
+    engine = MetaGradient(model, inner_lr, inner_steps, method, micro_batch, hessian=hessian,
+                          head_init=head_init)
+    return engine.batched(theta, episodes, metrics=metrics, seed=seed, acc_before=acc_before)
 
 
-def _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method, micro_batch,
-                   metrics, hessian, seed, head_init, acc_before=True):
-    total, summed, per_task = 0.0, {}, []
-    for t, (support, query) in enumerate(episodes):
-        m = {}
-        loss, grads = compute_meta_gradient(model, theta, support, query, inner_lr, inner_steps,
-                                            method, micro_batch, metrics=m, hessian=hessian,
-                                            seed=seed + t, head_init=head_init,
-                                            acc_before=acc_before)
-        total = total + loss
-        summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
-        per_task.append(m)
-    if metrics is not None:
-        metrics.update({k: sum(m[k] for m in per_task) / len(per_task) for k in per_task[0]})
-    return total / len(episodes), {n: g / len(episodes) for n, g in summed.items()}
+class MetaGradient:
+    """The meta-gradient engine: one task's inner loop and its exact (or approximated)
+    meta-gradient by reverse recomputation, for one setting of the method.
+
+    Verbs: `start` (phi_0), `adapt` (the inner loop: phi_K), calling it (the
+    meta-gradient of one task) and `batched` (the mean over tasks run together).
+
+    Args:
+        model: a LoRA-wrapped `model.MELoRAModel`; its own parameters are not touched.
+        inner_lr: a float a, or a tensor (inner_steps,) of learned per-step rates a_k
+            (read at every call, so a learned tensor may change between calls).
+        inner_steps: K >= 0.
+        method: a `CURVATURE_PRODUCTS` name, or none (first order).
+        micro_batch, hessian, head_init: as in `compute_meta_gradient`.
+
+    Example:
+        >>> engine = MetaGradient(model, 0.01, 3, "full", head_init="proto")
+        >>> phi = engine.adapt(theta, support)                 # fast weights phi_K
+        >>> loss, grads = engine(theta, support, query)        # the meta-gradient
+    """
+
+    def __init__(self, model: M.MELoRAModel, inner_lr: float | torch.Tensor, inner_steps: int,
+                 method: str = "full", micro_batch: int = 0, *,
+                 hessian: HessianOptions = HessianOptions(), head_init: str = "zero"):
+        if method not in HESSIAN_METHODS:
+            raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
+        _check_head_init(head_init)
+        self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
+        self.method, self.micro_batch, self.hessian = method, micro_batch, hessian
+        self.head_init = head_init
+
+    def start(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto."""
+        phi = [t.detach() for t in theta.values()]
+        if self.head_init == "proto":
+            task = _Task(self.model, list(theta), support, support, self.micro_batch, seed=0)
+            phi = task.with_proto_head(phi)[0]
+        return dict(zip(theta, phi))
+
+    def adapt(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor],
+              seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The fast weights phi_K after the inner loop on `support` (detached): the
+        meta-gradient's forward sweep with the same `seed` (same kernels, dropout masks)."""
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        task = _Task(self.model, list(theta), support, support, self.micro_batch, seed)
+        phi_0 = [t.detach() for t in theta.values()]
+        if self.head_init == "proto":
+            phi_0 = task.with_proto_head(phi_0)[0]
+        phis = self._forward_sweep(task, phi_0, _step_rates(self.inner_lr, self.inner_steps))[0]
+        return dict(zip(theta, phis[-1]))
+
+    def __call__(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor],
+                 query: Mapping[str, torch.Tensor], *, metrics: dict | None = None,
+                 seed: int | None = None, acc_before: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(query loss at phi_K, meta-gradient), as `compute_meta_gradient` describes."""
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        task = _Task(self.model, list(theta), support, query, self.micro_batch, seed, tasks=1)
+        phi_0 = [t.detach() for t in theta.values()]
+        return self._meta_gradient(task, phi_0, metrics, acc_before)
+
+    def batched(self, theta: Mapping[str, torch.Tensor], episodes: list[tuple[Mapping, Mapping]],
+                *, metrics: dict | None = None, seed: int | None = None, acc_before: bool = True
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mean over `episodes`, as `compute_batched_meta_gradient` describes."""
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        if self.method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
+            return self._mean_of_tasks(theta, episodes, metrics, seed, acc_before)
+        T = len(episodes)
+        support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
+        task = _Task(self.model, list(theta), support, query, self.micro_batch, seed, tasks=T)
+        phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
+        query_loss, grads = self._meta_gradient(task, phi_0, metrics, acc_before)
+        mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
+        return query_loss / T, mean
+
+    def _mean_of_tasks(self, theta, episodes, metrics, seed, acc_before):
+        total, summed, per_task = 0.0, {}, []
+        for t, (support, query) in enumerate(episodes):
+            m = {}
+            loss, grads = self(theta, support, query, metrics=m, seed=seed + t, acc_before=acc_before)
+            total = total + loss
+            summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
+            per_task.append(m)
+        if metrics is not None:
+            metrics.update({k: sum(m[k] for m in per_task) / len(per_task) for k in per_task[0]})
+        return total / len(episodes), {n: g / len(episodes) for n, g in summed.items()}
+
+    def _forward_sweep(self, task: "_Task", phi_0: list[torch.Tensor], lrs: list,
+                       fisher: bool = False, first_kept: int | None = None):
+        """phi_{k+1} = phi_k - a_k grad L_S(phi_k); keeps phi_k only (and, from step
+        `first_kept` on, the steps' gradient graphs for their Hessian products).
+
+        Returns:
+            (phis, support gradients (None unless rates are learned), Fisher diagonals,
+            kept graphs, support loss at phi_0 or None).
+        """
+        # Without curvature products or checkpointed blocks nothing recomputes a support
+        # pass, so the support passes may use the fused attention kernel (query passes do).
+        fisher_method = self.method == "diagonal" and self.hessian.diagonal_estimator == "fisher"
+        task.fused_support = (self.method == "none" or fisher_method) and not M.is_checkpointed(task.model)
+        first_kept = self.inner_steps if first_kept is None else first_kept
+        learn_lr = torch.is_tensor(self.inner_lr)
+        phis, grads_s, diags, support_loss = [phi_0], [], [], None
+        kept: list = [None] * self.inner_steps
+        for k in range(self.inner_steps):
+            if k >= first_kept:
+                g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
+                diag = None
+            else:
+                g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
+            if k == 0:
+                support_loss = loss / task.tasks
+            phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
+            grads_s.append(g if learn_lr else None)
+            diags.append(diag)
+        return phis, grads_s, diags, kept, support_loss
+
+    def _meta_gradient(self, task: "_Task", phi_0: list[torch.Tensor], metrics: dict | None,
+                       acc_before: bool = True):
+        """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
+        method, hessian, inner_lr, inner_steps = self.method, self.hessian, self.inner_lr, self.inner_steps
+        # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
+        if self.head_init == "proto":
+            phi_0, prototypes = task.with_proto_head(phi_0)
+        lrs = _step_rates(inner_lr, inner_steps)
+        learn_lr = torch.is_tensor(inner_lr)
+        fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
+
+        # 1. Forward sweep: keep phi_k only (and, with keep_graphs, the last steps'
+        #    gradient graphs for their Hessian products).
+        first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
+        phis, grads_s, diags, kept, support_loss = self._forward_sweep(task, phi_0, lrs, fisher,
+                                                                       first_kept)
+        if support_loss is not None and metrics is not None:
+            metrics["support_loss"] = support_loss
+
+        # 2. Outer loss and its gradient at phi_K: the adjoint v = dL_Q / dphi_K.
+        query_loss, v, acc_after = task.query_grad(phis[-1])
+
+        # 3. Backward sweep: v <- (I - a_k H_k) v, one step's graph at a time.
+        lr_grad = torch.zeros(inner_steps, dtype=phi_0[0].dtype, device=phi_0[0].device) if learn_lr else None
+        for k in reversed(range(inner_steps)):
+            if learn_lr:
+                lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
+            if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
+                hv, kept[k] = task.kept_hvp(kept[k], v), None
+                v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
+            elif method != "none":
+                hv = CURVATURE_PRODUCTS[method](task, phis[k], v, k, diags[k], hessian)
+                v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
+
+        # 4. Proto-MAML: carry the head's adjoint through the prototypes into the LoRA factors.
+        if self.head_init == "proto":
+            v = task.proto_backward(phi_0, v, prototypes)
+        if metrics is not None:
+            metrics["query_acc_after"] = acc_after
+            if acc_before:  # one more query forward per task, at phi_0
+                metrics["query_acc_before"] = acc_after if inner_steps == 0 else task.accuracy(phis[0])
+        grads = dict(zip(task.names, v))
+        if learn_lr:
+            grads["inner_lr"] = lr_grad.to(inner_lr.device)
+        return query_loss, grads
 
 
 def _stack_sets(sets: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -223,73 +357,9 @@ def initial_fast_weights(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor]
                          micro_batch: int = 0) -> dict[str, torch.Tensor]:
     """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto.
 
-    Evaluation starts adaptation here, as meta-training does.
+    Evaluation starts adaptation here, as meta-training does (`MetaGradient.start`).
     """
-    _check_head_init(head_init)
-    phi = [t.detach() for t in theta.values()]
-    if head_init == "proto":
-        task = _Task(model, list(theta), support, support, micro_batch, seed=0)
-        phi = task.with_proto_head(phi)[0]
-    return dict(zip(theta, phi))
-
-
-def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_steps: int,
-                   method: str, hessian: HessianOptions, metrics: dict | None,
-                   head_init: str = "zero", acc_before: bool = True):
-    """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
-    # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
-    if head_init == "proto":
-        phi_0, prototypes = task.with_proto_head(phi_0)
-    lrs = _step_rates(inner_lr, inner_steps)
-    learn_lr = torch.is_tensor(inner_lr)
-    fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
-    # Without curvature products or checkpointed blocks nothing recomputes a support
-    # pass, so the support passes may use the fused attention kernel (query passes do).
-    task.fused_support = (method == "none" or fisher) and not M.is_checkpointed(task.model)
-
-    # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only (and,
-    #    with keep_graphs, the last steps' gradient graphs for their Hessian products).
-    phis, grads_s, diags = [phi_0], [], []
-    first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
-    kept: list = [None] * inner_steps
-    for k in range(inner_steps):
-        if k >= first_kept:
-            g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
-            diag = None
-        else:
-            g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
-        if k == 0 and metrics is not None:
-            metrics["support_loss"] = loss / task.tasks
-        phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
-        grads_s.append(g if learn_lr else None)
-        diags.append(diag)
-
-    # 2. Outer loss and its gradient at phi_K: the adjoint v = dL_Q / dphi_K.
-    query_loss, v, acc_after = task.query_grad(phis[-1])
-
-    # 3. Backward sweep: v <- (I - a_k H_k) v, one step's graph at a time.
-    lr_grad = torch.zeros(inner_steps, dtype=phi_0[0].dtype, device=phi_0[0].device) if learn_lr else None
-    for k in reversed(range(inner_steps)):
-        if learn_lr:
-            lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
-        if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
-            hv, kept[k] = task.kept_hvp(kept[k], v), None
-            v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
-        elif method != "none":
-            hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
-            v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
-
-    # 4. Proto-MAML: carry the head's adjoint through the prototypes into the LoRA factors.
-    if head_init == "proto":
-        v = task.proto_backward(phi_0, v, prototypes)
-    if metrics is not None:
-        metrics["query_acc_after"] = acc_after
-        if acc_before:  # one more query forward per task, at phi_0
-            metrics["query_acc_before"] = acc_after if inner_steps == 0 else task.accuracy(phis[0])
-    grads = dict(zip(task.names, v))
-    if learn_lr:
-        grads["inner_lr"] = lr_grad.to(inner_lr.device)
-    return query_loss, grads
+    return MetaGradient(model, 0.0, 0, "none", micro_batch, head_init=head_init).start(theta, support)
 
 
 def _step_rates(inner_lr, inner_steps: int) -> list:
@@ -310,24 +380,26 @@ class _Task:
         self.n_support = int(support["labels"].numel()) // tasks  # per task: losses are per-task means
         self.n_query = int(query["labels"].numel()) // tasks
         self.device = support["input_ids"].device
-        self.fused_support = False  # see _meta_gradient
+        self.fused_support = False  # see MetaGradient._forward_sweep
 
     # -- losses ---------------------------------------------------------------------
-    def _loss(self, phi, chunk, n_total, step, index):
+    def loss(self, phi, chunk, n_total, step, index):
         """Sum of the chunk's cross-entropies / n_total, so chunks add up to the mean loss."""
-        with self._dropout_rng(step, index):
+        with self.dropout_rng(step, index):
             logits = M.forward(self.model, dict(zip(self.names, phi)), chunk)
         return F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
                                else logits, chunk["labels"], reduction="sum") / n_total, logits
 
     @contextlib.contextmanager
-    def _dropout_rng(self, step, index):
+    def dropout_rng(self, step, index):
+        """Dropout masks of pass (step, micro-batch index), the same at every recomputation."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed((self.seed + 1_000_003 * step + 7919 * index) % 2**63)
             yield
 
-    def _leaves(self, phi):
+    @staticmethod
+    def leaves(phi):
         return [p.detach().requires_grad_() for p in phi]
 
     # -- first order ----------------------------------------------------------------
@@ -338,11 +410,11 @@ class _Task:
         curvature products must: a fused kernel would draw other attention-dropout masks.
         Where nothing recomputes them (`fused_support`), the default kernel runs.
         """
-        leaves, grad, total, diag = self._leaves(phi), None, 0.0, None
+        leaves, grad, total, diag = self.leaves(phi), None, 0.0, None
         kernel = contextlib.nullcontext if self.fused_support else M.second_order_attention
         for i, chunk in enumerate(self.support):
             with kernel():  # checkpointed blocks recompute in backward
-                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
+                loss, _ = self.loss(leaves, chunk, self.n_support, step, i)
                 g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
             total += loss.item()
@@ -356,10 +428,10 @@ class _Task:
 
     def support_grad_with_graph(self, phi, step):
         """support_grad's (gradient, loss), and (leaves, gradient graph) for `kept_hvp`."""
-        leaves, grads, total = self._leaves(phi), [], 0.0
+        leaves, grads, total = self.leaves(phi), [], 0.0
         with M.second_order_attention():
             for i, chunk in enumerate(self.support):
-                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
+                loss, _ = self.loss(leaves, chunk, self.n_support, step, i)
                 grads.append(torch.autograd.grad(loss, leaves, create_graph=True))
                 total += loss.item()
         # one chunk: its gradient as is (a sum from 0 would hold another adapter-sized copy)
@@ -375,9 +447,9 @@ class _Task:
 
     def query_grad(self, phi):
         """(L_Q(phi), grad L_Q(phi), accuracy at phi)."""
-        leaves, grad, total, correct = self._leaves(phi), None, 0.0, 0
+        leaves, grad, total, correct = self.leaves(phi), None, 0.0, 0
         for i, chunk in enumerate(self.query):
-            loss, logits = self._loss(leaves, chunk, self.n_query, QUERY_STEP, i)
+            loss, logits = self.loss(leaves, chunk, self.n_query, QUERY_STEP, i)
             g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
             total += loss.detach()
@@ -431,7 +503,7 @@ class _Task:
         else:
             u = 2 * v[w_index].reshape(c.shape) - 2 * c * v[b_index].reshape(-1, 1)
         u = u / counts.clamp(min=1).unsqueeze(1)
-        leaves = self._leaves(phi_0)
+        leaves = self.leaves(phi_0)
         v = list(v)
         for i, chunk in enumerate(self.support):
             with dropout_off(self.model), M.second_order_attention():  # as _features; checkpointed blocks recompute
@@ -447,70 +519,87 @@ class _Task:
         """Query accuracy at phi (micro-batched, dropout replayed from the query stream)."""
         correct = 0
         for i, chunk in enumerate(self.query):
-            with self._dropout_rng(QUERY_STEP, i):
+            with self.dropout_rng(QUERY_STEP, i):
                 logits = M.forward(self.model, dict(zip(self.names, phi)), chunk)
             correct += int((logits.argmax(-1) == chunk["labels"]).sum())
         return correct / (self.n_query * self.tasks)
 
-    # -- second order ---------------------------------------------------------------
-    def curvature_product(self, method, phi, v, step, diag, hessian):
-        """H_k v (or its approximation) at phi_k for the support loss."""
-        if method == "diagonal":
-            if hessian.diagonal_estimator == "hutchinson":
-                diag = self.hutchinson_diagonal(phi, step, hessian.hutchinson_probes)
-            return [d * vi for d, vi in zip(diag, v)]
-        product = {"full": self._hvp, "gauss_newton": self._gnvp,
-                   "block_diagonal": self._kfac_product}[method]
+
+# -- curvature products: H_k v (or its approximation) at phi_k for the support loss ------
+# Each takes (task, phi_k, v, k, the forward sweep's Fisher diagonal or None, HessianOptions).
+
+def _hvp(task, phi, v, step):
+    """Exact Hessian-vector product: one double backward per micro-batch."""
+    leaves, out = task.leaves(phi), [torch.zeros_like(p) for p in phi]
+    for i, chunk in enumerate(task.support):
+        loss, _ = task.loss(leaves, chunk, task.n_support, step, i)
+        g = torch.autograd.grad(loss, leaves, create_graph=True)
+        hv = torch.autograd.grad(g, leaves, v)  # the vjp of grad with v: H v
+        out = [a + b for a, b in zip(out, hv)]
+    return out
+
+
+def _gnvp(task, phi, v, step):
+    """Gauss-Newton-vector product J^T H_logits J v, H_logits = (diag(p) - p p^T) / n."""
+    leaves, out = task.leaves(phi), [torch.zeros_like(p) for p in phi]
+    for i, chunk in enumerate(task.support):
+        with task.dropout_rng(step, i):
+            logits = M.forward(task.model, dict(zip(task.names, leaves)), chunk)  # (B, N)
+        # J v by the double-vjp trick: u -> J^T u is linear, its vjp with v is J v.
+        u = torch.zeros_like(logits, requires_grad=True)
+        jt_u = torch.autograd.grad(logits, leaves, u, create_graph=True)
+        jv = torch.autograd.grad(jt_u, u, v)[0]  # (B, N)
+        p = logits.detach().softmax(-1)
+        h_jv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / task.n_support
+        gv = torch.autograd.grad(logits, leaves, h_jv)
+        out = [a + b for a, b in zip(out, gv)]
+    return out
+
+
+def _kfac(task, phi, v, step):
+    """Per-module K-FAC blocks (A (x) G) applied to v, cross-module terms dropped."""
+    recorder = _KFACRecorder(task.model, task.names, v, task.n_support)
+    leaves = task.leaves(phi)
+    with recorder:
+        for i, chunk in enumerate(task.support):
+            recorder.new_chunk(chunk["attention_mask"])
+            loss, _ = task.loss(leaves, chunk, task.n_support, step, i)
+            torch.autograd.grad(loss, leaves)  # fills the recorder through tensor hooks
+    return recorder.products(phi)
+
+
+def hutchinson_diagonal(task, phi, step, probes):
+    """diag(H) ~ E[z * Hz], z Rademacher (Bekas et al., 2007)."""
+    gen = torch.Generator(device="cpu").manual_seed((task.seed + step) % 2**63)
+    diag = [torch.zeros_like(p) for p in phi]
+    for _ in range(probes):
+        z = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in phi]
         with M.second_order_attention():
-            return product(phi, v, step)
+            hz = _hvp(task, phi, z, step)
+        diag = [d + zi * h / probes for d, zi, h in zip(diag, z, hz)]
+    return diag
 
-    def _hvp(self, phi, v, step):
-        """Exact Hessian-vector product: one double backward per micro-batch."""
-        leaves, out = self._leaves(phi), [torch.zeros_like(p) for p in phi]
-        for i, chunk in enumerate(self.support):
-            loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
-            g = torch.autograd.grad(loss, leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, v)  # the vjp of grad with v: H v
-            out = [a + b for a, b in zip(out, hv)]
-        return out
 
-    def _gnvp(self, phi, v, step):
-        """Gauss-Newton-vector product J^T H_logits J v, H_logits = (diag(p) - p p^T) / n."""
-        leaves, out = self._leaves(phi), [torch.zeros_like(p) for p in phi]
-        for i, chunk in enumerate(self.support):
-            with self._dropout_rng(step, i):
-                logits = M.forward(self.model, dict(zip(self.names, leaves)), chunk)  # (B, N)
-            # J v by the double-vjp trick: u -> J^T u is linear, its vjp with v is J v.
-            u = torch.zeros_like(logits, requires_grad=True)
-            jt_u = torch.autograd.grad(logits, leaves, u, create_graph=True)
-            jv = torch.autograd.grad(jt_u, u, v)[0]  # (B, N)
-            p = logits.detach().softmax(-1)
-            h_jv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / self.n_support
-            gv = torch.autograd.grad(logits, leaves, h_jv)
-            out = [a + b for a, b in zip(out, gv)]
-        return out
+def _diagonal_product(task, phi, v, step, diag, hessian):
+    """diag(H) * v: the forward sweep's Fisher diagonal, or Hutchinson's estimate."""
+    if hessian.diagonal_estimator == "hutchinson":
+        diag = hutchinson_diagonal(task, phi, step, hessian.hutchinson_probes)
+    return [d * vi for d, vi in zip(diag, v)]
 
-    def hutchinson_diagonal(self, phi, step, probes):
-        """diag(H) ~ E[z * Hz], z Rademacher (Bekas et al., 2007)."""
-        gen = torch.Generator(device="cpu").manual_seed((self.seed + step) % 2**63)
-        diag = [torch.zeros_like(p) for p in phi]
-        for _ in range(probes):
-            z = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in phi]
-            with M.second_order_attention():
-                hz = self._hvp(phi, z, step)
-            diag = [d + zi * h / probes for d, zi, h in zip(diag, z, hz)]
-        return diag
 
-    def _kfac_product(self, phi, v, step):
-        """Per-module K-FAC blocks (A (x) G) applied to v, cross-module terms dropped."""
-        recorder = _KFACRecorder(self.model, self.names, v, self.n_support)
-        leaves = self._leaves(phi)
-        with recorder:
-            for i, chunk in enumerate(self.support):
-                recorder.new_chunk(chunk["attention_mask"])
-                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
-                torch.autograd.grad(loss, leaves)  # fills the recorder through tensor hooks
-        return recorder.products(phi)
+def _on_math_kernel(product):
+    """A (task, phi, v, step) product as a curvature product, its passes on the math
+    attention kernel (double backward, exact dropout replay)."""
+    def curvature_product(task, phi, v, step, diag, hessian):
+        with M.second_order_attention():
+            return product(task, phi, v, step)
+    curvature_product.__doc__ = product.__doc__
+    return curvature_product
+
+
+# Hessian method -> its curvature product ("none", first order, has none).
+CURVATURE_PRODUCTS = {"full": _on_math_kernel(_hvp), "gauss_newton": _on_math_kernel(_gnvp),
+                      "block_diagonal": _on_math_kernel(_kfac), "diagonal": _diagonal_product}
 
 
 def _cosine_head(model) -> bool:

@@ -283,3 +283,31 @@ def test_pre_adaptation_accuracy_is_optional_and_changes_nothing_else(method):
     finally:
         M.disable_checkpointing(model)
     assert relative_error(flat(c[1], theta), flat(a[1], theta)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["full", "none"])
+@pytest.mark.parametrize("head_init", ["zero", "proto"])
+def test_engine_adapt_gives_the_inner_loops_fast_weights(method, head_init):
+    """MetaGradient.adapt: phi_K of plain SGD on the support loss from `start` (float64),
+    at which the engine's own call evaluates the query loss."""
+    model, theta, support, query = setup_task("tiny-bert", seed=4)
+    rates = torch.tensor([0.5, 0.3], dtype=torch.float64)
+    engine = trainer.MetaGradient(model, rates, 2, method, 4, head_init=head_init)
+    phi = engine.start(theta, support)
+    for k in range(2):
+        leaves = {n: p.detach().requires_grad_() for n, p in phi.items()}
+        loss = F.cross_entropy(M.forward(model, leaves, support), support["labels"])
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        phi = {n: p.detach() - rates[k] * g for (n, p), g in zip(leaves.items(), grads)}
+    fast = engine.adapt(theta, support, seed=0)
+    assert list(fast) == list(theta)
+    assert relative_error(flat(fast, theta), flat(phi, theta)) < 1e-10
+    query_loss, _ = engine(theta, support, query, seed=0)
+    expected = F.cross_entropy(M.forward(model, fast, query), query["labels"])
+    assert abs(query_loss.item() - expected.item()) < 1e-10
+
+
+def test_every_second_order_method_has_a_curvature_product():
+    assert set(trainer.CURVATURE_PRODUCTS) == set(utils.HESSIAN_METHODS) - {"none"}
+    with pytest.raises(ValueError, match="block_diagonal"):
+        trainer.MetaGradient(None, 0.5, 1, "kfac")
