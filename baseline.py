@@ -227,7 +227,7 @@ class LoRAMetaLearner(FewShotMethod):
     dropout seeding per task) and an outer Adam with clipping, as trainer.MetaTrainer.
 
     Args:
-        model: a LoRA-wrapped model (trainer.build_model).
+        model: a LoRA-wrapped model (model.build_model).
         inner_lr: a, the inner SGD rate (meta-training and adaptation).
         inner_steps: K during meta-training: 0 for proto_lora (no inner loop; theta is
             trained only through the prototype head's query loss).
@@ -545,7 +545,7 @@ def build_baseline(name: str, cfg: Config, device: torch.device, inner_lr: float
     steps, head = inner.default_num_steps, cfg.evaluation.head_init
     micro = cfg.memory_optimization.gradient_accumulation.default_micro_batch
     if name in ("finetune", "finetune_multitask", "reptile_lora", "proto_lora", "fomaml_lora"):
-        model, tokenizer = T.build_model(cfg, device)
+        model, tokenizer = M.build_model(cfg, device)
         method = {"finetune": lambda: FineTune(model, a, head),
                   "finetune_multitask": lambda: MultitaskFineTune(model, a, beta, outer.grad_clip, head),
                   "reptile_lora": lambda: _named(Reptile(
@@ -586,7 +586,7 @@ def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object
     """The pretrained model of `cfg` with its zero N-way head and no LoRA, all weights trainable."""
     model, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way,
                                     pooling=cfg.models.pooling,
-                                    dtype=T.PARAM_DTYPE[cfg.training.precision])
+                                    dtype=M.PARAM_DTYPE[cfg.training.precision])
     return model.to(device).train(), tokenizer
 
 

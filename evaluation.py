@@ -65,7 +65,7 @@ import analysis
 import baseline as B
 import model as M
 from dataset_loader import DatasetLoader
-from trainer import MetaTrainer, build_model, restore_model, saved_config
+from trainer import MetaTrainer, restore_model, saved_config
 from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
                    atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
                    load_checkpoint, load_config_with_base, rank, rank_device,
@@ -413,7 +413,7 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, 
         model, _, _, inner_lr = restore_model(checkpoint, device, cfg, read_checkpoint(checkpoint))
     else:
         scfg = seed_config(cfg, s)
-        model, _ = build_model(scfg, device)
+        model, _ = M.build_model(scfg, device)
         meta = MetaTrainer(model, SeedEpisodes(loader, s), scfg.meta_learning, memory,
                            scfg.training, device, {"lora": {"rank": cfg.lora.default_rank}})
         for it in range(iterations):

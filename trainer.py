@@ -21,7 +21,6 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -33,11 +32,11 @@ from tqdm import tqdm
 
 import model as M
 from dataset_loader import DatasetLoader
-from utils import (HEAD_INITS, HESSIAN_METHODS, OOM_ADVICE, Config, ConfigError, MetricsSink,
-                   RunInterrupted, UserError, all_reduce_max, all_reduce_sum, atomic_write_json,
-                   atomic_write_text, checkpoint_config, is_main_process, load_checkpoint,
-                   peak_memory_mb, rank, rank_device, reset_peak_memory, resolve_device,
-                   save_checkpoint, set_seed, to_device, world_size)
+from utils import (HEAD_INITS, HESSIAN_METHODS, OOM_ADVICE, Config, ConfigError, HessianOptions,
+                   MetricsSink, RunInterrupted, UserError, all_reduce_max, all_reduce_sum,
+                   atomic_write_json, atomic_write_text, checkpoint_config, is_main_process,
+                   load_checkpoint, peak_memory_mb, rank, rank_device, reset_peak_memory,
+                   resolve_device, save_checkpoint, set_seed, to_device, world_size)
 
 log = logging.getLogger("melora")
 
@@ -46,35 +45,6 @@ log = logging.getLogger("melora")
 # Meta-gradient
 # ====================================================================================
 
-
-
-@dataclass(frozen=True)
-class HessianOptions:
-    """Options of the curvature products (memory_optimization.hessian_approximation).
-
-    Attributes:
-        diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
-            gradients) or hutchinson.
-        hutchinson_probes: Rademacher probes per inner step for hutchinson.
-        keep_graphs: `full` only: how many inner steps (the last ones, 0..K; more = K)
-            build their support gradient with its graph during the forward sweep and
-            keep it until the backward sweep's Hessian-vector product, instead of
-            recomputing it. Each kept step saves a forward+backward per task (its
-            product then costs one double backward only) and adds one step's graph to
-            peak memory (peak = the kept graphs + the query pass). K keeps them all,
-            as unrolled autograd does. Same meta-gradient for every value.
-        keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
-    """
-    diagonal_estimator: str = "fisher"
-    hutchinson_probes: int = 1
-    keep_last_step: bool = False
-    keep_graphs: int = 0
-
-    def graphs_kept(self, method: str, inner_steps: int) -> int:
-        """How many of the last inner steps keep their gradient graph (0 unless `full`)."""
-        if method != "full":
-            return 0
-        return min(inner_steps, max(int(self.keep_graphs), int(bool(self.keep_last_step))))
 
 
 def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
@@ -728,8 +698,6 @@ class _KFACRecorder:
 CHECKPOINT_VERSION = 1
 # What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
 RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
-PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
-                "fp64": torch.float64}
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -792,127 +760,6 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
         log.info("removed %s, left by a checkpoint write that was cut short", tmp.name)
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
-    """The backbone with its N-way head and LoRA layers, as `cfg` describes, on `device`.
-
-    LoRA's A factors are drawn after seeding with `training.seed`, so theta at
-    iteration 0 is a function of the config.
-
-    Args:
-        cfg: the validated config (`models`, `lora`, `tasks`, `memory_optimization`,
-            `training` sections are read).
-        device: where the model lives.
-
-    Returns:
-        (model, tokenizer).
-    """
-    name = cfg.models.selected_model
-    model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
-                                    dtype=PARAM_DTYPE[cfg.training.precision],
-                                    **_head_options(cfg.meta_learning))
-    family = M.family_of(name)
-    if family not in cfg.lora.target_modules:
-        raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
-                          f"{name!r}; add `{family}: [...]` under lora.target_modules")
-    set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
-    layers = list(cfg.lora.layers)
-    try:
-        M.check_lora_layers(model, layers)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    M.check_max_length(model, cfg.models.max_length)
-    M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
-                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
-                  layers=layers)
-    model = model.to(device).train()
-    if layers and cfg.memory_optimization.prefix_cache:
-        skipped = M.enable_prefix_cache(model)
-        log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
-                 "example (memory_optimization.prefix_cache)", skipped)
-    checkpointing = cfg.memory_optimization.checkpointing
-    if checkpointing_decision(cfg, model, device):
-        M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
-    return model, tokenizer
-
-
-def estimate_peak_activation_mb(cfg: Config, model: M.MELoRAModel) -> float:
-    """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
-
-    Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
-    the MLP's width and 3 per attention head of sequence length (scores, probabilities,
-    mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
-    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
-    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
-    tokens. A first-order step holds one such graph; a second-order product (full,
-    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
-    backward keeps as much again), and `full` with kept graphs holds that many of them
-    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
-    """
-    config = model.backbone.config
-    hidden = config.hidden_size
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-             or getattr(config, "d_ff", None) or 4 * hidden)
-    length = cfg.models.max_length
-    per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
-    tasks, memory = cfg.tasks, cfg.memory_optimization
-    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
-    micro = memory.gradient_accumulation.default_micro_batch
-    examples = set_size if micro <= 0 else min(micro, set_size)
-    if cfg.meta_learning.batched_tasks:
-        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
-    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
-    graph = examples * length * layers * per_token * bytes_per / 2**20
-    hessian = memory.hessian_approximation
-    method = hessian.method
-    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
-        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
-    if not second_order:
-        return graph
-    kept = HessianOptions(keep_last_step=hessian.keep_last_step, keep_graphs=hessian.keep_graphs
-                          ).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
-    return max(2 * graph, 2 * kept * graph + graph)
-
-
-def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
-    """MiB the graphs may take: CUDA's free memory now, or on CPU
-    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free / 2**20
-    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
-    if budget > 0:
-        return float(budget)
-    import psutil
-    return psutil.virtual_memory().available / 2**20
-
-
-def checkpointing_decision(cfg: Config, model: M.MELoRAModel, device: torch.device) -> bool:
-    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
-    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
-    The decision and its numbers are logged."""
-    enabled = cfg.memory_optimization.checkpointing.enabled
-    if enabled != "auto":
-        log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
-                 "on" if enabled else "off", str(enabled).lower())
-        return bool(enabled)
-    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
-    on = peak > budget
-    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
-    log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
-             "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
-             "exceeds" if on else "fits in", where, budget,
-             "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
-    return on
-
-
-def _head_options(meta) -> dict:
-    """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
-    return {"head": meta.head if "head" in meta else "euclidean",
-            "head_scale": meta.head_scale if "head_scale" in meta else M.COSINE_SCALE_INIT}
-
-
 class MetaTrainer:
     """MAML over LoRA: Algorithm 1 of Finn et al. (2017) with theta = LoRA factors + head.
 
@@ -924,7 +771,7 @@ class MetaTrainer:
                                               # theta <- theta - beta * grad
 
     Args:
-        model: a LoRA-wrapped `model.MELoRAModel` (from `build_model`).
+        model: a LoRA-wrapped `model.MELoRAModel` (from `model.build_model`).
         loader: a `dataset_loader.DatasetLoader` (episodes are pure functions of the index).
         meta: the `meta_learning` config section.
         memory: the `memory_optimization` config section.
@@ -968,7 +815,7 @@ class MetaTrainer:
         """
         _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
         device = rank_device(resolve_device(cfg.training.device))
-        model, tokenizer = build_model(cfg, device)
+        model, tokenizer = M.build_model(cfg, device)
         loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
         lora = cfg.lora
         family = M.family_of(cfg.models.selected_model)
@@ -1391,7 +1238,7 @@ def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "c
     state = load_checkpoint(checkpoint) if state is None else state
     cfg = Config(json.loads(state["config"])) if cfg is None else cfg
     device = torch.device(device)
-    model, tokenizer = build_model(cfg, device)
+    model, tokenizer = M.build_model(cfg, device)
     load_theta(model, state["theta"], checkpoint)
     inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
         else cfg.meta_learning.inner.default_lr
@@ -1420,11 +1267,7 @@ def load_theta(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], checkpoi
 
 def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
     """Keyword options of `compute_meta_gradient` taken from the config."""
-    return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
-                                      hutchinson_probes=hessian_cfg.hutchinson_probes,
-                                      keep_last_step=hessian_cfg.keep_last_step,
-                                      keep_graphs=hessian_cfg.keep_graphs),
-            "seed": seed}
+    return {"hessian": HessianOptions.from_config(hessian_cfg), "seed": seed}
 
 
 def _rank_tasks(meta_batch_size: int, rank: int, world: int) -> range:

@@ -125,7 +125,7 @@ def test_proto_head_init_is_the_same_tensor_for_every_method(tmp_path):
     heads = {}
     for name in B.GRADIENT_BASED:
         if name == "melora":
-            model, tokenizer = trainer.build_model(cfg, torch.device("cpu"))
+            model, tokenizer = M.build_model(cfg, torch.device("cpu"))
             method = B.MELoRA(model, 0.1, 3, "full", head_init="proto")
         else:
             method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))
