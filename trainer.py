@@ -692,7 +692,8 @@ class _KFACRecorder:
 
 
 # ====================================================================================
-# Training loop
+# Run plumbing: checkpoint files, signals, out-of-memory and non-finite guards, resume
+# (the training loop below calls these)
 # ====================================================================================
 
 CHECKPOINT_VERSION = 1
@@ -745,6 +746,11 @@ class StopOnSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0: none), the same on every rank, so that every
+        rank stops at the same iteration (torchrun may signal them apart)."""
+        return int(all_reduce_max(float(self.signum or 0), device))
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt(signum)  # main names the signal and what is left
@@ -760,419 +766,72 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
         log.info("removed %s, left by a checkpoint write that was cut short", tmp.name)
 
 
-class MetaTrainer:
-    """MAML over LoRA: Algorithm 1 of Finn et al. (2017) with theta = LoRA factors + head.
-
-    One meta-iteration reads like the paper (see `train_step`):
-
-        tasks = trainer.sample_tasks(iteration)          # sample a batch of tasks T_i
-        loss, grads, stats = trainer.meta_gradient(tasks, iteration)  # adapt, evaluate
-        trainer.outer_step(grads, grad_norm)  # grad_norm: global L2 norm of grads (for clipping)
-                                              # theta <- theta - beta * grad
-
-    Args:
-        model: a LoRA-wrapped `model.MELoRAModel` (from `model.build_model`).
-        loader: a `dataset_loader.DatasetLoader` (episodes are pure functions of the index).
-        meta: the `meta_learning` config section.
-        memory: the `memory_optimization` config section.
-        training: the `training` config section.
-        device: where batches go.
-        identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
-            `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
-
-    Example:
-        >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
-        ...                                   "datasets.synthetic_only=true"]), cache_dir="cache")
-        >>> stats = trainer.train_step(0)
-    """
-
-    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
-        self.model, self.loader, self.device = model, loader, device
-        self.meta, self.memory, self.training = meta, memory, training
-        self.identity = dict(identity)
-        self.seed = training.seed
-        self.inner_steps = meta.inner.default_num_steps
-        self.method = memory.hessian_approximation.method
-        self.micro_batch = memory.gradient_accumulation.default_micro_batch
-        self.theta = M.lora_parameters(model)
-        # Under torchrun each rank adapts to its share of the meta-batch (global indices t).
-        self.local_tasks = _rank_tasks(meta.default_meta_batch_size, rank(), world_size())
-        self.inner_lr = self._make_inner_lr()
-        self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
-        self.iteration = 0          # meta-iterations completed
-        self.nonfinite_streak = 0   # non-finite meta-batches in a row
-        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
-        self._autocast = _autocast_context(training.precision, device)
-
-    @classmethod
-    def from_config(cls, cfg: Config, cache_dir: str | os.PathLike | None = None) -> "MetaTrainer":
-        """Set everything up in dependency order: device, model, episodes, optimizer.
-
-        Args:
-            cfg: the validated config.
-            cache_dir: tokenisation cache; default `datasets.cache_dir`, or
-                `<training.output_dir>/cache` when that is "".
-        """
-        _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
-        device = rank_device(resolve_device(cfg.training.device))
-        model, tokenizer = M.build_model(cfg, device)
-        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
-        lora = cfg.lora
-        family = M.family_of(cfg.models.selected_model)
-        identity = {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
-                    "lora": {"rank": lora.default_rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                             "target_modules": list(lora.target_modules[family])},
-                    "config": json.dumps(cfg.to_dict())}
-        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
-                   device, identity)
-
-    # -- the verbs of Algorithm 1 -------------------------------------------------------
-
-    def outer_parameters(self) -> list[torch.Tensor]:
-        """What the outer Adam optimises: theta, then the learned inner rates if any."""
-        learned = [self.inner_lr] if isinstance(self.inner_lr, torch.Tensor) else []
-        return list(self.theta.values()) + learned
-
-    def sample_tasks(self, iteration: int) -> list:
-        """This rank's share of the meta-batch of `iteration`: episodes iteration * B + t
-        for t in `self.local_tasks` (all t < B in one process)."""
-        size = self.meta.default_meta_batch_size
-        return [self.loader.episode("meta_train", iteration * size + t) for t in self.local_tasks]
-
-    def meta_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """Adapt to every task and average the meta-gradients over the whole meta-batch.
-
-        Each rank sums its own tasks' losses, meta-gradients and metrics; one all-reduce
-        of the theta-sized gradients (communication stays adapter-sized) and one of a few
-        scalars add the ranks' sums, so every rank holds the mean over all B tasks: the
-        one-process result. A non-finite value on any rank makes the sums non-finite on
-        every rank, so the non-finite guard skips on all ranks together.
-
-        Args:
-            tasks: this rank's episodes (from `sample_tasks`).
-            iteration: the 0-based meta-iteration (seeds each task's dropout).
-
-        Returns:
-            (mean query loss, {name: mean gradient}, mean per-task metrics).
-        """
-        size = self.meta.default_meta_batch_size
-        # 1. This rank's sums over its tasks.
-        if self.meta.batched_tasks:
-            loss, grads, stats = self._batched_gradient(tasks, iteration)
-        else:
-            loss, grads, stats = self._sequential_gradient(tasks, iteration)
-        # 2. Sums over ranks (nothing to do in one process), divided by the meta-batch size.
-        grads = {n: g / size for n, g in zip(grads, all_reduce_sum(list(grads.values())))}
-        scalars = torch.tensor([loss, *stats.values()], dtype=torch.float64, device=self.device)
-        loss, *values = (float(x) / size for x in all_reduce_sum([scalars])[0])
-        return loss, grads, dict(zip(stats, values))
-
-    def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
-        """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
-        clip = self.meta.outer.grad_clip
-        scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
-        for name, param in self.theta.items():
-            param.grad = (grads[name] * scale).to(param.dtype)
-        if isinstance(self.inner_lr, torch.Tensor):
-            g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
-            self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    # -- one iteration ------------------------------------------------------------------
-
-    def train_step(self, iteration: int) -> dict[str, float]:
-        """One meta-iteration; returns its metrics (see `metrics.jsonl` in the README).
-
-        Raises:
-            NonFiniteError: `training.max_nonfinite` meta-batches in a row were non-finite.
-        """
-        start = time.perf_counter()
-        reset_peak_memory(self.device)
-        # 1. Seed torch from (seed, iteration): a resumed run replays this iteration exactly.
-        set_seed(_iteration_seed(self.seed, iteration))
-        # 2. Sample a meta-batch of tasks T_i ~ p(T).
-        tasks = self.sample_tasks(iteration)
-        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
-        #    (on CUDA out-of-memory, retried with half the micro-batch).
-        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
-        # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
-        grad_norm = _global_norm(grads.values())
-        finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
-        if finite:
-            # 5. Outer update: clip, then Adam on theta (and the learned inner rates).
-            self.outer_step(grads, grad_norm)
-            self.nonfinite_streak = 0
-        else:
-            self._skip(iteration, meta_loss, grad_norm)
-        self.iteration = iteration + 1
-        # 6. Metrics of this iteration.
-        return {"meta_loss": meta_loss, **stats, "grad_norm": grad_norm,
-                "outer_lr": self.optimizer.param_groups[0]["lr"],
-                "peak_memory_mb": all_reduce_max(peak_memory_mb(self.device), self.device),
-                "seconds": time.perf_counter() - start, "skipped": int(not finite),
-                **self._inner_lr_metrics()}
-
-    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
-        """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
-
-        Logs every `training.log_every` iterations to `sink`, checkpoints every
-        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
-        shows the progress bar and writes checkpoints (the others pass `sink=None`).
-
-        Returns:
-            The checkpoints written (by rank 0; the same paths on every rank).
-
-        Raises:
-            utils.RunInterrupted: SIGINT or SIGTERM arrived; the iteration under way was
-                finished and checkpointed first (a second signal stops at once).
-        """
-        end, saved = self.meta.num_iterations, []
-        remove_partial_writes(run_dir)  # .tmp files of a write cut short by a kill
-        bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
-                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
-                   disable=not is_main_process())
-        with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
-            for iteration in bar:
-                metrics = self.train_step(iteration)
-                done = iteration + 1
-                bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
-                                acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
-                if sink is not None and (done % self.training.log_every == 0 or done == end):
-                    sink.log(done, metrics)
-                if done % self.training.save_every == 0 or done == end:
-                    saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
-                # Every rank stops at the same iteration (torchrun may signal them apart).
-                signum = int(all_reduce_max(float(stop.signum or 0), self.device))
-                if signum:
-                    bar.close()
-                    raise self._interrupted(signum, done, run_dir, saved)
-        bar.close()
-        return saved
-
-    # -- checkpoints --------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Everything an exact resume needs, as tensors and plain data (see README)."""
-        learned = isinstance(self.inner_lr, torch.Tensor)
-        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed": self.seed,
-                **self.identity,
-                "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
-                "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
-                "optimizer": self.optimizer.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
-        learned = isinstance(self.inner_lr, torch.Tensor)
-        if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
-            raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
-                            f"per inner step, but this run has {self.inner_steps} inner steps; "
-                            "resume without --inner_steps")
-        load_theta(self.model, state["theta"], "the checkpoint")
-        if learned and state["inner_lr"] is not None:
-            with torch.no_grad():
-                self.inner_lr.copy_(state["inner_lr"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration = int(state["iteration"])
-        self.nonfinite_streak = int(state["nonfinite_streak"])
-
-    def save_checkpoint(self, path: Path) -> Path:
-        """Write the checkpoint atomically; a non-finite theta is never written.
-
-        Under torchrun rank 0 writes it (theta is the same on every rank) and every rank
-        returns the path.
-        """
-        bad = [n for n, p in self.theta.items() if not torch.isfinite(p).all()]
-        assert not bad, f"theta became non-finite ({bad[:3]}); refusing to checkpoint"
-        if not is_main_process():
-            return Path(path)
-        path = save_checkpoint(path, self.state_dict())
-        self.last_checkpoint = path
-        log.debug("checkpoint %s", path)
-        return path
-
-    # -- helpers ------------------------------------------------------------------------
-
-    def _make_inner_lr(self) -> float | torch.Tensor:
-        inner = self.meta.inner
-        if not inner.learn_lr:
-            return inner.default_lr
-        dtype = next(iter(self.theta.values())).dtype
-        # One rate per inner step a_k (Meta-SGD / MAML++ style), learned by the outer Adam.
-        return torch.nn.Parameter(torch.full((self.inner_steps,), inner.default_lr,
-                                             dtype=dtype, device=self.device))
-
-    def _sequential_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """Sums of loss, meta-gradient and metrics over this rank's tasks, one at a time."""
-        loss, grads, stats = 0.0, {}, {}
-        for t, episode in zip(self.local_tasks, tasks):
-            # Dropout is seeded by the global index t, and so is any other random draw (the
-            # global generator restarts per task): results do not depend on the world size.
-            seed = task_seed(self.seed, iteration, t)
-            torch.manual_seed(seed)
-            task_loss, task_grads, metrics = self._task_gradient(episode, seed)
-            loss += float(task_loss)
-            grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
-            stats = {k: stats.get(k, 0.0) + v for k, v in metrics.items()}
-        return loss, grads, stats
-
-    def _batched_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """The same sums, with this rank's inner loops run together (`batched_tasks`)."""
-        episodes = [(to_device(e.support, self.device), to_device(e.query, self.device))
-                    for e in tasks]
-        metrics: dict = {}
-        with self._autocast:
-            loss, grads = compute_batched_meta_gradient(
-                self.model, self.theta, episodes, self.inner_lr, self.inner_steps,
-                method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
-                **_meta_gradient_options(self.memory.hessian_approximation,
-                                         task_seed(self.seed, iteration, self.local_tasks[0])))
-        n = len(tasks)  # the call returns means over its tasks
-        return (float(loss) * n, {name: g * n for name, g in grads.items()},
-                {k: float(v) * n for k, v in metrics.items()})
-
-    def _task_gradient(self, episode, seed: int):
-        support, query = to_device(episode.support, self.device), to_device(episode.query, self.device)
-        metrics: dict = {}
-        with self._autocast:
-            loss, grads = compute_meta_gradient(
-                self.model, self.theta, support, query, self.inner_lr, self.inner_steps,
-                method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
-                **_meta_gradient_options(self.memory.hessian_approximation, seed))
-        return loss, grads, {k: float(v) for k, v in metrics.items()}
-
-    def _skip(self, iteration: int, meta_loss: float, grad_norm: float) -> None:
-        self.nonfinite_streak += 1
-        limit = self.training.max_nonfinite
-        if self.nonfinite_streak >= limit:
-            kept = (f"the last checkpoint, {self.last_checkpoint}, holds the last finite theta"
-                    if self.last_checkpoint is not None else "no checkpoint was written yet")
-            raise NonFiniteError(
-                f"training stopped at iteration {iteration + 1}: {limit} meta-batches in a row "
-                f"had a non-finite query loss or meta-gradient (loss {meta_loss}, gradient norm "
-                f"{grad_norm}); {kept}. Lower "
-                "meta_learning.inner.default_lr or meta_learning.outer.default_lr, set "
-                "meta_learning.outer.grad_clip, or use training.precision=fp32")
-        warnings.warn(f"iteration {iteration + 1}: non-finite query loss or meta-gradient "
-                      f"(loss {meta_loss}, gradient norm {grad_norm}); meta-batch skipped "
-                      f"({self.nonfinite_streak} in a row, stopping at {limit})", RuntimeWarning,
-                      stacklevel=2)
-
-    def _meta_gradient_in_memory(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """`meta_gradient`, retried with half the micro-batch on CUDA out-of-memory while
-        `memory_optimization.auto_micro_batch` is on; the smaller size is kept for the run."""
-        while True:
-            try:
-                return self.meta_gradient(tasks, iteration)
-            except torch.OutOfMemoryError as e:
-                error = (str(e) or "out of memory").splitlines()[0]
-            # Outside the except block: the traceback's frames (and their tensors) are freed.
-            self._halve_micro_batch(tasks, iteration, error)
-
-    def _halve_micro_batch(self, tasks: list, iteration: int, error: str) -> None:
-        # micro_batch 0 means each whole set at once: halve from the larger set's size.
-        current = self.micro_batch or max(max(len(e.support["labels"]), len(e.query["labels"]))
-                                          for e in tasks)
-        if not self.memory.auto_micro_batch or current <= 1:
-            raise OutOfMemory(
-                f"CUDA out of memory at iteration {iteration + 1} ({error}) with meta-batch "
-                f"{self.meta.default_meta_batch_size}, micro-batch {current}, LoRA rank "
-                f"{self.identity['lora']['rank']}, {self.inner_steps} inner steps; " + OOM_ADVICE)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.micro_batch = current // 2
-        # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
-        # depends on it) continues with the micro-batch this run actually used.
-        recorded = json.loads(self.identity["config"])
-        recorded["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] = self.micro_batch
-        self.identity["config"] = json.dumps(recorded)
-        log.warning("iteration %d: CUDA out of memory with micro-batch %d; retrying with "
-                    "micro-batch %d, kept for the rest of this run (start there with --set "
-                    "memory_optimization.gradient_accumulation.default_micro_batch=%d)",
-                    iteration + 1, current, self.micro_batch, self.micro_batch)
-
-    def _interrupted(self, signum: int, done: int, run_dir: Path, saved: list) -> RunInterrupted:
-        """Checkpoint iteration `done` (unless just written); the error says how to resume."""
-        path = checkpoint_path(run_dir, done)
-        if not saved or Path(saved[-1]) != path:
-            saved.append(self.save_checkpoint(path))
-        name = signal.Signals(signum).name
-        log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
-        return RunInterrupted(f"{name} stopped training after iteration {done} of "
-                              f"{self.meta.num_iterations}; checkpoint {path} holds it. "
-                              f"Continue with: python main.py --resume {path}", signum)
-
-    def _inner_lr_metrics(self) -> dict[str, float]:
-        if not isinstance(self.inner_lr, torch.Tensor):
-            return {}
-        return {f"inner_lr_{k}": float(a) for k, a in enumerate(self.inner_lr.detach())}
+def _interrupted(signum: int, done: int, total: int, path: Path, saved: list, save) -> RunInterrupted:
+    """Checkpoint iteration `done` to `path` with `save` (unless just written); the error
+    says how to resume."""
+    if not saved or Path(saved[-1]) != path:
+        saved.append(save(path))
+    name = signal.Signals(signum).name
+    log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
+    return RunInterrupted(f"{name} stopped training after iteration {done} of "
+                          f"{total}; checkpoint {path} holds it. "
+                          f"Continue with: python main.py --resume {path}", signum)
 
 
-def run_training(cfg: Config, run_dir: str | os.PathLike,
-                 resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
-                 explicit_overrides: Mapping | None = None) -> dict:
-    """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
-
-    Args:
-        cfg: the validated config.
-        run_dir: the run folder (from `utils.prepare_run_dir`).
-        resume: a checkpoint to continue from exactly; model-defining settings are taken
-            from it (see `resume_config`).
-        config_file, explicit_overrides: on resume, the `--config` file and the flags the
-            user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
-
-    Under torchrun (`utils.init_distributed` called first) every rank runs this with the
-    same arguments and reads `resume` itself; the meta-batch is split across ranks and
-    rank 0 alone writes files.
-
-    Returns:
-        A summary: iterations, final metrics, checkpoint paths, metric locations (on
-        ranks other than 0: run folder, iterations, rank and checkpoint paths).
+def _halved_micro_batch(trainer: "MetaTrainer", tasks: list, iteration: int, error: str) -> int:
+    """The micro-batch to retry with after CUDA ran out of memory (logged).
 
     Raises:
-        UserError: a bad checkpoint, a checkpoint of another model or LoRA rank, a
-            checkpoint already at `num_iterations`, a meta-batch that does not split
-            evenly over the processes, or non-finite training.
+        OutOfMemory: `auto_micro_batch` is off or the micro-batch is 1 already; the
+            message names the settings to lower.
     """
-    run_dir = Path(run_dir)
-    state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
-    if state is not None:
-        cfg = reconcile_config(cfg, state, resume, config_file, explicit_overrides)
-    # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
-    trainer = MetaTrainer.from_config(cfg)
-    if state is not None:
-        trainer.load_state_dict(state)
-        trainer.last_checkpoint = Path(resume)
-        _check_not_done(trainer.iteration, cfg, resume)
-    main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
-    if main:
-        _log_setup(trainer, cfg, run_dir, resume)
-        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    # 2. Train, logging every step to the sink; the MLflow run ends FAILED on any error.
-    sink = MetricsSink(run_dir, cfg.tracking, cfg.training.experiment_name, cfg.flat(),
-                       start_iteration=trainer.iteration) if main else None
-    status = "FAILED"
-    try:
-        saved = trainer.train(sink, run_dir)
-        status = "FINISHED"
-    except RunInterrupted:
-        status = "KILLED"  # stopped cleanly by a signal, resumable
-        raise
-    finally:
-        if sink is not None:
-            sink.close(status)
-    if not main:
-        return {"run_dir": str(run_dir), "iterations": trainer.iteration, "rank": rank(),
-                "checkpoints": [str(p) for p in saved]}
-    # 3. Summary: where everything went and how to open it.
-    summary = _summary(trainer, run_dir, saved, sink)
-    atomic_write_json(run_dir / "summary.json", summary)
-    log.info(_summary_text(summary))
-    return summary
+    # micro_batch 0 means each whole set at once: halve from the larger set's size.
+    current = trainer.micro_batch or max(max(len(e.support["labels"]), len(e.query["labels"]))
+                                         for e in tasks)
+    if not trainer.memory.auto_micro_batch or current <= 1:
+        raise OutOfMemory(
+            f"CUDA out of memory at iteration {iteration + 1} ({error}) with meta-batch "
+            f"{trainer.meta.default_meta_batch_size}, micro-batch {current}, LoRA rank "
+            f"{trainer.identity['lora']['rank']}, {trainer.inner_steps} inner steps; " + OOM_ADVICE)
+    if trainer.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = current // 2
+    log.warning("iteration %d: CUDA out of memory with micro-batch %d; retrying with "
+                "micro-batch %d, kept for the rest of this run (start there with --set "
+                "memory_optimization.gradient_accumulation.default_micro_batch=%d)",
+                iteration + 1, current, smaller, smaller)
+    return smaller
 
+
+def _with_micro_batch(config_json: str, micro_batch: int) -> str:
+    """A recorded config (JSON) with `gradient_accumulation.default_micro_batch` replaced."""
+    recorded = json.loads(config_json)
+    recorded["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] = micro_batch
+    return json.dumps(recorded)
+
+
+def _skip_nonfinite(iteration: int, meta_loss: float, grad_norm: float, streak: int, limit: int,
+                    last_checkpoint: Path | None) -> None:
+    """Warn that the meta-batch was skipped, the `streak`-th in a row.
+
+    Raises:
+        NonFiniteError: `limit` (`training.max_nonfinite`) skipped in a row.
+    """
+    if streak >= limit:
+        kept = (f"the last checkpoint, {last_checkpoint}, holds the last finite theta"
+                if last_checkpoint is not None else "no checkpoint was written yet")
+        raise NonFiniteError(
+            f"training stopped at iteration {iteration + 1}: {limit} meta-batches in a row "
+            f"had a non-finite query loss or meta-gradient (loss {meta_loss}, gradient norm "
+            f"{grad_norm}); {kept}. Lower "
+            "meta_learning.inner.default_lr or meta_learning.outer.default_lr, set "
+            "meta_learning.outer.grad_clip, or use training.precision=fp32")
+    warnings.warn(f"iteration {iteration + 1}: non-finite query loss or meta-gradient "
+                  f"(loss {meta_loss}, gradient norm {grad_norm}); meta-batch skipped "
+                  f"({streak} in a row, stopping at {limit})", RuntimeWarning, stacklevel=2)
+
+
+# -- resume: a checkpoint's config and theta ------------------------------------------
 
 def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None,
                   overrides: Mapping | None) -> Config:
@@ -1263,11 +922,388 @@ def load_theta(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], checkpoi
             param.copy_(theta[name])
 
 
+# ====================================================================================
+# Training loop
+# ====================================================================================
+
+class MetaTrainer:
+    """MAML over LoRA: Algorithm 1 of Finn et al. (2017) with theta = LoRA factors + head.
+
+    One meta-iteration reads like the paper (see `train_step`):
+
+        tasks = trainer.sample_tasks(iteration)          # sample a batch of tasks T_i
+        loss, grads, stats = trainer.meta_gradient(tasks, iteration)  # adapt, evaluate
+        trainer.outer_step(grads, grad_norm)  # grad_norm: global L2 norm of grads (for clipping)
+                                              # theta <- theta - beta * grad
+
+    Args:
+        model: a LoRA-wrapped `model.MELoRAModel` (from `model.build_model`).
+        loader: a `dataset_loader.DatasetLoader` (episodes are pure functions of the index).
+        meta: the `meta_learning` config section.
+        memory: the `memory_optimization` config section.
+        training: the `training` config section.
+        device: where batches go.
+        identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
+            `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
+
+    Example:
+        >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
+        ...                                   "datasets.synthetic_only=true"]), cache_dir="cache")
+        >>> stats = trainer.train_step(0)
+    """
+
+    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
+        self.model, self.loader, self.device = model, loader, device
+        self.meta, self.memory, self.training = meta, memory, training
+        self.identity = dict(identity)
+        self.seed = training.seed
+        self.inner_steps = meta.inner.default_num_steps
+        self.method = memory.hessian_approximation.method
+        self.micro_batch = memory.gradient_accumulation.default_micro_batch
+        self.theta = M.lora_parameters(model)
+        # Under torchrun each rank adapts to its share of the meta-batch (global indices t).
+        self.local_tasks = _rank_tasks(meta.default_meta_batch_size, rank(), world_size())
+        self.inner_lr = _initial_inner_lr(meta.inner, self.inner_steps, self.theta, device)
+        self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
+        self.iteration = 0          # meta-iterations completed
+        self.nonfinite_streak = 0   # non-finite meta-batches in a row
+        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
+        self._autocast = _autocast_context(training.precision, device)
+
+    @classmethod
+    def from_config(cls, cfg: Config, cache_dir: str | os.PathLike | None = None) -> "MetaTrainer":
+        """Set everything up in dependency order: device, model, episodes, optimizer.
+
+        Args:
+            cfg: the validated config.
+            cache_dir: tokenisation cache; default `datasets.cache_dir`, or
+                `<training.output_dir>/cache` when that is "".
+        """
+        _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
+        device = rank_device(resolve_device(cfg.training.device))
+        model, tokenizer = M.build_model(cfg, device)
+        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
+        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
+                   device, _identity(cfg))
+
+    # -- the verbs of Algorithm 1 -------------------------------------------------------
+
+    def outer_parameters(self) -> list[torch.Tensor]:
+        """What the outer Adam optimises: theta, then the learned inner rates if any."""
+        learned = [self.inner_lr] if isinstance(self.inner_lr, torch.Tensor) else []
+        return list(self.theta.values()) + learned
+
+    def sample_tasks(self, iteration: int) -> list:
+        """This rank's share of the meta-batch of `iteration`: episodes iteration * B + t
+        for t in `self.local_tasks` (all t < B in one process)."""
+        size = self.meta.default_meta_batch_size
+        return [self.loader.episode("meta_train", iteration * size + t) for t in self.local_tasks]
+
+    def meta_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """Adapt to every task and average the meta-gradients over the whole meta-batch.
+
+        Each rank sums its own tasks' losses, meta-gradients and metrics; one all-reduce
+        of the theta-sized gradients (communication stays adapter-sized) and one of a few
+        scalars add the ranks' sums, so every rank holds the mean over all B tasks: the
+        one-process result. A non-finite value on any rank makes the sums non-finite on
+        every rank, so the non-finite guard skips on all ranks together.
+
+        Args:
+            tasks: this rank's episodes (from `sample_tasks`).
+            iteration: the 0-based meta-iteration (seeds each task's dropout).
+
+        Returns:
+            (mean query loss, {name: mean gradient}, mean per-task metrics).
+        """
+        size = self.meta.default_meta_batch_size
+        # 1. This rank's sums over its tasks, each seeded by its global index t.
+        loss, grads, stats = task_sums(
+            self.model, self.theta, tasks, [task_seed(self.seed, iteration, t) for t in self.local_tasks],
+            self.inner_lr, self.inner_steps, self.device, self.meta.batched_tasks, self._autocast,
+            method=self.method, micro_batch=self.micro_batch, head_init=self.meta.head_init,
+            hessian=HessianOptions.from_config(self.memory.hessian_approximation),
+            acc_before=self.training.log_query_acc_before)
+        # 2. Sums over ranks (nothing to do in one process), divided by the meta-batch size.
+        grads = {n: g / size for n, g in zip(grads, all_reduce_sum(list(grads.values())))}
+        scalars = torch.tensor([loss, *stats.values()], dtype=torch.float64, device=self.device)
+        loss, *values = (float(x) / size for x in all_reduce_sum([scalars])[0])
+        return loss, grads, dict(zip(stats, values))
+
+    def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
+        """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
+        clip = self.meta.outer.grad_clip
+        scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
+        for name, param in self.theta.items():
+            param.grad = (grads[name] * scale).to(param.dtype)
+        if isinstance(self.inner_lr, torch.Tensor):
+            g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
+            self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- one iteration ------------------------------------------------------------------
+
+    def train_step(self, iteration: int) -> dict[str, float]:
+        """One meta-iteration; returns its metrics (see `metrics.jsonl` in the README).
+
+        Raises:
+            NonFiniteError: `training.max_nonfinite` meta-batches in a row were non-finite.
+        """
+        start = time.perf_counter()
+        reset_peak_memory(self.device)
+        # 1. Seed torch from (seed, iteration): a resumed run replays this iteration exactly.
+        set_seed(_iteration_seed(self.seed, iteration))
+        # 2. Sample a meta-batch of tasks T_i ~ p(T).
+        tasks = self.sample_tasks(iteration)
+        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
+        #    (on CUDA out-of-memory, retried with half the micro-batch).
+        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
+        # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
+        grad_norm = _global_norm(grads.values())
+        finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
+        if finite:
+            # 5. Outer update: clip, then Adam on theta (and the learned inner rates).
+            self.outer_step(grads, grad_norm)
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            _skip_nonfinite(iteration, meta_loss, grad_norm, self.nonfinite_streak,
+                            self.training.max_nonfinite, self.last_checkpoint)
+        self.iteration = iteration + 1
+        # 6. Metrics of this iteration.
+        return {"meta_loss": meta_loss, **stats, "grad_norm": grad_norm,
+                "outer_lr": self.optimizer.param_groups[0]["lr"],
+                "peak_memory_mb": all_reduce_max(peak_memory_mb(self.device), self.device),
+                "seconds": time.perf_counter() - start, "skipped": int(not finite),
+                **_inner_lr_metrics(self.inner_lr)}
+
+    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
+        """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
+
+        Logs every `training.log_every` iterations to `sink`, checkpoints every
+        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
+        shows the progress bar and writes checkpoints (the others pass `sink=None`).
+
+        Returns:
+            The checkpoints written (by rank 0; the same paths on every rank).
+
+        Raises:
+            utils.RunInterrupted: SIGINT or SIGTERM arrived; the iteration under way was
+                finished and checkpointed first (a second signal stops at once).
+        """
+        end, saved = self.meta.num_iterations, []
+        remove_partial_writes(run_dir)  # .tmp files of a write cut short by a kill
+        bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
+                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
+                   disable=not is_main_process())
+        with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
+            for iteration in bar:
+                metrics = self.train_step(iteration)
+                done = iteration + 1
+                bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
+                                acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
+                if sink is not None and (done % self.training.log_every == 0 or done == end):
+                    sink.log(done, metrics)
+                if done % self.training.save_every == 0 or done == end:
+                    saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
+                signum = stop.agreed(self.device)
+                if signum:
+                    bar.close()
+                    raise _interrupted(signum, done, end, checkpoint_path(run_dir, done), saved,
+                                       self.save_checkpoint)
+        bar.close()
+        return saved
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs, as tensors and plain data (see README)."""
+        learned = isinstance(self.inner_lr, torch.Tensor)
+        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed": self.seed,
+                **self.identity,
+                "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
+                "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
+                "optimizer": self.optimizer.state_dict(),
+                "nonfinite_streak": self.nonfinite_streak}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
+        learned = isinstance(self.inner_lr, torch.Tensor)
+        if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
+            raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
+                            f"per inner step, but this run has {self.inner_steps} inner steps; "
+                            "resume without --inner_steps")
+        load_theta(self.model, state["theta"], "the checkpoint")
+        if learned and state["inner_lr"] is not None:
+            with torch.no_grad():
+                self.inner_lr.copy_(state["inner_lr"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+
+    def save_checkpoint(self, path: Path) -> Path:
+        """Write the checkpoint atomically; a non-finite theta is never written.
+
+        Under torchrun rank 0 writes it (theta is the same on every rank) and every rank
+        returns the path.
+        """
+        bad = [n for n, p in self.theta.items() if not torch.isfinite(p).all()]
+        assert not bad, f"theta became non-finite ({bad[:3]}); refusing to checkpoint"
+        if not is_main_process():
+            return Path(path)
+        path = save_checkpoint(path, self.state_dict())
+        self.last_checkpoint = path
+        log.debug("checkpoint %s", path)
+        return path
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _meta_gradient_in_memory(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """`meta_gradient`, retried with half the micro-batch on CUDA out-of-memory while
+        `memory_optimization.auto_micro_batch` is on; the smaller size is kept for the run."""
+        while True:
+            try:
+                return self.meta_gradient(tasks, iteration)
+            except torch.OutOfMemoryError as e:
+                error = (str(e) or "out of memory").splitlines()[0]
+            # Outside the except block: the traceback's frames (and their tensors) are freed.
+            self.micro_batch = _halved_micro_batch(self, tasks, iteration, error)
+            # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
+            # depends on it) continues with the micro-batch this run actually used.
+            self.identity["config"] = _with_micro_batch(self.identity["config"], self.micro_batch)
+
+
+def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes: list,
+              seeds: list[int], inner_lr: float | torch.Tensor, inner_steps: int,
+              device: torch.device, batched: bool = False, autocast=contextlib.nullcontext(),
+              **options) -> tuple[float, dict, dict]:
+    """Sums over `episodes` of query loss, meta-gradient and metrics (a rank's meta-batch share).
+
+    One task at a time, torch's global generator restarts at each task's seed, which
+    also seeds its dropout (so results do not depend on how tasks split over ranks);
+    `batched` runs the inner loops together (`compute_batched_meta_gradient`, seeded
+    by the first task's seed).
+
+    Args:
+        episodes: `dataset_loader.Episode`s (their sets go to `device`).
+        seeds: one per episode.
+        autocast: the context each meta-gradient runs in (mixed precision).
+        options: keywords of `compute_meta_gradient` (method, micro_batch, hessian, ...).
+    """
+    if batched:
+        pairs = [(to_device(e.support, device), to_device(e.query, device)) for e in episodes]
+        metrics: dict = {}
+        with autocast:
+            loss, grads = compute_batched_meta_gradient(model, theta, pairs, inner_lr, inner_steps,
+                                                        metrics=metrics, seed=seeds[0], **options)
+        n = len(episodes)  # the call returns means over its tasks
+        return (float(loss) * n, {name: g * n for name, g in grads.items()},
+                {k: float(v) * n for k, v in metrics.items()})
+    loss, grads, stats = 0.0, {}, {}
+    for seed, episode in zip(seeds, episodes):
+        torch.manual_seed(seed)
+        support, query = to_device(episode.support, device), to_device(episode.query, device)
+        metrics = {}
+        with autocast:
+            task_loss, task_grads = compute_meta_gradient(model, theta, support, query, inner_lr,
+                                                          inner_steps, metrics=metrics, seed=seed,
+                                                          **options)
+        loss += float(task_loss)
+        grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
+        stats = {k: stats.get(k, 0.0) + float(v) for k, v in metrics.items()}
+    return loss, grads, stats
+
+
+def run_training(cfg: Config, run_dir: str | os.PathLike,
+                 resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
+                 explicit_overrides: Mapping | None = None) -> dict:
+    """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
+
+    Args:
+        cfg: the validated config.
+        run_dir: the run folder (from `utils.prepare_run_dir`).
+        resume: a checkpoint to continue from exactly; model-defining settings are taken
+            from it (see `resume_config`).
+        config_file, explicit_overrides: on resume, the `--config` file and the flags the
+            user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
+
+    Under torchrun (`utils.init_distributed` called first) every rank runs this with the
+    same arguments and reads `resume` itself; the meta-batch is split across ranks and
+    rank 0 alone writes files.
+
+    Returns:
+        A summary: iterations, final metrics, checkpoint paths, metric locations (on
+        ranks other than 0: run folder, iterations, rank and checkpoint paths).
+
+    Raises:
+        UserError: a bad checkpoint, a checkpoint of another model or LoRA rank, a
+            checkpoint already at `num_iterations`, a meta-batch that does not split
+            evenly over the processes, or non-finite training.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
+    if state is not None:
+        cfg = reconcile_config(cfg, state, resume, config_file, explicit_overrides)
+    # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
+    trainer = MetaTrainer.from_config(cfg)
+    if state is not None:
+        trainer.load_state_dict(state)
+        trainer.last_checkpoint = Path(resume)
+        _check_not_done(trainer.iteration, cfg, resume)
+    main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
+    if main:
+        _log_setup(trainer, cfg, run_dir, resume)
+        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # 2. Train, logging every step to the sink; the MLflow run ends FAILED on any error.
+    sink = MetricsSink(run_dir, cfg.tracking, cfg.training.experiment_name, cfg.flat(),
+                       start_iteration=trainer.iteration) if main else None
+    status = "FAILED"
+    try:
+        saved = trainer.train(sink, run_dir)
+        status = "FINISHED"
+    except RunInterrupted:
+        status = "KILLED"  # stopped cleanly by a signal, resumable
+        raise
+    finally:
+        if sink is not None:
+            sink.close(status)
+    if not main:
+        return {"run_dir": str(run_dir), "iterations": trainer.iteration, "rank": rank(),
+                "checkpoints": [str(p) for p in saved]}
+    # 3. Summary: where everything went and how to open it.
+    summary = _summary(trainer, run_dir, saved, sink)
+    atomic_write_json(run_dir / "summary.json", summary)
+    log.info(_summary_text(summary))
+    return summary
+
+
 # -- helpers ---------------------------------------------------------------------------
 
-def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
-    """Keyword options of `compute_meta_gradient` taken from the config."""
-    return {"hessian": HessianOptions.from_config(hessian_cfg), "seed": seed}
+def _initial_inner_lr(inner, inner_steps: int, theta: Mapping[str, torch.Tensor],
+                      device: torch.device) -> float | torch.Tensor:
+    """`inner.default_lr`, or with `inner.learn_lr` one rate per inner step a_k
+    (Meta-SGD / MAML++ style), a parameter the outer Adam learns."""
+    if not inner.learn_lr:
+        return inner.default_lr
+    dtype = next(iter(theta.values())).dtype
+    return torch.nn.Parameter(torch.full((inner_steps,), inner.default_lr, dtype=dtype,
+                                         device=device))
+
+
+def _inner_lr_metrics(inner_lr: float | torch.Tensor) -> dict[str, float]:
+    """The learned inner rates as metrics inner_lr_k (none when the rate is fixed)."""
+    if not isinstance(inner_lr, torch.Tensor):
+        return {}
+    return {f"inner_lr_{k}": float(a) for k, a in enumerate(inner_lr.detach())}
+
+
+def _identity(cfg: Config) -> dict:
+    """What a checkpoint records to rebuild the model: model, n_way, LoRA, the config (JSON)."""
+    lora, family = cfg.lora, M.family_of(cfg.models.selected_model)
+    return {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
+            "lora": {"rank": lora.default_rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                     "target_modules": list(lora.target_modules[family])},
+            "config": json.dumps(cfg.to_dict())}
 
 
 def _rank_tasks(meta_batch_size: int, rank: int, world: int) -> range:
