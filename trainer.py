@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 import model as M
 from dataset_loader import DatasetLoader
-from utils import (HEAD_INITS, HESSIAN_METHODS, OOM_ADVICE, Config, ConfigError, HessianOptions,
-                   MetricsSink, RunInterrupted, UserError, all_reduce_max, all_reduce_sum,
-                   atomic_write_json, atomic_write_text, checkpoint_config, is_main_process,
-                   load_checkpoint, peak_memory_mb, rank, rank_device, reset_peak_memory,
-                   resolve_device, save_checkpoint, set_seed, to_device, world_size)
+from utils import (HEAD_INIT, HEAD_INITS, HESSIAN_METHOD, HESSIAN_METHODS, OOM_ADVICE, Config,
+                   ConfigError, HessianOptions, MetricsSink, RunInterrupted, UserError,
+                   all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
+                   checkpoint_config, is_main_process, load_checkpoint, peak_memory_mb, rank,
+                   rank_device, reset_peak_memory, resolve_device, save_checkpoint, set_seed,
+                   to_device, world_size)
 
 log = logging.getLogger("melora")
 
@@ -45,14 +46,13 @@ log = logging.getLogger("melora")
 # Meta-gradient
 # ====================================================================================
 
-
-
 def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
                           support: Mapping[str, torch.Tensor], query: Mapping[str, torch.Tensor],
-                          inner_lr: float | torch.Tensor, inner_steps: int, method: str = "full",
-                          micro_batch: int = 0, *, metrics: dict | None = None,
+                          inner_lr: float | torch.Tensor, inner_steps: int,
+                          method: str = HESSIAN_METHOD, micro_batch: int = 0, *,
+                          metrics: dict | None = None,
                           hessian: HessianOptions = HessianOptions(), seed: int | None = None,
-                          head_init: str = "zero", acc_before: bool = True,
+                          head_init: str = HEAD_INIT, acc_before: bool = True,
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Meta-gradient of one task's query loss after `inner_steps` adaptation steps.
 
@@ -68,7 +68,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         support, query: dicts with `input_ids`, `attention_mask` (right-padded), `labels`.
         inner_lr: a float a, or a tensor (inner_steps,) of learned per-step rates a_k.
         inner_steps: K >= 0.
-        method: full (exact), gauss_newton, block_diagonal, diagonal or none (first order).
+        method: full (exact), gauss_newton, block_diagonal, diagonal or none (first order);
+            default config.yml's (`utils.HESSIAN_METHOD`).
         micro_batch: examples per micro-batch; 0 or >= the set size = the whole set.
             Gradients and curvature products accumulate, so results do not depend on it
             (except `diagonal` with the fisher estimator, which is built from them).
@@ -81,7 +82,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         head_init: zero (the head starts at theta's head) or proto (Proto-MAML,
             Triantafillou et al., 2020: the head starts at W = 2 c_n, b = -|c_n|^2 from
             the support-set class prototypes c_n at theta; the meta-gradient flows through
-            the prototypes into the LoRA factors, and theta's head gets zero gradient).
+            the prototypes into the LoRA factors, and theta's head gets zero gradient);
+            default config.yml's (`utils.HEAD_INIT`).
 
     Returns:
         (query_loss at phi_K, {name: d query_loss / d theta[name]}); with a tensor
@@ -99,10 +101,10 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
 def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
                                   episodes: list[tuple[Mapping, Mapping]],
                                   inner_lr: float | torch.Tensor, inner_steps: int,
-                                  method: str = "full", micro_batch: int = 0, *,
+                                  method: str = HESSIAN_METHOD, micro_batch: int = 0, *,
                                   metrics: dict | None = None,
                                   hessian: HessianOptions = HessianOptions(),
-                                  seed: int | None = None, head_init: str = "zero",
+                                  seed: int | None = None, head_init: str = HEAD_INIT,
                                   acc_before: bool = True,
                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean meta-gradient of several tasks whose inner loops run together.
@@ -150,8 +152,8 @@ class MetaGradient:
     """
 
     def __init__(self, model: M.MELoRAModel, inner_lr: float | torch.Tensor, inner_steps: int,
-                 method: str = "full", micro_batch: int = 0, *,
-                 hessian: HessianOptions = HessianOptions(), head_init: str = "zero"):
+                 method: str = HESSIAN_METHOD, micro_batch: int = 0, *,
+                 hessian: HessianOptions = HessianOptions(), head_init: str = HEAD_INIT):
         if method not in HESSIAN_METHODS:
             raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
         _check_head_init(head_init)
@@ -323,7 +325,7 @@ def _check_head_init(head_init: str) -> None:
 
 
 def initial_fast_weights(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
-                         support: Mapping[str, torch.Tensor], head_init: str = "zero",
+                         support: Mapping[str, torch.Tensor], head_init: str = HEAD_INIT,
                          micro_batch: int = 0) -> dict[str, torch.Tensor]:
     """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto.
 

@@ -286,9 +286,11 @@ def test_prefix_cache_gives_the_same_meta_gradient(name):
     rates = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
 
     def gradients():
-        out = [trainer.compute_meta_gradient(model, theta, support, query, rates, 2, method, mb)
+        out = [trainer.compute_meta_gradient(model, theta, support, query, rates, 2, method, mb,
+                                             head_init="zero")
                for method, mb in (("full", 0), ("full", 4), ("none", 2))]
-        return out + [trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, "full", 4)]
+        return out + [trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, "full", 4,
+                                                            head_init="zero")]
     plain = gradients()
     assert M.enable_prefix_cache(model) == 1
     try:
@@ -298,7 +300,8 @@ def test_prefix_cache_gives_the_same_meta_gradient(name):
         assert cache.hits > 10 * cache.misses
         assert M.enable_checkpointing(model, lora_only=True) == 1
         try:
-            cached.append(trainer.compute_meta_gradient(model, theta, support, query, rates, 2, "full", 4))
+            cached.append(trainer.compute_meta_gradient(model, theta, support, query, rates, 2, "full", 4,
+                                                        head_init="zero"))
         finally:
             M.disable_checkpointing(model)
     finally:
