@@ -56,7 +56,7 @@ import baseline as B
 import model as M
 from dataset_loader import FILE_BUILDERS, check_data_file
 from evaluation import evaluation_config, read_checkpoint
-from trainer import build_model, dropout_off, load_theta
+from trainer import dropout_off, load_theta
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                    load_config, resolve_device, set_seed, world_size)
 
@@ -200,7 +200,7 @@ def build_adapter(cfg: Config, state: Mapping, checkpoint, n_classes: int) -> tu
     """
     data = cfg.to_dict()
     data["tasks"]["n_way"] = n_classes
-    model, tokenizer = build_model(Config(data), resolve_device(cfg.training.device))
+    model, tokenizer = M.build_model(Config(data), resolve_device(cfg.training.device))
     load_theta(model, _theta_for(state["theta"], n_classes), checkpoint)
     memory = cfg.memory_optimization
     method = B.MELoRA(model, _inner_lr(cfg, state, model), cfg.meta_learning.inner.default_num_steps,
@@ -463,7 +463,7 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
         raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
                         "--overwrite to replace it, or another directory")
     cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
-    model, tokenizer = build_model(cfg, torch.device("cpu"))
+    model, tokenizer = M.build_model(cfg, torch.device("cpu"))
     load_theta(model, state["theta"], checkpoint)
     rate = _inner_lr(cfg, state, model)
     info = {"labels": None, "checkpoint": str(checkpoint),

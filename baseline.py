@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import model as M
 import trainer as T
-from utils import BASELINES, Config, ConfigError, set_seed, to_device
+from utils import BASELINES, HEAD_INIT, Config, ConfigError, set_seed, to_device
 
 log = logging.getLogger("melora")
 
@@ -81,13 +81,13 @@ class FewShotMethod:
     name = "method"
     second_order = False
     optimizer_copies = 1
-    head_init = "zero"   # zero: the head starts at theta's; proto: at support prototypes
+    head_init = HEAD_INIT  # zero: the head starts at theta's; proto: at support prototypes
     micro_batch = 0      # examples per pass when computing prototypes (0 = all)
     outer_lr: float | None = None  # the meta-training rate, for methods that meta-train
     hessian = "-"        # the curvature of meta_step's meta-gradient (memory tables)
 
     def __init__(self, model: M.MELoRAModel, theta: Params, inner_lr: float | torch.Tensor,
-                 head_init: str = "zero"):
+                 head_init: str = HEAD_INIT):
         self.model, self.theta, self.inner_lr, self.head_init = model, theta, inner_lr, head_init
 
     # -- verbs ------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class MELoRA(FewShotMethod):
     optimizer_copies = 3
 
     def __init__(self, model, inner_lr, inner_steps: int, hessian_method: str, micro_batch: int = 0,
-                 head_init: str = "zero"):
+                 head_init: str = HEAD_INIT):
         super().__init__(model, M.lora_parameters(model), inner_lr, head_init)
         self.inner_steps, self.hessian_method, self.micro_batch = inner_steps, hessian_method, micro_batch
         self.hessian = hessian_method
@@ -227,7 +227,7 @@ class LoRAMetaLearner(FewShotMethod):
     dropout seeding per task) and an outer Adam with clipping, as trainer.MetaTrainer.
 
     Args:
-        model: a LoRA-wrapped model (trainer.build_model).
+        model: a LoRA-wrapped model (model.build_model).
         inner_lr: a, the inner SGD rate (meta-training and adaptation).
         inner_steps: K during meta-training: 0 for proto_lora (no inner loop; theta is
             trained only through the prototype head's query loss).
@@ -241,7 +241,7 @@ class LoRAMetaLearner(FewShotMethod):
     optimizer_copies = 3
 
     def __init__(self, model, inner_lr: float, inner_steps: int, hessian_method: str,
-                 outer_lr: float, grad_clip: float, micro_batch: int = 0, head_init: str = "proto",
+                 outer_lr: float, grad_clip: float, micro_batch: int = 0, head_init: str = HEAD_INIT,
                  seed: int = 0):
         super().__init__(model, M.lora_parameters(model), inner_lr, head_init)
         self.inner_steps, self.hessian, self.micro_batch = inner_steps, hessian_method, micro_batch
@@ -275,7 +275,7 @@ class FineTune(FewShotMethod):
     name = "finetune"
     optimizer_copies = 1
 
-    def __init__(self, model, inner_lr, head_init: str = "zero"):
+    def __init__(self, model, inner_lr, head_init: str = HEAD_INIT):
         super().__init__(model, M.lora_parameters(model), inner_lr, head_init)
 
 
@@ -292,7 +292,7 @@ class MultitaskFineTune(FineTune):
     optimizer_copies = 3
     hessian = "none"  # its meta-step is one first-order classifier step
 
-    def __init__(self, model, inner_lr, outer_lr: float, grad_clip: float, head_init: str = "zero"):
+    def __init__(self, model, inner_lr, outer_lr: float, grad_clip: float, head_init: str = HEAD_INIT):
         super().__init__(model, inner_lr, head_init)
         self.outer_lr, self.grad_clip = outer_lr, grad_clip
         self.classes: dict[str, int] = {}
@@ -369,7 +369,7 @@ class MAML(FewShotMethod):
     optimizer_copies = 3
 
     def __init__(self, model, theta, inner_lr: float, inner_steps: int, outer_lr: float,
-                 grad_clip: float, first_order: bool = False, head_init: str = "zero"):
+                 grad_clip: float, first_order: bool = False, head_init: str = HEAD_INIT):
         super().__init__(model, theta, inner_lr, head_init)
         self.inner_steps, self.grad_clip, self.first_order = inner_steps, grad_clip, first_order
         self.second_order = not first_order
@@ -416,7 +416,7 @@ class FOMAML(MAML):
 
     name = "fomaml"
 
-    def __init__(self, model, theta, inner_lr, inner_steps, outer_lr, grad_clip, head_init="zero"):
+    def __init__(self, model, theta, inner_lr, inner_steps, outer_lr, grad_clip, head_init=HEAD_INIT):
         super().__init__(model, theta, inner_lr, inner_steps, outer_lr, grad_clip, first_order=True,
                          head_init=head_init)
 
@@ -436,7 +436,7 @@ class Reptile(FewShotMethod):
     hessian = "none"
 
     def __init__(self, model, theta, inner_lr: float, inner_steps: int, outer_lr: float,
-                 grad_clip: float, head_init: str = "zero"):
+                 grad_clip: float, head_init: str = HEAD_INIT):
         super().__init__(model, theta, inner_lr, head_init)
         self.inner_steps, self.grad_clip, self.outer_lr = inner_steps, grad_clip, outer_lr
         self.optimizer = torch.optim.Adam(list(theta.values()), lr=outer_lr)
@@ -533,7 +533,7 @@ def build_baseline(name: str, cfg: Config, device: torch.device, inner_lr: float
     steps, head = inner.default_num_steps, cfg.evaluation.head_init
     micro = cfg.memory_optimization.gradient_accumulation.default_micro_batch
     if name in ("finetune", "finetune_multitask", "reptile_lora", "proto_lora", "fomaml_lora"):
-        model, tokenizer = T.build_model(cfg, device)
+        model, tokenizer = M.build_model(cfg, device)
         method = {"finetune": lambda: FineTune(model, a, head),
                   "finetune_multitask": lambda: MultitaskFineTune(model, a, beta, outer.grad_clip, head),
                   "reptile_lora": lambda: _named(Reptile(
@@ -574,7 +574,7 @@ def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object
     """The pretrained model of `cfg` with its zero N-way head and no LoRA, all weights trainable."""
     model, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way,
                                     pooling=cfg.models.pooling,
-                                    dtype=T.PARAM_DTYPE[cfg.training.precision])
+                                    dtype=M.PARAM_DTYPE[cfg.training.precision])
     return model.to(device).train(), tokenizer
 
 

@@ -65,7 +65,7 @@ import analysis
 import baseline as B
 import model as M
 from dataset_loader import DatasetLoader
-from trainer import MetaTrainer, build_model, restore_model, saved_config
+from trainer import MetaTrainer, restore_model, saved_config
 from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
                    atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
                    load_checkpoint, load_config_with_base, rank, rank_device,
@@ -256,11 +256,7 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
     out: dict[str, Any] = {"meta_train_iterations": iterations}
     # 1. Setup: the episodes (from the saved spec) and the meta-train/val tasks.
     with window():
-        _, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way)
-        retrains = name == "melora" and cfg.evaluation.seeds > 1 and iterations > 0
-        loader = _loader(cfg, tokenizer, baselines=name != "melora" or retrains,
-                         meta_val=_tuned(name, cfg))
-        episodes = loader.load_episode_spec(job["spec"])
+        loader, episodes = _episodes(name, cfg, job["spec"], iterations)
     # 2. Rates: tuned on meta-val (baselines), or the configured / checkpoint's ones.
     with window():
         rates = tune_rates(name, cfg, loader, device, iterations) if _tuned(name, cfg) \
@@ -274,13 +270,8 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
             method, train_s = build_method(name, cfg, job["checkpoint"], device, s, iterations,
                                            loader, rates)
         if s == 0:
-            # Memory breakdown and one meta-training step (theta unchanged): the memory
-            # reference, for every Hessian method it names.
-            out.update(_describe(name, method, rates))
-            if cfg.evaluation.memory_profiling.enabled:
-                out.update(memory_breakdown(method, episodes[0], window,
-                                            cfg.evaluation.memory_profiling.detailed_breakdown))
-            out.update(_meta_step_memory(name, method, episodes[0], window))
+            out.update(_memory_reference(name, method, rates, episodes[0], window,
+                                         cfg.evaluation.memory_profiling))
         # 4. Meta-training (baselines; MELoRA's retrains are timed in build_method).
         start = time.perf_counter()
         todo = iterations if name != "melora" else 0
@@ -289,17 +280,10 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
             method.meta_train(SeedEpisodes(loader, s), todo, cfg.meta_learning.default_meta_batch_size)
         if name != "melora" or s > 0:  # MELoRA's seed 0 is the checkpoint: not timed here
             train_seconds.append(train_s + time.perf_counter() - start)
-        # 5. Adaptation on every episode, dropout masks seeded per episode (paired runs,
-        #    the same masks for every seed: seeds change the training, not the episodes).
-        start, accuracies = time.perf_counter(), []
-        bar = tqdm(mine, desc=f"evaluate {label}", unit="episode", mininterval=1.0,
-                   dynamic_ncols=True, disable=not show)
-        with window() as adapt:
-            for i in bar:
-                set_seed(episode_seed(cfg.training.seed, i))
-                accuracies.append(method.adapt(episodes[i], steps))
-        bar.close()
-        seconds.append((time.perf_counter() - start) / max(1, len(mine)))
+        # 5. Adaptation on every episode of this rank.
+        accuracies, per_episode, adapt = _adapt_episodes(method, episodes, mine, steps,
+                                                         cfg.training.seed, label, show, window)
+        seconds.append(per_episode)
         per_seed.append(accuracies)
         if s == 0:
             out["adapt_peak_memory_mb"] = adapt.extra_mb
@@ -314,6 +298,44 @@ def evaluate_method(job: Mapping[str, Any]) -> dict:
                meta_train_seconds=sum(train_seconds) / len(train_seconds) if train_seconds else None,
                torch_threads=torch.get_num_threads())
     return out
+
+
+def _episodes(name: str, cfg: Config, spec, iterations: int) -> tuple[DatasetLoader, list]:
+    """The loader of the tasks `name` trains (and tunes) on, and the saved spec's episodes."""
+    _, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way)
+    retrains = name == "melora" and cfg.evaluation.seeds > 1 and iterations > 0
+    loader = _loader(cfg, tokenizer, baselines=name != "melora" or retrains,
+                     meta_val=_tuned(name, cfg))
+    return loader, loader.load_episode_spec(spec)
+
+
+def _memory_reference(name: str, method, rates: Mapping, episode, window, profiling) -> dict:
+    """Memory breakdown (with `evaluation.memory_profiling` on) and one meta-training step
+    (theta unchanged): the memory reference, for every Hessian method it names."""
+    out = _describe(name, method, rates)
+    if profiling.enabled:
+        out.update(memory_breakdown(method, episode, window, profiling.detailed_breakdown))
+    out.update(_meta_step_memory(name, method, episode, window))
+    return out
+
+
+def _adapt_episodes(method, episodes: list, mine: range, steps: int, seed: int, label: str,
+                    show: bool, window) -> tuple[list, float, MemoryWindow]:
+    """Adapt on episodes `mine`, dropout masks seeded per episode (paired runs, the same
+    masks for every seed: seeds change the training, not the episodes).
+
+    Returns:
+        (accuracies per step of each episode, seconds per episode, the memory window).
+    """
+    start, accuracies = time.perf_counter(), []
+    bar = tqdm(mine, desc=f"evaluate {label}", unit="episode", mininterval=1.0,
+               dynamic_ncols=True, disable=not show)
+    with window() as adapt:
+        for i in bar:
+            set_seed(episode_seed(seed, i))
+            accuracies.append(method.adapt(episodes[i], steps))
+    bar.close()
+    return accuracies, (time.perf_counter() - start) / max(1, len(mine)), adapt
 
 
 @contextlib.contextmanager
@@ -413,7 +435,7 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, 
         model, _, _, inner_lr = restore_model(checkpoint, device, cfg, read_checkpoint(checkpoint))
     else:
         scfg = seed_config(cfg, s)
-        model, _ = build_model(scfg, device)
+        model, _ = M.build_model(scfg, device)
         meta = MetaTrainer(model, SeedEpisodes(loader, s), scfg.meta_learning, memory,
                            scfg.training, device, {"lora": {"rank": cfg.lora.default_rank}})
         for it in range(iterations):

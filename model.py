@@ -10,6 +10,7 @@ touching the module's own parameters.
                           target_modules=["attention.self.query", "attention.self.value"])
     theta = lora_parameters(model)              # {"backbone...lora_A": tensor, ..., "head.weight": ...}
     logits = forward(model, theta, batch)       # torch.func.functional_call under the hood
+    model, tokenizer = build_model(cfg, device) # all of it as a config says (the run's model)
 
 LoRA: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021); the layer
 follows PEFT's `tuners/lora/layer.py` (`base_layer` kept by reference, A kaiming-uniform,
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (registry, heads: with the config schema)
+from utils import Config, HessianOptions, set_seed, world_size
 
 log = logging.getLogger("melora")
 
@@ -748,6 +750,136 @@ def _build_tiny(family: str, seed: int, dropout: float | None):
         torch.manual_seed(seed)
         backbone = cls(config)
     return backbone, tokenizer
+
+
+# ------------------------------------------------------------------------------------
+# Building from the config (LoRA, prefix cache, checkpointing decision)
+# ------------------------------------------------------------------------------------
+
+# training.precision -> parameter dtype (bf16/fp16 keep fp32 parameters under autocast)
+PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
+                "fp64": torch.float64}
+
+
+def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]:
+    """The backbone with its N-way head and LoRA layers, as `cfg` describes, on `device`.
+
+    LoRA's A factors are drawn after seeding with `training.seed`, so theta at
+    iteration 0 is a function of the config.
+
+    Args:
+        cfg: the validated config (`models`, `lora`, `tasks`, `memory_optimization`,
+            `training` sections are read).
+        device: where the model lives.
+
+    Returns:
+        (model, tokenizer).
+    """
+    name = cfg.models.selected_model
+    model, tokenizer = load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
+                                    dtype=PARAM_DTYPE[cfg.training.precision],
+                                    **_head_options(cfg.meta_learning))
+    family = family_of(name)
+    if family not in cfg.lora.target_modules:
+        raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
+                          f"{name!r}; add `{family}: [...]` under lora.target_modules")
+    set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
+    layers = list(cfg.lora.layers)
+    try:
+        check_lora_layers(model, layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_max_length(model, cfg.models.max_length)
+    inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
+                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
+                  layers=layers)
+    model = model.to(device).train()
+    if layers and cfg.memory_optimization.prefix_cache:
+        skipped = enable_prefix_cache(model)
+        log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
+                 "example (memory_optimization.prefix_cache)", skipped)
+    checkpointing = cfg.memory_optimization.checkpointing
+    if checkpointing_decision(cfg, model, device):
+        enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
+    return model, tokenizer
+
+
+def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel) -> float:
+    """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
+
+    Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
+    the MLP's width and 3 per attention head of sequence length (scores, probabilities,
+    mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
+    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
+    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
+    tokens. A first-order step holds one such graph; a second-order product (full,
+    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
+    backward keeps as much again), and `full` with kept graphs holds that many of them
+    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
+    """
+    config = model.backbone.config
+    hidden = config.hidden_size
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or getattr(config, "d_ff", None) or 4 * hidden)
+    length = cfg.models.max_length
+    per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
+    tasks, memory = cfg.tasks, cfg.memory_optimization
+    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
+    micro = memory.gradient_accumulation.default_micro_batch
+    examples = set_size if micro <= 0 else min(micro, set_size)
+    if cfg.meta_learning.batched_tasks:
+        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
+    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
+    graph = examples * length * layers * per_token * bytes_per / 2**20
+    hessian = memory.hessian_approximation
+    method = hessian.method
+    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
+        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
+    if not second_order:
+        return graph
+    kept = HessianOptions.from_config(hessian).graphs_kept(method,
+                                                           cfg.meta_learning.inner.default_num_steps)
+    return max(2 * graph, 2 * kept * graph + graph)
+
+
+def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
+    """MiB the graphs may take: CUDA's free memory now, or on CPU
+    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20
+    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
+    if budget > 0:
+        return float(budget)
+    import psutil
+    return psutil.virtual_memory().available / 2**20
+
+
+def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device) -> bool:
+    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
+    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
+    The decision and its numbers are logged."""
+    enabled = cfg.memory_optimization.checkpointing.enabled
+    if enabled != "auto":
+        log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
+                 "on" if enabled else "off", str(enabled).lower())
+        return bool(enabled)
+    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
+    on = peak > budget
+    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
+    log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
+             "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
+             "exceeds" if on else "fits in", where, budget,
+             "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
+    return on
+
+
+def _head_options(meta) -> dict:
+    """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
+    return {"head": meta.head if "head" in meta else "euclidean",
+            "head_scale": meta.head_scale if "head_scale" in meta else COSINE_SCALE_INIT}
 
 
 # ------------------------------------------------------------------------------------

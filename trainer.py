@@ -21,7 +21,6 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -33,11 +32,12 @@ from tqdm import tqdm
 
 import model as M
 from dataset_loader import DatasetLoader
-from utils import (HEAD_INITS, HESSIAN_METHODS, OOM_ADVICE, Config, ConfigError, MetricsSink,
-                   RunInterrupted, UserError, all_reduce_max, all_reduce_sum, atomic_write_json,
-                   atomic_write_text, checkpoint_config, is_main_process, load_checkpoint,
-                   peak_memory_mb, rank, rank_device, reset_peak_memory, resolve_device,
-                   save_checkpoint, set_seed, to_device, world_size)
+from utils import (HEAD_INIT, HEAD_INITS, HESSIAN_METHOD, HESSIAN_METHODS, OOM_ADVICE, Config,
+                   ConfigError, HessianOptions, MetricsSink, RunInterrupted, UserError,
+                   all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
+                   checkpoint_config, is_main_process, load_checkpoint, peak_memory_mb, rank,
+                   rank_device, reset_peak_memory, resolve_device, save_checkpoint, set_seed,
+                   to_device, world_size)
 
 log = logging.getLogger("melora")
 
@@ -46,50 +46,21 @@ log = logging.getLogger("melora")
 # Meta-gradient
 # ====================================================================================
 
-
-
-@dataclass(frozen=True)
-class HessianOptions:
-    """Options of the curvature products (memory_optimization.hessian_approximation).
-
-    Attributes:
-        diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
-            gradients) or hutchinson.
-        hutchinson_probes: Rademacher probes per inner step for hutchinson.
-        keep_graphs: `full` only: how many inner steps (the last ones, 0..K; more = K)
-            build their support gradient with its graph during the forward sweep and
-            keep it until the backward sweep's Hessian-vector product, instead of
-            recomputing it. Each kept step saves a forward+backward per task (its
-            product then costs one double backward only) and adds one step's graph to
-            peak memory (peak = the kept graphs + the query pass). K keeps them all,
-            as unrolled autograd does. Same meta-gradient for every value.
-        keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
-    """
-    diagonal_estimator: str = "fisher"
-    hutchinson_probes: int = 1
-    keep_last_step: bool = False
-    keep_graphs: int = 0
-
-    def graphs_kept(self, method: str, inner_steps: int) -> int:
-        """How many of the last inner steps keep their gradient graph (0 unless `full`)."""
-        if method != "full":
-            return 0
-        return min(inner_steps, max(int(self.keep_graphs), int(bool(self.keep_last_step))))
-
-
 def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
                           support: Mapping[str, torch.Tensor], query: Mapping[str, torch.Tensor],
-                          inner_lr: float | torch.Tensor, inner_steps: int, method: str = "full",
-                          micro_batch: int = 0, *, metrics: dict | None = None,
+                          inner_lr: float | torch.Tensor, inner_steps: int,
+                          method: str = HESSIAN_METHOD, micro_batch: int = 0, *,
+                          metrics: dict | None = None,
                           hessian: HessianOptions = HessianOptions(), seed: int | None = None,
-                          head_init: str = "zero", acc_before: bool = True,
+                          head_init: str = HEAD_INIT, acc_before: bool = True,
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Meta-gradient of one task's query loss after `inner_steps` adaptation steps.
 
     Reverse recomputation (DESIGN.md): the forward sweep keeps only phi_0..phi_K; the
     backward sweep recomputes one inner step at a time and applies (I - a_k H_k) to the
     adjoint v with one Hessian-vector product (or its approximation, by `method`), so
-    peak memory is one step's graph whatever K is.
+    peak memory is one step's graph whatever K is. `MetaGradient(...)(theta, support,
+    query)` in one call.
 
     Args:
         model: a LoRA-wrapped `model.MELoRAModel`; its own parameters are not touched.
@@ -97,7 +68,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         support, query: dicts with `input_ids`, `attention_mask` (right-padded), `labels`.
         inner_lr: a float a, or a tensor (inner_steps,) of learned per-step rates a_k.
         inner_steps: K >= 0.
-        method: full (exact), gauss_newton, block_diagonal, diagonal or none (first order).
+        method: full (exact), gauss_newton, block_diagonal, diagonal or none (first order);
+            default config.yml's (`utils.HESSIAN_METHOD`).
         micro_batch: examples per micro-batch; 0 or >= the set size = the whole set.
             Gradients and curvature products accumulate, so results do not depend on it
             (except `diagonal` with the fisher estimator, which is built from them).
@@ -110,7 +82,8 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         head_init: zero (the head starts at theta's head) or proto (Proto-MAML,
             Triantafillou et al., 2020: the head starts at W = 2 c_n, b = -|c_n|^2 from
             the support-set class prototypes c_n at theta; the meta-gradient flows through
-            the prototypes into the LoRA factors, and theta's head gets zero gradient).
+            the prototypes into the LoRA factors, and theta's head gets zero gradient);
+            default config.yml's (`utils.HEAD_INIT`).
 
     Returns:
         (query_loss at phi_K, {name: d query_loss / d theta[name]}); with a tensor
@@ -120,23 +93,18 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         >>> loss, grads = compute_meta_gradient(model, lora_parameters(model), support,
         ...                                     query, inner_lr=0.01, inner_steps=3)
     """
-    if method not in HESSIAN_METHODS:
-        raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
-    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
-    _check_head_init(head_init)
-    task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=1)
-    phi_0 = [t.detach() for t in theta.values()]
-    return _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian, metrics, head_init,
-                          acc_before)
+    engine = MetaGradient(model, inner_lr, inner_steps, method, micro_batch, hessian=hessian,
+                          head_init=head_init)
+    return engine(theta, support, query, metrics=metrics, seed=seed, acc_before=acc_before)
 
 
 def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
                                   episodes: list[tuple[Mapping, Mapping]],
                                   inner_lr: float | torch.Tensor, inner_steps: int,
-                                  method: str = "full", micro_batch: int = 0, *,
+                                  method: str = HESSIAN_METHOD, micro_batch: int = 0, *,
                                   metrics: dict | None = None,
                                   hessian: HessianOptions = HessianOptions(),
-                                  seed: int | None = None, head_init: str = "zero",
+                                  seed: int | None = None, head_init: str = HEAD_INIT,
                                   acc_before: bool = True,
                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean meta-gradient of several tasks whose inner loops run together.
@@ -146,6 +114,7 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
     examples. The tasks' losses are summed, their parameters are separate, so gradients
     and Hessian-vector products separate by task exactly: the result equals the mean of
     `compute_meta_gradient` over the tasks (without dropout, whose masks differ).
+    `MetaGradient(...).batched(theta, episodes)` in one call.
 
     Args:
         episodes: [(support, query), ...]; every task has as many support (and query)
@@ -156,38 +125,175 @@ def compute_batched_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torc
         (mean query loss, {name: mean meta-gradient}) (and "inner_lr" for learned rates);
         `metrics` gets accuracies averaged over the tasks.
     """
-    if method not in HESSIAN_METHODS:
-        raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
-    _check_head_init(head_init)
-    seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
-    if method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
-        return _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method,
-                              micro_batch, metrics, hessian, seed, head_init, acc_before)
-    T = len(episodes)
-    support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
-    task = _Task(model, list(theta), support, query, micro_batch, seed, tasks=T)
-    phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
-    query_loss, grads = _meta_gradient(task, phi_0, inner_lr, inner_steps, method, hessian,
-                                       metrics, head_init, acc_before)
-    mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
-    return query_loss / T, mean
+    engine = MetaGradient(model, inner_lr, inner_steps, method, micro_batch, hessian=hessian,
+                          head_init=head_init)
+    return engine.batched(theta, episodes, metrics=metrics, seed=seed, acc_before=acc_before)
 
 
-def _mean_of_tasks(model, theta, episodes, inner_lr, inner_steps, method, micro_batch,
-                   metrics, hessian, seed, head_init, acc_before=True):
-    total, summed, per_task = 0.0, {}, []
-    for t, (support, query) in enumerate(episodes):
-        m = {}
-        loss, grads = compute_meta_gradient(model, theta, support, query, inner_lr, inner_steps,
-                                            method, micro_batch, metrics=m, hessian=hessian,
-                                            seed=seed + t, head_init=head_init,
-                                            acc_before=acc_before)
-        total = total + loss
-        summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
-        per_task.append(m)
-    if metrics is not None:
-        metrics.update({k: sum(m[k] for m in per_task) / len(per_task) for k in per_task[0]})
-    return total / len(episodes), {n: g / len(episodes) for n, g in summed.items()}
+class MetaGradient:
+    """The meta-gradient engine: one task's inner loop and its exact (or approximated)
+    meta-gradient by reverse recomputation, for one setting of the method.
+
+    Verbs: `start` (phi_0), `adapt` (the inner loop: phi_K), calling it (the
+    meta-gradient of one task) and `batched` (the mean over tasks run together).
+
+    Args:
+        model: a LoRA-wrapped `model.MELoRAModel`; its own parameters are not touched.
+        inner_lr: a float a, or a tensor (inner_steps,) of learned per-step rates a_k
+            (read at every call, so a learned tensor may change between calls).
+        inner_steps: K >= 0.
+        method: a `CURVATURE_PRODUCTS` name, or none (first order).
+        micro_batch, hessian, head_init: as in `compute_meta_gradient`.
+
+    Example:
+        >>> engine = MetaGradient(model, 0.01, 3, "full", head_init="proto")
+        >>> phi = engine.adapt(theta, support)                 # fast weights phi_K
+        >>> loss, grads = engine(theta, support, query)        # the meta-gradient
+    """
+
+    def __init__(self, model: M.MELoRAModel, inner_lr: float | torch.Tensor, inner_steps: int,
+                 method: str = HESSIAN_METHOD, micro_batch: int = 0, *,
+                 hessian: HessianOptions = HessianOptions(), head_init: str = HEAD_INIT):
+        if method not in HESSIAN_METHODS:
+            raise ValueError(f"method must be one of {', '.join(HESSIAN_METHODS)}, got {method!r}")
+        _check_head_init(head_init)
+        self.model, self.inner_lr, self.inner_steps = model, inner_lr, inner_steps
+        self.method, self.micro_batch, self.hessian = method, micro_batch, hessian
+        self.head_init = head_init
+
+    def start(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto."""
+        phi = [t.detach() for t in theta.values()]
+        if self.head_init == "proto":
+            task = _Task(self.model, list(theta), support, support, self.micro_batch, seed=0)
+            phi = task.with_proto_head(phi)[0]
+        return dict(zip(theta, phi))
+
+    def adapt(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor],
+              seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The fast weights phi_K after the inner loop on `support` (detached): the
+        meta-gradient's forward sweep with the same `seed` (same kernels, dropout masks)."""
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        task = _Task(self.model, list(theta), support, support, self.micro_batch, seed)
+        phi_0 = [t.detach() for t in theta.values()]
+        if self.head_init == "proto":
+            phi_0 = task.with_proto_head(phi_0)[0]
+        phis = self._forward_sweep(task, phi_0, _step_rates(self.inner_lr, self.inner_steps))[0]
+        return dict(zip(theta, phis[-1]))
+
+    def __call__(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor],
+                 query: Mapping[str, torch.Tensor], *, metrics: dict | None = None,
+                 seed: int | None = None, acc_before: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(query loss at phi_K, meta-gradient), as `compute_meta_gradient` describes."""
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        task = _Task(self.model, list(theta), support, query, self.micro_batch, seed, tasks=1)
+        phi_0 = [t.detach() for t in theta.values()]
+        return self._meta_gradient(task, phi_0, metrics, acc_before)
+
+    def batched(self, theta: Mapping[str, torch.Tensor], episodes: list[tuple[Mapping, Mapping]],
+                *, metrics: dict | None = None, seed: int | None = None, acc_before: bool = True
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mean over `episodes`, as `compute_batched_meta_gradient` describes."""
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        if self.method == "block_diagonal" or len(episodes) == 1:  # K-FAC statistics are per task
+            return self._mean_of_tasks(theta, episodes, metrics, seed, acc_before)
+        T = len(episodes)
+        support, query = _stack_sets([e[0] for e in episodes]), _stack_sets([e[1] for e in episodes])
+        task = _Task(self.model, list(theta), support, query, self.micro_batch, seed, tasks=T)
+        phi_0 = [t.detach().unsqueeze(0).repeat(T, *([1] * t.dim())) for t in theta.values()]  # (T, ...)
+        query_loss, grads = self._meta_gradient(task, phi_0, metrics, acc_before)
+        mean = {n: g.mean(0) if n != "inner_lr" else g / T for n, g in grads.items()}
+        return query_loss / T, mean
+
+    def _mean_of_tasks(self, theta, episodes, metrics, seed, acc_before):
+        total, summed, per_task = 0.0, {}, []
+        for t, (support, query) in enumerate(episodes):
+            m = {}
+            loss, grads = self(theta, support, query, metrics=m, seed=seed + t, acc_before=acc_before)
+            total = total + loss
+            summed = {n: summed.get(n, 0) + g for n, g in grads.items()}
+            per_task.append(m)
+        if metrics is not None:
+            metrics.update({k: sum(m[k] for m in per_task) / len(per_task) for k in per_task[0]})
+        return total / len(episodes), {n: g / len(episodes) for n, g in summed.items()}
+
+    def _forward_sweep(self, task: "_Task", phi_0: list[torch.Tensor], lrs: list,
+                       fisher: bool = False, first_kept: int | None = None):
+        """phi_{k+1} = phi_k - a_k grad L_S(phi_k); keeps phi_k only (and, from step
+        `first_kept` on, the steps' gradient graphs for their Hessian products).
+
+        Returns:
+            (phis, support gradients (None unless rates are learned), Fisher diagonals,
+            kept graphs, support loss at phi_0 or None).
+        """
+        # Without curvature products or checkpointed blocks nothing recomputes a support
+        # pass, so the support passes may use the fused attention kernel (query passes do).
+        fisher_method = self.method == "diagonal" and self.hessian.diagonal_estimator == "fisher"
+        task.fused_support = (self.method == "none" or fisher_method) and not M.is_checkpointed(task.model)
+        first_kept = self.inner_steps if first_kept is None else first_kept
+        learn_lr = torch.is_tensor(self.inner_lr)
+        phis, grads_s, diags, support_loss = [phi_0], [], [], None
+        kept: list = [None] * self.inner_steps
+        for k in range(self.inner_steps):
+            if k >= first_kept:
+                g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
+                diag = None
+            else:
+                g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
+            if k == 0:
+                support_loss = loss / task.tasks
+            phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
+            grads_s.append(g if learn_lr else None)
+            diags.append(diag)
+        return phis, grads_s, diags, kept, support_loss
+
+    def _meta_gradient(self, task: "_Task", phi_0: list[torch.Tensor], metrics: dict | None,
+                       acc_before: bool = True):
+        """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
+        method, hessian, inner_lr, inner_steps = self.method, self.hessian, self.inner_lr, self.inner_steps
+        # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
+        if self.head_init == "proto":
+            phi_0, prototypes = task.with_proto_head(phi_0)
+        lrs = _step_rates(inner_lr, inner_steps)
+        learn_lr = torch.is_tensor(inner_lr)
+        fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
+
+        # 1. Forward sweep: keep phi_k only (and, with keep_graphs, the last steps'
+        #    gradient graphs for their Hessian products).
+        first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
+        phis, grads_s, diags, kept, support_loss = self._forward_sweep(task, phi_0, lrs, fisher,
+                                                                       first_kept)
+        if support_loss is not None and metrics is not None:
+            metrics["support_loss"] = support_loss
+
+        # 2. Outer loss and its gradient at phi_K: the adjoint v = dL_Q / dphi_K.
+        query_loss, v, acc_after = task.query_grad(phis[-1])
+
+        # 3. Backward sweep: v <- (I - a_k H_k) v, one step's graph at a time.
+        lr_grad = torch.zeros(inner_steps, dtype=phi_0[0].dtype, device=phi_0[0].device) if learn_lr else None
+        for k in reversed(range(inner_steps)):
+            if learn_lr:
+                lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
+            if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
+                hv, kept[k] = task.kept_hvp(kept[k], v), None
+                v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
+            elif method != "none":
+                hv = CURVATURE_PRODUCTS[method](task, phis[k], v, k, diags[k], hessian)
+                v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
+
+        # 4. Proto-MAML: carry the head's adjoint through the prototypes into the LoRA factors.
+        if self.head_init == "proto":
+            v = task.proto_backward(phi_0, v, prototypes)
+        if metrics is not None:
+            metrics["query_acc_after"] = acc_after
+            if acc_before:  # one more query forward per task, at phi_0
+                metrics["query_acc_before"] = acc_after if inner_steps == 0 else task.accuracy(phis[0])
+        grads = dict(zip(task.names, v))
+        if learn_lr:
+            grads["inner_lr"] = lr_grad.to(inner_lr.device)
+        return query_loss, grads
 
 
 def _stack_sets(sets: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -219,77 +325,13 @@ def _check_head_init(head_init: str) -> None:
 
 
 def initial_fast_weights(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
-                         support: Mapping[str, torch.Tensor], head_init: str = "zero",
+                         support: Mapping[str, torch.Tensor], head_init: str = HEAD_INIT,
                          micro_batch: int = 0) -> dict[str, torch.Tensor]:
     """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto.
 
-    Evaluation starts adaptation here, as meta-training does.
+    Evaluation starts adaptation here, as meta-training does (`MetaGradient.start`).
     """
-    _check_head_init(head_init)
-    phi = [t.detach() for t in theta.values()]
-    if head_init == "proto":
-        task = _Task(model, list(theta), support, support, micro_batch, seed=0)
-        phi = task.with_proto_head(phi)[0]
-    return dict(zip(theta, phi))
-
-
-def _meta_gradient(task: "_Task", phi_0: list[torch.Tensor], inner_lr, inner_steps: int,
-                   method: str, hessian: HessianOptions, metrics: dict | None,
-                   head_init: str = "zero", acc_before: bool = True):
-    """The phases of the reverse-recomputed meta-gradient (see compute_meta_gradient)."""
-    # 0. Proto-MAML: the head starts at the support prototypes computed at theta.
-    if head_init == "proto":
-        phi_0, prototypes = task.with_proto_head(phi_0)
-    lrs = _step_rates(inner_lr, inner_steps)
-    learn_lr = torch.is_tensor(inner_lr)
-    fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
-    # Without curvature products or checkpointed blocks nothing recomputes a support
-    # pass, so the support passes may use the fused attention kernel (query passes do).
-    task.fused_support = (method == "none" or fisher) and not M.is_checkpointed(task.model)
-
-    # 1. Forward sweep: phi_{k+1} = phi_k - a_k grad L_S(phi_k); keep phi_k only (and,
-    #    with keep_graphs, the last steps' gradient graphs for their Hessian products).
-    phis, grads_s, diags = [phi_0], [], []
-    first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
-    kept: list = [None] * inner_steps
-    for k in range(inner_steps):
-        if k >= first_kept:
-            g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
-            diag = None
-        else:
-            g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
-        if k == 0 and metrics is not None:
-            metrics["support_loss"] = loss / task.tasks
-        phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
-        grads_s.append(g if learn_lr else None)
-        diags.append(diag)
-
-    # 2. Outer loss and its gradient at phi_K: the adjoint v = dL_Q / dphi_K.
-    query_loss, v, acc_after = task.query_grad(phis[-1])
-
-    # 3. Backward sweep: v <- (I - a_k H_k) v, one step's graph at a time.
-    lr_grad = torch.zeros(inner_steps, dtype=phi_0[0].dtype, device=phi_0[0].device) if learn_lr else None
-    for k in reversed(range(inner_steps)):
-        if learn_lr:
-            lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
-        if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
-            hv, kept[k] = task.kept_hvp(kept[k], v), None
-            v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
-        elif method != "none":
-            hv = task.curvature_product(method, phis[k], v, k, diags[k], hessian)
-            v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
-
-    # 4. Proto-MAML: carry the head's adjoint through the prototypes into the LoRA factors.
-    if head_init == "proto":
-        v = task.proto_backward(phi_0, v, prototypes)
-    if metrics is not None:
-        metrics["query_acc_after"] = acc_after
-        if acc_before:  # one more query forward per task, at phi_0
-            metrics["query_acc_before"] = acc_after if inner_steps == 0 else task.accuracy(phis[0])
-    grads = dict(zip(task.names, v))
-    if learn_lr:
-        grads["inner_lr"] = lr_grad.to(inner_lr.device)
-    return query_loss, grads
+    return MetaGradient(model, 0.0, 0, "none", micro_batch, head_init=head_init).start(theta, support)
 
 
 def _step_rates(inner_lr, inner_steps: int) -> list:
@@ -310,24 +352,26 @@ class _Task:
         self.n_support = int(support["labels"].numel()) // tasks  # per task: losses are per-task means
         self.n_query = int(query["labels"].numel()) // tasks
         self.device = support["input_ids"].device
-        self.fused_support = False  # see _meta_gradient
+        self.fused_support = False  # see MetaGradient._forward_sweep
 
     # -- losses ---------------------------------------------------------------------
-    def _loss(self, phi, chunk, n_total, step, index):
+    def loss(self, phi, chunk, n_total, step, index):
         """Sum of the chunk's cross-entropies / n_total, so chunks add up to the mean loss."""
-        with self._dropout_rng(step, index):
+        with self.dropout_rng(step, index):
             logits = M.forward(self.model, dict(zip(self.names, phi)), chunk)
         return F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
                                else logits, chunk["labels"], reduction="sum") / n_total, logits
 
     @contextlib.contextmanager
-    def _dropout_rng(self, step, index):
+    def dropout_rng(self, step, index):
+        """Dropout masks of pass (step, micro-batch index), the same at every recomputation."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed((self.seed + 1_000_003 * step + 7919 * index) % 2**63)
             yield
 
-    def _leaves(self, phi):
+    @staticmethod
+    def leaves(phi):
         return [p.detach().requires_grad_() for p in phi]
 
     # -- first order ----------------------------------------------------------------
@@ -338,11 +382,11 @@ class _Task:
         curvature products must: a fused kernel would draw other attention-dropout masks.
         Where nothing recomputes them (`fused_support`), the default kernel runs.
         """
-        leaves, grad, total, diag = self._leaves(phi), None, 0.0, None
+        leaves, grad, total, diag = self.leaves(phi), None, 0.0, None
         kernel = contextlib.nullcontext if self.fused_support else M.second_order_attention
         for i, chunk in enumerate(self.support):
             with kernel():  # checkpointed blocks recompute in backward
-                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
+                loss, _ = self.loss(leaves, chunk, self.n_support, step, i)
                 g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
             total += loss.item()
@@ -356,10 +400,10 @@ class _Task:
 
     def support_grad_with_graph(self, phi, step):
         """support_grad's (gradient, loss), and (leaves, gradient graph) for `kept_hvp`."""
-        leaves, grads, total = self._leaves(phi), [], 0.0
+        leaves, grads, total = self.leaves(phi), [], 0.0
         with M.second_order_attention():
             for i, chunk in enumerate(self.support):
-                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
+                loss, _ = self.loss(leaves, chunk, self.n_support, step, i)
                 grads.append(torch.autograd.grad(loss, leaves, create_graph=True))
                 total += loss.item()
         # one chunk: its gradient as is (a sum from 0 would hold another adapter-sized copy)
@@ -375,9 +419,9 @@ class _Task:
 
     def query_grad(self, phi):
         """(L_Q(phi), grad L_Q(phi), accuracy at phi)."""
-        leaves, grad, total, correct = self._leaves(phi), None, 0.0, 0
+        leaves, grad, total, correct = self.leaves(phi), None, 0.0, 0
         for i, chunk in enumerate(self.query):
-            loss, logits = self._loss(leaves, chunk, self.n_query, QUERY_STEP, i)
+            loss, logits = self.loss(leaves, chunk, self.n_query, QUERY_STEP, i)
             g = torch.autograd.grad(loss, leaves)
             grad = list(g) if grad is None else [a + b for a, b in zip(grad, g)]
             total += loss.detach()
@@ -431,7 +475,7 @@ class _Task:
         else:
             u = 2 * v[w_index].reshape(c.shape) - 2 * c * v[b_index].reshape(-1, 1)
         u = u / counts.clamp(min=1).unsqueeze(1)
-        leaves = self._leaves(phi_0)
+        leaves = self.leaves(phi_0)
         v = list(v)
         for i, chunk in enumerate(self.support):
             with dropout_off(self.model), M.second_order_attention():  # as _features; checkpointed blocks recompute
@@ -447,70 +491,87 @@ class _Task:
         """Query accuracy at phi (micro-batched, dropout replayed from the query stream)."""
         correct = 0
         for i, chunk in enumerate(self.query):
-            with self._dropout_rng(QUERY_STEP, i):
+            with self.dropout_rng(QUERY_STEP, i):
                 logits = M.forward(self.model, dict(zip(self.names, phi)), chunk)
             correct += int((logits.argmax(-1) == chunk["labels"]).sum())
         return correct / (self.n_query * self.tasks)
 
-    # -- second order ---------------------------------------------------------------
-    def curvature_product(self, method, phi, v, step, diag, hessian):
-        """H_k v (or its approximation) at phi_k for the support loss."""
-        if method == "diagonal":
-            if hessian.diagonal_estimator == "hutchinson":
-                diag = self.hutchinson_diagonal(phi, step, hessian.hutchinson_probes)
-            return [d * vi for d, vi in zip(diag, v)]
-        product = {"full": self._hvp, "gauss_newton": self._gnvp,
-                   "block_diagonal": self._kfac_product}[method]
+
+# -- curvature products: H_k v (or its approximation) at phi_k for the support loss ------
+# Each takes (task, phi_k, v, k, the forward sweep's Fisher diagonal or None, HessianOptions).
+
+def _hvp(task, phi, v, step):
+    """Exact Hessian-vector product: one double backward per micro-batch."""
+    leaves, out = task.leaves(phi), [torch.zeros_like(p) for p in phi]
+    for i, chunk in enumerate(task.support):
+        loss, _ = task.loss(leaves, chunk, task.n_support, step, i)
+        g = torch.autograd.grad(loss, leaves, create_graph=True)
+        hv = torch.autograd.grad(g, leaves, v)  # the vjp of grad with v: H v
+        out = [a + b for a, b in zip(out, hv)]
+    return out
+
+
+def _gnvp(task, phi, v, step):
+    """Gauss-Newton-vector product J^T H_logits J v, H_logits = (diag(p) - p p^T) / n."""
+    leaves, out = task.leaves(phi), [torch.zeros_like(p) for p in phi]
+    for i, chunk in enumerate(task.support):
+        with task.dropout_rng(step, i):
+            logits = M.forward(task.model, dict(zip(task.names, leaves)), chunk)  # (B, N)
+        # J v by the double-vjp trick: u -> J^T u is linear, its vjp with v is J v.
+        u = torch.zeros_like(logits, requires_grad=True)
+        jt_u = torch.autograd.grad(logits, leaves, u, create_graph=True)
+        jv = torch.autograd.grad(jt_u, u, v)[0]  # (B, N)
+        p = logits.detach().softmax(-1)
+        h_jv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / task.n_support
+        gv = torch.autograd.grad(logits, leaves, h_jv)
+        out = [a + b for a, b in zip(out, gv)]
+    return out
+
+
+def _kfac(task, phi, v, step):
+    """Per-module K-FAC blocks (A (x) G) applied to v, cross-module terms dropped."""
+    recorder = _KFACRecorder(task.model, task.names, v, task.n_support)
+    leaves = task.leaves(phi)
+    with recorder:
+        for i, chunk in enumerate(task.support):
+            recorder.new_chunk(chunk["attention_mask"])
+            loss, _ = task.loss(leaves, chunk, task.n_support, step, i)
+            torch.autograd.grad(loss, leaves)  # fills the recorder through tensor hooks
+    return recorder.products(phi)
+
+
+def hutchinson_diagonal(task, phi, step, probes):
+    """diag(H) ~ E[z * Hz], z Rademacher (Bekas et al., 2007)."""
+    gen = torch.Generator(device="cpu").manual_seed((task.seed + step) % 2**63)
+    diag = [torch.zeros_like(p) for p in phi]
+    for _ in range(probes):
+        z = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in phi]
         with M.second_order_attention():
-            return product(phi, v, step)
+            hz = _hvp(task, phi, z, step)
+        diag = [d + zi * h / probes for d, zi, h in zip(diag, z, hz)]
+    return diag
 
-    def _hvp(self, phi, v, step):
-        """Exact Hessian-vector product: one double backward per micro-batch."""
-        leaves, out = self._leaves(phi), [torch.zeros_like(p) for p in phi]
-        for i, chunk in enumerate(self.support):
-            loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
-            g = torch.autograd.grad(loss, leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, v)  # the vjp of grad with v: H v
-            out = [a + b for a, b in zip(out, hv)]
-        return out
 
-    def _gnvp(self, phi, v, step):
-        """Gauss-Newton-vector product J^T H_logits J v, H_logits = (diag(p) - p p^T) / n."""
-        leaves, out = self._leaves(phi), [torch.zeros_like(p) for p in phi]
-        for i, chunk in enumerate(self.support):
-            with self._dropout_rng(step, i):
-                logits = M.forward(self.model, dict(zip(self.names, leaves)), chunk)  # (B, N)
-            # J v by the double-vjp trick: u -> J^T u is linear, its vjp with v is J v.
-            u = torch.zeros_like(logits, requires_grad=True)
-            jt_u = torch.autograd.grad(logits, leaves, u, create_graph=True)
-            jv = torch.autograd.grad(jt_u, u, v)[0]  # (B, N)
-            p = logits.detach().softmax(-1)
-            h_jv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / self.n_support
-            gv = torch.autograd.grad(logits, leaves, h_jv)
-            out = [a + b for a, b in zip(out, gv)]
-        return out
+def _diagonal_product(task, phi, v, step, diag, hessian):
+    """diag(H) * v: the forward sweep's Fisher diagonal, or Hutchinson's estimate."""
+    if hessian.diagonal_estimator == "hutchinson":
+        diag = hutchinson_diagonal(task, phi, step, hessian.hutchinson_probes)
+    return [d * vi for d, vi in zip(diag, v)]
 
-    def hutchinson_diagonal(self, phi, step, probes):
-        """diag(H) ~ E[z * Hz], z Rademacher (Bekas et al., 2007)."""
-        gen = torch.Generator(device="cpu").manual_seed((self.seed + step) % 2**63)
-        diag = [torch.zeros_like(p) for p in phi]
-        for _ in range(probes):
-            z = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in phi]
-            with M.second_order_attention():
-                hz = self._hvp(phi, z, step)
-            diag = [d + zi * h / probes for d, zi, h in zip(diag, z, hz)]
-        return diag
 
-    def _kfac_product(self, phi, v, step):
-        """Per-module K-FAC blocks (A (x) G) applied to v, cross-module terms dropped."""
-        recorder = _KFACRecorder(self.model, self.names, v, self.n_support)
-        leaves = self._leaves(phi)
-        with recorder:
-            for i, chunk in enumerate(self.support):
-                recorder.new_chunk(chunk["attention_mask"])
-                loss, _ = self._loss(leaves, chunk, self.n_support, step, i)
-                torch.autograd.grad(loss, leaves)  # fills the recorder through tensor hooks
-        return recorder.products(phi)
+def _on_math_kernel(product):
+    """A (task, phi, v, step) product as a curvature product, its passes on the math
+    attention kernel (double backward, exact dropout replay)."""
+    def curvature_product(task, phi, v, step, diag, hessian):
+        with M.second_order_attention():
+            return product(task, phi, v, step)
+    curvature_product.__doc__ = product.__doc__
+    return curvature_product
+
+
+# Hessian method -> its curvature product ("none", first order, has none).
+CURVATURE_PRODUCTS = {"full": _on_math_kernel(_hvp), "gauss_newton": _on_math_kernel(_gnvp),
+                      "block_diagonal": _on_math_kernel(_kfac), "diagonal": _diagonal_product}
 
 
 def _cosine_head(model) -> bool:
@@ -633,14 +694,13 @@ class _KFACRecorder:
 
 
 # ====================================================================================
-# Training loop
+# Run plumbing: checkpoint files, signals, out-of-memory and non-finite guards, resume
+# (the training loop below calls these)
 # ====================================================================================
 
 CHECKPOINT_VERSION = 1
 # What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
 RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
-PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
-                "fp64": torch.float64}
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -688,6 +748,11 @@ class StopOnSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0: none), the same on every rank, so that every
+        rank stops at the same iteration (torchrun may signal them apart)."""
+        return int(all_reduce_max(float(self.signum or 0), device))
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt(signum)  # main names the signal and what is left
@@ -703,540 +768,72 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
         log.info("removed %s, left by a checkpoint write that was cut short", tmp.name)
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
-    """The backbone with its N-way head and LoRA layers, as `cfg` describes, on `device`.
-
-    LoRA's A factors are drawn after seeding with `training.seed`, so theta at
-    iteration 0 is a function of the config.
-
-    Args:
-        cfg: the validated config (`models`, `lora`, `tasks`, `memory_optimization`,
-            `training` sections are read).
-        device: where the model lives.
-
-    Returns:
-        (model, tokenizer).
-    """
-    name = cfg.models.selected_model
-    model, tokenizer = M.load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
-                                    dtype=PARAM_DTYPE[cfg.training.precision],
-                                    **_head_options(cfg.meta_learning))
-    family = M.family_of(name)
-    if family not in cfg.lora.target_modules:
-        raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
-                          f"{name!r}; add `{family}: [...]` under lora.target_modules")
-    set_seed(cfg.training.seed)  # LoRA A is kaiming-uniform from the global generator
-    layers = list(cfg.lora.layers)
-    try:
-        M.check_lora_layers(model, layers)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    M.check_max_length(model, cfg.models.max_length)
-    M.inject_lora(model, rank=cfg.lora.default_rank, alpha=cfg.lora.alpha,
-                  dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
-                  layers=layers)
-    model = model.to(device).train()
-    if layers and cfg.memory_optimization.prefix_cache:
-        skipped = M.enable_prefix_cache(model)
-        log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
-                 "example (memory_optimization.prefix_cache)", skipped)
-    checkpointing = cfg.memory_optimization.checkpointing
-    if checkpointing_decision(cfg, model, device):
-        M.enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
-    return model, tokenizer
+def _interrupted(signum: int, done: int, total: int, path: Path, saved: list, save) -> RunInterrupted:
+    """Checkpoint iteration `done` to `path` with `save` (unless just written); the error
+    says how to resume."""
+    if not saved or Path(saved[-1]) != path:
+        saved.append(save(path))
+    name = signal.Signals(signum).name
+    log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
+    return RunInterrupted(f"{name} stopped training after iteration {done} of "
+                          f"{total}; checkpoint {path} holds it. "
+                          f"Continue with: python main.py --resume {path}", signum)
 
 
-def estimate_peak_activation_mb(cfg: Config, model: M.MELoRAModel) -> float:
-    """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
-
-    Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
-    the MLP's width and 3 per attention head of sequence length (scores, probabilities,
-    mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
-    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
-    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
-    tokens. A first-order step holds one such graph; a second-order product (full,
-    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
-    backward keeps as much again), and `full` with kept graphs holds that many of them
-    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
-    """
-    config = model.backbone.config
-    hidden = config.hidden_size
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    inner = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-             or getattr(config, "d_ff", None) or 4 * hidden)
-    length = cfg.models.max_length
-    per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
-    tasks, memory = cfg.tasks, cfg.memory_optimization
-    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
-    micro = memory.gradient_accumulation.default_micro_batch
-    examples = set_size if micro <= 0 else min(micro, set_size)
-    if cfg.meta_learning.batched_tasks:
-        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
-    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
-    graph = examples * length * layers * per_token * bytes_per / 2**20
-    hessian = memory.hessian_approximation
-    method = hessian.method
-    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
-        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
-    if not second_order:
-        return graph
-    kept = HessianOptions(keep_last_step=hessian.keep_last_step, keep_graphs=hessian.keep_graphs
-                          ).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
-    return max(2 * graph, 2 * kept * graph + graph)
-
-
-def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
-    """MiB the graphs may take: CUDA's free memory now, or on CPU
-    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free / 2**20
-    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
-    if budget > 0:
-        return float(budget)
-    import psutil
-    return psutil.virtual_memory().available / 2**20
-
-
-def checkpointing_decision(cfg: Config, model: M.MELoRAModel, device: torch.device) -> bool:
-    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
-    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
-    The decision and its numbers are logged."""
-    enabled = cfg.memory_optimization.checkpointing.enabled
-    if enabled != "auto":
-        log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
-                 "on" if enabled else "off", str(enabled).lower())
-        return bool(enabled)
-    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
-    on = peak > budget
-    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
-    log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
-             "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
-             "exceeds" if on else "fits in", where, budget,
-             "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
-    return on
-
-
-def _head_options(meta) -> dict:
-    """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
-    return {"head": meta.head if "head" in meta else "euclidean",
-            "head_scale": meta.head_scale if "head_scale" in meta else M.COSINE_SCALE_INIT}
-
-
-class MetaTrainer:
-    """MAML over LoRA: Algorithm 1 of Finn et al. (2017) with theta = LoRA factors + head.
-
-    One meta-iteration reads like the paper (see `train_step`):
-
-        tasks = trainer.sample_tasks(iteration)          # sample a batch of tasks T_i
-        loss, grads, stats = trainer.meta_gradient(tasks, iteration)  # adapt, evaluate
-        trainer.outer_step(grads, grad_norm)  # grad_norm: global L2 norm of grads (for clipping)
-                                              # theta <- theta - beta * grad
-
-    Args:
-        model: a LoRA-wrapped `model.MELoRAModel` (from `build_model`).
-        loader: a `dataset_loader.DatasetLoader` (episodes are pure functions of the index).
-        meta: the `meta_learning` config section.
-        memory: the `memory_optimization` config section.
-        training: the `training` config section.
-        device: where batches go.
-        identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
-            `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
-
-    Example:
-        >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
-        ...                                   "datasets.synthetic_only=true"]), cache_dir="cache")
-        >>> stats = trainer.train_step(0)
-    """
-
-    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
-        self.model, self.loader, self.device = model, loader, device
-        self.meta, self.memory, self.training = meta, memory, training
-        self.identity = dict(identity)
-        self.seed = training.seed
-        self.inner_steps = meta.inner.default_num_steps
-        self.method = memory.hessian_approximation.method
-        self.micro_batch = memory.gradient_accumulation.default_micro_batch
-        self.theta = M.lora_parameters(model)
-        # Under torchrun each rank adapts to its share of the meta-batch (global indices t).
-        self.local_tasks = _rank_tasks(meta.default_meta_batch_size, rank(), world_size())
-        self.inner_lr = self._make_inner_lr()
-        self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
-        self.iteration = 0          # meta-iterations completed
-        self.nonfinite_streak = 0   # non-finite meta-batches in a row
-        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
-        self._autocast = _autocast_context(training.precision, device)
-
-    @classmethod
-    def from_config(cls, cfg: Config, cache_dir: str | os.PathLike | None = None) -> "MetaTrainer":
-        """Set everything up in dependency order: device, model, episodes, optimizer.
-
-        Args:
-            cfg: the validated config.
-            cache_dir: tokenisation cache; default `datasets.cache_dir`, or
-                `<training.output_dir>/cache` when that is "".
-        """
-        _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
-        device = rank_device(resolve_device(cfg.training.device))
-        model, tokenizer = build_model(cfg, device)
-        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
-        lora = cfg.lora
-        family = M.family_of(cfg.models.selected_model)
-        identity = {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
-                    "lora": {"rank": lora.default_rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                             "target_modules": list(lora.target_modules[family])},
-                    "config": json.dumps(cfg.to_dict())}
-        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
-                   device, identity)
-
-    # -- the verbs of Algorithm 1 -------------------------------------------------------
-
-    def outer_parameters(self) -> list[torch.Tensor]:
-        """What the outer Adam optimises: theta, then the learned inner rates if any."""
-        learned = [self.inner_lr] if isinstance(self.inner_lr, torch.Tensor) else []
-        return list(self.theta.values()) + learned
-
-    def sample_tasks(self, iteration: int) -> list:
-        """This rank's share of the meta-batch of `iteration`: episodes iteration * B + t
-        for t in `self.local_tasks` (all t < B in one process)."""
-        size = self.meta.default_meta_batch_size
-        return [self.loader.episode("meta_train", iteration * size + t) for t in self.local_tasks]
-
-    def meta_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """Adapt to every task and average the meta-gradients over the whole meta-batch.
-
-        Each rank sums its own tasks' losses, meta-gradients and metrics; one all-reduce
-        of the theta-sized gradients (communication stays adapter-sized) and one of a few
-        scalars add the ranks' sums, so every rank holds the mean over all B tasks: the
-        one-process result. A non-finite value on any rank makes the sums non-finite on
-        every rank, so the non-finite guard skips on all ranks together.
-
-        Args:
-            tasks: this rank's episodes (from `sample_tasks`).
-            iteration: the 0-based meta-iteration (seeds each task's dropout).
-
-        Returns:
-            (mean query loss, {name: mean gradient}, mean per-task metrics).
-        """
-        size = self.meta.default_meta_batch_size
-        # 1. This rank's sums over its tasks.
-        if self.meta.batched_tasks:
-            loss, grads, stats = self._batched_gradient(tasks, iteration)
-        else:
-            loss, grads, stats = self._sequential_gradient(tasks, iteration)
-        # 2. Sums over ranks (nothing to do in one process), divided by the meta-batch size.
-        grads = {n: g / size for n, g in zip(grads, all_reduce_sum(list(grads.values())))}
-        scalars = torch.tensor([loss, *stats.values()], dtype=torch.float64, device=self.device)
-        loss, *values = (float(x) / size for x in all_reduce_sum([scalars])[0])
-        return loss, grads, dict(zip(stats, values))
-
-    def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
-        """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
-        clip = self.meta.outer.grad_clip
-        scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
-        for name, param in self.theta.items():
-            param.grad = (grads[name] * scale).to(param.dtype)
-        if isinstance(self.inner_lr, torch.Tensor):
-            g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
-            self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    # -- one iteration ------------------------------------------------------------------
-
-    def train_step(self, iteration: int) -> dict[str, float]:
-        """One meta-iteration; returns its metrics (see `metrics.jsonl` in the README).
-
-        Raises:
-            NonFiniteError: `training.max_nonfinite` meta-batches in a row were non-finite.
-        """
-        start = time.perf_counter()
-        reset_peak_memory(self.device)
-        # 1. Seed torch from (seed, iteration): a resumed run replays this iteration exactly.
-        set_seed(_iteration_seed(self.seed, iteration))
-        # 2. Sample a meta-batch of tasks T_i ~ p(T).
-        tasks = self.sample_tasks(iteration)
-        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
-        #    (on CUDA out-of-memory, retried with half the micro-batch).
-        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
-        # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
-        grad_norm = _global_norm(grads.values())
-        finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
-        if finite:
-            # 5. Outer update: clip, then Adam on theta (and the learned inner rates).
-            self.outer_step(grads, grad_norm)
-            self.nonfinite_streak = 0
-        else:
-            self._skip(iteration, meta_loss, grad_norm)
-        self.iteration = iteration + 1
-        # 6. Metrics of this iteration.
-        return {"meta_loss": meta_loss, **stats, "grad_norm": grad_norm,
-                "outer_lr": self.optimizer.param_groups[0]["lr"],
-                "peak_memory_mb": all_reduce_max(peak_memory_mb(self.device), self.device),
-                "seconds": time.perf_counter() - start, "skipped": int(not finite),
-                **self._inner_lr_metrics()}
-
-    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
-        """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
-
-        Logs every `training.log_every` iterations to `sink`, checkpoints every
-        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
-        shows the progress bar and writes checkpoints (the others pass `sink=None`).
-
-        Returns:
-            The checkpoints written (by rank 0; the same paths on every rank).
-
-        Raises:
-            utils.RunInterrupted: SIGINT or SIGTERM arrived; the iteration under way was
-                finished and checkpointed first (a second signal stops at once).
-        """
-        end, saved = self.meta.num_iterations, []
-        remove_partial_writes(run_dir)  # .tmp files of a write cut short by a kill
-        bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
-                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
-                   disable=not is_main_process())
-        with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
-            for iteration in bar:
-                metrics = self.train_step(iteration)
-                done = iteration + 1
-                bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
-                                acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
-                if sink is not None and (done % self.training.log_every == 0 or done == end):
-                    sink.log(done, metrics)
-                if done % self.training.save_every == 0 or done == end:
-                    saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
-                # Every rank stops at the same iteration (torchrun may signal them apart).
-                signum = int(all_reduce_max(float(stop.signum or 0), self.device))
-                if signum:
-                    bar.close()
-                    raise self._interrupted(signum, done, run_dir, saved)
-        bar.close()
-        return saved
-
-    # -- checkpoints --------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Everything an exact resume needs, as tensors and plain data (see README)."""
-        learned = isinstance(self.inner_lr, torch.Tensor)
-        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed": self.seed,
-                **self.identity,
-                "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
-                "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
-                "optimizer": self.optimizer.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
-        learned = isinstance(self.inner_lr, torch.Tensor)
-        if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
-            raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
-                            f"per inner step, but this run has {self.inner_steps} inner steps; "
-                            "resume without --inner_steps")
-        load_theta(self.model, state["theta"], "the checkpoint")
-        if learned and state["inner_lr"] is not None:
-            with torch.no_grad():
-                self.inner_lr.copy_(state["inner_lr"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration = int(state["iteration"])
-        self.nonfinite_streak = int(state["nonfinite_streak"])
-
-    def save_checkpoint(self, path: Path) -> Path:
-        """Write the checkpoint atomically; a non-finite theta is never written.
-
-        Under torchrun rank 0 writes it (theta is the same on every rank) and every rank
-        returns the path.
-        """
-        bad = [n for n, p in self.theta.items() if not torch.isfinite(p).all()]
-        assert not bad, f"theta became non-finite ({bad[:3]}); refusing to checkpoint"
-        if not is_main_process():
-            return Path(path)
-        path = save_checkpoint(path, self.state_dict())
-        self.last_checkpoint = path
-        log.debug("checkpoint %s", path)
-        return path
-
-    # -- helpers ------------------------------------------------------------------------
-
-    def _make_inner_lr(self) -> float | torch.Tensor:
-        inner = self.meta.inner
-        if not inner.learn_lr:
-            return inner.default_lr
-        dtype = next(iter(self.theta.values())).dtype
-        # One rate per inner step a_k (Meta-SGD / MAML++ style), learned by the outer Adam.
-        return torch.nn.Parameter(torch.full((self.inner_steps,), inner.default_lr,
-                                             dtype=dtype, device=self.device))
-
-    def _sequential_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """Sums of loss, meta-gradient and metrics over this rank's tasks, one at a time."""
-        loss, grads, stats = 0.0, {}, {}
-        for t, episode in zip(self.local_tasks, tasks):
-            # Dropout is seeded by the global index t, and so is any other random draw (the
-            # global generator restarts per task): results do not depend on the world size.
-            seed = task_seed(self.seed, iteration, t)
-            torch.manual_seed(seed)
-            task_loss, task_grads, metrics = self._task_gradient(episode, seed)
-            loss += float(task_loss)
-            grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
-            stats = {k: stats.get(k, 0.0) + v for k, v in metrics.items()}
-        return loss, grads, stats
-
-    def _batched_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """The same sums, with this rank's inner loops run together (`batched_tasks`)."""
-        episodes = [(to_device(e.support, self.device), to_device(e.query, self.device))
-                    for e in tasks]
-        metrics: dict = {}
-        with self._autocast:
-            loss, grads = compute_batched_meta_gradient(
-                self.model, self.theta, episodes, self.inner_lr, self.inner_steps,
-                method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
-                **_meta_gradient_options(self.memory.hessian_approximation,
-                                         task_seed(self.seed, iteration, self.local_tasks[0])))
-        n = len(tasks)  # the call returns means over its tasks
-        return (float(loss) * n, {name: g * n for name, g in grads.items()},
-                {k: float(v) * n for k, v in metrics.items()})
-
-    def _task_gradient(self, episode, seed: int):
-        support, query = to_device(episode.support, self.device), to_device(episode.query, self.device)
-        metrics: dict = {}
-        with self._autocast:
-            loss, grads = compute_meta_gradient(
-                self.model, self.theta, support, query, self.inner_lr, self.inner_steps,
-                method=self.method, micro_batch=self.micro_batch, metrics=metrics,
-                head_init=self.meta.head_init, acc_before=self.training.log_query_acc_before,
-                **_meta_gradient_options(self.memory.hessian_approximation, seed))
-        return loss, grads, {k: float(v) for k, v in metrics.items()}
-
-    def _skip(self, iteration: int, meta_loss: float, grad_norm: float) -> None:
-        self.nonfinite_streak += 1
-        limit = self.training.max_nonfinite
-        if self.nonfinite_streak >= limit:
-            kept = (f"the last checkpoint, {self.last_checkpoint}, holds the last finite theta"
-                    if self.last_checkpoint is not None else "no checkpoint was written yet")
-            raise NonFiniteError(
-                f"training stopped at iteration {iteration + 1}: {limit} meta-batches in a row "
-                f"had a non-finite query loss or meta-gradient (loss {meta_loss}, gradient norm "
-                f"{grad_norm}); {kept}. Lower "
-                "meta_learning.inner.default_lr or meta_learning.outer.default_lr, set "
-                "meta_learning.outer.grad_clip, or use training.precision=fp32")
-        warnings.warn(f"iteration {iteration + 1}: non-finite query loss or meta-gradient "
-                      f"(loss {meta_loss}, gradient norm {grad_norm}); meta-batch skipped "
-                      f"({self.nonfinite_streak} in a row, stopping at {limit})", RuntimeWarning,
-                      stacklevel=2)
-
-    def _meta_gradient_in_memory(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
-        """`meta_gradient`, retried with half the micro-batch on CUDA out-of-memory while
-        `memory_optimization.auto_micro_batch` is on; the smaller size is kept for the run."""
-        while True:
-            try:
-                return self.meta_gradient(tasks, iteration)
-            except torch.OutOfMemoryError as e:
-                error = (str(e) or "out of memory").splitlines()[0]
-            # Outside the except block: the traceback's frames (and their tensors) are freed.
-            self._halve_micro_batch(tasks, iteration, error)
-
-    def _halve_micro_batch(self, tasks: list, iteration: int, error: str) -> None:
-        # micro_batch 0 means each whole set at once: halve from the larger set's size.
-        current = self.micro_batch or max(max(len(e.support["labels"]), len(e.query["labels"]))
-                                          for e in tasks)
-        if not self.memory.auto_micro_batch or current <= 1:
-            raise OutOfMemory(
-                f"CUDA out of memory at iteration {iteration + 1} ({error}) with meta-batch "
-                f"{self.meta.default_meta_batch_size}, micro-batch {current}, LoRA rank "
-                f"{self.identity['lora']['rank']}, {self.inner_steps} inner steps; " + OOM_ADVICE)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.micro_batch = current // 2
-        # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
-        # depends on it) continues with the micro-batch this run actually used.
-        recorded = json.loads(self.identity["config"])
-        recorded["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] = self.micro_batch
-        self.identity["config"] = json.dumps(recorded)
-        log.warning("iteration %d: CUDA out of memory with micro-batch %d; retrying with "
-                    "micro-batch %d, kept for the rest of this run (start there with --set "
-                    "memory_optimization.gradient_accumulation.default_micro_batch=%d)",
-                    iteration + 1, current, self.micro_batch, self.micro_batch)
-
-    def _interrupted(self, signum: int, done: int, run_dir: Path, saved: list) -> RunInterrupted:
-        """Checkpoint iteration `done` (unless just written); the error says how to resume."""
-        path = checkpoint_path(run_dir, done)
-        if not saved or Path(saved[-1]) != path:
-            saved.append(self.save_checkpoint(path))
-        name = signal.Signals(signum).name
-        log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
-        return RunInterrupted(f"{name} stopped training after iteration {done} of "
-                              f"{self.meta.num_iterations}; checkpoint {path} holds it. "
-                              f"Continue with: python main.py --resume {path}", signum)
-
-    def _inner_lr_metrics(self) -> dict[str, float]:
-        if not isinstance(self.inner_lr, torch.Tensor):
-            return {}
-        return {f"inner_lr_{k}": float(a) for k, a in enumerate(self.inner_lr.detach())}
-
-
-def run_training(cfg: Config, run_dir: str | os.PathLike,
-                 resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
-                 explicit_overrides: Mapping | None = None) -> dict:
-    """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
-
-    Args:
-        cfg: the validated config.
-        run_dir: the run folder (from `utils.prepare_run_dir`).
-        resume: a checkpoint to continue from exactly; model-defining settings are taken
-            from it (see `resume_config`).
-        config_file, explicit_overrides: on resume, the `--config` file and the flags the
-            user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
-
-    Under torchrun (`utils.init_distributed` called first) every rank runs this with the
-    same arguments and reads `resume` itself; the meta-batch is split across ranks and
-    rank 0 alone writes files.
-
-    Returns:
-        A summary: iterations, final metrics, checkpoint paths, metric locations (on
-        ranks other than 0: run folder, iterations, rank and checkpoint paths).
+def _halved_micro_batch(trainer: "MetaTrainer", tasks: list, iteration: int, error: str) -> int:
+    """The micro-batch to retry with after CUDA ran out of memory (logged).
 
     Raises:
-        UserError: a bad checkpoint, a checkpoint of another model or LoRA rank, a
-            checkpoint already at `num_iterations`, a meta-batch that does not split
-            evenly over the processes, or non-finite training.
+        OutOfMemory: `auto_micro_batch` is off or the micro-batch is 1 already; the
+            message names the settings to lower.
     """
-    run_dir = Path(run_dir)
-    state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
-    if state is not None:
-        cfg = reconcile_config(cfg, state, resume, config_file, explicit_overrides)
-    # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
-    trainer = MetaTrainer.from_config(cfg)
-    if state is not None:
-        trainer.load_state_dict(state)
-        trainer.last_checkpoint = Path(resume)
-        _check_not_done(trainer.iteration, cfg, resume)
-    main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
-    if main:
-        _log_setup(trainer, cfg, run_dir, resume)
-        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    # 2. Train, logging every step to the sink; the MLflow run ends FAILED on any error.
-    sink = MetricsSink(run_dir, cfg.tracking, cfg.training.experiment_name, cfg.flat(),
-                       start_iteration=trainer.iteration) if main else None
-    status = "FAILED"
-    try:
-        saved = trainer.train(sink, run_dir)
-        status = "FINISHED"
-    except RunInterrupted:
-        status = "KILLED"  # stopped cleanly by a signal, resumable
-        raise
-    finally:
-        if sink is not None:
-            sink.close(status)
-    if not main:
-        return {"run_dir": str(run_dir), "iterations": trainer.iteration, "rank": rank(),
-                "checkpoints": [str(p) for p in saved]}
-    # 3. Summary: where everything went and how to open it.
-    summary = _summary(trainer, run_dir, saved, sink)
-    atomic_write_json(run_dir / "summary.json", summary)
-    log.info(_summary_text(summary))
-    return summary
+    # micro_batch 0 means each whole set at once: halve from the larger set's size.
+    current = trainer.micro_batch or max(max(len(e.support["labels"]), len(e.query["labels"]))
+                                         for e in tasks)
+    if not trainer.memory.auto_micro_batch or current <= 1:
+        raise OutOfMemory(
+            f"CUDA out of memory at iteration {iteration + 1} ({error}) with meta-batch "
+            f"{trainer.meta.default_meta_batch_size}, micro-batch {current}, LoRA rank "
+            f"{trainer.identity['lora']['rank']}, {trainer.inner_steps} inner steps; " + OOM_ADVICE)
+    if trainer.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = current // 2
+    log.warning("iteration %d: CUDA out of memory with micro-batch %d; retrying with "
+                "micro-batch %d, kept for the rest of this run (start there with --set "
+                "memory_optimization.gradient_accumulation.default_micro_batch=%d)",
+                iteration + 1, current, smaller, smaller)
+    return smaller
 
+
+def _with_micro_batch(config_json: str, micro_batch: int) -> str:
+    """A recorded config (JSON) with `gradient_accumulation.default_micro_batch` replaced."""
+    recorded = json.loads(config_json)
+    recorded["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] = micro_batch
+    return json.dumps(recorded)
+
+
+def _skip_nonfinite(iteration: int, meta_loss: float, grad_norm: float, streak: int, limit: int,
+                    last_checkpoint: Path | None) -> None:
+    """Warn that the meta-batch was skipped, the `streak`-th in a row.
+
+    Raises:
+        NonFiniteError: `limit` (`training.max_nonfinite`) skipped in a row.
+    """
+    if streak >= limit:
+        kept = (f"the last checkpoint, {last_checkpoint}, holds the last finite theta"
+                if last_checkpoint is not None else "no checkpoint was written yet")
+        raise NonFiniteError(
+            f"training stopped at iteration {iteration + 1}: {limit} meta-batches in a row "
+            f"had a non-finite query loss or meta-gradient (loss {meta_loss}, gradient norm "
+            f"{grad_norm}); {kept}. Lower "
+            "meta_learning.inner.default_lr or meta_learning.outer.default_lr, set "
+            "meta_learning.outer.grad_clip, or use training.precision=fp32")
+    warnings.warn(f"iteration {iteration + 1}: non-finite query loss or meta-gradient "
+                  f"(loss {meta_loss}, gradient norm {grad_norm}); meta-batch skipped "
+                  f"({streak} in a row, stopping at {limit})", RuntimeWarning, stacklevel=2)
+
+
+# -- resume: a checkpoint's config and theta ------------------------------------------
 
 def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None,
                   overrides: Mapping | None) -> Config:
@@ -1302,7 +899,7 @@ def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "c
     state = load_checkpoint(checkpoint) if state is None else state
     cfg = Config(json.loads(state["config"])) if cfg is None else cfg
     device = torch.device(device)
-    model, tokenizer = build_model(cfg, device)
+    model, tokenizer = M.build_model(cfg, device)
     load_theta(model, state["theta"], checkpoint)
     inner_lr = state["inner_lr"].to(device) if state["inner_lr"] is not None \
         else cfg.meta_learning.inner.default_lr
@@ -1327,15 +924,388 @@ def load_theta(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], checkpoi
             param.copy_(theta[name])
 
 
+# ====================================================================================
+# Training loop
+# ====================================================================================
+
+class MetaTrainer:
+    """MAML over LoRA: Algorithm 1 of Finn et al. (2017) with theta = LoRA factors + head.
+
+    One meta-iteration reads like the paper (see `train_step`):
+
+        tasks = trainer.sample_tasks(iteration)          # sample a batch of tasks T_i
+        loss, grads, stats = trainer.meta_gradient(tasks, iteration)  # adapt, evaluate
+        trainer.outer_step(grads, grad_norm)  # grad_norm: global L2 norm of grads (for clipping)
+                                              # theta <- theta - beta * grad
+
+    Args:
+        model: a LoRA-wrapped `model.MELoRAModel` (from `model.build_model`).
+        loader: a `dataset_loader.DatasetLoader` (episodes are pure functions of the index).
+        meta: the `meta_learning` config section.
+        memory: the `memory_optimization` config section.
+        training: the `training` config section.
+        device: where batches go.
+        identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
+            `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
+
+    Example:
+        >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
+        ...                                   "datasets.synthetic_only=true"]), cache_dir="cache")
+        >>> stats = trainer.train_step(0)
+    """
+
+    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
+        self.model, self.loader, self.device = model, loader, device
+        self.meta, self.memory, self.training = meta, memory, training
+        self.identity = dict(identity)
+        self.seed = training.seed
+        self.inner_steps = meta.inner.default_num_steps
+        self.method = memory.hessian_approximation.method
+        self.micro_batch = memory.gradient_accumulation.default_micro_batch
+        self.theta = M.lora_parameters(model)
+        # Under torchrun each rank adapts to its share of the meta-batch (global indices t).
+        self.local_tasks = _rank_tasks(meta.default_meta_batch_size, rank(), world_size())
+        self.inner_lr = _initial_inner_lr(meta.inner, self.inner_steps, self.theta, device)
+        self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
+        self.iteration = 0          # meta-iterations completed
+        self.nonfinite_streak = 0   # non-finite meta-batches in a row
+        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
+        self._autocast = _autocast_context(training.precision, device)
+
+    @classmethod
+    def from_config(cls, cfg: Config, cache_dir: str | os.PathLike | None = None) -> "MetaTrainer":
+        """Set everything up in dependency order: device, model, episodes, optimizer.
+
+        Args:
+            cfg: the validated config.
+            cache_dir: tokenisation cache; default `datasets.cache_dir`, or
+                `<training.output_dir>/cache` when that is "".
+        """
+        _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
+        device = rank_device(resolve_device(cfg.training.device))
+        model, tokenizer = M.build_model(cfg, device)
+        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
+        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
+                   device, _identity(cfg))
+
+    # -- the verbs of Algorithm 1 -------------------------------------------------------
+
+    def outer_parameters(self) -> list[torch.Tensor]:
+        """What the outer Adam optimises: theta, then the learned inner rates if any."""
+        learned = [self.inner_lr] if isinstance(self.inner_lr, torch.Tensor) else []
+        return list(self.theta.values()) + learned
+
+    def sample_tasks(self, iteration: int) -> list:
+        """This rank's share of the meta-batch of `iteration`: episodes iteration * B + t
+        for t in `self.local_tasks` (all t < B in one process)."""
+        size = self.meta.default_meta_batch_size
+        return [self.loader.episode("meta_train", iteration * size + t) for t in self.local_tasks]
+
+    def meta_gradient(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """Adapt to every task and average the meta-gradients over the whole meta-batch.
+
+        Each rank sums its own tasks' losses, meta-gradients and metrics; one all-reduce
+        of the theta-sized gradients (communication stays adapter-sized) and one of a few
+        scalars add the ranks' sums, so every rank holds the mean over all B tasks: the
+        one-process result. A non-finite value on any rank makes the sums non-finite on
+        every rank, so the non-finite guard skips on all ranks together.
+
+        Args:
+            tasks: this rank's episodes (from `sample_tasks`).
+            iteration: the 0-based meta-iteration (seeds each task's dropout).
+
+        Returns:
+            (mean query loss, {name: mean gradient}, mean per-task metrics).
+        """
+        size = self.meta.default_meta_batch_size
+        # 1. This rank's sums over its tasks, each seeded by its global index t.
+        loss, grads, stats = task_sums(
+            self.model, self.theta, tasks, [task_seed(self.seed, iteration, t) for t in self.local_tasks],
+            self.inner_lr, self.inner_steps, self.device, self.meta.batched_tasks, self._autocast,
+            method=self.method, micro_batch=self.micro_batch, head_init=self.meta.head_init,
+            hessian=HessianOptions.from_config(self.memory.hessian_approximation),
+            acc_before=self.training.log_query_acc_before)
+        # 2. Sums over ranks (nothing to do in one process), divided by the meta-batch size.
+        grads = {n: g / size for n, g in zip(grads, all_reduce_sum(list(grads.values())))}
+        scalars = torch.tensor([loss, *stats.values()], dtype=torch.float64, device=self.device)
+        loss, *values = (float(x) / size for x in all_reduce_sum([scalars])[0])
+        return loss, grads, dict(zip(stats, values))
+
+    def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
+        """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
+        clip = self.meta.outer.grad_clip
+        scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
+        for name, param in self.theta.items():
+            param.grad = (grads[name] * scale).to(param.dtype)
+        if isinstance(self.inner_lr, torch.Tensor):
+            g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
+            self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- one iteration ------------------------------------------------------------------
+
+    def train_step(self, iteration: int) -> dict[str, float]:
+        """One meta-iteration; returns its metrics (see `metrics.jsonl` in the README).
+
+        Raises:
+            NonFiniteError: `training.max_nonfinite` meta-batches in a row were non-finite.
+        """
+        start = time.perf_counter()
+        reset_peak_memory(self.device)
+        # 1. Seed torch from (seed, iteration): a resumed run replays this iteration exactly.
+        set_seed(_iteration_seed(self.seed, iteration))
+        # 2. Sample a meta-batch of tasks T_i ~ p(T).
+        tasks = self.sample_tasks(iteration)
+        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
+        #    (on CUDA out-of-memory, retried with half the micro-batch).
+        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
+        # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
+        grad_norm = _global_norm(grads.values())
+        finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
+        if finite:
+            # 5. Outer update: clip, then Adam on theta (and the learned inner rates).
+            self.outer_step(grads, grad_norm)
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            _skip_nonfinite(iteration, meta_loss, grad_norm, self.nonfinite_streak,
+                            self.training.max_nonfinite, self.last_checkpoint)
+        self.iteration = iteration + 1
+        # 6. Metrics of this iteration.
+        return {"meta_loss": meta_loss, **stats, "grad_norm": grad_norm,
+                "outer_lr": self.optimizer.param_groups[0]["lr"],
+                "peak_memory_mb": all_reduce_max(peak_memory_mb(self.device), self.device),
+                "seconds": time.perf_counter() - start, "skipped": int(not finite),
+                **_inner_lr_metrics(self.inner_lr)}
+
+    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
+        """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
+
+        Logs every `training.log_every` iterations to `sink`, checkpoints every
+        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
+        shows the progress bar and writes checkpoints (the others pass `sink=None`).
+
+        Returns:
+            The checkpoints written (by rank 0; the same paths on every rank).
+
+        Raises:
+            utils.RunInterrupted: SIGINT or SIGTERM arrived; the iteration under way was
+                finished and checkpointed first (a second signal stops at once).
+        """
+        end, saved = self.meta.num_iterations, []
+        remove_partial_writes(run_dir)  # .tmp files of a write cut short by a kill
+        bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
+                   desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
+                   disable=not is_main_process())
+        with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
+            for iteration in bar:
+                metrics = self.train_step(iteration)
+                done = iteration + 1
+                bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
+                                acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
+                if sink is not None and (done % self.training.log_every == 0 or done == end):
+                    sink.log(done, metrics)
+                if done % self.training.save_every == 0 or done == end:
+                    saved.append(self.save_checkpoint(checkpoint_path(run_dir, done)))
+                signum = stop.agreed(self.device)
+                if signum:
+                    bar.close()
+                    raise _interrupted(signum, done, end, checkpoint_path(run_dir, done), saved,
+                                       self.save_checkpoint)
+        bar.close()
+        return saved
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs, as tensors and plain data (see README)."""
+        learned = isinstance(self.inner_lr, torch.Tensor)
+        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed": self.seed,
+                **self.identity,
+                "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
+                "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
+                "optimizer": self.optimizer.state_dict(),
+                "nonfinite_streak": self.nonfinite_streak}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
+        learned = isinstance(self.inner_lr, torch.Tensor)
+        if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
+            raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
+                            f"per inner step, but this run has {self.inner_steps} inner steps; "
+                            "resume without --inner_steps")
+        load_theta(self.model, state["theta"], "the checkpoint")
+        if learned and state["inner_lr"] is not None:
+            with torch.no_grad():
+                self.inner_lr.copy_(state["inner_lr"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+
+    def save_checkpoint(self, path: Path) -> Path:
+        """Write the checkpoint atomically; a non-finite theta is never written.
+
+        Under torchrun rank 0 writes it (theta is the same on every rank) and every rank
+        returns the path.
+        """
+        bad = [n for n, p in self.theta.items() if not torch.isfinite(p).all()]
+        assert not bad, f"theta became non-finite ({bad[:3]}); refusing to checkpoint"
+        if not is_main_process():
+            return Path(path)
+        path = save_checkpoint(path, self.state_dict())
+        self.last_checkpoint = path
+        log.debug("checkpoint %s", path)
+        return path
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _meta_gradient_in_memory(self, tasks: list, iteration: int) -> tuple[float, dict, dict]:
+        """`meta_gradient`, retried with half the micro-batch on CUDA out-of-memory while
+        `memory_optimization.auto_micro_batch` is on; the smaller size is kept for the run."""
+        while True:
+            try:
+                return self.meta_gradient(tasks, iteration)
+            except torch.OutOfMemoryError as e:
+                error = (str(e) or "out of memory").splitlines()[0]
+            # Outside the except block: the traceback's frames (and their tensors) are freed.
+            self.micro_batch = _halved_micro_batch(self, tasks, iteration, error)
+            # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
+            # depends on it) continues with the micro-batch this run actually used.
+            self.identity["config"] = _with_micro_batch(self.identity["config"], self.micro_batch)
+
+
+def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes: list,
+              seeds: list[int], inner_lr: float | torch.Tensor, inner_steps: int,
+              device: torch.device, batched: bool = False, autocast=contextlib.nullcontext(),
+              **options) -> tuple[float, dict, dict]:
+    """Sums over `episodes` of query loss, meta-gradient and metrics (a rank's meta-batch share).
+
+    One task at a time, torch's global generator restarts at each task's seed, which
+    also seeds its dropout (so results do not depend on how tasks split over ranks);
+    `batched` runs the inner loops together (`compute_batched_meta_gradient`, seeded
+    by the first task's seed).
+
+    Args:
+        episodes: `dataset_loader.Episode`s (their sets go to `device`).
+        seeds: one per episode.
+        autocast: the context each meta-gradient runs in (mixed precision).
+        options: keywords of `compute_meta_gradient` (method, micro_batch, hessian, ...).
+    """
+    if batched:
+        pairs = [(to_device(e.support, device), to_device(e.query, device)) for e in episodes]
+        metrics: dict = {}
+        with autocast:
+            loss, grads = compute_batched_meta_gradient(model, theta, pairs, inner_lr, inner_steps,
+                                                        metrics=metrics, seed=seeds[0], **options)
+        n = len(episodes)  # the call returns means over its tasks
+        return (float(loss) * n, {name: g * n for name, g in grads.items()},
+                {k: float(v) * n for k, v in metrics.items()})
+    loss, grads, stats = 0.0, {}, {}
+    for seed, episode in zip(seeds, episodes):
+        torch.manual_seed(seed)
+        support, query = to_device(episode.support, device), to_device(episode.query, device)
+        metrics = {}
+        with autocast:
+            task_loss, task_grads = compute_meta_gradient(model, theta, support, query, inner_lr,
+                                                          inner_steps, metrics=metrics, seed=seed,
+                                                          **options)
+        loss += float(task_loss)
+        grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
+        stats = {k: stats.get(k, 0.0) + float(v) for k, v in metrics.items()}
+    return loss, grads, stats
+
+
+def run_training(cfg: Config, run_dir: str | os.PathLike,
+                 resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
+                 explicit_overrides: Mapping | None = None) -> dict:
+    """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
+
+    Args:
+        cfg: the validated config.
+        run_dir: the run folder (from `utils.prepare_run_dir`).
+        resume: a checkpoint to continue from exactly; model-defining settings are taken
+            from it (see `resume_config`).
+        config_file, explicit_overrides: on resume, the `--config` file and the flags the
+            user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
+
+    Under torchrun (`utils.init_distributed` called first) every rank runs this with the
+    same arguments and reads `resume` itself; the meta-batch is split across ranks and
+    rank 0 alone writes files.
+
+    Returns:
+        A summary: iterations, final metrics, checkpoint paths, metric locations (on
+        ranks other than 0: run folder, iterations, rank and checkpoint paths).
+
+    Raises:
+        UserError: a bad checkpoint, a checkpoint of another model or LoRA rank, a
+            checkpoint already at `num_iterations`, a meta-batch that does not split
+            evenly over the processes, or non-finite training.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
+    if state is not None:
+        cfg = reconcile_config(cfg, state, resume, config_file, explicit_overrides)
+    # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
+    trainer = MetaTrainer.from_config(cfg)
+    if state is not None:
+        trainer.load_state_dict(state)
+        trainer.last_checkpoint = Path(resume)
+        _check_not_done(trainer.iteration, cfg, resume)
+    main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
+    if main:
+        _log_setup(trainer, cfg, run_dir, resume)
+        atomic_write_text(run_dir / "config.yml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # 2. Train, logging every step to the sink; the MLflow run ends FAILED on any error.
+    sink = MetricsSink(run_dir, cfg.tracking, cfg.training.experiment_name, cfg.flat(),
+                       start_iteration=trainer.iteration) if main else None
+    status = "FAILED"
+    try:
+        saved = trainer.train(sink, run_dir)
+        status = "FINISHED"
+    except RunInterrupted:
+        status = "KILLED"  # stopped cleanly by a signal, resumable
+        raise
+    finally:
+        if sink is not None:
+            sink.close(status)
+    if not main:
+        return {"run_dir": str(run_dir), "iterations": trainer.iteration, "rank": rank(),
+                "checkpoints": [str(p) for p in saved]}
+    # 3. Summary: where everything went and how to open it.
+    summary = _summary(trainer, run_dir, saved, sink)
+    atomic_write_json(run_dir / "summary.json", summary)
+    log.info(_summary_text(summary))
+    return summary
+
+
 # -- helpers ---------------------------------------------------------------------------
 
-def _meta_gradient_options(hessian_cfg, seed: int) -> dict:
-    """Keyword options of `compute_meta_gradient` taken from the config."""
-    return {"hessian": HessianOptions(diagonal_estimator=hessian_cfg.diagonal_estimator,
-                                      hutchinson_probes=hessian_cfg.hutchinson_probes,
-                                      keep_last_step=hessian_cfg.keep_last_step,
-                                      keep_graphs=hessian_cfg.keep_graphs),
-            "seed": seed}
+def _initial_inner_lr(inner, inner_steps: int, theta: Mapping[str, torch.Tensor],
+                      device: torch.device) -> float | torch.Tensor:
+    """`inner.default_lr`, or with `inner.learn_lr` one rate per inner step a_k
+    (Meta-SGD / MAML++ style), a parameter the outer Adam learns."""
+    if not inner.learn_lr:
+        return inner.default_lr
+    dtype = next(iter(theta.values())).dtype
+    return torch.nn.Parameter(torch.full((inner_steps,), inner.default_lr, dtype=dtype,
+                                         device=device))
+
+
+def _inner_lr_metrics(inner_lr: float | torch.Tensor) -> dict[str, float]:
+    """The learned inner rates as metrics inner_lr_k (none when the rate is fixed)."""
+    if not isinstance(inner_lr, torch.Tensor):
+        return {}
+    return {f"inner_lr_{k}": float(a) for k, a in enumerate(inner_lr.detach())}
+
+
+def _identity(cfg: Config) -> dict:
+    """What a checkpoint records to rebuild the model: model, n_way, LoRA, the config (JSON)."""
+    lora, family = cfg.lora, M.family_of(cfg.models.selected_model)
+    return {"model": cfg.models.selected_model, "n_way": cfg.tasks.n_way,
+            "lora": {"rank": lora.default_rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                     "target_modules": list(lora.target_modules[family])},
+            "config": json.dumps(cfg.to_dict())}
 
 
 def _rank_tasks(meta_batch_size: int, rank: int, world: int) -> range:

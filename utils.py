@@ -41,6 +41,9 @@ DEFAULT_CONFIG = REPO_DIR / "config.yml"
 # Names shared by several modules; the config's allowed values are these.
 HESSIAN_METHODS = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")  # trainer's curvature
 HEAD_INITS = ("zero", "proto")   # how the N-way head starts on an episode (trainer.initial_fast_weights)
+# The library's defaults (trainer, baseline) are config.yml's (tests/test_config.py checks):
+HESSIAN_METHOD = "diagonal"  # memory_optimization.hessian_approximation.method
+HEAD_INIT = "proto"          # meta_learning.head_init and evaluation.head_init
 HEADS = ("euclidean", "cosine")  # meta_learning.head: see model.MELoRAModel
 POOLINGS = ("auto", "cls", "mean", "last")
 # evaluation.baselines may name these (baseline.py builds them); "melora" is always evaluated.
@@ -402,6 +405,43 @@ def _validate_head(data: dict) -> None:
                           "meta_learning.head_init=proto or meta_learning.head=euclidean")
     if not meta["head_scale"] > 0:
         raise ConfigError(f"config key 'meta_learning.head_scale' must be > 0, got {meta['head_scale']!r}")
+
+
+@dataclass(frozen=True)
+class HessianOptions:
+    """Options of the curvature products (memory_optimization.hessian_approximation);
+    the meta-gradient (trainer) and the memory estimate (model) read them.
+
+    Attributes:
+        diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
+            gradients) or hutchinson.
+        hutchinson_probes: Rademacher probes per inner step for hutchinson.
+        keep_graphs: `full` only: how many inner steps (the last ones, 0..K; more = K)
+            build their support gradient with its graph during the forward sweep and
+            keep it until the backward sweep's Hessian-vector product, instead of
+            recomputing it. Each kept step saves a forward+backward per task (its
+            product then costs one double backward only) and adds one step's graph to
+            peak memory (peak = the kept graphs + the query pass). K keeps them all,
+            as unrolled autograd does. Same meta-gradient for every value.
+        keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
+    """
+    diagonal_estimator: str = "fisher"
+    hutchinson_probes: int = 1
+    keep_last_step: bool = False
+    keep_graphs: int = 0
+
+    @classmethod
+    def from_config(cls, section) -> "HessianOptions":
+        """From the config's `memory_optimization.hessian_approximation` section."""
+        return cls(diagonal_estimator=section.diagonal_estimator,
+                   hutchinson_probes=section.hutchinson_probes,
+                   keep_last_step=section.keep_last_step, keep_graphs=section.keep_graphs)
+
+    def graphs_kept(self, method: str, inner_steps: int) -> int:
+        """How many of the last inner steps keep their gradient graph (0 unless `full`)."""
+        if method != "full":
+            return 0
+        return min(inner_steps, max(int(self.keep_graphs), int(bool(self.keep_last_step))))
 
 
 # ------------------------------------------------------------------------------------

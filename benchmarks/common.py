@@ -257,14 +257,14 @@ def _work(job: dict, net, theta, episode) -> Callable[[], float]:
         return lambda: time.sleep(0.2) or float("nan")
     if kind in ("maml", "fomaml", "unrolled_lora"):
         method = B.MAML(net, theta, lr, steps, outer_lr=0.0, grad_clip=0.0,
-                        first_order=kind == "fomaml")
+                        first_order=kind == "fomaml", head_init="zero")
         return lambda: method.meta_gradient([episode])[0]
     support, query = episode.support, episode.query
     hessian = HessianOptions(keep_last_step=job.get("keep_last_step", False),
                              keep_graphs=job.get("keep_graphs", 0))
     return lambda: float(compute_meta_gradient(net, theta, support, query, lr, steps,
                                                job["method"], job["micro_batch"],
-                                               hessian=hessian, seed=0)[0])
+                                               hessian=hessian, seed=0, head_init="zero")[0])
 
 
 # ------------------------------------------------------------------------------------

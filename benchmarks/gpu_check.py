@@ -94,9 +94,10 @@ def check_autocast(args, dtype: torch.dtype) -> dict:
     net.eval()
     episode = C.make_episode(_setting(args))
     s, q, k = episode.support, episode.query, args.inner_steps
-    _, reference = compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "full", seed=0)
+    _, reference = compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "full", seed=0, head_init="zero")
     with torch.autocast(args.device.type, dtype=dtype):
-        loss, grads = compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "full", seed=0)
+        loss, grads = compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "full", seed=0,
+                                            head_init="zero")
     cosine = _cosine(grads, reference)
     finite = math.isfinite(float(loss)) and all(torch.isfinite(g).all() for g in grads.values())
     return {"status": _judged(cuda, finite and cosine >= COSINE_TARGET), "cosine": cosine,
@@ -156,10 +157,10 @@ def check_batched_tasks(args) -> dict:
 
     def sequential():
         for t, (s, q) in enumerate(pairs):
-            compute_meta_gradient(net, theta, s, q, lr, k, "full", seed=t)
+            compute_meta_gradient(net, theta, s, q, lr, k, "full", seed=t, head_init="zero")
 
     def batched():
-        compute_batched_meta_gradient(net, theta, pairs, lr, k, "full", seed=0)
+        compute_batched_meta_gradient(net, theta, pairs, lr, k, "full", seed=0, head_init="zero")
     sequential(), batched()  # warm-up
     times = {"sequential": [], "batched": []}
     for _ in range(args.repeats):
@@ -270,7 +271,8 @@ def check_attention_kernels(args) -> dict:
         with kernel():
             with torch.no_grad():
                 logits = M.forward(net, theta, q)
-            grads = compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "none", seed=0)[1]
+            grads = compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "none", seed=0,
+                                          head_init="zero")[1]
             step()
             seconds = C.median([C.timed(step, args.device) for _ in range(args.repeats)])
         results[name] = {"logits": logits, "grads": grads, "seconds": seconds}

@@ -85,11 +85,11 @@ def single_task(net, theta, episode, args) -> dict:
     fns = {LOWER_BOUND: lower_bound(net, theta, s, q, k)}
     for method in args.methods:
         fns[method] = (lambda m: lambda: compute_meta_gradient(
-            net, theta, s, q, lr, k, m, args.micro_batch, seed=0))(method)
+            net, theta, s, q, lr, k, m, args.micro_batch, seed=0, head_init="zero"))(method)
     kept = HessianOptions(keep_last_step=True)
     fns[KEPT] = lambda: compute_meta_gradient(net, theta, s, q, lr, k, "full", args.micro_batch,
-                                              hessian=kept, seed=0)
-    unrolled = B.MAML(net, theta, lr, k, outer_lr=0.0, grad_clip=0.0)
+                                              hessian=kept, seed=0, head_init="zero")
+    unrolled = B.MAML(net, theta, lr, k, outer_lr=0.0, grad_clip=0.0, head_init="zero")
     fns[UNROLLED] = lambda: unrolled.meta_gradient([episode])
     return fns
 
@@ -101,10 +101,10 @@ def batched_tasks(net, theta, episodes, args) -> dict:
     def sequential():
         for t, (s, q) in enumerate(pairs):
             compute_meta_gradient(net, theta, s, q, lr, k, args.batched_method,
-                                  args.micro_batch, seed=t)
+                                  args.micro_batch, seed=t, head_init="zero")
     return {"sequential": sequential,
             "batched": lambda: compute_batched_meta_gradient(
-                net, theta, pairs, lr, k, args.batched_method, args.micro_batch, seed=0)}
+                net, theta, pairs, lr, k, args.batched_method, args.micro_batch, seed=0, head_init="zero")}
 
 
 def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
@@ -363,7 +363,7 @@ def peer_candidate(job: dict):
             for t, e in enumerate(episodes):
                 compute_meta_gradient(net, theta, e.support, e.query, lr, k, fields["method"],
                                       fields.get("micro_batch", 0), hessian=hessian, seed=t,
-                                      metrics={}, acc_before=False)
+                                      metrics={}, acc_before=False, head_init="zero")
     return run, net
 
 

@@ -72,9 +72,10 @@ def test_maml_meta_gradient_equals_reverse_recomputation(task64, first_order, me
     model, support, query = task64
     theta = used_parameters(model)
     maml = B.MAML(model, theta, inner_lr=0.1, inner_steps=2, outer_lr=1e-3, grad_clip=0.0,
-                  first_order=first_order)
+                  first_order=first_order, head_init="zero")
     loss, grads = maml.meta_gradient([_Episode(support, query)])
-    ref_loss, ref = trainer.compute_meta_gradient(model, theta, support, query, 0.1, 2, method=method)
+    ref_loss, ref = trainer.compute_meta_gradient(model, theta, support, query, 0.1, 2, method=method,
+                                                  head_init="zero")
     assert loss == pytest.approx(float(ref_loss), rel=1e-10)
     ours = torch.cat([g.reshape(-1) for g in grads])
     theirs = torch.cat([ref[n].reshape(-1) for n in theta])
@@ -87,8 +88,8 @@ def test_second_order_terms_matter(task64):
     model, support, query = task64
     theta = used_parameters(model)
     ep = [_Episode(support, query)]
-    g2 = B.MAML(model, theta, 0.1, 2, 1e-3, 0.0).meta_gradient(ep)[1]
-    g1 = B.FOMAML(model, theta, 0.1, 2, 1e-3, 0.0).meta_gradient(ep)[1]
+    g2 = B.MAML(model, theta, 0.1, 2, 1e-3, 0.0, head_init="zero").meta_gradient(ep)[1]
+    g1 = B.FOMAML(model, theta, 0.1, 2, 1e-3, 0.0, head_init="zero").meta_gradient(ep)[1]
     assert not all(torch.allclose(a, b) for a, b in zip(g1, g2))
 
 
@@ -96,8 +97,8 @@ def test_meta_step_without_update_leaves_theta(task64):
     model, support, query = task64
     theta = dict(model.named_parameters())
     before = {n: t.detach().clone() for n, t in theta.items()}
-    for method in (B.MAML(model, theta, 0.1, 2, 1e-3, 1.0),
-                   B.Reptile(model, theta, 0.1, 2, 1e-3, 1.0)):
+    for method in (B.MAML(model, theta, 0.1, 2, 1e-3, 1.0, head_init="zero"),
+                   B.Reptile(model, theta, 0.1, 2, 1e-3, 1.0, head_init="zero")):
         method.meta_step([_Episode(support, query)], update=False)
     assert all(torch.equal(before[n], t) for n, t in theta.items())
 
@@ -125,7 +126,7 @@ def test_proto_head_init_is_the_same_tensor_for_every_method(tmp_path):
     heads = {}
     for name in B.GRADIENT_BASED:
         if name == "melora":
-            model, tokenizer = trainer.build_model(cfg, torch.device("cpu"))
+            model, tokenizer = M.build_model(cfg, torch.device("cpu"))
             method = B.MELoRA(model, 0.1, 3, "full", head_init="proto")
         else:
             method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))

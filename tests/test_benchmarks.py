@@ -139,13 +139,15 @@ def test_peer_meta_gradient_equals_melora_full(tiny_bert_dir):
     setting = common.Setting("tiny", 2, 2, 2, 8, "cpu")
     episode = common.make_episode(setting, vocab_size=net.backbone.config.vocab_size)
     _, g_peer = peer.maml_meta_gradient(net, peer_theta, episode.support, episode.query, 0.5, 2)
-    _, g_ours = compute_meta_gradient(ours, values, episode.support, episode.query, 0.5, 2, "full")
+    _, g_ours = compute_meta_gradient(ours, values, episode.support, episode.query, 0.5, 2, "full",
+                                      head_init="zero")
     a = torch.cat([g_ours[n].flatten() for n in values])
     b = torch.cat([g_peer[mapping[n]].flatten() for n in values])
     assert ((a - b).norm() / b.norm()).item() < 1e-6
     _, first = peer.maml_meta_gradient(net, peer_theta, episode.support, episode.query, 0.5, 2,
                                        first_order=True)
-    _, ours_first = compute_meta_gradient(ours, values, episode.support, episode.query, 0.5, 2, "none")
+    _, ours_first = compute_meta_gradient(ours, values, episode.support, episode.query, 0.5, 2, "none",
+                                          head_init="zero")
     c = torch.cat([first[mapping[n]].flatten() for n in values])
     d = torch.cat([ours_first[n].flatten() for n in values])
     assert ((c - d).norm() / d.norm()).item() < 1e-6 and ((c - b).norm() / b.norm()).item() > 1e-4

@@ -93,3 +93,24 @@ def test_full_mode_with_an_unknown_baseline_fails_before_training(tmp_path, caps
                       "--set", "evaluation.baselines=[maml,bogus]"]) == 2
     assert "evaluation.baselines" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_library_defaults_are_the_config_defaults():
+    """trainer's and baseline's defaults (utils.HESSIAN_METHOD, utils.HEAD_INIT) are config.yml's."""
+    import inspect
+
+    import baseline
+    import trainer
+    cfg = utils.load_config()
+    method, head_init = cfg.memory_optimization.hessian_approximation.method, cfg.meta_learning.head_init
+    assert (utils.HESSIAN_METHOD, utils.HEAD_INIT) == (method, head_init)
+    assert cfg.evaluation.head_init == head_init
+    for fn in (trainer.compute_meta_gradient, trainer.compute_batched_meta_gradient,
+               trainer.MetaGradient, trainer.initial_fast_weights, baseline.FewShotMethod,
+               baseline.MELoRA, baseline.LoRAMetaLearner, baseline.FineTune,
+               baseline.MultitaskFineTune, baseline.MAML, baseline.FOMAML, baseline.Reptile):
+        params = inspect.signature(fn).parameters
+        assert params["head_init"].default == head_init, fn
+        if "method" in params:
+            assert params["method"].default == method, fn
+    assert baseline.FewShotMethod.head_init == head_init

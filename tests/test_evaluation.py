@@ -245,9 +245,8 @@ def test_inner_steps_zero_trains_melora(tmp_path):
 
 def trainer_start_theta(state):
     import model as M
-    import trainer
     cfg = utils.Config(json.loads(state["config"]))
-    net, _ = trainer.build_model(cfg, torch.device("cpu"))
+    net, _ = M.build_model(cfg, torch.device("cpu"))
     return M.lora_parameters(net)
 
 

@@ -167,5 +167,5 @@ def test_configs_saved_before_the_head_key_build_the_euclidean_head():
     """trainer.restore_model reads a checkpoint's saved config as is: older ones lack the key."""
     data = utils.load_config(overrides=["models.selected_model=tiny-bert"]).to_dict()
     del data["meta_learning"]["head"], data["meta_learning"]["head_scale"]
-    model, _ = trainer.build_model(utils.Config(data), torch.device("cpu"))
+    model, _ = M.build_model(utils.Config(data), torch.device("cpu"))
     assert model.head_kind == "euclidean" and "head.scale" not in M.lora_parameters(model)

@@ -59,12 +59,14 @@ def relative_error(a, b):
 @pytest.mark.parametrize("steps", [1, 2, 3, 5])
 def test_full_equals_unrolled_autograd(name, steps):
     model, theta, support, query = setup_task(name)
-    loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, steps, "full")
+    loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, steps, "full",
+                                                head_init="zero")
     ref_loss, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, steps)
     assert abs(loss.item() - ref_loss.item()) < 1e-10
     assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
     # the second-order terms matter here, so first order cannot pass by accident
-    _, first = trainer.compute_meta_gradient(model, theta, support, query, 0.5, steps, "none")
+    _, first = trainer.compute_meta_gradient(model, theta, support, query, 0.5, steps, "none",
+                                             head_init="zero")
     assert relative_error(flat(first, theta), flat(ref, theta)) > 1e-3
 
 
@@ -72,12 +74,13 @@ def test_full_equals_unrolled_autograd(name, steps):
 def test_second_order_with_checkpointing_on_every_family(name):
     model, theta, support, query = setup_task(name, seed=1)
     _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 2)
-    plain = {m: trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, m, 2)[1]
+    plain = {m: trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, m, 2, head_init="zero")[1]
              for m in ("gauss_newton", "block_diagonal")}
     assert M.enable_checkpointing(model, lora_only=True) > 0
     try:
         for method in ("full", "gauss_newton", "block_diagonal"):
-            _, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 2)
+            _, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 2,
+                                                     head_init="zero")
             assert torch.isfinite(flat(grads, theta)).all(), method
             expected = ref if method == "full" else plain[method]
             assert relative_error(flat(grads, theta), flat(expected, theta)) < 1e-6, method
@@ -88,7 +91,8 @@ def test_second_order_with_checkpointing_on_every_family(name):
 @pytest.mark.parametrize("method", ["full", "gauss_newton", "block_diagonal", "none"])
 def test_micro_batches_do_not_change_the_result(method):
     model, theta, support, query = setup_task("tiny-gpt2", seed=2)
-    results = [trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, mb)
+    results = [trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, mb,
+                                             head_init="zero")
                for mb in (1, 2, 0)]
     whole = flat(results[-1][1], theta)
     for loss, grads in results[:-1]:
@@ -100,19 +104,21 @@ def test_hutchinson_diagonal_does_not_depend_on_micro_batches():
     model, theta, support, query = setup_task("tiny-bert", seed=3)
     options = trainer.HessianOptions(diagonal_estimator="hutchinson", hutchinson_probes=2)
     a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "diagonal", 1,
-                                      hessian=options, seed=5)[1]
+                                      hessian=options, seed=5, head_init="zero")[1]
     b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "diagonal", 0,
-                                      hessian=options, seed=5)[1]
+                                      hessian=options, seed=5, head_init="zero")[1]
     assert relative_error(flat(a, theta), flat(b, theta)) < 1e-6
 
 
 def test_approximations_point_towards_the_exact_meta_gradient():
     # theta near a trained state (small LoRA/head), inner steps large enough for curvature to matter
     model, theta, support, query = setup_task("tiny-bert", seed=4, scale=0.05)
-    exact = flat(trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full")[1], theta)
+    exact = flat(trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full",
+                                               head_init="zero")[1], theta)
     cosine = {}
     for method in ("gauss_newton", "block_diagonal", "diagonal", "none"):
-        approx = flat(trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, method, 1)[1], theta)
+        approx = flat(trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, method, 1,
+                                                    head_init="zero")[1], theta)
         cosine[method] = F.cosine_similarity(approx, exact, dim=0).item()
     print("cosine similarity to the exact meta-gradient:", cosine)
     assert all(c == c for c in cosine.values()), cosine  # no NaN
@@ -123,7 +129,7 @@ def test_approximations_point_towards_the_exact_meta_gradient():
 def test_learned_inner_rates_get_their_exact_gradient():
     model, theta, support, query = setup_task("tiny-bert", seed=5)
     rates = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
-    _, grads = trainer.compute_meta_gradient(model, theta, support, query, rates, 3, "full")
+    _, grads = trainer.compute_meta_gradient(model, theta, support, query, rates, 3, "full", head_init="zero")
     _, ref = unrolled_meta_gradient(model, theta, support, query, rates, 3)
     assert relative_error(grads["inner_lr"], ref["inner_lr"]) < 1e-6
     assert relative_error(flat(grads, theta), flat(ref, theta)) < 1e-6
@@ -158,12 +164,12 @@ def test_every_kept_graph_count_equals_unrolled_autograd(keep):
     _, ref = unrolled_meta_gradient(model, theta, support, query, 0.5, 3)
     for micro_batch in (0, 4):
         _, g = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full",
-                                             micro_batch, hessian=h)
+                                             micro_batch, hessian=h, head_init="zero")
         assert relative_error(flat(g, theta), flat(ref, theta)) < 1e-6, micro_batch
     assert M.enable_checkpointing(model, lora_only=True) > 0
     try:
         _, g = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 3, "full", 2,
-                                             hessian=h)
+                                             hessian=h, head_init="zero")
     finally:
         M.disable_checkpointing(model)
     assert relative_error(flat(g, theta), flat(ref, theta)) < 1e-6
@@ -172,17 +178,21 @@ def test_every_kept_graph_count_equals_unrolled_autograd(keep):
                                              hessian=h, head_init="proto")
     assert relative_error(flat(proto, theta), flat(proto_ref, theta)) < 1e-6
     episodes = [(support, query), (query, support)]
-    plain = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 3, "full", 4)[1]
+    plain = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 3, "full", 4,
+                                                  head_init="zero")[1]
     kept = trainer.compute_batched_meta_gradient(model, theta, episodes, 0.5, 3, "full", 4,
-                                                 hessian=h)[1]
+                                                 hessian=h, head_init="zero")[1]
     assert relative_error(flat(kept, theta), flat(plain, theta)) < 1e-10
 
 
 def test_dropout_masks_replay_and_seed_controls_them():
     model, theta, support, query = setup_task("tiny-bert", seed=6, dropout=0.2)
-    a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11)[1]
-    b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11)[1]
-    c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=12)[1]
+    a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11,
+                                      head_init="zero")[1]
+    b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=11,
+                                      head_init="zero")[1]
+    c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", seed=12,
+                                      head_init="zero")[1]
     assert torch.equal(flat(a, theta), flat(b, theta))
     assert not torch.equal(flat(a, theta), flat(c, theta))
 
@@ -191,12 +201,12 @@ def test_metrics_and_zero_steps():
     model, theta, support, query = setup_task("tiny-gpt2", seed=7)
     metrics = {}
     loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 0, "full",
-                                                metrics=metrics)
+                                                metrics=metrics, head_init="zero")
     expected = F.cross_entropy(M.forward(model, theta, query), query["labels"])
     assert abs(loss.item() - expected.item()) < 1e-10
     assert metrics["query_acc_before"] == metrics["query_acc_after"]
     with pytest.raises(ValueError, match="gauss_newton"):
-        trainer.compute_meta_gradient(model, theta, support, query, 0.5, 1, "exact")
+        trainer.compute_meta_gradient(model, theta, support, query, 0.5, 1, "exact", head_init="zero")
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
@@ -209,11 +219,12 @@ def test_batched_tasks_equal_sequential(name, method):
     rates = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
     m_batched = {}
     loss, grads = trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, method, 4,
-                                                        metrics=m_batched)
+                                                        metrics=m_batched, head_init="zero")
     ref_loss, ref, m_seq = 0.0, {}, []
     for s, q in episodes:
         m = {}
-        l_t, g_t = trainer.compute_meta_gradient(model, theta, s, q, rates, 2, method, 4, metrics=m)
+        l_t, g_t = trainer.compute_meta_gradient(model, theta, s, q, rates, 2, method, 4, metrics=m,
+                                                 head_init="zero")
         ref_loss += l_t / 3
         ref = {n: ref.get(n, 0) + g / 3 for n, g in g_t.items()}
         m_seq.append(m)
@@ -269,9 +280,9 @@ def test_pre_adaptation_accuracy_is_optional_and_changes_nothing_else(method):
     model, theta, support, query = setup_task("tiny-gpt2", seed=15, dropout=0.1)
     with_before, without = {}, {}
     a = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
-                                      metrics=with_before)
+                                      metrics=with_before, head_init="zero")
     b = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
-                                      metrics=without, acc_before=False)
+                                      metrics=without, acc_before=False, head_init="zero")
     assert "query_acc_before" in with_before and "query_acc_before" not in without
     assert without == {k: v for k, v in with_before.items() if k != "query_acc_before"}
     assert torch.equal(a[0], b[0]) and torch.equal(flat(a[1], theta), flat(b[1], theta))
@@ -279,7 +290,36 @@ def test_pre_adaptation_accuracy_is_optional_and_changes_nothing_else(method):
     # checkpointed blocks keep
     assert M.enable_checkpointing(model, lora_only=True) > 0
     try:
-        c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1)
+        c = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, method, 4, seed=1,
+                                          head_init="zero")
     finally:
         M.disable_checkpointing(model)
     assert relative_error(flat(c[1], theta), flat(a[1], theta)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["full", "none"])
+@pytest.mark.parametrize("head_init", ["zero", "proto"])
+def test_engine_adapt_gives_the_inner_loops_fast_weights(method, head_init):
+    """MetaGradient.adapt: phi_K of plain SGD on the support loss from `start` (float64),
+    at which the engine's own call evaluates the query loss."""
+    model, theta, support, query = setup_task("tiny-bert", seed=4)
+    rates = torch.tensor([0.5, 0.3], dtype=torch.float64)
+    engine = trainer.MetaGradient(model, rates, 2, method, 4, head_init=head_init)
+    phi = engine.start(theta, support)
+    for k in range(2):
+        leaves = {n: p.detach().requires_grad_() for n, p in phi.items()}
+        loss = F.cross_entropy(M.forward(model, leaves, support), support["labels"])
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        phi = {n: p.detach() - rates[k] * g for (n, p), g in zip(leaves.items(), grads)}
+    fast = engine.adapt(theta, support, seed=0)
+    assert list(fast) == list(theta)
+    assert relative_error(flat(fast, theta), flat(phi, theta)) < 1e-10
+    query_loss, _ = engine(theta, support, query, seed=0)
+    expected = F.cross_entropy(M.forward(model, fast, query), query["labels"])
+    assert abs(query_loss.item() - expected.item()) < 1e-10
+
+
+def test_every_second_order_method_has_a_curvature_product():
+    assert set(trainer.CURVATURE_PRODUCTS) == set(utils.HESSIAN_METHODS) - {"none"}
+    with pytest.raises(ValueError, match="block_diagonal"):
+        trainer.MetaGradient(None, 0.5, 1, "kfac")

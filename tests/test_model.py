@@ -216,11 +216,10 @@ def checkpointed(model):
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
 def test_peak_estimate_follows_the_tensors_autograd_saves(name):
-    import trainer
     cfg = auto_cfg(name, "memory_optimization.hessian_approximation.method=none",
                    "memory_optimization.checkpointing.enabled=false",
                    "memory_optimization.gradient_accumulation.default_micro_batch=4")
-    model, tok = trainer.build_model(cfg, torch.device("cpu"))
+    model, tok = M.build_model(cfg, torch.device("cpu"))
     batch = make_batch(tok, [" ".join(["word"] * 40)] * 4, [0, 1, 2, 0])
     batch = {k: v[:, :16] if v.dim() == 2 else v for k, v in batch.items()}  # max_length tokens
     saved, weights = {}, {p.data_ptr() for p in model.parameters()}
@@ -232,10 +231,10 @@ def test_peak_estimate_follows_the_tensors_autograd_saves(name):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(M.forward(model, leaves, batch), batch["labels"])
     measured = sum(b for ptr, b in saved.items() if ptr not in weights) / 2**20
-    estimate = trainer.estimate_peak_activation_mb(cfg, model)
+    estimate = M.estimate_peak_activation_mb(cfg, model)
     assert 0.6 < estimate / measured < 1.6, (estimate, measured)
     # second order holds more, kept graphs more still, smaller micro-batches less
-    more = [trainer.estimate_peak_activation_mb(auto_cfg(name, *o), model) for o in (
+    more = [M.estimate_peak_activation_mb(auto_cfg(name, *o), model) for o in (
         ["memory_optimization.hessian_approximation.method=full"],
         ["memory_optimization.hessian_approximation.method=full",
          "memory_optimization.hessian_approximation.keep_graphs=2"],
@@ -245,23 +244,22 @@ def test_peak_estimate_follows_the_tensors_autograd_saves(name):
 
 
 def test_auto_checkpointing_turns_on_only_over_the_budget(caplog):
-    import trainer
     device = torch.device("cpu")
     with caplog.at_level("INFO", logger="melora"):
-        tight, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.cpu_budget_mb=1",
+        tight, _ = M.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.cpu_budget_mb=1",
                                                 "models.max_length=128"), device)
     assert checkpointed(tight)
     assert "gradient checkpointing on (auto)" in caplog.text and "exceeds the CPU budget of 1 MiB" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="melora"):
-        roomy, _ = trainer.build_model(auto_cfg("tiny-bert"), device)  # default: the OS's available memory
+        roomy, _ = M.build_model(auto_cfg("tiny-bert"), device)  # default: the OS's available memory
     assert not checkpointed(roomy)
     assert "gradient checkpointing off (auto)" in caplog.text
     assert utils.load_config().memory_optimization.checkpointing.enabled == "auto"
     # true and false are obeyed whatever the budget
-    forced, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=true"), device)
+    forced, _ = M.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=true"), device)
     assert checkpointed(forced)
-    off, _ = trainer.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=false",
+    off, _ = M.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=false",
                                           "memory_optimization.checkpointing.cpu_budget_mb=1",
                                           "models.max_length=128"), device)
     assert not checkpointed(off)
@@ -288,9 +286,11 @@ def test_prefix_cache_gives_the_same_meta_gradient(name):
     rates = torch.tensor([0.5, 0.3], dtype=torch.float64, requires_grad=True)
 
     def gradients():
-        out = [trainer.compute_meta_gradient(model, theta, support, query, rates, 2, method, mb)
+        out = [trainer.compute_meta_gradient(model, theta, support, query, rates, 2, method, mb,
+                                             head_init="zero")
                for method, mb in (("full", 0), ("full", 4), ("none", 2))]
-        return out + [trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, "full", 4)]
+        return out + [trainer.compute_batched_meta_gradient(model, theta, episodes, rates, 2, "full", 4,
+                                                            head_init="zero")]
     plain = gradients()
     assert M.enable_prefix_cache(model) == 1
     try:
@@ -300,7 +300,8 @@ def test_prefix_cache_gives_the_same_meta_gradient(name):
         assert cache.hits > 10 * cache.misses
         assert M.enable_checkpointing(model, lora_only=True) == 1
         try:
-            cached.append(trainer.compute_meta_gradient(model, theta, support, query, rates, 2, "full", 4))
+            cached.append(trainer.compute_meta_gradient(model, theta, support, query, rates, 2, "full", 4,
+                                                        head_init="zero"))
         finally:
             M.disable_checkpointing(model)
     finally:
@@ -315,15 +316,14 @@ def test_prefix_cache_gives_the_same_meta_gradient(name):
 
 def test_lora_layers_from_the_config(caplog, monkeypatch):
     import logging
-    import trainer
     # utils.setup_logging (run by earlier tests) stops propagation to the root logger caplog reads
     monkeypatch.setattr(logging.getLogger("melora"), "propagate", True)
     with caplog.at_level("INFO", logger="melora"):
-        model, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]"), torch.device("cpu"))
+        model, _ = M.build_model(auto_cfg("tiny-bert", "lora.layers=[1]"), torch.device("cpu"))
     assert model._prefix_cache.first == 1 and "prefix cache" in caplog.text
     assert all(".layer.1." in n for n in M.lora_parameters(model) if not n.startswith("head"))
-    plain, _ = trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[1]",
+    plain, _ = M.build_model(auto_cfg("tiny-bert", "lora.layers=[1]",
                                             "memory_optimization.prefix_cache=false"), torch.device("cpu"))
     assert not hasattr(plain, "_prefix_cache")
     with pytest.raises(utils.ConfigError, match=r"lora.layers \[2\] names blocks \[2\].*0..1"):
-        trainer.build_model(auto_cfg("tiny-bert", "lora.layers=[2]"), torch.device("cpu"))
+        M.build_model(auto_cfg("tiny-bert", "lora.layers=[2]"), torch.device("cpu"))
