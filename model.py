@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -396,6 +396,31 @@ def forward(model: nn.Module, params: Mapping[str, torch.Tensor],
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "features_only": features_only}
     return torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False)
+
+
+@contextlib.contextmanager
+def tapped(model: "MELoRAModel", lora_tap: Callable[[str], Callable] | None = None,
+           head_tap: Callable | None = None) -> Iterator["MELoRAModel"]:
+    """Observe the LoRA layers' and the head's activations during forwards in this context.
+
+    Every `LoRALayer` (dotted module path ``prefix``, ending in ".") calls
+    ``lora_tap(prefix)(layer, dropout(x), h, lora_out)`` on each forward, with h = A x (the
+    rank-r code) and lora_out the LoRA path's output; the head calls
+    ``head_tap(features, logits)``. The taps may register tensor hooks (trainer's
+    block-diagonal curvature collects K-FAC statistics this way). The taps are removed on
+    exit, also after an error.
+    """
+    layers = [(f"{path}.", mod) for path, mod in model.named_modules() if isinstance(mod, LoRALayer)]
+    try:
+        if lora_tap is not None:
+            for prefix, layer in layers:
+                layer._tap = lora_tap(prefix)
+        model._head_tap = head_tap
+        yield model
+    finally:
+        for _, layer in layers:
+            layer._tap = None
+        model._head_tap = None
 
 
 @contextlib.contextmanager

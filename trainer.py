@@ -620,21 +620,18 @@ class _KFACRecorder:
         self.model, self.n = model, n_examples
         self.v = dict(zip(names, v))
         self.names = names
-        self.layers = {f"{path}.": m for path, m in model.named_modules() if isinstance(m, M.LoRALayer)}
         self.stats: dict[str, list] = {}
         self.seen: set[int] = set()
         self.mask = None
+        self._taps = None
 
     def __enter__(self):
-        for prefix, layer in self.layers.items():
-            layer._tap = self._lora_tap(prefix)
-        self.model._head_tap = self._head_tap
+        self._taps = M.tapped(self.model, self._lora_tap, self._head_tap)
+        self._taps.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for layer in self.layers.values():
-            layer._tap = None
-        self.model._head_tap = None
+        self._taps.__exit__(*exc)
 
     def new_chunk(self, attention_mask):
         self.seen, self.mask = set(), attention_mask.bool()

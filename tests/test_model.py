@@ -327,3 +327,28 @@ def test_lora_layers_from_the_config(caplog, monkeypatch):
     assert not hasattr(plain, "_prefix_cache")
     with pytest.raises(utils.ConfigError, match=r"lora.layers \[2\] names blocks \[2\].*0..1"):
         M.build_model(auto_cfg("tiny-bert", "lora.layers=[2]"), torch.device("cpu"))
+
+
+def test_tapped_sees_every_lora_layer_and_the_head_and_cleans_up():
+    """`model.tapped` calls the LoRA taps with A x and the LoRA output of each layer, the head
+    tap with features and logits, and removes every tap on exit, also after an error."""
+    model, tok, _ = build("tiny-gpt2")
+    batch = {k: v for k, v in make_batch(tok, TEXTS, LABELS).items() if k != "labels"}
+    calls, head = {}, []
+
+    def lora_tap(prefix):
+        def tap(layer, x_d, h, out):
+            calls[prefix] = (h.shape[-1], out.shape == layer.base_layer(x_d).shape)
+        return tap
+
+    with M.tapped(model, lora_tap, lambda f, logits: head.append(logits.shape)):
+        model(**batch)
+    lora_paths = {f"{p}." for p, m in model.named_modules() if isinstance(m, M.LoRALayer)}
+    assert set(calls) == lora_paths and all(v == (4, True) for v in calls.values())
+    assert head == [torch.Size([len(TEXTS), 3])]
+    with pytest.raises(RuntimeError):
+        with M.tapped(model, lora_tap, lambda f, logits: None):
+            raise RuntimeError("boom")
+    calls.clear()
+    model(**batch)
+    assert calls == {} and model._head_tap is None
