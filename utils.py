@@ -42,7 +42,7 @@ DEFAULT_CONFIG = REPO_DIR / "config.yml"
 HESSIAN_METHODS = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")  # trainer's curvature
 HEAD_INITS = ("zero", "proto")   # how the N-way head starts on an episode (trainer.initial_fast_weights)
 # The library's defaults (trainer, baseline) are config.yml's (tests/test_config.py checks):
-HESSIAN_METHOD = "diagonal"  # memory_optimization.hessian_approximation.method
+HESSIAN_METHOD = "full"      # memory_optimization.hessian_approximation.method
 HEAD_INIT = "proto"          # meta_learning.head_init and evaluation.head_init
 HEADS = ("euclidean", "cosine")  # meta_learning.head: see model.MELoRAModel
 POOLINGS = ("auto", "cls", "mean", "last")
