@@ -23,7 +23,7 @@ the rows are interchangeable).
 A saved (adapted or exported) directory holds:
 
     adapter_config.json, adapter_model.safetensors   the LoRA factors, a PEFT adapter
-    head.safetensors       the linear head: weight (N, hidden), bias (N,)
+    head.safetensors       the head: weight (N, hidden), bias (N,) (+ scale: cosine head)
     melora_head.json       family, pooling and N of the head
     labels.json            labels (class names in head-row order; null for an export),
                            pooling, max_length, base_model, backbone_class, and how it
@@ -497,7 +497,7 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
         M.export_peft_adapter(model, tmp, base_model_name_or_path=base)
         tokenizer.save_pretrained(str(tmp))
         labels = {**info, "pooling": model.pooling, "max_length": cfg.models.max_length,
-                  "base_model": base, "family": model.family,
+                  "base_model": base, "family": model.family, "head": model.head_kind,
                   "backbone_class": "T5EncoderModel" if model.family == "t5" else "AutoModel",
                   "model": name}
         atomic_write_json(tmp / LABELS_FILE, labels)

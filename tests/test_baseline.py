@@ -122,7 +122,7 @@ def test_proto_head_init_is_the_same_tensor_for_every_method(tmp_path):
     so every gradient-based method starts the episode from the same prototype head,
     computed with dropout off (LoRA dropout 0.3 here, model in train mode)."""
     cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}", "lora.dropout=0.3",
-                                              "evaluation.head_init=proto"])
+                                              "evaluation.head_init=proto", "meta_learning.head=euclidean"])
     heads = {}
     for name in B.GRADIENT_BASED:
         if name == "melora":

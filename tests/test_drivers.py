@@ -15,7 +15,9 @@ TINY = {"models.selected_model": "tiny-bert", "datasets.synthetic_only": True,
         "meta_learning.num_iterations": 2, "tracking.mlflow": False, "tracking.tensorboard": False,
         "evaluation.num_episodes": 3, "evaluation.adaptation_steps": 1,
         "evaluation.child_process": False, "evaluation.baselines": [], "evaluation.seeds": 1,
-        "memory_optimization.hessian_approximation.method": "none"}
+        "memory_optimization.hessian_approximation.method": "none",
+        # the plumbing under test at the pre-study defaults (config.yml now: cosine, 0.5)
+        "meta_learning.head": "euclidean", "meta_learning.inner.default_lr": 0.01}
 NO_ABLATIONS = {f"analysis.ablations.{p}": [] for p in experiment.ABLATION_KEYS}
 
 
