@@ -197,10 +197,11 @@ def test_fair_protocol_cli_with_two_seeds(checkpoint, tmp_path):
         assert methods[name]["meta_train_iterations"] == 0 and len(methods[name]["seed_accuracies"]) == 1
     assert methods["protonet"]["inner_lr"] is None
     # every meta-step memory names its Hessian method; MELoRA's also for `full`
-    assert set(methods["melora"]["meta_step_peak_memory_mb_by_hessian"]) == {"diagonal", "full"}
+    configured = results["config"]["memory_optimization"]["hessian_approximation"]["method"]
+    assert set(methods["melora"]["meta_step_peak_memory_mb_by_hessian"]) == {configured, "full"}
     assert methods["maml"]["meta_step_hessian"] == "full"
     assert methods["proto_lora"]["meta_step_hessian"] == "none"
-    assert "| proto_lora | proto |" in done.stdout and "(diagonal); " in done.stdout
+    assert "| proto_lora | proto |" in done.stdout and f"({configured})" in done.stdout
 
 
 def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkeypatch):
@@ -259,20 +260,20 @@ def test_tuning_needs_meta_val_tasks(tmp_path):
 
 
 def test_explicit_key_equal_to_the_default_wins_over_the_checkpoint(tmp_path):
-    """`--set meta_learning.inner.default_lr=0.01` (config.yml's value) against a checkpoint
-    trained at 0.05 evaluates at 0.01; without it, at the checkpoint's 0.05."""
+    """`--set meta_learning.inner.default_lr=<config.yml's value>` against a checkpoint
+    trained at 0.05 evaluates at config.yml's value; without it, at the checkpoint's 0.05."""
     default = utils.load_config().meta_learning.inner.default_lr
-    assert default == 0.01
+    assert default != 0.05
     assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
                       "--output_dir", str(tmp_path), "--experiment_name", "run",
                       *sets(TINY + ["meta_learning.inner.default_lr=0.05"])]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint_iter_1.pt"
     rates = {}
-    for name, extra in (("named", ["meta_learning.inner.default_lr=0.01"]), ("unnamed", [])):
+    for name, extra in (("named", [f"meta_learning.inner.default_lr={default}"]), ("unnamed", [])):
         assert main.main(["--mode", "evaluate", "--checkpoint", str(ckpt), "--skip_baselines",
                           "--output_dir", str(tmp_path), "--experiment_name", name,
                           *sets(FAST_EVAL + extra)]) == 0
         results = analysis.load_results(tmp_path / name / "results.json")
         rates[name] = (results["config"]["meta_learning"]["inner"]["default_lr"],
                        results["methods"]["melora"]["inner_lr"])
-    assert rates == {"named": (0.01, 0.01), "unnamed": (0.05, 0.05)}
+    assert rates == {"named": (default, default), "unnamed": (0.05, 0.05)}
