@@ -169,12 +169,15 @@ def methods_of(results: Mapping) -> Mapping[str, Mapping]:
 # --- Basic statistics ------------------------------------------------------------------
 
 
-def mean_ci(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float, float]:
+def mean_ci(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE,
+            bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """Mean and two-sided Student-t confidence interval of the mean.
 
     Args:
         values: At least one finite value.
         confidence: Confidence level in (0, 1).
+        bounds: The range the quantity cannot leave (accuracies: ``(0, 1)``); the
+            interval is clipped to it (a t-interval of few, spread-out values overshoots).
 
     Returns:
         ``(mean, lo, hi)``. With one value or zero spread the interval collapses to the
@@ -194,7 +197,10 @@ def mean_ci(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> 
     if sem == 0.0:
         return mean, mean, mean
     half = float(stats.t.ppf(0.5 + confidence / 2, df=x.size - 1)) * sem
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return mean, lo, hi
 
 
 def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:

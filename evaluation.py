@@ -77,6 +77,7 @@ log = logging.getLogger("melora")
 RESULTS_FILE, EPISODE_SPEC = analysis.RESULTS_FILE, analysis.EPISODE_SPEC
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
 SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
+ACCURACY_BOUNDS = (0.0, 1.0)  # confidence intervals of an accuracy stay inside [0, 1]
 
 
 # ------------------------------------------------------------------------------------
@@ -556,8 +557,9 @@ def _method_stats(raw: Mapping, k: int, confidence: float) -> dict:
     per_seed = np.asarray(raw["per_seed_accuracy_per_step"], dtype=float)  # (seeds, episodes, steps + 1)
     per_step = per_seed.mean(0)  # (episodes, steps + 1): averaged over seeds
     final = per_step[:, k].tolist()
-    mean, lo, hi = analysis.mean_ci(final, confidence)
-    curve = [analysis.mean_ci(per_step[:, s].tolist(), confidence) for s in range(per_step.shape[1])]
+    mean, lo, hi = analysis.mean_ci(final, confidence, ACCURACY_BOUNDS)
+    curve = [analysis.mean_ci(per_step[:, s].tolist(), confidence, ACCURACY_BOUNDS)
+             for s in range(per_step.shape[1])]
     seed_means = per_seed[:, :, k].mean(1)
     return {"accuracy_mean": mean, "accuracy_ci95": [lo, hi], "per_episode_accuracy": final,
             "seeds": int(per_seed.shape[0]), "seed_accuracies": seed_means.tolist(),

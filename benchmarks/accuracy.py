@@ -528,7 +528,7 @@ def summarize_shape(preset: Preset, shape, cells: list[dict], best: dict, confid
         seed_acc = [float(e["accuracy_mean"]) for e in entries]
         per_episode = mean_over([e["per_episode_accuracy"] for e in entries])
         pooled[name] = {"per_episode_accuracy": per_episode}
-        mean, lo, hi = analysis.mean_ci(per_episode, confidence)
+        mean, lo, hi = analysis.mean_ci(per_episode, confidence, (0.0, 1.0))
         if name == "melora":
             config = {**best, "meta_train_iterations": preset.test_iterations}
             seconds = float(np.mean([c["training"]["seconds_per_iteration"] for c in cells]))

@@ -42,6 +42,18 @@ def test_mean_ci_matches_scipy_t_interval():
     assert (lo, hi) == pytest.approx((ref_lo, ref_hi))
 
 
+def test_mean_ci_clips_to_bounds_and_is_scipy_inside_them():
+    """Three spread-out accuracies: scipy's t-interval leaves [0, 1]; with bounds the
+    interval is scipy's clipped to them (the mean unchanged)."""
+    x = np.array([0.0, 0.1, 1.0])
+    ref_lo, ref_hi = stats.t.interval(0.95, df=2, loc=x.mean(), scale=stats.sem(x))
+    assert ref_lo < 0 and ref_hi > 1
+    assert analysis.mean_ci(x, 0.95, (0.0, 1.0)) == pytest.approx((x.mean(), 0.0, 1.0))
+    assert analysis.mean_ci(x, 0.95) == pytest.approx((x.mean(), ref_lo, ref_hi))
+    y = _accuracies(0, 30, 0.6)  # well inside: bounds change nothing
+    assert analysis.mean_ci(y, 0.95, (0.0, 1.0)) == pytest.approx(analysis.mean_ci(y, 0.95))
+
+
 def test_mean_ci_degenerate_and_invalid():
     assert analysis.mean_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4, 0.4))
     assert analysis.mean_ci([0.7]) == (0.7, 0.7, 0.7)
