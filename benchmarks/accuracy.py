@@ -399,6 +399,14 @@ def _rates(inner_lr) -> list[float] | None:
 # Meta-test
 # ------------------------------------------------------------------------------------
 
+def _test_folder(preset: Preset, shape, best: dict, seed: int, methods: list[str], work: Path,
+                 within_group: bool, extra: Sequence[str]) -> tuple[dict, Path]:
+    """A meta-test cell's spec and folder."""
+    spec = _cell_spec("test", _preset_spec(preset, "test_iterations", "test_episodes"), shape, seed,
+                      within_group, extra, config=best, methods=methods)
+    return spec, work / "test" / shape_key(shape) / f"seed{seed}-{_spec_hash(spec)}"
+
+
 def test_cell(preset: Preset, shape, best: dict, seed: int, methods: list[str], work: Path,
               within_group: bool, extra: Sequence[str], spec_source: Path | None) -> dict:
     """Meta-train MELoRA (best config) for one seed; evaluate it and the baselines (cached).
@@ -408,9 +416,7 @@ def test_cell(preset: Preset, shape, best: dict, seed: int, methods: list[str], 
     """
     import evaluation
     from utils import atomic_write_json, load_checkpoint
-    spec = _cell_spec("test", _preset_spec(preset, "test_iterations", "test_episodes"), shape, seed,
-                      within_group, extra, config=best, methods=methods)
-    folder = work / "test" / shape_key(shape) / f"seed{seed}-{_spec_hash(spec)}"
+    spec, folder = _test_folder(preset, shape, best, seed, methods, work, within_group, extra)
     path = folder / "cell.json"
     cell = load_cell(path, spec)
     if cell is not None:
@@ -678,10 +684,12 @@ def plan(preset: Preset, methods: list[str], missing: list[str]) -> str:
 
 def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
         extra: Sequence[str] = (), only_methods: Sequence[str] | None = None,
-        stage: str = "all") -> dict | None:
+        stage: str = "all", seeds: Sequence[int] | None = None) -> dict | None:
     """The whole study; returns (and writes) the accuracy.json dict. `stage="regime"`
     computes the regime-only shapes' cells and returns None (a second process may run it
-    beside the main one: cells are separate files)."""
+    beside the main one: cells are separate files); `seeds` computes those meta-test
+    seeds only and returns None (the first seed's episode file must exist: every seed
+    evaluates on the same episodes)."""
     import baseline as B
     from utils import ConfigError, atomic_write_json, atomic_write_text
 
@@ -724,14 +732,27 @@ def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
     # 3. Meta-test: every method once per shape and seed, on the same episodes.
     settings = {}
     stats_cfg = make_config(base_overrides(preset, preset.shapes[0], 0, work, within_group), extra).analysis
+    import evaluation
     for shape in preset.shapes:
-        cells, spec_source = [], None
-        for seed in tqdm(preset.seeds, desc=f"meta-test {shape_key(shape)}", unit="seed", dynamic_ncols=True):
-            cell = test_cell(preset, shape, best, seed, methods, work, within_group, extra, spec_source)
-            spec_source = spec_source or Path(cell["episode_spec"])
-            cells.append(cell)
+        cells = []
+        # every seed evaluates on the first seed's episodes (its spec file, once written)
+        first = _test_folder(preset, shape, best, preset.seeds[0], methods, work, within_group, extra)[1]
+        for seed in tqdm([s for s in preset.seeds if seeds is None or s in seeds],
+                         desc=f"meta-test {shape_key(shape)}", unit="seed", dynamic_ncols=True):
+            spec_source = first / evaluation.EPISODE_SPEC
+            if seed != preset.seeds[0] and not spec_source.is_file():
+                raise ConfigError(f"seed {seed} needs the episodes of seed {preset.seeds[0]}: run "
+                                  f"that seed first (--seeds {preset.seeds[0]})")
+            cells.append(test_cell(preset, shape, best, seed, methods, work, within_group, extra,
+                                   spec_source if seed != preset.seeds[0] else None))
+        if seeds is not None:
+            continue
         settings[shape_key(shape)] = summarize_shape(preset, shape, cells, best, stats_cfg.confidence,
                                                      stats_cfg.bootstrap_samples)
+    if seeds is not None:
+        print(f"meta-test cells of seed(s) {seeds} done under {work / 'test'}; the run without "
+              "--seeds reports them", flush=True)
+        return None
     # 4. Report.
     primary = settings[shape_key(preset.shapes[0])]
     rmap = regime_map(preset, sweep, proto)
@@ -774,6 +795,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                                     "(accuracy_<preset>.json for smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--plan", action="store_true", help="print the cells and the budget only")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                        help="meta-test only these training seeds and stop (e.g. 2: a second process "
+                             "beside the main run, once the first seed's episodes exist)")
     parser.add_argument("--stage", choices=["all", "regime"], default="all",
                         help="regime: only the regime-map-only shapes' cells (may run beside the main run)")
     args = parser.parse_args(argv)
@@ -795,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             print(plan(preset, [m for m in wanted if m in B.BASELINES],
                        [m for m in COMPARISON_METHODS if m not in B.BASELINES]))
             return None
-        return run(preset, work, output, args.within_group, args.set, only, args.stage)
+        return run(preset, work, output, args.within_group, args.set, only, args.stage, args.seeds)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
