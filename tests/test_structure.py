@@ -1,6 +1,7 @@
 """The project's import graph: no circle among its top-level modules, counting imports made
 inside functions; `analysis` is a leaf, `visualization` imports only `analysis`, and only
-`main` imports `experiment`."""
+`main` imports `experiment`. And the size rule of the redesign: no class over 250 lines, no
+function over 80 lines in the project's modules."""
 
 import ast
 from pathlib import Path
@@ -60,3 +61,31 @@ def test_layering():
     assert GRAPH["utils"] == set()
     assert GRAPH["visualization"] == {"analysis"}
     assert {m for m, deps in GRAPH.items() if "experiment" in deps} == {"main"}
+
+
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 80
+
+
+def oversized(source: str, name: str) -> list[str]:
+    """'name:Unit (lines)' for each class over MAX_CLASS_LINES and function over
+    MAX_FUNCTION_LINES (decorators and docstrings count)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        limit = (MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else
+                 MAX_FUNCTION_LINES if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None)
+        if limit is not None:
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                out.append(f"{name}:{node.name} ({lines} lines)")
+    return out
+
+
+def test_size_rule_sees_a_long_function():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert oversized(f"def f():\n{body}\n", "m") == [f"m:f ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert oversized("def g():\n    return 1\n", "m") == []
+
+
+def test_no_oversized_class_or_function():
+    found = [u for m in MODULES for u in oversized((ROOT / f"{m}.py").read_text(encoding="utf-8"), m)]
+    assert found == [], found
