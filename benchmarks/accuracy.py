@@ -1,7 +1,8 @@
 """Accuracy study: where MELoRA's exact second order pays (issue 18), end to end, resumable.
 
     python benchmarks/accuracy.py --preset gpu            # the full protocol (CUDA machine)
-    python benchmarks/accuracy.py --preset cpu --threads 2  # ~2-3 h on 2 idle CPU cores (estimate)
+    python benchmarks/accuracy.py --preset cpu --threads 1  # ~2 h on 2 CPU cores (with --stage regime
+                                                            # and --seeds 2 beside it; README)
     python benchmarks/accuracy.py --preset smoke          # tiny random model, synthetic data, < 1 min
     python benchmarks/accuracy.py --preset cpu --plan     # print the cells and the budget, run nothing
 
@@ -33,13 +34,11 @@ Protocol (every preset; the numbers per preset are in `PRESETS`):
    from `analysis.compare_methods`; the **regime map**: the paired meta-val difference
    full - none and full - proto_lora over inner lr x K x shots (learned rates off), per head.
 
-CPU budget (estimated, not run end to end): MiniLM-L6 on CLINC150 5-way 1-shot, 4 queries,
-meta-batch 4, measured on 2 cores under a load average of 5 (other jobs): 37 s per
-meta-iteration with K = 3 and `full`, 19 s with K = 1 and `none`, 1.7-5.7 s per meta-val
-episode; 5-way 5-shot cost 3.3x that with `full`. On idle cores about a third of that, so
-the cpu preset (about 600 meta-iterations and 2,000 adapted episodes in all) fits in about 2-3
-hours there; that is why it keeps one shape and ten meta-iterations per sweep cell, which
-tests the pipeline on real data more than it settles the question.
+CPU budget (measured 2026-11-30 on 2 shared cores, one thread per process): the cpu preset
+took about 2 hours wall clock (sweep 45 min; the 5-way 5-shot regime cells 29 min in a second
+process, `--stage regime`; meta-test 76 min for 3 seeds with seed 2 in a second process,
+`--seeds 2`). MiniLM-L6, 5-way 1-shot, meta-batch 4: 3 s per meta-iteration with K = 1, 7-10 s
+with K = 3 and `full`; 5-way 5-shot 11-14 s (K = 1) and 28-30 s (K = 3, `full`).
 
 Resumable: every finished cell (one sweep configuration x shape x seed; one meta-test
 shape x seed) is saved atomically under `--work-dir` and never recomputed; a rerun of the
@@ -773,11 +772,11 @@ def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
     atomic_write_text(output.with_suffix(".md"), table)
     figures = [plot_regime_map(rmap, head, output.with_name(f"{output.stem}_regime_map_{head}.png"))
                for head in preset.grid["head"]]
-    result["figures"] = [str(f) for f in figures if f is not None]
+    result["figures"] = [f.name for f in figures if f is not None]  # beside the JSON
     atomic_write_json(output, result)
     print(table)
     print(f"wrote {output}, {output.with_suffix('.md')}" +
-          "".join(f", {f}" for f in result["figures"]))
+          "".join(f", {output.with_name(f)}" for f in result["figures"]))
     return result
 
 
