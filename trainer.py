@@ -164,11 +164,8 @@ class MetaGradient:
     def start(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
         """phi_0 of a task: theta, with the head from support prototypes when `head_init` is proto."""
-        phi = [t.detach() for t in theta.values()]
-        if self.head_init == "proto":
-            task = _Task(self.model, list(theta), support, support, self.micro_batch, seed=0)
-            phi = task.with_proto_head(phi)[0]
-        return dict(zip(theta, phi))
+        task = _Task(self.model, list(theta), support, support, self.micro_batch, seed=0)
+        return dict(zip(theta, self._phi_0(task, theta)))
 
     def adapt(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor],
               seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -176,11 +173,19 @@ class MetaGradient:
         meta-gradient's forward sweep with the same `seed` (same kernels, dropout masks)."""
         seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
         task = _Task(self.model, list(theta), support, support, self.micro_batch, seed)
-        phi_0 = [t.detach() for t in theta.values()]
-        if self.head_init == "proto":
-            phi_0 = task.with_proto_head(phi_0)[0]
-        phis = self._forward_sweep(task, phi_0, _step_rates(self.inner_lr, self.inner_steps))[0]
+        phis = self._forward_sweep(task, self._phi_0(task, theta),
+                                   _step_rates(self.inner_lr, self.inner_steps))[0]
         return dict(zip(theta, phis[-1]))
+
+    def _phi_0(self, task: "_Task", theta: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """theta detached, its head from the task's support prototypes with head_init proto."""
+        phi = [t.detach() for t in theta.values()]
+        return task.with_proto_head(phi)[0] if self.head_init == "proto" else phi
+
+    @property
+    def _fisher(self) -> bool:
+        """`diagonal` built from micro-batch gradients (the forward sweep collects them)."""
+        return self.method == "diagonal" and self.hessian.diagonal_estimator == "fisher"
 
     def __call__(self, theta: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor],
                  query: Mapping[str, torch.Tensor], *, metrics: dict | None = None,
@@ -230,8 +235,7 @@ class MetaGradient:
         """
         # Without curvature products or checkpointed blocks nothing recomputes a support
         # pass, so the support passes may use the fused attention kernel (query passes do).
-        fisher_method = self.method == "diagonal" and self.hessian.diagonal_estimator == "fisher"
-        task.fused_support = (self.method == "none" or fisher_method) and not M.is_checkpointed(task.model)
+        task.fused_support = (self.method == "none" or self._fisher) and not M.is_checkpointed(task.model)
         first_kept = self.inner_steps if first_kept is None else first_kept
         learn_lr = torch.is_tensor(self.inner_lr)
         phis, grads_s, diags, support_loss = [phi_0], [], [], None
@@ -258,12 +262,11 @@ class MetaGradient:
             phi_0, prototypes = task.with_proto_head(phi_0)
         lrs = _step_rates(inner_lr, inner_steps)
         learn_lr = torch.is_tensor(inner_lr)
-        fisher = method == "diagonal" and hessian.diagonal_estimator == "fisher"
 
         # 1. Forward sweep: keep phi_k only (and, with keep_graphs, the last steps'
         #    gradient graphs for their Hessian products).
         first_kept = inner_steps - hessian.graphs_kept(method, inner_steps)
-        phis, grads_s, diags, kept, support_loss = self._forward_sweep(task, phi_0, lrs, fisher,
+        phis, grads_s, diags, kept, support_loss = self._forward_sweep(task, phi_0, lrs, self._fisher,
                                                                        first_kept)
         if support_loss is not None and metrics is not None:
             metrics["support_loss"] = support_loss
@@ -530,9 +533,9 @@ def _gnvp(task, phi, v, step):
 
 def _kfac(task, phi, v, step):
     """Per-module K-FAC blocks (A (x) G) applied to v, cross-module terms dropped."""
-    recorder = _KFACRecorder(task.model, task.names, v, task.n_support)
+    recorder = _KFACRecorder(task.names, v, task.n_support)
     leaves = task.leaves(phi)
-    with recorder:
+    with M.tapped(task.model, recorder.lora_tap, recorder.head_tap):
         for i, chunk in enumerate(task.support):
             recorder.new_chunk(chunk["attention_mask"])
             loss, _ = task.loss(leaves, chunk, task.n_support, step, i)
@@ -616,27 +619,18 @@ class _KFACRecorder:
     For the head: a = [pooled features, 1], out = logits.
     """
 
-    def __init__(self, model, names, v, n_examples):
-        self.model, self.n = model, n_examples
+    def __init__(self, names, v, n_examples):
+        self.n = n_examples
         self.v = dict(zip(names, v))
         self.names = names
         self.stats: dict[str, list] = {}
         self.seen: set[int] = set()
         self.mask = None
-        self._taps = None
-
-    def __enter__(self):
-        self._taps = M.tapped(self.model, self._lora_tap, self._head_tap)
-        self._taps.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._taps.__exit__(*exc)
 
     def new_chunk(self, attention_mask):
         self.seen, self.mask = set(), attention_mask.bool()
 
-    def _lora_tap(self, prefix):
+    def lora_tap(self, prefix):
         def tap(layer, x_d, h, out):
             if id(layer) in self.seen:  # a checkpointed block recomputing its forward
                 return
@@ -646,7 +640,7 @@ class _KFACRecorder:
             out.register_hook(lambda g: self._accumulate(prefix + "lora_B", a_h, self._tokens(g)))
         return tap
 
-    def _head_tap(self, features, logits):
+    def head_tap(self, features, logits):
         features = features.detach()  # (B, hidden)
         a = torch.cat([features, torch.ones_like(features[:, :1])], 1)  # bias as a constant input
         logits.register_hook(lambda g: self._accumulate("head", a, g))

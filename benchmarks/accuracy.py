@@ -525,6 +525,7 @@ def summarize_shape(preset: Preset, shape, cells: list[dict], best: dict, confid
                     resamples: int) -> dict:
     """Per method mean/sd over seeds, pooled CI, timing and memory; MELoRA vs every row."""
     import analysis
+    from evaluation import ACCURACY_BOUNDS
     first = cells[0]["results"]["methods"]
     names = list(first)
     methods, pooled = {}, {}
@@ -533,7 +534,7 @@ def summarize_shape(preset: Preset, shape, cells: list[dict], best: dict, confid
         seed_acc = [float(e["accuracy_mean"]) for e in entries]
         per_episode = mean_over([e["per_episode_accuracy"] for e in entries])
         pooled[name] = {"per_episode_accuracy": per_episode}
-        mean, lo, hi = analysis.mean_ci(per_episode, confidence, (0.0, 1.0))
+        mean, lo, hi = analysis.mean_ci(per_episode, confidence, ACCURACY_BOUNDS)
         if name == "melora":
             config = {**best, "meta_train_iterations": preset.test_iterations}
             seconds = float(np.mean([c["training"]["seconds_per_iteration"] for c in cells]))
