@@ -317,8 +317,7 @@ def train_melora(cfg, iterations: int, desc: str):
 def val_episodes(cfg, tokenizer, num: int) -> list:
     """Meta-val episodes 0..num-1 (fixed: the same for every configuration of a shape)."""
     from dataset_loader import DatasetLoader
-    loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
-                           cfg.datasets.cache_dir, cfg.training.seed, splits=("meta_val",))
+    loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_val",))
     return [loader.episode("meta_val", i) for i in range(num)]
 
 
@@ -375,8 +374,7 @@ def proto_lora_cell(preset: Preset, shape, head: str, seed: int, work: Path, wit
                        "meta_learning.head": head, "meta_learning.head_init": "proto",
                        "meta_learning.inner.default_num_steps": steps}, extra)
     method, tokenizer = B.build_baseline("proto_lora", cfg, resolve_device(cfg.training.device))
-    loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
-                           cfg.datasets.cache_dir, seed, splits=("meta_train",))
+    loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",))  # training.seed = seed
     start = time.perf_counter()
     method.meta_train(loader, preset.sweep_iterations, preset.meta_batch)
     seconds = (time.perf_counter() - start) / max(1, preset.sweep_iterations)
