@@ -24,12 +24,14 @@ example `seq_len` tokens), all in the same run:
    peer's second order (exact methods) or first order (the others): of the medians,
    and the range of the per-round (paired) ratios; extra peak memory of each in a
    child process of its own (peak minus after one warm-up meta-iteration).
-   `--peer --prefix-cache`: MELoRA with LoRA on the top 2 of the 6 blocks, with and
-   without the frozen-prefix cache (`model.enable_prefix_cache`; target >= 2x faster).
+   `--peer --prefix-cache`: MELoRA with LoRA on the top `--top-blocks` (2) of the 6 blocks,
+   with and without the frozen-prefix cache (`model.enable_prefix_cache`; target >= 2x
+   faster), and the bound on any such cache: the uncached runs time their frozen blocks.
 
 Timings are interleaved (every candidate once per round, `--repeats` rounds, after one
-untimed warm-up round) and reported as medians, so load on a shared machine hits all of
-them alike; compare ratios, not absolute seconds. Prints markdown tables and writes
+untimed warm-up round; with --peer every other round runs in reverse order) and reported
+as medians, so load on a shared machine hits all of them alike; compare ratios, not
+absolute seconds. Prints markdown tables and writes
 benchmarks/results/speed.json.
 
     python benchmarks/speed.py                                  # CPU defaults
@@ -266,8 +268,10 @@ def parse_args(argv=None):
     parser.add_argument("--peer", action="store_true",
                         help="MELoRA against PEFT LoRA + torch.func MAML on --peer-model (part 4)")
     parser.add_argument("--prefix-cache", action="store_true",
-                        help="with --peer: LoRA on the top 2 of MiniLM's 6 blocks with and without "
+                        help="with --peer: LoRA on the top --top-blocks blocks with and without "
                              "the frozen-prefix cache, instead of the peer comparison")
+    parser.add_argument("--top-blocks", type=int, default=2,
+                        help="--prefix-cache: how many of the top blocks get LoRA (default 2 of 6)")
     parser.add_argument("--peer-model", default="minilm-l6",
                         help="--peer: minilm-l6 or a local Hugging Face BERT-family directory")
     parser.add_argument("--peer-tasks", type=int, default=2, help="--peer: tasks per meta-iteration")
@@ -283,6 +287,8 @@ def parse_args(argv=None):
                                    "speed_peer.json" if args.peer else "speed.json")
     if args.prefix_cache and not args.peer:
         parser.error("--prefix-cache is a variant of --peer: pass both")
+    if args.top_blocks < 1:
+        parser.error(f"--top-blocks must be at least 1, got {args.top_blocks}")
     return args
 
 
@@ -298,12 +304,12 @@ def main(argv=None) -> dict:
 # ------------------------------------------------------------------------------------
 
 PEER_SECOND, PEER_FIRST = "peer: PEFT LoRA + unrolled 2nd order", "peer: PEFT LoRA first order"
-PEER_CANDIDATES = {  # name -> (kind, fields); "reference": what its time is divided by
+PEER_CANDIDATES = {  # name -> (kind, fields); a reference sits next to what it is divided by
     PEER_SECOND: ("peer", {"first_order": False}),
-    PEER_FIRST: ("peer", {"first_order": True}),
-    "MELoRA full, no graph kept": ("melora", {"method": "full", "keep_graphs": 0}),
     "MELoRA full, every graph kept": ("melora", {"method": "full", "keep_graphs": 99}),
+    "MELoRA full, no graph kept": ("melora", {"method": "full", "keep_graphs": 0}),
     "MELoRA full, checkpointing": ("melora", {"method": "full", "checkpointing": True}),
+    PEER_FIRST: ("peer", {"first_order": True}),
     "MELoRA none": ("melora", {"method": "none"}),
     "MELoRA diagonal, micro-batch 4": ("melora", {"method": "diagonal", "micro_batch": 4}),
 }
@@ -314,39 +320,54 @@ PEER_TARGETS = {  # name -> (reference, time target, memory target)
     "MELoRA diagonal, micro-batch 4": (PEER_FIRST, None, None),
     "MELoRA full, checkpointing": (PEER_SECOND, None, None),
 }
-TOP2 = [4, 5]  # --prefix-cache: LoRA on the top 2 of MiniLM's 6 blocks
+# --prefix-cache: LoRA on the top `--top-blocks` blocks only, with and without the cache
+FULL_PLAIN, NONE_PLAIN = "MELoRA full, top blocks, no cache", "MELoRA none, top blocks, no cache"
 CACHE_CANDIDATES = {
-    "MELoRA full, LoRA top 2, no cache": ("melora", {"method": "full", "layers": TOP2}),
-    "MELoRA full, LoRA top 2, prefix cache": ("melora", {"method": "full", "layers": TOP2, "cache": True}),
-    "MELoRA none, LoRA top 2, no cache": ("melora", {"method": "none", "layers": TOP2}),
-    "MELoRA none, LoRA top 2, prefix cache": ("melora", {"method": "none", "layers": TOP2, "cache": True}),
+    FULL_PLAIN: ("melora", {"method": "full", "top": True}),
+    "MELoRA full, top blocks, prefix cache": ("melora", {"method": "full", "top": True, "cache": True}),
+    "MELoRA full, top blocks, prefix cache, every graph kept":
+        ("melora", {"method": "full", "top": True, "cache": True, "keep_graphs": 99}),
+    NONE_PLAIN: ("melora", {"method": "none", "top": True}),
+    "MELoRA none, top blocks, prefix cache": ("melora", {"method": "none", "top": True, "cache": True}),
 }
 CACHE_TARGETS = {  # the cache against the same configuration without it: >= 2x faster
-    "MELoRA full, LoRA top 2, prefix cache": ("MELoRA full, LoRA top 2, no cache", 0.5, None),
-    "MELoRA none, LoRA top 2, prefix cache": ("MELoRA none, LoRA top 2, no cache", 0.5, None),
+    "MELoRA full, top blocks, prefix cache": (FULL_PLAIN, 0.5, None),
+    "MELoRA full, top blocks, prefix cache, every graph kept": (FULL_PLAIN, None, None),
+    "MELoRA none, top blocks, prefix cache": (NONE_PLAIN, 0.5, None),
 }
 PEER_LORA = {"rank": 8, "alpha": 16.0, "peft_targets": ["query", "value"],
              "melora_targets": ["attention.self.query", "attention.self.value"]}
 
 
 def peer_candidate(job: dict):
-    """(closure of one meta-iteration over `job['tasks']` tasks, the model) for one candidate."""
+    """One candidate: (closure of one meta-iteration over `job['tasks']` tasks, the model,
+    a probe). Without the prefix cache but with top-block LoRA, the probe's "seconds"
+    adds up the time spent in the frozen blocks below the lowest LoRA block (what the
+    cache can save); otherwise it stays None."""
     import peer as P
     from trainer import HessianOptions, compute_meta_gradient
     device = torch.device(job["device"])
     name, lr, k = job["model"], job["inner_lr"], job["inner_steps"]
     kind, fields = {**PEER_CANDIDATES, **CACHE_CANDIDATES}[job["candidate"]]
     path = str(M.minilm_path()) if name == "minilm-l6" else name
+    probe = {"seconds": None}
     if kind == "peer":
         net, theta = P.build_peer(path, job["n_way"], PEER_LORA["rank"], PEER_LORA["alpha"],
                                   PEER_LORA["peft_targets"], device=device)
     else:
         net, _ = M.load_model(name, job["n_way"], pooling="mean", dropout=0.0)
+        blocks = M._block_lists(net.backbone)[0]
+        layers = list(range(len(blocks) - job["top_blocks"], len(blocks))) if fields.get("top") else None
+        if layers and layers[0] <= 0:
+            raise ValueError(f"--top-blocks {job['top_blocks']} leaves no frozen block below the LoRA "
+                             f"in this {len(blocks)}-block model: pass fewer")
         M.inject_lora(net, PEER_LORA["rank"], PEER_LORA["alpha"], 0.0, PEER_LORA["melora_targets"],
-                      layers=fields.get("layers"))
+                      layers=layers)
         net = net.to(device)
         if fields.get("cache"):
             M.enable_prefix_cache(net)
+        elif layers:
+            _time_frozen_blocks(blocks[:layers[0]], probe, device, job.get("clock", "wall"))
         theta = M.lora_parameters(net)
         if fields.get("checkpointing"):
             M.enable_checkpointing(net, lora_only=True)
@@ -364,7 +385,27 @@ def peer_candidate(job: dict):
                 compute_meta_gradient(net, theta, e.support, e.query, lr, k, fields["method"],
                                       fields.get("micro_batch", 0), hessian=hessian, seed=t,
                                       metrics={}, acc_before=False, head_init="zero")
-    return run, net
+    return run, net, probe
+
+
+def _time_frozen_blocks(frozen, probe: dict, device: torch.device, clock: str) -> None:
+    """Add the seconds from entering frozen[0] to leaving frozen[-1] to probe["seconds"]."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    started = []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def enter(*_):
+        sync()
+        started.append(now())
+
+    def leave(*_):
+        sync()
+        probe["seconds"] = (probe["seconds"] or 0.0) + now() - started.pop()
+    frozen[0].register_forward_pre_hook(enter)
+    frozen[-1].register_forward_hook(leave)
 
 
 def _peer_episode(net, job: dict, index: int):
@@ -379,7 +420,7 @@ def measure_peer(job: dict) -> dict:
     """Extra peak memory of one meta-iteration after a warm-up one (a child process)."""
     C._fix_mmap_threshold()
     C.set_threads(job["threads"])
-    run, _ = peer_candidate(job)
+    run, _, _ = peer_candidate(job)
     run()  # warm-up: lazy library state and first-call allocations are not the method's
     window = C.MemoryWindow(torch.device(job["device"]))
     with window:
@@ -392,33 +433,44 @@ def run_peer(args) -> dict:
     job = {"model": args.peer_model, "device": str(device), "n_way": args.n_way,
            "k_shot": args.k_shot, "q_query": args.q_query, "seq_len": args.seq_len,
            "inner_steps": args.inner_steps, "inner_lr": C.inner_lr(), "tasks": args.peer_tasks,
-           "seed": args.seed, "threads": args.threads}
+           "seed": args.seed, "threads": args.threads, "clock": args.clock,
+           "top_blocks": args.top_blocks}
     load_before = C.load_average()
     candidates = CACHE_CANDIDATES if args.prefix_cache else PEER_CANDIDATES
-    fns = {name: peer_candidate({**job, "candidate": name})[0] for name in candidates}
+    built = {name: peer_candidate({**job, "candidate": name}) for name in candidates}
     clock = time.process_time if args.clock == "cpu" else None
-    for fn in fns.values():
+    for fn, _, _ in built.values():
         fn()  # warm-up round
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in built}
+    frozen: dict[str, list[float]] = {name: [] for name, (_, _, probe) in built.items()
+                                      if probe["seconds"] is not None}
+    order = list(built)
     for r in range(args.repeats):
-        for name, fn in fns.items():
+        # every other round runs backwards, so a drift in the machine's speed hits
+        # each candidate and its reference (its neighbour) alike
+        for name in order if r % 2 == 0 else order[::-1]:
+            fn, _, probe = built[name]
+            probe["seconds"] = 0.0 if name in frozen else None
             if clock is None:
                 times[name].append(C.timed(fn, device))
             else:
                 start = clock()
                 fn()
                 times[name].append(clock() - start)
+            if name in frozen:
+                frozen[name].append(probe["seconds"])
         print(f"  round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
-    del fns
+    del built
     memory = {}
     if not args.no_memory:
         for name in candidates:
             memory[name] = C.run_in_child(measure_peer, {**job, "candidate": name})
             print(f"  memory {name}: {C.fmt(memory[name].get('extra_mb'))} MiB", file=sys.stderr, flush=True)
-    return summarize_peer(args, job, times, memory, {"before": load_before, "after": C.load_average()}, device)
+    return summarize_peer(args, job, times, frozen, memory,
+                          {"before": load_before, "after": C.load_average()}, device)
 
 
-def summarize_peer(args, job, times, memory, load, device) -> dict:
+def summarize_peer(args, job, times, frozen, memory, load, device) -> dict:
     med = {name: C.median(ts) for name, ts in times.items()}
     rows = {}
     candidates, targets = ((CACHE_CANDIDATES, CACHE_TARGETS) if args.prefix_cache
@@ -427,6 +479,9 @@ def summarize_peer(args, job, times, memory, load, device) -> dict:
         ref, t_target, m_target = targets.get(name, (None, None, None))
         row = {"seconds_per_iteration": med[name], "seconds_all": times[name],
                "extra_mb": memory.get(name, {}).get("extra_mb"), "reference": ref}
+        if name in frozen:  # the share of its time in the frozen blocks the cache skips
+            row["frozen_seconds_all"] = frozen[name]
+            row["frozen_share"] = C.median([f / t for f, t in zip(frozen[name], times[name])])
         if ref is not None:
             rounds = [a / b for a, b in zip(times[name], times[ref])]
             ref_mb = memory.get(ref, {}).get("extra_mb")
@@ -434,6 +489,8 @@ def summarize_peer(args, job, times, memory, load, device) -> dict:
             row.update({"time_ratio": med[name] / med[ref], "time_ratio_rounds": rounds,
                         "memory_ratio": mem_ratio, "time_target": t_target,
                         "memory_target": m_target})
+            if ref in frozen:  # Amdahl: skipping the frozen blocks at no cost at all
+                row["speedup_bound"] = 1 / (1 - rows[ref]["frozen_share"])
             checks = [row["time_ratio"] <= t_target] if t_target else []
             if m_target is not None:
                 checks.append(mem_ratio is not None and mem_ratio <= m_target)
@@ -445,8 +502,8 @@ def summarize_peer(args, job, times, memory, load, device) -> dict:
 
 
 def peer_tables(r: dict) -> str:
-    j, load = r["job"], r["load_average"]
-    title = ("Speed: the frozen-prefix cache (LoRA on the top 2 blocks)" if r.get("prefix_cache")
+    j, load, cache = r["job"], r["load_average"], r.get("prefix_cache")
+    title = (f"Speed: the frozen-prefix cache (LoRA on the top {j['top_blocks']} blocks)" if cache
              else "Speed: MELoRA against the peer (PEFT LoRA + torch.func MAML)")
     lines = [C.header(title, r["hardware"]), "",
              f"Model {j['model']}, LoRA on query and value, r={r['lora']['rank']}, alpha "
@@ -454,16 +511,24 @@ def peer_tables(r: dict) -> str:
              f"{j['k_shot']}-shot, {j['q_query']} queries per class, {j['seq_len']} tokens (random "
              f"ids); K = {j['inner_steps']}, {j['tasks']} task(s) per meta-iteration, one after "
              f"another; {j['threads']} thread(s). Medians of {r['repeats']} interleaved rounds "
-             f"({r['clock']} clock); ratios: of the medians (in brackets, the range of the "
-             "per-round paired ratios). Extra peak: each in a child process, peak minus after "
-             "a warm-up meta-iteration"
-             + (f"; load average {load['before'][0]} before, {load['after'][0]} after." if load["before"] else "."),
-             "", "| Configuration | s / meta-iteration | Time ratio (rounds) | Extra peak MiB | "
-             "Memory ratio | Target | Met |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+             f"({r['clock']} clock; every other round in reverse order); ratios: of the medians "
+             "(in brackets, the range of the per-round paired ratios). Extra peak: each in a "
+             "child process, peak minus after a warm-up meta-iteration"
+             + (f"; load average {load['before'][0]} before, {load['after'][0]} after." if load["before"] else ".")]
+    if cache:
+        lines += ["", "Bound: the speed-up if the frozen blocks cost nothing at all, 1 / (1 - their "
+                  "share of the uncached time), measured by timing those blocks inside the "
+                  "uncached runs (Amdahl's law: no cache of the frozen blocks can beat it)."]
+    extra = " Speed-up (bound) |" if cache else ""
+    lines += ["", "| Configuration | s / meta-iteration | Time ratio (rounds) | Extra peak MiB | "
+              "Memory ratio | Target | Met |" + extra,
+              "| --- | ---: | ---: | ---: | ---: | --- | --- |" + (" ---: |" if cache else "")]
     for name, row in r["candidates"].items():
         if row["reference"] is None:
+            share = (f" frozen blocks: {100 * row['frozen_share']:.0f}% of its time |"
+                     if "frozen_share" in row else " |" if cache else "")
             lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | 1.00x | "
-                         f"{C.fmt(row['extra_mb'])} | 1.00x | | |")
+                         f"{C.fmt(row['extra_mb'])} | 1.00x | | |" + share)
             continue
         rounds = row["time_ratio_rounds"]
         ref = {PEER_SECOND: "peer 2nd", PEER_FIRST: "peer 1st"}.get(row["reference"], "no cache")
@@ -471,9 +536,11 @@ def peer_tables(r: dict) -> str:
             f"time <= {row['time_target']}x" if row["time_target"] else "",
             f"memory <= {row['memory_target']}x" if row["memory_target"] is not None else "") if x)
         met = {None: "-", True: "met", False: "**not met**"}[row["met"]]
+        bound = (f" {1 / row['time_ratio']:.2f}x ({C.fmt(row.get('speedup_bound'), 2)}x) |"
+                 if cache else "")
         lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | {row['time_ratio']:.2f}x of "
                      f"{ref} ({min(rounds):.2f}-{max(rounds):.2f}) | {C.fmt(row['extra_mb'])} | "
-                     f"{C.fmt(row['memory_ratio'], 2)}x | {target or '-'} | {met} |")
+                     f"{C.fmt(row['memory_ratio'], 2)}x | {target or '-'} | {met} |" + bound)
     return "\n".join(lines)
 
 

@@ -169,6 +169,29 @@ def test_speed_peer_writes_json_and_table(tiny_bert_dir, tmp_path, capsys):
     assert "| MELoRA full, every graph kept |" in printed and "of peer 2nd" in printed
 
 
+def test_speed_prefix_cache_times_the_frozen_blocks(tiny_bert_dir, tmp_path, capsys):
+    """--prefix-cache: the uncached runs time their frozen blocks, which bounds the cache."""
+    out = tmp_path / "speed_prefix_cache.json"
+    result = speed.main(["--peer", "--prefix-cache", "--top-blocks", "1", "--peer-model", str(tiny_bert_dir),
+                         "--device", "cpu", "--n-way", "2", "--k-shot", "1", "--q-query", "1",
+                         "--seq-len", "8", "--inner-steps", "2", "--repeats", "2", "--peer-tasks", "1",
+                         "--no-memory", "--output", str(out)] + _threads())
+    rows = json.loads(out.read_text())["candidates"]
+    assert set(rows) == set(speed.CACHE_CANDIDATES) == set(result["candidates"])
+    for plain in (speed.FULL_PLAIN, speed.NONE_PLAIN):
+        # the frozen block ran inside every timed uncached run and took part of its time
+        assert all(0 < f < t for f, t in zip(rows[plain]["frozen_seconds_all"], rows[plain]["seconds_all"]))
+    for name, row in rows.items():
+        if row["reference"] is not None:
+            share = rows[row["reference"]]["frozen_share"]
+            assert row["speedup_bound"] == pytest.approx(1 / (1 - share)), name
+            assert "frozen_share" not in row  # the cache skips the frozen block: nothing to time
+    assert "Speed-up (bound)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="leaves no frozen block"):
+        speed.main(["--peer", "--prefix-cache", "--top-blocks", "2", "--peer-model", str(tiny_bert_dir),
+                    "--device", "cpu", "--repeats", "1", "--no-memory", "--output", str(out)] + _threads())
+
+
 # ------------------------------------------------------------------------------------
 # benchmarks/accuracy.py: the accuracy study, smoke preset end to end
 # ------------------------------------------------------------------------------------
