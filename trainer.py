@@ -242,13 +242,14 @@ class MetaGradient:
         kept: list = [None] * self.inner_steps
         for k in range(self.inner_steps):
             if k >= first_kept:
-                g, loss, kept[k] = task.support_grad_with_graph(phis[k], k)
+                g, loss, stepped, kept[k] = task.step_with_graph(phis[k], k, lrs[k])
                 diag = None
             else:
                 g, loss, diag = task.support_grad(phis[k], k, fisher=fisher)
+                stepped = [p - lrs[k] * gi for p, gi in zip(phis[k], g)]
             if k == 0:
                 support_loss = loss / task.tasks
-            phis.append([p - lrs[k] * gi for p, gi in zip(phis[k], g)])
+            phis.append(stepped)
             grads_s.append(g if learn_lr else None)
             diags.append(diag)
         return phis, grads_s, diags, kept, support_loss
@@ -280,8 +281,7 @@ class MetaGradient:
             if learn_lr:
                 lr_grad[k] = -sum((gi * vi).sum() for gi, vi in zip(grads_s[k], v))  # dL/da_k
             if kept[k] is not None:  # its graph kept from the forward sweep (then freed)
-                hv, kept[k] = task.kept_hvp(kept[k], v), None
-                v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
+                v, kept[k] = task.kept_step_vjp(kept[k], v), None
             elif method != "none":
                 hv = CURVATURE_PRODUCTS[method](task, phis[k], v, k, diags[k], hessian)
                 v = [vi - lrs[k] * hvi for vi, hvi in zip(v, hv)]
@@ -401,8 +401,14 @@ class _Task:
                 diag = share if diag is None else [a + b for a, b in zip(diag, share)]
         return grad, total, diag
 
-    def support_grad_with_graph(self, phi, step):
-        """support_grad's (gradient, loss), and (leaves, gradient graph) for `kept_hvp`."""
+    def step_with_graph(self, phi, step, lr):
+        """One inner step that keeps its graph: (gradient, loss, phi_next), all detached,
+        and kept = (leaves, phi_next with its graph) for `kept_step_vjp`.
+
+        The step phi - lr g, not the gradient g, is what is kept: the tensor held per step
+        is then the next step's fast weights (whose storage the sweep keeps anyway), as in
+        unrolled autograd, instead of another adapter-sized gradient.
+        """
         leaves, grads, total = self.leaves(phi), [], 0.0
         with M.second_order_attention():
             for i, chunk in enumerate(self.support):
@@ -411,14 +417,16 @@ class _Task:
                 total += loss.item()
         # one chunk: its gradient as is (a sum from 0 would hold another adapter-sized copy)
         grad = list(grads[0]) if len(grads) == 1 else [sum(parts) for parts in zip(*grads)]
-        return [g.detach() for g in grad], total, (leaves, grad)
+        stepped = [p - lr * g for p, g in zip(leaves, grad)]
+        return [g.detach() for g in grad], total, [p.detach() for p in stepped], (leaves, stepped)
 
     @staticmethod
-    def kept_hvp(kept, v):
-        """H v from a kept gradient graph (one double backward; the graph is freed)."""
-        leaves, grad = kept
+    def kept_step_vjp(kept, v):
+        """v (I - lr H) = v - lr H v through a kept step (one double backward; the graph is
+        freed). H is symmetric, so this is the backward sweep's update of the adjoint."""
+        leaves, stepped = kept
         with M.second_order_attention():
-            return list(torch.autograd.grad(grad, leaves, v))
+            return list(torch.autograd.grad(stepped, leaves, v))
 
     def query_grad(self, phi):
         """(L_Q(phi), grad L_Q(phi), accuracy at phi)."""

@@ -43,7 +43,8 @@ with K = 3 and `full`; 5-way 5-shot 11-14 s (K = 1) and 28-30 s (K = 3, `full`).
 Resumable: every finished cell (one sweep configuration x shape x seed; one meta-test
 shape x seed) is saved atomically under `--work-dir` and never recomputed; a rerun of the
 same command continues where it stopped. A cell file records its full spec and is reused
-only when the spec matches. Statistics and figures are recomputed from the cells.
+only when the spec matches (the preset, the cell's keys, `--set`s and a hash of
+config.yml's values: editing a default there recomputes the cells). Statistics and figures are recomputed from the cells.
 
 accuracy.json: {"seeds", "preset", "methods": {name: {"accuracy_mean", "accuracy_sd",
 "ci95", "config", ...}}, "comparisons": {name: {"diff", "p_holm", ...}}, "regime_map": [...]}
@@ -268,9 +269,19 @@ def _preset_spec(preset: Preset, *fields: str) -> dict:
 
 def _cell_spec(kind: str, preset_fields: dict, shape, seed: int, within_group: bool,
                extra: Sequence[str], **what) -> dict:
-    """Everything a cell's result depends on (its file is reused only when this matches)."""
+    """Everything a cell's result depends on (its file is reused only when this matches):
+    the preset's fields and the cell's own keys, and config.yml's defaults underneath them
+    (any key the preset leaves to config.yml, such as the outer lr or the tuning ranges)."""
     return {"kind": kind, "preset": preset_fields, "shape": list(shape), **what, "seed": seed,
-            "within_group": within_group, "extra": list(extra)}
+            "within_group": within_group, "extra": list(extra), "config_defaults": config_defaults_hash()}
+
+
+def config_defaults_hash() -> str:
+    """A hash of config.yml's values (its comments and layout may change freely)."""
+    import yaml
+
+    from utils import DEFAULT_CONFIG
+    return _spec_hash(yaml.safe_load(DEFAULT_CONFIG.read_text()))
 
 
 def _spec_hash(spec: dict) -> str:

@@ -269,6 +269,12 @@ def test_accuracy_study_resumes_without_recomputing(smoke_study, monkeypatch, ca
     c = accuracy.grid_configs(changed)[0]
     with pytest.raises(AssertionError, match="recomputed"):
         accuracy.sweep_cell(changed, (3, 1), c, 0, root / "work", False, [])
+    # nor when a config.yml default under the preset changed (the outer lr, say)
+    same = accuracy.PRESETS["smoke"]
+    assert accuracy.sweep_cell(same, (3, 1), accuracy.grid_configs(same)[0], 0, root / "work", False, [])
+    monkeypatch.setattr(accuracy, "config_defaults_hash", lambda: "another config.yml")
+    with pytest.raises(AssertionError, match="recomputed"):
+        accuracy.sweep_cell(same, (3, 1), accuracy.grid_configs(same)[0], 0, root / "work", False, [])
 
 
 def test_accuracy_plan_and_bad_input(capsys):
