@@ -611,26 +611,58 @@ def _log_metrics(results: Mapping, cfg: Config, run_dir: Path) -> None:
 # Helpers
 # ------------------------------------------------------------------------------------
 
-def _run_job(job: dict, cfg: Config) -> dict:
-    """`evaluate_method(job)` in a fresh spawned process, or here."""
+class ChildDied(UserError):
+    """The child process evaluating a method ended without a result (killed, or crashed)."""
+
+
+def _run_job(job: dict, cfg: Config, *, target=None) -> dict:
+    """`evaluate_method(job)` (or `target(job)`) in a fresh spawned process, or here.
+
+    Raises:
+        ChildDied: the child ended without a result (e.g. killed by the OS for memory).
+    """
+    target = target or evaluate_method
     child = cfg.evaluation.child_process
     if not child:
-        result = evaluate_method({**job, "in_process": True})
+        result = target({**job, "in_process": True})
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return result
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    workers = []
     try:
         with _stop_on_signal(job["method"]):
-            return pool.submit(evaluate_method, {**job, "in_process": False}).result()
+            future = pool.submit(target, {**job, "in_process": False})
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            return future.result()
+    except BrokenProcessPool as error:
+        raise ChildDied(_death_message(job["method"], workers)) from error
     except BaseException:
         _terminate_workers(pool)  # a signal or an error ended the wait: the child must not outlive us
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _death_message(method: str, workers: list) -> str:
+    deadline = time.monotonic() + 5
+    for process in workers:  # the pool's own thread reaps it: wait for the code it records
+        while process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    code = next((p.exitcode for p in workers if p.exitcode), None)
+    how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+           and -code in signal.Signals._value2member_map_ else
+           f"exit status {code}" if code is not None else "no exit status")
+    return (f"the child process evaluating {method} ended without a result ({how}); results.json "
+            "was not written. A SIGKILL usually means the machine ran out of memory: lower "
+            "evaluation.num_episodes, models.max_length or "
+            "memory_optimization.gradient_accumulation.default_micro_batch, or set "
+            "evaluation.child_process: false to run the evaluation in this process and see its "
+            "own error; then run the command again")
 
 
 @contextlib.contextmanager

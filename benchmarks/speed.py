@@ -26,7 +26,8 @@ example `seq_len` tokens), all in the same run:
    child process of its own (peak minus after one warm-up meta-iteration).
    `--peer --prefix-cache`: MELoRA with LoRA on the top `--top-blocks` (2) of the 6 blocks,
    with and without the frozen-prefix cache (`model.enable_prefix_cache`; target >= 2x
-   faster), and the bound on any such cache: the uncached runs time their frozen blocks.
+   faster), and the speed-up expected of any such cache: the uncached runs time their
+   frozen blocks.
 
 Timings are interleaved (every candidate once per round, `--repeats` rounds, after one
 untimed warm-up round; with --peer every other round runs in reverse order) and reported
@@ -494,8 +495,8 @@ def summarize_peer(args, job, times, frozen, memory, load, device) -> dict:
             row.update({"time_ratio": med[name] / med[ref], "time_ratio_rounds": rounds,
                         "memory_ratio": mem_ratio, "time_target": t_target,
                         "memory_target": m_target})
-            if ref in frozen:  # Amdahl: skipping the frozen blocks at no cost at all
-                row["speedup_bound"] = 1 / (1 - rows[ref]["frozen_share"])
+            if ref in frozen:  # what skipping exactly the time measured in the frozen blocks gives
+                row["speedup_expected"] = 1 / (1 - rows[ref]["frozen_share"])
             checks = [row["time_ratio"] <= t_target] if t_target else []
             if m_target is not None:
                 checks.append(mem_ratio is not None and mem_ratio <= m_target * (1 + MEMORY_RESOLUTION))
@@ -523,10 +524,11 @@ def peer_tables(r: dict) -> str:
              f"within {MEMORY_RESOLUTION:.0%} (the resolution of RSS)"
              + (f"; load average {load['before'][0]} before, {load['after'][0]} after." if load["before"] else ".")]
     if cache:
-        lines += ["", "Bound: the speed-up if the frozen blocks cost nothing at all, 1 / (1 - their "
-                  "share of the uncached time), measured by timing those blocks inside the "
-                  "uncached runs (Amdahl's law: no cache of the frozen blocks can beat it)."]
-    extra = " Speed-up (bound) |" if cache else ""
+        lines += ["", "Expected: the speed-up if the cache saved exactly the time the uncached "
+                  "run spends inside the frozen blocks (timed there), 1 / (1 - that share): "
+                  "what any cache of those blocks can give, give or take what the in-block "
+                  "timing does not see."]
+    extra = " Speed-up (expected) |" if cache else ""
     lines += ["", "| Configuration | s / meta-iteration | Time ratio (rounds) | Extra peak MiB | "
               "Memory ratio | Target | Met |" + extra,
               "| --- | ---: | ---: | ---: | ---: | --- | --- |" + (" ---: |" if cache else "")]
@@ -543,11 +545,11 @@ def peer_tables(r: dict) -> str:
             f"time <= {row['time_target']}x" if row["time_target"] else "",
             f"memory <= {row['memory_target']}x" if row["memory_target"] is not None else "") if x)
         met = {None: "-", True: "met", False: "**not met**"}[row["met"]]
-        bound = (f" {1 / row['time_ratio']:.2f}x ({C.fmt(row.get('speedup_bound'), 2)}x) |"
+        speedup = (f" {1 / row['time_ratio']:.2f}x ({C.fmt(row.get('speedup_expected'), 2)}x) |"
                  if cache else "")
         lines.append(f"| {name} | {row['seconds_per_iteration']:.3f} | {row['time_ratio']:.2f}x of "
                      f"{ref} ({min(rounds):.2f}-{max(rounds):.2f}) | {C.fmt(row['extra_mb'])} | "
-                     f"{C.fmt(row['memory_ratio'], 3)}x | {target or '-'} | {met} |" + bound)
+                     f"{C.fmt(row['memory_ratio'], 3)}x | {target or '-'} | {met} |" + speedup)
     return "\n".join(lines)
 
 

@@ -170,7 +170,7 @@ def test_speed_peer_writes_json_and_table(tiny_bert_dir, tmp_path, capsys):
 
 
 def test_speed_prefix_cache_times_the_frozen_blocks(tiny_bert_dir, tmp_path, capsys):
-    """--prefix-cache: the uncached runs time their frozen blocks, which bounds the cache."""
+    """--prefix-cache: the uncached runs time their frozen blocks: what a cache can save."""
     out = tmp_path / "speed_prefix_cache.json"
     result = speed.main(["--peer", "--prefix-cache", "--top-blocks", "1", "--peer-model", str(tiny_bert_dir),
                          "--device", "cpu", "--n-way", "2", "--k-shot", "1", "--q-query", "1",
@@ -184,9 +184,9 @@ def test_speed_prefix_cache_times_the_frozen_blocks(tiny_bert_dir, tmp_path, cap
     for name, row in rows.items():
         if row["reference"] is not None:
             share = rows[row["reference"]]["frozen_share"]
-            assert row["speedup_bound"] == pytest.approx(1 / (1 - share)), name
+            assert row["speedup_expected"] == pytest.approx(1 / (1 - share)), name
             assert "frozen_share" not in row  # the cache skips the frozen block: nothing to time
-    assert "Speed-up (bound)" in capsys.readouterr().out
+    assert "Speed-up (expected)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="leaves no frozen block"):
         speed.main(["--peer", "--prefix-cache", "--top-blocks", "2", "--peer-model", str(tiny_bert_dir),
                     "--device", "cpu", "--repeats", "1", "--no-memory", "--output", str(out)] + _threads())

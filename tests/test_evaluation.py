@@ -277,3 +277,19 @@ def test_explicit_key_equal_to_the_default_wins_over_the_checkpoint(tmp_path):
         rates[name] = (results["config"]["meta_learning"]["inner"]["default_lr"],
                        results["methods"]["melora"]["inner_lr"])
     assert rates == {"named": (default, default), "unnamed": (0.05, 0.05)}
+
+
+def _killed(job):
+    """Stands in for evaluate_method in a child that the OS kills (as for memory)."""
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_evaluation_child_is_a_clear_error():
+    """A child killed mid-evaluation is a UserError naming the method, the signal and the
+    fix, not a BrokenProcessPool traceback."""
+    cfg = utils.load_config(overrides={"evaluation.child_process": True})
+    with pytest.raises(evaluation.ChildDied, match=r"evaluating fomaml_lora .*killed by SIGKILL.*"
+                                                   r"out of memory.*child_process: false"):
+        evaluation._run_job({"method": "fomaml_lora"}, cfg, target=_killed)
+    assert issubclass(evaluation.ChildDied, utils.UserError)  # main prints it, exits 2
