@@ -637,7 +637,7 @@ def _run_job(job: dict, cfg: Config, *, target=None) -> dict:
     try:
         with _stop_on_signal(job["method"]):
             future = pool.submit(target, {**job, "in_process": False})
-            workers = list((getattr(pool, "_processes", None) or {}).values())
+            workers = _pool_processes(pool)
             return future.result()
     except BrokenProcessPool as error:
         raise ChildDied(_death_message(job["method"], workers)) from error
@@ -654,9 +654,15 @@ def _death_message(method: str, workers: list) -> str:
         while process.exitcode is None and time.monotonic() < deadline:
             time.sleep(0.05)
     code = next((p.exitcode for p in workers if p.exitcode), None)
-    how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-           and -code in signal.Signals._value2member_map_ else
-           f"exit status {code}" if code is not None else "no exit status")
+    if code is None:
+        how = "no exit status"
+    elif code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:  # a signal number this platform does not name
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit status {code}"
     return (f"the child process evaluating {method} ended without a result ({how}); results.json "
             "was not written. A SIGKILL usually means the machine ran out of memory: lower "
             "evaluation.num_episodes, models.max_length or "
@@ -684,9 +690,14 @@ def _stop_on_signal(method: str):
             signal.signal(signum, handler)
 
 
+def _pool_processes(pool) -> list:
+    """The pool's worker processes (ProcessPoolExecutor has no public way before 3.14)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
 def _terminate_workers(pool) -> None:
-    """Stop the pool's worker processes (ProcessPoolExecutor has no public way before 3.14)."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    """Stop the pool's worker processes."""
+    for process in _pool_processes(pool):
         if process.is_alive():
             process.terminate()
             process.join(10)

@@ -44,7 +44,8 @@ Resumable: every finished cell (one sweep configuration x shape x seed; one meta
 shape x seed) is saved atomically under `--work-dir` and never recomputed; a rerun of the
 same command continues where it stopped. A cell file records its full spec and is reused
 only when the spec matches (the preset, the cell's keys, `--set`s and a hash of
-config.yml's values: editing a default there recomputes the cells). Statistics and figures are recomputed from the cells.
+config.yml's values: editing a default there recomputes the cells). Statistics and figures
+are recomputed from the cells.
 
 accuracy.json: {"seeds", "preset", "methods": {name: {"accuracy_mean", "accuracy_sd",
 "ci95", "config", ...}}, "comparisons": {name: {"diff", "p_holm", ...}}, "regime_map": [...]}
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -276,8 +278,10 @@ def _cell_spec(kind: str, preset_fields: dict, shape, seed: int, within_group: b
             "within_group": within_group, "extra": list(extra), "config_defaults": config_defaults_hash()}
 
 
+@functools.lru_cache(maxsize=1)
 def config_defaults_hash() -> str:
-    """A hash of config.yml's values (its comments and layout may change freely)."""
+    """A hash of config.yml's values (its comments and layout may change freely); read
+    once per process, so every cell of a run is judged against the same file."""
     import yaml
 
     from utils import DEFAULT_CONFIG
@@ -746,9 +750,9 @@ def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
         cells = []
         # every seed evaluates on the first seed's episodes (its spec file, once written)
         first = _test_folder(preset, shape, best, preset.seeds[0], methods, work, within_group, extra)[1]
+        spec_source = first / evaluation.EPISODE_SPEC
         for seed in tqdm([s for s in preset.seeds if seeds is None or s in seeds],
                          desc=f"meta-test {shape_key(shape)}", unit="seed", dynamic_ncols=True):
-            spec_source = first / evaluation.EPISODE_SPEC
             if seed != preset.seeds[0] and not spec_source.is_file():
                 raise ConfigError(f"seed {seed} needs the episodes of seed {preset.seeds[0]}: run "
                                   f"that seed first (--seeds {preset.seeds[0]})")
