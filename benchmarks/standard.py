@@ -399,8 +399,7 @@ def full_maml_table(preset: Preset, work: Path, extra: Sequence[str], budget: Bu
     ap = cell_preset(preset, plan.dataset, plan.split, plan.iterations, plan.episodes,
                      FULL_MAML_BASELINES, plan.child_process)
     ap = dataclasses.replace(ap, shapes=(plan.shape,))
-    cell = evaluated_cell(ap, plan.shape, FULL_MAML_BASELINES, work / "full_maml", extra, budget,
-                          "full_maml")
+    cell = evaluated_cell(ap, plan.shape, FULL_MAML_BASELINES, work, extra, budget, "full_maml")
     if cell is None:
         return None
     best = recommended_config()
@@ -523,7 +522,8 @@ def format_tables(result: dict) -> str:
               "Student-t CI over splits (none with one split). No choice was made on the valid "
               "intents: config.yml's rates, fixed iteration counts, no early stopping.",
               f"Published ({PAPER}): {PUBLISHED_PROTOCOL}. Not comparable row for row: "
-              "another encoder (110M vs MiniLM-L6's 22M), in-domain pretraining, longer training.", ""]
+              "another encoder (BERT-base, 110M parameters, against MiniLM-L6's 22M), in-domain pretraining, "
+              "longer training.", ""]
     for dataset, shapes in result["datasets"].items():
         for key, entry in shapes.items():
             lines += [f"## {dataset}, {key} (splits done: {', '.join(entry['splits_done']) or 'none'}; "
@@ -533,7 +533,7 @@ def format_tables(result: dict) -> str:
             for method, m in entry["ours"].items():
                 ci = "-" if m["ci95"] is None else f"[{_pct(m['ci95'][0])}, {_pct(m['ci95'][1])}]"
                 per = ", ".join(f"{s}: {_pct(v)}" for s, v in m["splits"].items())
-                lines.append(f"| {method} | ours (MiniLM-L6) | {_pct(m['accuracy_mean'])} | {ci} | {per} |")
+                lines.append(f"| {method} | ours ({result['model']}) | {_pct(m['accuracy_mean'])} | {ci} | {per} |")
             for row in entry["published"]:
                 lines.append(f"| {row['method']} | published (BERT-base + MLM) | {_pct(row['accuracy'])} | - | - |")
             lines.append("")
