@@ -45,8 +45,8 @@ Three tables (benchmarks/results/standard.json and standard.md):
    MiniLM-L6 in every preset: GPT-2-small's pretrained weights are not available offline (the
    memory at GPT-2-small's shape, random weights, is benchmarks/memory.py's table).
 
-Budget and order (`--budget-minutes`): split 01 of every dataset at every shape first (MELoRA
-and the controls), then the other splits, then `full_maml`, then SetFit. A cell starts only
+Budget and order (`--budget-minutes`): split 01 first (every dataset at 5-way 1-shot, then at
+5-way 5-shot; MELoRA and the controls), then the other splits, then `full_maml`, then SetFit. A cell starts only
 when the time left exceeds the last measured cell of its kind; results are written after every
 cell, so a stopped run leaves a valid report that lists what it did not do (`not_done`).
 Resumable: finished cells are files under `--work-dir` (benchmarks/accuracy.py's cells: a
@@ -258,14 +258,15 @@ class Budget:
     def __init__(self, minutes: float | None):
         self.start = time.monotonic()
         self.deadline = None if minutes is None else self.start + 60.0 * minutes
-        self.last: dict[str, float] = {}
+        self.last: dict[Any, float] = {}
 
-    def allows(self, kind: str) -> bool:
+    def allows(self, kind, guess: float = 0.0) -> bool:
+        """Whether a cell of `kind` fits in the time left: its last measured time, else `guess`."""
         if self.deadline is None:
             return True
-        return self.deadline - time.monotonic() > self.last.get(kind, 0.0)
+        return self.deadline - time.monotonic() > self.last.get(kind, guess)
 
-    def record(self, kind: str, seconds: float) -> None:
+    def record(self, kind, seconds: float) -> None:
         self.last[kind] = seconds
 
     def elapsed_minutes(self) -> float:
@@ -273,7 +274,7 @@ class Budget:
 
 
 def evaluated_cell(ap: A.Preset, shape, methods: Sequence[str], work: Path, extra: Sequence[str],
-                   budget: Budget, kind: str) -> dict | None:
+                   budget: Budget, kind, guess: float = 0.0) -> dict | None:
     """MELoRA meta-trained and evaluated with `methods` on one split and shape (accuracy.py's
     test cell): the saved cell, else computed when the budget allows, else None."""
     best = recommended_config()
@@ -281,7 +282,7 @@ def evaluated_cell(ap: A.Preset, shape, methods: Sequence[str], work: Path, extr
     cell = A.load_cell(folder / "cell.json", spec)
     if cell is not None:
         return cell
-    if not budget.allows(kind):
+    if not budget.allows(kind, guess):
         return None
     start = time.monotonic()
     cell = A.test_cell(ap, shape, best, 0, list(methods), work, False, extra, None)
@@ -340,12 +341,15 @@ def ours_cells(preset: Preset, work: Path, extra: Sequence[str], budget: Budget,
     the cells not done)."""
     from tqdm import tqdm
     done, not_done = {}, []
-    order = [(split, dataset, shape) for split in preset.splits for dataset in preset.datasets
-             for shape in preset.shapes]
+    order = [(split, dataset, shape) for split in preset.splits for shape in preset.shapes
+             for dataset in preset.datasets]
     for split, dataset, shape in tqdm(order, desc="standard splits", unit="cell", dynamic_ncols=True):
         name = f"{dataset} split {split} {A.shape_key(shape)}"
         ap = cell_preset(preset, dataset, split, preset.iterations, preset.episodes_per_split, EVALUATED)
-        cell = evaluated_cell(ap, shape, EVALUATED, work, extra, budget, f"ours-{A.shape_key(shape)}")
+        # a shape not timed yet: guess from another shape's cell, scaled by the examples per task
+        guess = max([t * (shape[1] + preset.q_query) / (k + preset.q_query)
+                     for (kind, k), t in budget.last.items() if kind == "ours"] or [0.0])
+        cell = evaluated_cell(ap, shape, EVALUATED, work, extra, budget, ("ours", shape[1]), guess)
         if cell is None:
             not_done.append(f"{name} (budget)")
             continue
@@ -399,7 +403,10 @@ def full_maml_table(preset: Preset, work: Path, extra: Sequence[str], budget: Bu
     ap = cell_preset(preset, plan.dataset, plan.split, plan.iterations, plan.episodes,
                      FULL_MAML_BASELINES, plan.child_process)
     ap = dataclasses.replace(ap, shapes=(plan.shape,))
-    cell = evaluated_cell(ap, plan.shape, FULL_MAML_BASELINES, work, extra, budget, "full_maml")
+    # not timed yet: four meta-trainings (one of every weight, second order) against the three of
+    # a standard cell: guess twice the slowest standard cell
+    guess = 2.0 * max([t for (kind, _), t in budget.last.items() if kind == "ours"] or [0.0])
+    cell = evaluated_cell(ap, plan.shape, FULL_MAML_BASELINES, work, extra, budget, ("full_maml", 0), guess)
     if cell is None:
         return None
     best = recommended_config()
@@ -487,7 +494,7 @@ def plan(preset: Preset) -> str:
              f"splits {', '.join(preset.splits)}; shapes "
              f"{', '.join(f'{n}-way {k}-shot' for n, k in preset.shapes)}; {preset.q_query} queries "
              "per class",
-             f"  1. {cells} cells (split 01 of every dataset and shape first): MELoRA "
+             f"  1. {cells} cells (split 01 first: every dataset at 1 shot, then at 5): MELoRA "
              f"({preset.iterations} meta-iterations, meta-batch {preset.meta_batch}) + "
              f"{', '.join(EVALUATED)} + protonet_cosine on {preset.episodes_per_split} episodes each"]
     if preset.full_maml:

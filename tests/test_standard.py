@@ -6,6 +6,7 @@ need them. The tests then check the JSON's shape against the issue, its numbers 
 cell files they summarise, resumption, the budget and bad flags.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -124,8 +125,8 @@ def test_spent_budget_writes_a_valid_report_of_what_was_not_done(smoke, tmp_path
     written = json.loads((tmp_path / "standard_smoke.json").read_text())
     assert written["not_done"] == result["not_done"] and (tmp_path / "standard_smoke.md").is_file()
     waiting = standard.Budget(10.0)
-    waiting.record("ours-5way1shot", 3600.0)  # the last such cell took longer than what is left
-    assert not waiting.allows("ours-5way1shot") and waiting.allows("ours-5way5shot")
+    waiting.record(("ours", 1), 3600.0)  # the last such cell took longer than what is left
+    assert not waiting.allows(("ours", 1)) and waiting.allows(("ours", 5)) and not waiting.allows(("ours", 5), 3600.0)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -146,4 +147,29 @@ def test_gpu_preset_plan_follows_the_protocol(capsys):
     assert gpu.episodes_per_split * len(gpu.splits) == 600 and gpu.setfit is None
     assert standard.main(["--preset", "gpu", "--plan", "--datasets", "liu54"]) is None
     printed = capsys.readouterr().out
-    assert "datasets liu54;" in printed and "split 01 of every dataset and shape first" in printed
+    assert "datasets liu54;" in printed and "split 01 first" in printed
+
+
+def test_setfit_tasks_and_melora_adapt_row(smoke):
+    """The SetFit stage's tasks (seeded, test intents only) and MELoRA's adapt-mode row on them,
+    from the smoke run's checkpoint; without the `setfit` package the stage says it skipped."""
+    import setfit_row
+    _, out, _ = smoke
+    entry = standard.split_sources("hwu64", "01")["datasets.meta_test"][0]
+    tasks = setfit_row.make_tasks(entry, 5, 2, 3, 2, seed=0)
+    assert tasks == setfit_row.make_tasks(entry, 5, 2, 3, 2, seed=0)
+    test_intents = set((REPO / "data/hwu64/splits/01/labels.test.txt").read_text().split())
+    texts = setfit_row.read_texts(entry)
+    for task in tasks:
+        assert len(set(task["classes"])) == 5 and set(task["classes"]) <= test_intents
+        assert [c for _, c in task["support"]].count(task["classes"][0]) == 2 and len(task["query"]) == 15
+        assert all(t in texts[c] for t, c in task["support"] + task["query"])
+    checkpoint = next((out / "standard_work" / "smoke" / "test" / "5way1shot").glob("*/melora.pt"))
+    row = setfit_row.adapt_tasks({"method": "melora", "tasks": tasks, "checkpoint": str(checkpoint),
+                                  "seed": 0, "threads": 1})
+    assert row["tasks"] == 2 and row["accuracy_mean"] == pytest.approx(np.mean(row["per_task_accuracy"]))
+    assert row["seconds_per_task"] > 0 and row["peak_memory_mb"] >= 0
+    if importlib.util.find_spec("setfit") is None:
+        preset = standard.dataclasses.replace(standard.PRESETS["smoke"], setfit=standard.SetFitPlan(tasks=1))
+        rows, skipped = setfit_row.run(preset, out, {}, [], standard.Budget(None))
+        assert rows == {} and "not installed" in skipped[0]
