@@ -46,11 +46,13 @@ Three tables (benchmarks/results/standard.json and standard.md):
    memory at GPT-2-small's shape, random weights, is benchmarks/memory.py's table).
 
 Budget and order (`--budget-minutes`): split 01 first (every dataset at 5-way 1-shot, then at
-5-way 5-shot; MELoRA and the controls), then the other splits, then `full_maml`, then SetFit. A cell starts only
-when the time left exceeds the last measured cell of its kind; results are written after every
-cell, so a stopped run leaves a valid report that lists what it did not do (`not_done`).
-Resumable: finished cells are files under `--work-dir` (benchmarks/accuracy.py's cells: a
-cell is reused only when its spec matches) and never recomputed.
+5-way 5-shot; MELoRA and the controls), then the other splits, then `full_maml`, then SetFit.
+A cell starts only when the time left exceeds the last measured cell of its kind (a kind not
+timed yet: a guess scaled from another); results are written after every cell, so a stopped
+run leaves a valid report that lists what it did not do (`not_done`). Resumable: finished
+cells are files under `--work-dir` (benchmarks/accuracy.py's cells: a cell is reused only when
+its spec matches) and never recomputed. `--stage` computes only the stages named; the report
+still shows every saved cell of the others.
 
 Imports on the gpu path: torch, transformers, numpy, scipy, yaml, tqdm; never datasets,
 mlflow, optuna or setfit (tested).
@@ -274,15 +276,15 @@ class Budget:
 
 
 def evaluated_cell(ap: A.Preset, shape, methods: Sequence[str], work: Path, extra: Sequence[str],
-                   budget: Budget, kind, guess: float = 0.0) -> dict | None:
+                   budget: Budget, kind, guess: float = 0.0, compute: bool = True) -> dict | None:
     """MELoRA meta-trained and evaluated with `methods` on one split and shape (accuracy.py's
-    test cell): the saved cell, else computed when the budget allows, else None."""
+    test cell): the saved cell, else (with `compute`) computed when the budget allows, else None."""
     best = recommended_config()
     spec, folder = A._test_folder(ap, shape, best, 0, list(methods), work, False, extra)
     cell = A.load_cell(folder / "cell.json", spec)
     if cell is not None:
         return cell
-    if not budget.allows(kind, guess):
+    if not compute or not budget.allows(kind, guess):
         return None
     start = time.monotonic()
     cell = A.test_cell(ap, shape, best, 0, list(methods), work, False, extra, None)
@@ -335,10 +337,14 @@ def cosine_accuracy(protonet, episode) -> float:
 # ------------------------------------------------------------------------------------
 
 def ours_cells(preset: Preset, work: Path, extra: Sequence[str], budget: Budget,
-               report) -> tuple[dict, list[str]]:
-    """Every (dataset, split, shape) cell in priority order: split 01 of every dataset and
-    shape first. Returns ({(dataset, shape_key, split): per-method per-episode accuracies},
-    the cells not done)."""
+               report, compute: bool = True) -> tuple[dict, list[str]]:
+    """Every (dataset, split, shape) cell in priority order: split 01 first, every dataset at
+    1 shot, then at 5. Without `compute`, the saved cells only (another stage's run).
+
+    Returns:
+        ({(dataset, shape_key, split): per-method per-episode accuracies and the cell}, the
+        cells not done, each with the reason).
+    """
     from tqdm import tqdm
     done, not_done = {}, []
     order = [(split, dataset, shape) for split in preset.splits for shape in preset.shapes
@@ -349,9 +355,10 @@ def ours_cells(preset: Preset, work: Path, extra: Sequence[str], budget: Budget,
         # a shape not timed yet: guess from another shape's cell, scaled by the examples per task
         guess = max([t * (shape[1] + preset.q_query) / (k + preset.q_query)
                      for (kind, k), t in budget.last.items() if kind == "ours"] or [0.0])
-        cell = evaluated_cell(ap, shape, EVALUATED, work, extra, budget, ("ours", shape[1]), guess)
+        cell = evaluated_cell(ap, shape, EVALUATED, work, extra, budget, ("ours", shape[1]), guess,
+                              compute)
         if cell is None:
-            not_done.append(f"{name} (budget)")
+            not_done.append(f"{name} ({'budget' if compute else 'stage ours not run'})")
             continue
         cosine = cosine_cell(ap, shape, cell, work, extra)
         rows = {m: e["per_episode_accuracy"] for m, e in cell["results"]["methods"].items()}
@@ -397,7 +404,7 @@ def published_rows(dataset: str, shape) -> list[dict]:
 
 
 def full_maml_table(preset: Preset, work: Path, extra: Sequence[str], budget: Budget,
-                    confidence: float, resamples: int) -> dict | None:
+                    confidence: float, resamples: int, compute: bool = True) -> dict | None:
     """The seed's headline on real data: MELoRA, MAML, FOMAML, fomaml_lora on one setting."""
     plan = preset.full_maml
     ap = cell_preset(preset, plan.dataset, plan.split, plan.iterations, plan.episodes,
@@ -406,7 +413,8 @@ def full_maml_table(preset: Preset, work: Path, extra: Sequence[str], budget: Bu
     # not timed yet: four meta-trainings (one of every weight, second order) against the three of
     # a standard cell: guess twice the slowest standard cell
     guess = 2.0 * max([t for (kind, _), t in budget.last.items() if kind == "ours"] or [0.0])
-    cell = evaluated_cell(ap, plan.shape, FULL_MAML_BASELINES, work, extra, budget, ("full_maml", 0), guess)
+    cell = evaluated_cell(ap, plan.shape, FULL_MAML_BASELINES, work, extra, budget, ("full_maml", 0),
+                          guess, compute)
     if cell is None:
         return None
     best = recommended_config()
@@ -462,15 +470,16 @@ def run(preset: Preset, work: Path, out_dir: Path, extra: Sequence[str] = (),
         atomic_write_json(output, result)
         atomic_write_text(output.with_suffix(".md"), format_tables(result))
 
-    done, missing = {}, []
-    if "ours" in stages:
-        done, missing = ours_cells(preset, work, extra, budget, write)
-        write(done, missing)
-    if "full_maml" in stages and preset.full_maml is not None:
-        table = full_maml_table(preset, work, extra, budget, stats.confidence, stats.bootstrap_samples)
+    # A stage not selected still reports its saved cells (computing none).
+    done, missing = ours_cells(preset, work, extra, budget, write, "ours" in stages)
+    write(done, missing)
+    if preset.full_maml is not None:
+        table = full_maml_table(preset, work, extra, budget, stats.confidence, stats.bootstrap_samples,
+                                "full_maml" in stages)
         result["full_maml"] = table
         if table is None:
-            result["not_done"].append("full_maml (budget)")
+            result["not_done"].append("full_maml (" + ("budget" if "full_maml" in stages
+                                                       else "stage full_maml not run") + ")")
         write()
     if "setfit" in stages and preset.setfit is not None:
         import setfit_row

@@ -173,3 +173,16 @@ def test_setfit_tasks_and_melora_adapt_row(smoke):
         preset = standard.dataclasses.replace(standard.PRESETS["smoke"], setfit=standard.SetFitPlan(tasks=1))
         rows, skipped = setfit_row.run(preset, out, {}, [], standard.Budget(None))
         assert rows == {} and "not installed" in skipped[0]
+
+
+def test_one_stage_reports_the_saved_cells_of_the_others(smoke, tmp_path):
+    """--stage full_maml on the smoke run's work folder: the standard cells are read, not run."""
+    result, out, _ = smoke
+    again = standard.main(["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path),
+                           "--work-dir", str(out / "standard_work" / "smoke"), "--stage", "full_maml"])
+    assert again["datasets"] == result["datasets"] and again["not_done"] == []
+    empty = standard.main(["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path),
+                           "--work-dir", str(tmp_path / "empty"), "--stage", "setfit"])
+    assert empty["datasets"]["hwu64"]["5way1shot"]["ours"] == {} and empty["full_maml"] is None
+    assert "hwu64 split 01 5way1shot (stage ours not run)" in empty["not_done"]
+    assert "full_maml (stage full_maml not run)" in empty["not_done"]
