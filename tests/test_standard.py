@@ -186,3 +186,17 @@ def test_one_stage_reports_the_saved_cells_of_the_others(smoke, tmp_path):
     assert empty["datasets"]["hwu64"]["5way1shot"]["ours"] == {} and empty["full_maml"] is None
     assert "hwu64 split 01 5way1shot (stage ours not run)" in empty["not_done"]
     assert "full_maml (stage full_maml not run)" in empty["not_done"]
+
+
+def test_report_is_valid_before_the_first_cell_ends(tmp_path, monkeypatch):
+    """A run killed inside its first cell still leaves a report naming every cell as not reached."""
+    import accuracy
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(accuracy, "test_cell", killed)
+    with pytest.raises(KeyboardInterrupt):
+        standard.run(standard.PRESETS["smoke"], tmp_path / "work", tmp_path, ["training.device=cpu"])
+    written = json.loads((tmp_path / "standard_smoke.json").read_text())
+    assert written["not_done"] == ["hwu64 split 01 5way1shot (not reached yet)",
+                                   "hwu64 split 02 5way1shot (not reached yet)", "full_maml (not reached yet)"]
