@@ -189,7 +189,7 @@ PRESETS = {
               "100 test episodes (not 600), 20 meta-iterations of meta-batch 4 per method, 32 tokens",
               "full_maml: 20 meta-iterations, 100 episodes")),
     "smoke": Preset(
-        name="smoke", model="tiny-bert", datasets=("hwu64",), splits=("01", "02"),
+        name="smoke", model="tiny-bert", datasets=("hwu64",), splits=("01",),
         shapes=((5, 1),), q_query=2, max_length=16, meta_batch=2, iterations=1,
         episodes_per_split=2,
         full_maml=FullMAML("hwu64", "01", (5, 1), 1, 2, child_process=False),

@@ -48,20 +48,34 @@ def smoke(tmp_path_factory):
 def test_smoke_json_has_the_issue_shape(smoke):
     result, out, _ = smoke
     entry = result["datasets"]["hwu64"]["5way1shot"]
-    assert entry["splits_done"] == ["01", "02"] and entry["splits_missing"] == []
+    assert entry["splits_done"] == ["01"] and entry["splits_missing"] == []
     assert set(entry["ours"]) == set(standard.METHODS)
     for method, m in entry["ours"].items():
-        values = list(m["splits"].values())
-        assert sorted(m["splits"]) == ["01", "02"], method
-        assert m["accuracy_mean"] == pytest.approx(np.mean(values))
-        half = stats.t.ppf(0.975, len(values) - 1) * stats.sem(values)  # t-interval over splits
-        assert m["ci95"] == pytest.approx([max(0.0, np.mean(values) - half), min(1.0, np.mean(values) + half)])
+        assert list(m["splits"]) == ["01"] and m["accuracy_mean"] == m["splits"]["01"], method
+        assert m["ci95"] is None  # one split: no interval over splits
     published = entry["published"]
     assert [r["method"] for r in published] == [m for m, _ in standard.PUBLISHED["hwu64"]]
     assert published[0]["accuracy"] == pytest.approx(0.7437) and "2105.12995" in published[0]["paper"]
     assert result["not_done"] == [] and result["setfit"] == {}
     md = (out / "standard_smoke.md").read_text()
     assert "| protonet_cosine | ours (tiny-bert) |" in md and "| ProtoNet (low) | published" in md
+
+
+def test_mean_and_t_interval_over_splits():
+    """The table's mean and 95% CI over splits: split means, then a Student-t interval (scipy)."""
+    preset = standard.dataclasses.replace(standard.PRESETS["smoke"], splits=("01", "02", "03"))
+    per_episode = {"01": [1.0, 0.5], "02": [0.25, 0.75], "03": [0.8, 0.6]}
+    done = {("hwu64", "5way1shot", s): {"methods": {"melora": acc}} for s, acc in per_episode.items()}
+    entry = standard.summarize_ours(preset, done, 0.95)["hwu64"]["5way1shot"]
+    m = entry["ours"]["melora"]
+    values = [np.mean(v) for v in per_episode.values()]
+    half = stats.t.ppf(0.975, len(values) - 1) * stats.sem(values)
+    assert m["splits"] == pytest.approx(dict(zip(per_episode, values)))
+    assert m["accuracy_mean"] == pytest.approx(np.mean(values))
+    assert m["ci95"] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+    assert set(entry["ours"]) == {"melora"} and entry["splits_done"] == ["01", "02", "03"]
+    partial = standard.summarize_ours(preset, {k: v for k, v in done.items() if k[2] != "02"}, 0.95)
+    assert partial["hwu64"]["5way1shot"]["splits_missing"] == ["02"]
 
 
 def test_smoke_numbers_are_the_cells_numbers(smoke):
@@ -75,7 +89,7 @@ def test_smoke_numbers_are_the_cells_numbers(smoke):
         if sorted(cell["results"]["methods"]) == sorted(("melora",) + standard.EVALUATED):
             split = Path(cell["spec"]["preset"]["overrides"]["datasets.meta_test"][0]["classes_file"]).parent.name
             by_split[split] = cell
-    assert sorted(by_split) == ["01", "02"]
+    assert sorted(by_split) == ["01"]
     ours = result["datasets"]["hwu64"]["5way1shot"]["ours"]
     for split, cell in by_split.items():
         for name, m in cell["results"]["methods"].items():
@@ -120,8 +134,7 @@ def test_spent_budget_writes_a_valid_report_of_what_was_not_done(smoke, tmp_path
     assert not budget.allows("any")
     result = standard.run(standard.PRESETS["smoke"], tmp_path / "work", tmp_path, ["training.device=cpu"], 1e-9)
     assert result["datasets"]["hwu64"]["5way1shot"]["ours"] == {}
-    assert result["not_done"] == ["hwu64 split 01 5way1shot (budget)", "hwu64 split 02 5way1shot (budget)",
-                                  "full_maml (budget)"]
+    assert result["not_done"] == ["hwu64 split 01 5way1shot (budget)", "full_maml (budget)"]
     written = json.loads((tmp_path / "standard_smoke.json").read_text())
     assert written["not_done"] == result["not_done"] and (tmp_path / "standard_smoke.md").is_file()
     waiting = standard.Budget(10.0)
@@ -198,5 +211,4 @@ def test_report_is_valid_before_the_first_cell_ends(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         standard.run(standard.PRESETS["smoke"], tmp_path / "work", tmp_path, ["training.device=cpu"])
     written = json.loads((tmp_path / "standard_smoke.json").read_text())
-    assert written["not_done"] == ["hwu64 split 01 5way1shot (not reached yet)",
-                                   "hwu64 split 02 5way1shot (not reached yet)", "full_maml (not reached yet)"]
+    assert written["not_done"] == ["hwu64 split 01 5way1shot (not reached yet)", "full_maml (not reached yet)"]
