@@ -1,7 +1,7 @@
 """Standard few-shot intent detection (issue 28): HWU64, Liu54 and CLINC150 on the 5 class splits.
 
     python benchmarks/standard.py --preset gpu --device cuda --budget-minutes 6 --out DIR
-    python benchmarks/standard.py --preset cpu              # ~3 h of 2 cores, resumable; cuts listed
+    python benchmarks/standard.py --preset cpu              # ~3 h of 2 cores (estimated), resumable
     python benchmarks/standard.py --preset cpu --plan       # print the cells and the cuts, run nothing
     python benchmarks/standard.py --preset smoke            # tiny random model, bundled data, < 30 s
     python benchmarks/standard.py --preset cpu --stage setfit   # SetFit beside MELoRA's adapt mode
@@ -181,13 +181,14 @@ PRESETS = {
     "cpu": Preset(
         name="cpu", model="minilm-l6", datasets=tuple(DATASET_CONFIGS), splits=("01",),
         shapes=((5, 1), (5, 5)), q_query=5, max_length=32, meta_batch=4, iterations=20,
-        episodes_per_split=100,
-        full_maml=FullMAML("hwu64", "01", (5, 1), 20, 100, child_process=True),
+        episodes_per_split=80,
+        full_maml=FullMAML("hwu64", "01", (5, 1), 20, 80, child_process=True),
         setfit=SetFitPlan(),
         overrides={**_COMMON, "memory_optimization.gradient_accumulation.default_micro_batch": 0},
         cuts=("class split 01 only (not 01-05): no CI over splits",
-              "100 test episodes (not 600), 20 meta-iterations of meta-batch 4 per method, 32 tokens",
-              "full_maml: 20 meta-iterations, 100 episodes")),
+              "80 test episodes (not 600), 20 meta-iterations of meta-batch 4 per method, 32 tokens",
+              "full_maml: 20 meta-iterations, 80 episodes",
+              "SetFit: 10 tasks per dataset and shot count, from split 01's test intents")),
     "smoke": Preset(
         name="smoke", model="tiny-bert", datasets=("hwu64",), splits=("01",),
         shapes=((5, 1),), q_query=2, max_length=16, meta_batch=2, iterations=1,
