@@ -95,7 +95,8 @@ class Preset:
 
     name: str
     model: str
-    data: str                                 # "clinc150" (offline copy) or "synthetic"
+    data: str                                 # "clinc150" (offline copy), "synthetic", or a name
+                                              # whose sources `overrides` gives (standard.py)
     shapes: tuple[tuple[int, int], ...]       # (n_way, k_shot); the first is the primary
     q_query: int
     max_length: int
@@ -211,8 +212,11 @@ def base_overrides(preset: Preset, shape: Sequence[int], seed: int, work: Path,
            "analysis.fidelity_tasks": 0, **preset.overrides}
     if preset.data == "synthetic":
         out["datasets.synthetic_only"] = True
-    else:
+    elif preset.data == "clinc150":
         out.update(clinc150_datasets())
+    elif "datasets.meta_train" not in preset.overrides:  # another `data`: the overrides name the sources
+        raise ValueError(f"preset data {preset.data!r} needs its sources in the preset's overrides "
+                         "(datasets.meta_train, meta_val, meta_test), as benchmarks/standard.py sets them")
     return out
 
 
