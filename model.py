@@ -20,6 +20,7 @@ B zeros, `scaling = lora_alpha / r`, GPT-2's Conv1D handled by a `fan_in_fan_out
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -326,6 +327,7 @@ class MELoRAModel(nn.Module):
         if head == "cosine":  # "head.scale": a head parameter, so it is in theta
             self.head.register_parameter("scale", nn.Parameter(torch.tensor(float(head_scale), dtype=dtype)))
         self._head_tap = None  # callable(features, logits) while recording statistics
+        self.memory_plan: "MemoryPlan | None" = None  # set by build_model (plan_memory)
 
     @property
     def num_labels(self) -> int:
@@ -861,9 +863,30 @@ def tiny_decoder_config(family: str, vocab: int, **sizes):
 # Building from the config (LoRA, prefix cache, checkpointing decision)
 # ------------------------------------------------------------------------------------
 
-# training.precision -> parameter dtype (bf16/fp16 keep fp32 parameters under autocast)
+# training.precision -> dtype of theta (LoRA factors, head) and so of the meta-gradient and
+# Adam's state: fp32 for bf16/fp16 too (fp64 for exactness tests).
 PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
                 "fp64": torch.float64}
+# training.precision -> dtype of the frozen base weights on CUDA (half the weights' memory);
+# the forward then runs under autocast in that dtype (trainer). On CPU the base stays fp32.
+FROZEN_BASE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen parameter (the base model's weights) in `dtype`, in place.
+
+    theta (LoRA factors and head, `requires_grad`) keeps its dtype, so the meta-gradient
+    and the optimizer state stay fp32; the LoRA path casts its input up to the factors'
+    dtype and its output back (`LoRALayer.forward`), the head reads the pooled features in
+    its own dtype. Buffers (rotary frequencies, position ids) are left alone.
+
+    Returns:
+        The number of parameters cast.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype != dtype]
+    for param in frozen:
+        param.data = param.data.to(dtype)
+    return len(frozen)
 
 
 def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]:
@@ -899,29 +922,72 @@ def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]
                   dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
                   layers=layers)
     model = model.to(device).train()
+    precision = cfg.training.precision
+    if device.type == "cuda" and precision in FROZEN_BASE_DTYPE:
+        cast_frozen_base(model, FROZEN_BASE_DTYPE[precision])
+        log.info("training.precision=%s: frozen base weights in %s (%.0f MiB), LoRA factors, head "
+                 "and meta-gradient in fp32", precision, precision, weights_mb(model))
     if layers and cfg.memory_optimization.prefix_cache:
         skipped = enable_prefix_cache(model)
         log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
                  "example (memory_optimization.prefix_cache)", skipped)
-    checkpointing = cfg.memory_optimization.checkpointing
-    if checkpointing_decision(cfg, model, device):
-        enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
+    model.memory_plan = plan_memory(cfg, model, device)  # keep_graphs and checkpointing (auto)
+    if model.memory_plan.checkpointing:
+        enable_checkpointing(model, lora_only=cfg.memory_optimization.checkpointing.checkpoint_lora_only)
     return model, tokenizer
 
 
-def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel) -> float:
+def weights_mb(model: nn.Module) -> float:
+    """MiB of `model`'s parameters, each in its own dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel, keep_graphs: int | None = None) -> float:
     """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
 
     Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
     the MLP's width and 3 per attention head of sequence length (scores, probabilities,
     mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
-    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
-    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
-    tokens. A first-order step holds one such graph; a second-order product (full,
-    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
-    backward keeps as much again), and `full` with kept graphs holds that many of them
-    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
+    tests/test_model.py), in the activations' dtype (2 bytes under bf16/fp16). One pass
+    holds a micro-batch of `models.max_length`-token examples (the whole set when 0;
+    every local task's at once with `batched_tasks`). A first-order step holds one such
+    graph; a second-order product (full, gauss_newton, block_diagonal, hutchinson) about
+    twice that (the create_graph backward keeps as much again). A kept step graph
+    (`full`) holds the whole support set's graph twice over until the backward sweep,
+    and the query pass runs while they are alive. An estimate for the `auto` settings
+    (`plan_memory`), not a bound.
+
+    Args:
+        cfg: the validated config.
+        model: the model (its backbone's config gives the shape).
+        keep_graphs: step graphs kept; None = the config's `keep_graphs` (0 when `auto`).
     """
+    tasks, memory = cfg.tasks, cfg.memory_optimization
+    micro = memory.gradient_accumulation.default_micro_batch
+    per_example = _graph_mb_per_example(cfg, model)
+    if cfg.meta_learning.batched_tasks:
+        per_example *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
+    support, query = tasks.n_way * tasks.k_shot, tasks.n_way * tasks.q_query
+
+    def chunk(n):  # examples in one pass over a set of n
+        return n if micro <= 0 else min(micro, n)
+    hessian = memory.hessian_approximation
+    method = hessian.method
+    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
+        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
+    if not second_order:
+        return chunk(max(support, query)) * per_example
+    if keep_graphs is None:
+        keep_graphs = 0 if hessian.keep_graphs == "auto" else hessian.keep_graphs
+    kept = HessianOptions(keep_graphs=keep_graphs).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
+    recomputed = 2 * chunk(support) * per_example
+    if not kept:
+        return max(recomputed, chunk(query) * per_example)
+    return max(recomputed, (2 * kept * support + chunk(query)) * per_example)
+
+
+def _graph_mb_per_example(cfg: Config, model: MELoRAModel) -> float:
+    """MiB of one example's forward graph (every block, `models.max_length` tokens)."""
     config = model.backbone.config
     hidden = config.hidden_size
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
@@ -930,55 +996,85 @@ def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel) -> float:
              or getattr(config, "d_ff", None) or 4 * hidden)
     length = cfg.models.max_length
     per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
-    tasks, memory = cfg.tasks, cfg.memory_optimization
-    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
-    micro = memory.gradient_accumulation.default_micro_batch
-    examples = set_size if micro <= 0 else min(micro, set_size)
-    if cfg.meta_learning.batched_tasks:
-        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
     bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
-    graph = examples * length * layers * per_token * bytes_per / 2**20
-    hessian = memory.hessian_approximation
-    method = hessian.method
-    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
-        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
-    if not second_order:
-        return graph
-    kept = HessianOptions.from_config(hessian).graphs_kept(method,
-                                                           cfg.meta_learning.inner.default_num_steps)
-    return max(2 * graph, 2 * kept * graph + graph)
+    return length * layers * per_token * bytes_per / 2**20
+
+
+def memory_budget_mb(cfg: Config, device: torch.device) -> tuple[float, str]:
+    """(MiB the meta-gradient's graphs may take, where that figure comes from).
+
+    `memory_optimization.memory_budget_mb` when > 0; else on CPU the older
+    `checkpointing.cpu_budget_mb` when > 0; else what the device has free now (CUDA's
+    free memory, or the memory the OS reports available).
+    """
+    memory = cfg.memory_optimization
+    if memory.memory_budget_mb > 0:
+        return float(memory.memory_budget_mb), "memory budget"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20, "free CUDA memory"
+    if memory.checkpointing.cpu_budget_mb > 0:
+        return float(memory.checkpointing.cpu_budget_mb), "CPU budget"
+    import psutil
+    return psutil.virtual_memory().available / 2**20, "CPU budget"
 
 
 def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
-    """MiB the graphs may take: CUDA's free memory now, or on CPU
-    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free / 2**20
-    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
-    if budget > 0:
-        return float(budget)
-    import psutil
-    return psutil.virtual_memory().available / 2**20
+    """MiB the graphs may take (`memory_budget_mb`'s figure)."""
+    return memory_budget_mb(cfg, device)[0]
 
 
-def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device) -> bool:
-    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
-    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
-    The decision and its numbers are logged."""
-    enabled = cfg.memory_optimization.checkpointing.enabled
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How one meta-gradient is scheduled (`plan_memory`): `keep_graphs` step graphs kept
+    from the forward sweep, blocks checkpointed or not, and the figures behind it."""
+    keep_graphs: int
+    checkpointing: bool
+    estimate_mb: float
+    budget_mb: float
+
+
+def plan_memory(cfg: Config, model: MELoRAModel, device: torch.device) -> MemoryPlan:
+    """The fastest exact schedule that fits the budget; the decision is logged.
+
+    `hessian_approximation.keep_graphs: auto` (`full` only): keep as many of the last
+    inner steps' graphs as the estimate (`estimate_peak_activation_mb`) fits in the
+    budget (`memory_budget_mb`), K = every one (unrolled autograd's speed). Then
+    `checkpointing.enabled: auto` turns block checkpointing on only when the estimate
+    with the chosen graphs kept (none, if none fits) still exceeds the budget. A number
+    or true/false is obeyed as given. Every choice gives the same meta-gradient.
+    """
+    memory = cfg.memory_optimization
+    budget, where = memory_budget_mb(cfg, device)
+    steps = cfg.meta_learning.inner.default_num_steps
+    setting = memory.hessian_approximation.keep_graphs
+    if setting == "auto":
+        fits = [k for k in range(steps, -1, -1) if estimate_peak_activation_mb(cfg, model, k) <= budget]
+        keep = fits[0] if fits else 0
+        keep = HessianOptions(keep_graphs=keep).graphs_kept(memory.hessian_approximation.method, steps)
+        every = estimate_peak_activation_mb(cfg, model, steps)
+        log.info("keep_graphs auto: %d of %d inner steps keep their graph (estimated peak %.0f MiB "
+                 "with all kept, %.0f MiB with %d, against the %s of %.0f MiB)", keep, steps, every,
+                 estimate_peak_activation_mb(cfg, model, keep), keep, where, budget)
+    else:
+        keep = HessianOptions(keep_graphs=setting).graphs_kept(memory.hessian_approximation.method, steps)
+    peak = estimate_peak_activation_mb(cfg, model, keep)
+    enabled = memory.checkpointing.enabled
     if enabled != "auto":
         log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
                  "on" if enabled else "off", str(enabled).lower())
-        return bool(enabled)
-    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
+        return MemoryPlan(keep, bool(enabled), peak, budget)
     on = peak > budget
-    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
     log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
              "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
              "exceeds" if on else "fits in", where, budget,
              "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
-    return on
+    return MemoryPlan(keep, on, peak, budget)
+
+
+def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device) -> bool:
+    """Whether `plan_memory` checkpoints the blocks (logged)."""
+    return plan_memory(cfg, model, device).checkpointing
 
 
 def _head_options(meta) -> dict:

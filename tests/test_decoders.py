@@ -215,3 +215,40 @@ def test_train_evaluate_adapt_export_a_local_llama_directory_through_the_cli(tmp
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any("mlp.gate_proj.lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+
+
+# ---- keep_graphs: auto under a memory budget ------------------------------------------------
+
+def test_keep_graphs_auto_keeps_what_fits_the_budget_with_the_same_meta_gradient(tmp_path, caplog):
+    overrides = ["models.selected_model=tiny-llama", "datasets.synthetic_only=true", "tasks.n_way=3",
+                 "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=64", "training.precision=fp64",
+                 "meta_learning.inner.default_num_steps=3", "meta_learning.default_meta_batch_size=1",
+                 "memory_optimization.hessian_approximation.method=full",
+                 "memory_optimization.hessian_approximation.keep_graphs=auto",
+                 "memory_optimization.gradient_accumulation.default_micro_batch=2",
+                 f"training.output_dir={tmp_path}"]
+    cfg = utils.load_config(overrides=overrides)
+    model, _ = M.build_model(cfg, torch.device("cpu"))
+    estimates = [M.estimate_peak_activation_mb(cfg, model, k) for k in range(4)]
+    assert estimates[0] < estimates[1] < estimates[2] < estimates[3]
+    # a budget just above each estimate keeps that many graphs; below the first, none and checkpointing
+    budgets = [int(e) + 1 for e in reversed(estimates)] + [int(estimates[0]) - 1]
+    expected = [(3, False), (2, False), (1, False), (0, False), (0, True)]
+    reference = None
+    for budget, (keep, checkpointing) in zip(budgets, expected):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="melora"):
+            tr = trainer.MetaTrainer.from_config(utils.load_config(
+                overrides=[*overrides, f"memory_optimization.memory_budget_mb={budget}"]), cache_dir=tmp_path)
+        plan = tr.model.memory_plan
+        assert (plan.keep_graphs, plan.checkpointing) == (keep, checkpointing), budget
+        assert tr.hessian.keep_graphs == keep and M.is_checkpointed(tr.model) == checkpointing
+        assert f"keep_graphs auto: {keep} of 3 inner steps keep their graph" in caplog.text
+        assert f"memory budget of {budget} MiB" in caplog.text
+        loss, grads, _ = tr.meta_gradient(tr.sample_tasks(0), 0)
+        if reference is None:
+            reference = (loss, grads)
+        assert abs(loss - reference[0]) < 1e-10
+        assert relative_error(flat(grads, reference[1]), flat(reference[1], reference[1])) < 1e-8
+    with pytest.raises(utils.ConfigError, match="integer >= 0 or auto"):
+        utils.load_config(overrides=["memory_optimization.hessian_approximation.keep_graphs=some"])
