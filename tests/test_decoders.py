@@ -252,3 +252,52 @@ def test_keep_graphs_auto_keeps_what_fits_the_budget_with_the_same_meta_gradient
         assert relative_error(flat(grads, reference[1]), flat(reference[1], reference[1])) < 1e-8
     with pytest.raises(utils.ConfigError, match="integer >= 0 or auto"):
         utils.load_config(overrides=["memory_optimization.hessian_approximation.keep_graphs=some"])
+
+
+# ---- a bf16 frozen base under fp32 theta ----------------------------------------------------
+
+def test_bf16_frozen_base_keeps_theta_and_the_meta_gradient_in_fp32():
+    # theta near a trained state (at scale 0.3 even the first-order gradient nearly cancels
+    # on this random model, and bf16 rounding alone turns it: cosine 0.04 measured)
+    model, theta, support, query = setup_task("tiny-llama", scale=0.05)
+    model.float()
+    theta = {n: t.float() for n, t in theta.items()}
+    with torch.no_grad():  # the reference sees the same rounded base weights, in fp32
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.copy_(p.to(torch.bfloat16).float())
+    _, reference = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", head_init="zero")
+    fp32_mb = M.weights_mb(model)
+    assert M.cast_frozen_base(model, torch.bfloat16) > 0
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if n in M.lora_parameters(model))
+    assert {d for n, d in dtypes.items() if n not in M.lora_parameters(model)} == {torch.bfloat16}
+    assert M.weights_mb(model) < 0.6 * fp32_mb
+    loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", head_init="zero")
+    assert all(g.dtype == torch.float32 for g in grads.values()) and torch.isfinite(loss)
+    cosine = torch.nn.functional.cosine_similarity(flat(grads, theta), flat(reference, theta), dim=0)
+    assert cosine > 0.995, cosine  # measured 0.9991
+
+
+def test_bf16_precision_keeps_the_base_in_fp32_on_cpu():
+    cfg = utils.load_config(overrides=["models.selected_model=tiny-llama", "datasets.synthetic_only=true",
+                                       "training.precision=bf16", "models.max_length=16"])
+    model, _ = M.build_model(cfg, torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_gpu_check_decoder_bf16_base_runs_on_cpu_and_writes_its_json_where_asked(tmp_path):
+    import sys
+    sys.path.insert(0, str(M.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+    out = tmp_path / "deep" / "check.json"
+    result = gpu_check.main(["--device", "cpu", "--quick", "--checks", "decoder_bf16_base",
+                             "--output", str(out)])
+    (entry,) = json.loads(out.read_text())["checks"]
+    assert entry["name"] == "decoder_bf16_base" and entry["status"] == gpu_check.NO_CUDA
+    assert entry["cosine"] > 0.99 and entry["theta_and_meta_gradient_fp32"] and result["failed"] == []
+    assert entry["bf16_weights_mb"] < 0.6 * entry["fp32_weights_mb"]
+    assert entry["shape"]["num_key_value_heads"] < entry["shape"]["num_attention_heads"]
+    assert "| decoder_bf16_base |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--checks", "no_such_check", "--output", str(out)])
