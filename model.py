@@ -948,7 +948,8 @@ def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel, keep_graphs: in
     Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
     the MLP's width and 3 per attention head of sequence length (scores, probabilities,
     mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
-    tests/test_model.py), in the activations' dtype (2 bytes under bf16/fp16). One pass
+    tests/test_model.py), in the base weights' dtype (2 bytes for a bf16/fp16 base), plus
+    what the LoRA paths save (`_lora_bytes_per_token`). One pass
     holds a micro-batch of `models.max_length`-token examples (the whole set when 0;
     every local task's at once with `batched_tasks`). A first-order step holds one such
     graph; a second-order product (full, gauss_newton, block_diagonal, hutchinson) about
@@ -996,8 +997,24 @@ def _graph_mb_per_example(cfg: Config, model: MELoRAModel) -> float:
              or getattr(config, "d_ff", None) or 4 * hidden)
     length = cfg.models.max_length
     per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
-    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
-    return length * layers * per_token * bytes_per / 2**20
+    frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
+    bytes_per = frozen[0].element_size() if frozen else 4  # the base's dtype (bf16 base: 2)
+    return length * (layers * per_token * bytes_per + _lora_bytes_per_token(model)) / 2**20
+
+
+def _lora_bytes_per_token(model: nn.Module) -> int:
+    """Bytes per token the LoRA paths save for backward, over every LoRA layer: the rank-r
+    code h, and where dropout or a dtype cast makes one, the layer's own copy of its input
+    (plus dropout's mask). These copies are not shared between q/k/v or gate/up, so with
+    every linear layer targeted (today's decoders) they rival the block's own activations."""
+    total = 0
+    for layer in lora_layers(model):
+        _, in_features = _out_in(layer.base_layer)
+        size = layer.lora_A.element_size()
+        dropout = isinstance(layer.lora_dropout, nn.Dropout)
+        copied = dropout or layer.lora_A.dtype != layer.base_layer.weight.dtype
+        total += layer.r * size + (in_features * (size + int(dropout)) if copied else 0)
+    return total
 
 
 def memory_budget_mb(cfg: Config, device: torch.device) -> tuple[float, str]:
