@@ -227,9 +227,9 @@ def tables(result: dict) -> str:
              + _load_text(result.get("load_average")) + ".", "",
              "Base: the frozen weights' dtype (MAML: every weight's). Estimate: "
              "model.estimate_peak_activation_mb, what `keep_graphs`/`checkpointing` `auto` decide on.", "",
-             "| Method | Base | Hessian | Checkpointing | Micro-batch | Graphs kept | Weights (MiB) | "
+             "| Method | Hessian | Checkpointing | Micro-batch | Graphs kept | Base | Weights (MiB) | "
              "Extra peak (MiB) | Estimate (MiB) | Less than MAML | Seconds |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["grid"]:
         maml = _find(result["grid"], kind="maml", base_dtype=r.get("base_dtype", "fp32"))
         lines.append(_grid_row(r, maml.get("extra_mb") if maml else None))
@@ -257,10 +257,10 @@ def _grid_row(r: dict, maml_mb: float | None) -> str:
     melora = r["kind"] == "melora"
     less = (f"{100 * (1 - r['extra_mb'] / maml_mb):.1f}%" if melora and maml_mb and "error" not in r
             else "-")
-    return (f"| {name} | {r.get('base_dtype', 'fp32')} | {r['method'] if melora else '-'} | "
+    return (f"| {name} | {r['method'] if melora else '-'} | "
             f"{('on' if r['checkpointing'] else 'off') if melora else '-'} | "
             f"{_mb(r['micro_batch']) if melora else '-'} | {r.get('keep_graphs', 0) if melora else '-'} | "
-            f"{C.fmt(r.get('weights_mb'))} | {_mb_cell(r)} | {C.fmt(r.get('estimate_mb'))} | {less} | "
+            f"{r.get('base_dtype', 'fp32')} | {C.fmt(r.get('weights_mb'))} | {_mb_cell(r)} | {C.fmt(r.get('estimate_mb'))} | {less} | "
             f"{C.fmt(r.get('seconds'))} |")
 
 
