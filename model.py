@@ -107,7 +107,13 @@ class LoRALayer(nn.Module):
         if self.merged:
             return result
         A, B = self._override or (self.lora_A, self.lora_B)
-        x_d = self.lora_dropout(x).to(A.dtype)
+        x_d = self.lora_dropout(x)
+        if x_d.dtype in _HALF and A.dtype == torch.float32:
+            # a bf16/fp16 base (cast_frozen_base): the path runs in the base's dtype, as under
+            # autocast, on the same input tensor the base layer saves (no fp32 copy of the
+            # activations); theta and its gradient stay fp32 through the casts of A and B.
+            A, B = A.to(x_d.dtype), B.to(x_d.dtype)
+        x_d = x_d.to(A.dtype)
         if A.dim() == 3:  # per-task factors (T, r, in), x task-major: one bmm per factor
             lora = _batched_lora(x_d, A, B) * self.scaling
             return result + lora.to(result.dtype)
@@ -143,6 +149,9 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _batched_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -876,9 +885,9 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
     """Store every frozen parameter (the base model's weights) in `dtype`, in place.
 
     theta (LoRA factors and head, `requires_grad`) keeps its dtype, so the meta-gradient
-    and the optimizer state stay fp32; the LoRA path casts its input up to the factors'
-    dtype and its output back (`LoRALayer.forward`), the head reads the pooled features in
-    its own dtype. Buffers (rotary frequencies, position ids) are left alone.
+    and the optimizer state stay fp32. The LoRA path then runs in `dtype` on the base
+    layer's own input (`LoRALayer.forward`); the head reads the pooled features in its
+    own dtype. Buffers (rotary frequencies, position ids) are left alone.
 
     Returns:
         The number of parameters cast.
@@ -1010,9 +1019,11 @@ def _lora_bytes_per_token(model: nn.Module) -> int:
     total = 0
     for layer in lora_layers(model):
         _, in_features = _out_in(layer.base_layer)
-        size = layer.lora_A.element_size()
+        base = layer.base_layer.weight
+        half_base = base.dtype in _HALF and layer.lora_A.dtype == torch.float32
+        size = base.element_size() if half_base else layer.lora_A.element_size()  # the path's dtype
         dropout = isinstance(layer.lora_dropout, nn.Dropout)
-        copied = dropout or layer.lora_A.dtype != layer.base_layer.weight.dtype
+        copied = dropout or (not half_base and layer.lora_A.dtype != base.dtype)
         total += layer.r * size + (in_features * (size + int(dropout)) if copied else 0)
     return total
 

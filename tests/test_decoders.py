@@ -276,7 +276,7 @@ def test_bf16_frozen_base_keeps_theta_and_the_meta_gradient_in_fp32():
     loss, grads = trainer.compute_meta_gradient(model, theta, support, query, 0.5, 2, "full", head_init="zero")
     assert all(g.dtype == torch.float32 for g in grads.values()) and torch.isfinite(loss)
     cosine = torch.nn.functional.cosine_similarity(flat(grads, theta), flat(reference, theta), dim=0)
-    assert cosine > 0.995, cosine  # measured 0.9991
+    assert cosine > 0.995, cosine  # measured 0.99985
 
 
 def test_bf16_precision_keeps_the_base_in_fp32_on_cpu():
