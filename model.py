@@ -314,7 +314,7 @@ class MELoRAModel(nn.Module):
     Args:
         backbone: a Hugging Face base model (`GPT2Model`, `BertModel`, `DistilBertModel`,
             `T5EncoderModel`, ...) returning `last_hidden_state`.
-        family: gpt2, t5, distilbert or bert.
+        family: gpt2, t5, distilbert, bert, or a decoder family (`DECODER_FAMILIES`).
         num_labels: N, classes per episode.
         pooling: last (last non-pad token), cls (first token) or mean (masked mean).
         head: euclidean or cosine.
@@ -678,9 +678,10 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     """Build a `MELoRAModel` (backbone + N-way head) and its tokenizer. No LoRA yet.
 
     Args:
-        name: a registered name (see `MODEL_REGISTRY`) or a local model directory.
+        name: a registered name (see `MODEL_REGISTRY`), a local model directory or a
+            hub id whose `model_type` MELoRA supports.
         num_labels: N, classes per episode.
-        pooling: auto (decoder: last token; encoders and T5: mean), cls, mean or last.
+        pooling: auto (decoders: last real token; encoders and T5: mean), cls, mean or last.
         seed: seeds the random init of `tiny-*` models.
         dtype: parameter dtype (float64 for exactness tests).
         dropout: when given, overrides every dropout probability of the backbone.
@@ -691,7 +692,8 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
         (model, tokenizer); the tokenizer pads on the right and has a pad token.
 
     Raises:
-        UserError: an unknown name, or a hub model that is not cached while offline.
+        UserError: an unknown name or model_type, or a hub model that is not cached
+            while offline.
     """
     spec = _resolve(name)
     if spec.source == "tiny":
@@ -726,8 +728,9 @@ def check_max_length(model: nn.Module, max_length: int) -> None:
     """Refuse a `models.max_length` beyond the backbone's learned positions.
 
     Raises:
-        ConfigError: `max_length` exceeds `max_position_embeddings` (BERT, DistilBERT)
-            or `n_positions` (GPT-2); T5's relative positions have no such limit.
+        ConfigError: `max_length` exceeds `max_position_embeddings` (BERT, DistilBERT,
+            Llama, Qwen2, Mistral, Phi-3, Gemma) or `n_positions` (GPT-2); T5's relative
+            positions have no such limit.
     """
     config = model.backbone.config if hasattr(model, "backbone") else model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
