@@ -108,7 +108,7 @@ def test_pad_token_rotary_gqa_and_positions_of_a_local_llama_directory(tmp_path)
     assert [len(b) for b in M._block_lists(model.backbone)] == [config.num_hidden_layers]
 
 
-def test_bad_model_type_and_unreachable_hub_id_are_one_clear_error(tmp_path, monkeypatch):
+def test_bad_model_type_and_unreachable_hub_id_are_one_clear_error(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "mamba"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "mamba"}))
@@ -117,6 +117,13 @@ def test_bad_model_type_and_unreachable_hub_id_are_one_clear_error(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(utils.UserError, match="not in the local Hugging Face cache.*minilm-l6"):
         M.load_model("no-such-owner/no-such-model-xyz", num_labels=2)
+    for model, fragment in ((str(bad), "'mamba' model"), ("no-such-owner/no-such-model-xyz", "minilm-l6")):
+        capsys.readouterr()
+        assert main.main(["--mode", "train", "--model", model, "--synthetic_only",
+                          "--output_dir", str(tmp_path / "out")]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert not (tmp_path / "out" / "melora").exists()  # refused before a run folder
     assert utils.is_hub_id("Qwen/Qwen2.5-0.5B") and not utils.is_hub_id("../x") \
         and not utils.is_hub_id("gpt2-small")
     assert M.family_of("qwen2.5-0.5b") == "qwen2" and M.family_of("gemma-2-2b") == "gemma"
