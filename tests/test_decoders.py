@@ -129,6 +129,27 @@ def test_bad_model_type_and_unreachable_hub_id_are_one_clear_error(tmp_path, mon
     assert M.family_of("qwen2.5-0.5b") == "qwen2" and M.family_of("gemma-2-2b") == "gemma"
 
 
+def test_a_hub_id_loads_from_the_local_hugging_face_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer
+    repo = tmp_path / "hub" / "models--melora-test--tiny-qwen"  # the hub cache's layout
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    tokenizer = AutoTokenizer.from_pretrained(str(M.minilm_path()))
+    config, cls = M.tiny_decoder_config("qwen2", len(tokenizer))
+    cls(config).save_pretrained(str(snapshot))
+    tokenizer.save_pretrained(str(snapshot))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    M._hub_model_type.cache_clear()
+    model, tok = M.load_model("melora-test/tiny-qwen", num_labels=3)
+    assert M.family_of("melora-test/tiny-qwen") == "qwen2" and model.pooling == "last"
+    assert type(model.backbone).__name__ == "Qwen2Model" and tok.pad_token is not None
+    M._hub_model_type.cache_clear()
+
+
 # ---- the exact meta-gradient --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", DECODERS)
