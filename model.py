@@ -43,6 +43,7 @@ LORA_PREFIX = "lora_"   # the name prefix is the contract for what trains (as in
 HEAD_PREFIX = "head."
 HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"  # theta names of the N-way head
 COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_learning.head_scale)
+_HALF = (torch.bfloat16, torch.float16)  # dtypes of a half-precision frozen base (cast_frozen_base)
 
 
 # ------------------------------------------------------------------------------------
@@ -149,9 +150,6 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, fan_in_fan_out={self.fan_in_fan_out}"
-
-
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _batched_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
