@@ -514,6 +514,7 @@ def is_hub_id(name: str) -> bool:
     """Whether `name` has the shape of a Hugging Face hub id (`owner/model`)."""
     return bool(_HUB_ID.fullmatch(name)) and ".." not in name
 
+
 def check_search(cfg) -> None:
     """Fail fast on a search setting that cannot work, naming the key: its ranges (also
     checked at load time) and the meta-validation tasks it scores trials on."""
