@@ -20,6 +20,8 @@ B zeros, `scaling = lora_alpha / r`, GPT-2's Conv1D handled by a `fan_in_fan_out
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -32,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError  # noqa: F401  (registry, heads: with the config schema)
+from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError, is_hub_id  # noqa: F401  (registry, heads: with the config schema)
 from utils import Config, HessianOptions, set_seed, world_size
 
 log = logging.getLogger("melora")
@@ -41,6 +43,7 @@ LORA_PREFIX = "lora_"   # the name prefix is the contract for what trains (as in
 HEAD_PREFIX = "head."
 HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"  # theta names of the N-way head
 COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_learning.head_scale)
+_HALF = (torch.bfloat16, torch.float16)  # dtypes of a half-precision frozen base (cast_frozen_base)
 
 
 # ------------------------------------------------------------------------------------
@@ -49,10 +52,16 @@ COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_
 
 OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
 # model_type of a Hugging Face config -> family
+# (today's decoders: qwen3 shares qwen2's layer names, gemma2 gemma's)
 _FAMILY_OF_TYPE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5", "distilbert": "distilbert",
-                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
-_DEFAULT_POOLING = {"gpt2": "last", "t5": "mean", "distilbert": "mean", "bert": "mean"}
+                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
+                   "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen2",
+                   "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma"}
+DECODER_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma")  # rotary, grouped-query attention
+_DEFAULT_POOLING = {"gpt2": "last", "t5": "mean", "distilbert": "mean", "bert": "mean",
+                    **{f: "last" for f in DECODER_FAMILIES}}
 _TINY = dict(hidden=32, layers=2, heads=2, ffn=64, positions=128)
+_TINY_KV_HEADS = 1  # tiny decoders: 2 query heads share 1 key/value head (grouped-query attention)
 
 
 def minilm_path() -> Path:
@@ -99,7 +108,13 @@ class LoRALayer(nn.Module):
         if self.merged:
             return result
         A, B = self._override or (self.lora_A, self.lora_B)
-        x_d = self.lora_dropout(x).to(A.dtype)
+        x_d = self.lora_dropout(x)
+        if x_d.dtype in _HALF and A.dtype == torch.float32:
+            # a bf16/fp16 base (cast_frozen_base): the path runs in the base's dtype, as under
+            # autocast, on the same input tensor the base layer saves (no fp32 copy of the
+            # activations); theta and its gradient stay fp32 through the casts of A and B.
+            A, B = A.to(x_d.dtype), B.to(x_d.dtype)
+        x_d = x_d.to(A.dtype)
         if A.dim() == 3:  # per-task factors (T, r, in), x task-major: one bmm per factor
             lora = _batched_lora(x_d, A, B) * self.scaling
             return result + lora.to(result.dtype)
@@ -297,7 +312,7 @@ class MELoRAModel(nn.Module):
     Args:
         backbone: a Hugging Face base model (`GPT2Model`, `BertModel`, `DistilBertModel`,
             `T5EncoderModel`, ...) returning `last_hidden_state`.
-        family: gpt2, t5, distilbert or bert.
+        family: gpt2, t5, distilbert, bert, or a decoder family (`DECODER_FAMILIES`).
         num_labels: N, classes per episode.
         pooling: last (last non-pad token), cls (first token) or mean (masked mean).
         head: euclidean or cosine.
@@ -319,26 +334,36 @@ class MELoRAModel(nn.Module):
         if head == "cosine":  # "head.scale": a head parameter, so it is in theta
             self.head.register_parameter("scale", nn.Parameter(torch.tensor(float(head_scale), dtype=dtype)))
         self._head_tap = None  # callable(features, logits) while recording statistics
+        self.memory_plan: "MemoryPlan | None" = None  # set by build_model (plan_memory)
 
     @property
     def num_labels(self) -> int:
         return self.head.out_features
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, hidden) of a right-padded batch (B, T)."""
+        """Pooled features (B, hidden) of a padded batch (B, T).
+
+        `load_model`'s tokenizers pad on the right; a left-padded batch gives the same
+        features for decoders (positions count real tokens only, the last real token is
+        pooled). The prefix cache needs right padding.
+        """
         cache = getattr(self, "_prefix_cache", None)
         if cache is not None:  # frozen lower blocks: their outputs come from the cache
             cache.current = cache.lookup(input_ids, attention_mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.family in ("gpt2", *DECODER_FAMILIES):  # a token's position = real tokens before it
+            inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         try:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.backbone(**inputs).last_hidden_state
         finally:
             if cache is not None:
                 cache.current = None
         mask = attention_mask.to(hidden.dtype)  # (B, T)
         if self.pooling == "cls":
             return hidden[:, 0]
-        if self.pooling == "last":
-            last = attention_mask.sum(1).clamp(min=1) - 1  # index of the last real token
+        if self.pooling == "last":  # index of the last real token, with padding on either side
+            positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+            last = (attention_mask.long() * positions).amax(1)  # (B,)
             return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
@@ -472,6 +497,10 @@ class PrefixCache:
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, hidden) inputs of the first LoRA block for a right-padded batch."""
         lengths = attention_mask.sum(1).tolist()
+        right = torch.arange(attention_mask.size(1), device=attention_mask.device) < attention_mask.sum(1, keepdim=True)
+        if not torch.equal(attention_mask.bool(), right):
+            raise ValueError("the prefix cache needs right-padded batches (tokenizer.padding_side"
+                             " = 'right', as load_model sets it)")
         keys = [input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
         missing = [i for i, k in enumerate(keys) if k not in self.states]
         self.hits += len(keys) - len(missing)
@@ -647,9 +676,10 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     """Build a `MELoRAModel` (backbone + N-way head) and its tokenizer. No LoRA yet.
 
     Args:
-        name: a registered name (see `MODEL_REGISTRY`) or a local model directory.
+        name: a registered name (see `MODEL_REGISTRY`), a local model directory or a
+            hub id whose `model_type` MELoRA supports.
         num_labels: N, classes per episode.
-        pooling: auto (decoder: last token; encoders and T5: mean), cls, mean or last.
+        pooling: auto (decoders: last real token; encoders and T5: mean), cls, mean or last.
         seed: seeds the random init of `tiny-*` models.
         dtype: parameter dtype (float64 for exactness tests).
         dropout: when given, overrides every dropout probability of the backbone.
@@ -660,7 +690,8 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
         (model, tokenizer); the tokenizer pads on the right and has a pad token.
 
     Raises:
-        UserError: an unknown name, or a hub model that is not cached while offline.
+        UserError: an unknown name or model_type, or a hub model that is not cached
+            while offline.
     """
     spec = _resolve(name)
     if spec.source == "tiny":
@@ -668,8 +699,7 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     else:
         path = str(minilm_path()) if spec.source == "minilm-package" else spec.source
         backbone, tokenizer = _from_pretrained(name, path, spec.family, dropout)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _ensure_pad_token(tokenizer, name)
     tokenizer.padding_side = "right"
     backbone.config.pad_token_id = tokenizer.pad_token_id
     backbone.config.use_cache = False  # a KV cache is mutated in forward; recomputation must not see it
@@ -678,12 +708,27 @@ def load_model(name: str, num_labels: int, pooling: str = "auto", seed: int = 0,
     return model, tokenizer
 
 
+def _ensure_pad_token(tokenizer, name: str) -> None:
+    """Decoder tokenizers (GPT-2, Llama, Mistral, ...) often have no pad token: pad with the
+    end-of-sequence token (or the unknown token). Pad positions are masked out and never
+    pooled, so their id does not matter; no new embedding row is added."""
+    if tokenizer.pad_token is not None:
+        return
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise UserError(f"the tokenizer of model {name!r} has no pad, end-of-sequence or unknown "
+                        "token to pad with; set tokenizer.pad_token in the model directory's "
+                        "tokenizer_config.json")
+    tokenizer.pad_token = fallback
+
+
 def check_max_length(model: nn.Module, max_length: int) -> None:
     """Refuse a `models.max_length` beyond the backbone's learned positions.
 
     Raises:
-        ConfigError: `max_length` exceeds `max_position_embeddings` (BERT, DistilBERT)
-            or `n_positions` (GPT-2); T5's relative positions have no such limit.
+        ConfigError: `max_length` exceeds `max_position_embeddings` (BERT, DistilBERT,
+            Llama, Qwen2, Mistral, Phi-3, Gemma) or `n_positions` (GPT-2); T5's relative
+            positions have no such limit.
     """
     config = model.backbone.config if hasattr(model, "backbone") else model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -693,22 +738,49 @@ def check_max_length(model: nn.Module, max_length: int) -> None:
 
 
 def family_of(name: str) -> str:
-    """The architecture family (gpt2, t5, distilbert, bert) of a registered name or path."""
+    """The architecture family (gpt2, t5, distilbert, bert, llama, qwen2, mistral, phi3,
+    gemma) of a registered name, a local directory or a hub id."""
     return _resolve(name).family
 
 
 def _resolve(name: str) -> ModelSpec:
+    """Registered name, then local directory, then hub id (its config from the local
+    Hugging Face cache, or the hub where reachable)."""
     if name in MODEL_REGISTRY:
         return MODEL_REGISTRY[name]
     config_file = Path(name) / "config.json"
     if config_file.is_file():
         model_type = json.loads(config_file.read_text()).get("model_type", "")
-        if model_type not in _FAMILY_OF_TYPE:
-            raise UserError(f"model directory {name!r} holds a {model_type!r} model; MELoRA "
-                            f"supports {', '.join(sorted(set(_FAMILY_OF_TYPE)))}")
-        return ModelSpec(str(Path(name)), _FAMILY_OF_TYPE[model_type])
-    raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_REGISTRY)} or a local "
-                    "directory with a Hugging Face config.json")
+        return ModelSpec(str(Path(name)), _family_of_type(model_type, f"model directory {name!r}"))
+    if Path(name).exists() or not is_hub_id(name):
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_REGISTRY)}, a local "
+                        "directory with a Hugging Face config.json, or a hub id such as "
+                        "Qwen/Qwen2.5-0.5B")
+    return ModelSpec(name, _family_of_type(_hub_model_type(name), f"hub model {name!r}"))
+
+
+def _family_of_type(model_type: str, what: str) -> str:
+    if model_type not in _FAMILY_OF_TYPE:
+        raise UserError(f"{what} is a {model_type!r} model; MELoRA supports the model types "
+                        f"{', '.join(sorted(_FAMILY_OF_TYPE))}")
+    return _FAMILY_OF_TYPE[model_type]
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_model_type(name: str) -> str:
+    """`model_type` of a hub id's config.json (cache first; one download where online)."""
+    from transformers import AutoConfig
+    try:
+        return _load_quietly(AutoConfig.from_pretrained, name).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(_not_loadable(name, name)) from e
+
+
+def _not_loadable(name: str, path: str) -> str:
+    return (f"could not load model {name!r} ({path}): it is not in the local Hugging Face "
+            "cache and the hub cannot be reached (or has no such model). Models that work "
+            f"offline: {', '.join(OFFLINE_MODELS)} (e.g. --model minilm-l6), or pass a local "
+            "model directory")
 
 
 def _from_pretrained(name: str, path: str, family: str, dropout: float | None):
@@ -720,10 +792,7 @@ def _from_pretrained(name: str, path: str, family: str, dropout: float | None):
         backbone = _load_quietly(cls.from_pretrained, path, config=config)
         tokenizer = _load_quietly(AutoTokenizer.from_pretrained, path)
     except OSError as e:
-        raise UserError(f"could not load model {name!r} ({path}): it is not in the local "
-                        "Hugging Face cache and the hub cannot be reached. Models that work "
-                        f"offline: {', '.join(OFFLINE_MODELS)} (e.g. --model minilm-l6), or "
-                        "pass a local model directory") from e
+        raise UserError(_not_loadable(name, path)) from e
     return backbone, tokenizer
 
 
@@ -748,7 +817,8 @@ def _set_dropout(config, dropout: float | None) -> None:
 
 
 def _build_tiny(family: str, seed: int, dropout: float | None):
-    """A small random model of `family` with the MiniLM WordPiece tokenizer (offline)."""
+    """A small random model of `family` with the MiniLM WordPiece tokenizer (offline); a
+    decoder from `tiny_decoder_config`."""
     from transformers import (AutoTokenizer, BertConfig, BertModel, DistilBertConfig,
                               DistilBertModel, GPT2Config, GPT2Model, T5Config, T5EncoderModel)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
@@ -766,10 +836,12 @@ def _build_tiny(family: str, seed: int, dropout: float | None):
         config, cls = DistilBertConfig(vocab_size=vocab, dim=t["hidden"], n_layers=t["layers"],
                                        n_heads=t["heads"], hidden_dim=t["ffn"],
                                        max_position_embeddings=t["positions"]), DistilBertModel
-    else:
+    elif family == "t5":
         config, cls = T5Config(vocab_size=vocab, d_model=t["hidden"], d_kv=t["hidden"] // t["heads"],
                                d_ff=t["ffn"], num_layers=t["layers"], num_heads=t["heads"],
                                decoder_start_token_id=0, pad_token_id=0), T5EncoderModel
+    else:
+        config, cls = tiny_decoder_config(family, vocab)
     _set_dropout(config, dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -777,13 +849,54 @@ def _build_tiny(family: str, seed: int, dropout: float | None):
     return backbone, tokenizer
 
 
+def tiny_decoder_config(family: str, vocab: int, **sizes):
+    """(config, model class) of a small random decoder of `family` (llama, qwen2, mistral,
+    phi3, gemma): rotary positions, grouped-query attention (more query than key/value
+    heads), a gated MLP. `sizes` override the `_TINY` shape (hidden_size=..., ...)."""
+    import transformers as tf
+    classes = {"llama": ("LlamaConfig", "LlamaModel"), "qwen2": ("Qwen2Config", "Qwen2Model"),
+               "mistral": ("MistralConfig", "MistralModel"), "phi3": ("Phi3Config", "Phi3Model"),
+               "gemma": ("GemmaConfig", "GemmaModel")}
+    if family not in classes:
+        raise ValueError(f"no tiny decoder for family {family!r}; one of {', '.join(classes)}")
+    t = _TINY
+    shape = dict(vocab_size=vocab, hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                 num_attention_heads=t["heads"], num_key_value_heads=_TINY_KV_HEADS,
+                 intermediate_size=t["ffn"], max_position_embeddings=t["positions"],
+                 head_dim=t["hidden"] // t["heads"], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    shape.update(sizes)
+    config_cls, model_cls = (getattr(tf, n) for n in classes[family])
+    return config_cls(**shape), model_cls
+
+
 # ------------------------------------------------------------------------------------
 # Building from the config (LoRA, prefix cache, checkpointing decision)
 # ------------------------------------------------------------------------------------
 
-# training.precision -> parameter dtype (bf16/fp16 keep fp32 parameters under autocast)
+# training.precision -> dtype of theta (LoRA factors, head) and so of the meta-gradient and
+# Adam's state: fp32 for bf16/fp16 too (fp64 for exactness tests).
 PARAM_DTYPE = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32,
                 "fp64": torch.float64}
+# training.precision -> dtype of the frozen base weights on CUDA (half the weights' memory);
+# the forward then runs under autocast in that dtype (trainer). On CPU the base stays fp32.
+FROZEN_BASE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen parameter (the base model's weights) in `dtype`, in place.
+
+    theta (LoRA factors and head, `requires_grad`) keeps its dtype, so the meta-gradient
+    and the optimizer state stay fp32. The LoRA path then runs in `dtype` on the base
+    layer's own input (`LoRALayer.forward`); the head reads the pooled features in its
+    own dtype. Buffers (rotary frequencies, position ids) are left alone.
+
+    Returns:
+        The number of parameters cast.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype != dtype]
+    for param in frozen:
+        param.data = param.data.to(dtype)
+    return len(frozen)
 
 
 def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]:
@@ -819,29 +932,73 @@ def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]
                   dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules[family]),
                   layers=layers)
     model = model.to(device).train()
+    precision = cfg.training.precision
+    if device.type == "cuda" and precision in FROZEN_BASE_DTYPE:
+        cast_frozen_base(model, FROZEN_BASE_DTYPE[precision])
+        log.info("training.precision=%s: frozen base weights in %s (%.0f MiB), LoRA factors, head "
+                 "and meta-gradient in fp32", precision, precision, weights_mb(model))
     if layers and cfg.memory_optimization.prefix_cache:
         skipped = enable_prefix_cache(model)
         log.info("prefix cache: the %d frozen blocks below the lowest LoRA block run once per "
                  "example (memory_optimization.prefix_cache)", skipped)
-    checkpointing = cfg.memory_optimization.checkpointing
-    if checkpointing_decision(cfg, model, device):
-        enable_checkpointing(model, lora_only=checkpointing.checkpoint_lora_only)
+    model.memory_plan = plan_memory(cfg, model, device)  # keep_graphs and checkpointing (auto)
+    if model.memory_plan.checkpointing:
+        enable_checkpointing(model, lora_only=cfg.memory_optimization.checkpointing.checkpoint_lora_only)
     return model, tokenizer
 
 
-def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel) -> float:
+def weights_mb(model: nn.Module) -> float:
+    """MiB of `model`'s parameters, each in its own dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel, keep_graphs: int | None = None) -> float:
     """Estimated peak MiB of one meta-gradient's graphs without checkpointing (weights excluded).
 
     Per token and layer a transformer block keeps about 18 hidden-sized tensors, 3 of
     the MLP's width and 3 per attention head of sequence length (scores, probabilities,
     mask; cf. Korthikanti et al., 2022; calibrated against the tensors autograd saves,
-    tests/test_model.py). One pass holds `micro_batch` examples (the larger set
-    when 0; every local task's at once with `batched_tasks`) of `models.max_length`
-    tokens. A first-order step holds one such graph; a second-order product (full,
-    gauss_newton, block_diagonal, hutchinson) about twice that (the create_graph
-    backward keeps as much again), and `full` with kept graphs holds that many of them
-    plus the query pass's graph. An estimate for the `auto` setting, not a bound.
+    tests/test_model.py), in the base weights' dtype (2 bytes for a bf16/fp16 base), plus
+    what the LoRA paths save (`_lora_bytes_per_token`). One pass
+    holds a micro-batch of `models.max_length`-token examples (the whole set when 0;
+    every local task's at once with `batched_tasks`). A first-order step holds one such
+    graph; a second-order product (full, gauss_newton, block_diagonal, hutchinson) about
+    twice that (the create_graph backward keeps as much again). A kept step graph
+    (`full`) holds the whole support set's graph twice over until the backward sweep,
+    and the query pass runs while they are alive. An estimate for the `auto` settings
+    (`plan_memory`), not a bound.
+
+    Args:
+        cfg: the validated config.
+        model: the model (its backbone's config gives the shape).
+        keep_graphs: step graphs kept; None = the config's `keep_graphs` (0 when `auto`).
     """
+    tasks, memory = cfg.tasks, cfg.memory_optimization
+    micro = memory.gradient_accumulation.default_micro_batch
+    per_example = _graph_mb_per_example(cfg, model)
+    if cfg.meta_learning.batched_tasks:
+        per_example *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
+    support, query = tasks.n_way * tasks.k_shot, tasks.n_way * tasks.q_query
+
+    def chunk(n):  # examples in one pass over a set of n
+        return n if micro <= 0 else min(micro, n)
+    hessian = memory.hessian_approximation
+    method = hessian.method
+    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
+        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
+    if not second_order:
+        return chunk(max(support, query)) * per_example
+    if keep_graphs is None:
+        keep_graphs = 0 if hessian.keep_graphs == "auto" else hessian.keep_graphs
+    kept = HessianOptions(keep_graphs=keep_graphs).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
+    recomputed = 2 * chunk(support) * per_example
+    if not kept:
+        return max(recomputed, chunk(query) * per_example)
+    return max(recomputed, (2 * kept * support + chunk(query)) * per_example)
+
+
+def _graph_mb_per_example(cfg: Config, model: MELoRAModel) -> float:
+    """MiB of one example's forward graph (every block, `models.max_length` tokens)."""
     config = model.backbone.config
     hidden = config.hidden_size
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
@@ -850,55 +1007,103 @@ def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel) -> float:
              or getattr(config, "d_ff", None) or 4 * hidden)
     length = cfg.models.max_length
     per_token = 18 * hidden + 3 * inner + 3 * heads * length  # elements per token per layer
-    tasks, memory = cfg.tasks, cfg.memory_optimization
-    set_size = tasks.n_way * max(tasks.k_shot, tasks.q_query)
-    micro = memory.gradient_accumulation.default_micro_batch
-    examples = set_size if micro <= 0 else min(micro, set_size)
-    if cfg.meta_learning.batched_tasks:
-        examples *= max(1, cfg.meta_learning.default_meta_batch_size // world_size())
-    bytes_per = {"fp64": 8, "fp32": 4}.get(cfg.training.precision, 2)
-    graph = examples * length * layers * per_token * bytes_per / 2**20
-    hessian = memory.hessian_approximation
-    method = hessian.method
-    second_order = method in ("full", "gauss_newton", "block_diagonal") or (
-        method == "diagonal" and hessian.diagonal_estimator == "hutchinson")
-    if not second_order:
-        return graph
-    kept = HessianOptions.from_config(hessian).graphs_kept(method,
-                                                           cfg.meta_learning.inner.default_num_steps)
-    return max(2 * graph, 2 * kept * graph + graph)
+    frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
+    bytes_per = frozen[0].element_size() if frozen else 4  # the base's dtype (bf16 base: 2)
+    return length * (layers * per_token * bytes_per + _lora_bytes_per_token(model)) / 2**20
+
+
+def _lora_bytes_per_token(model: nn.Module) -> int:
+    """Bytes per token the LoRA paths save for backward, over every LoRA layer: the rank-r
+    code h, and where dropout or a dtype cast makes one, the layer's own copy of its input
+    (plus dropout's mask). These copies are not shared between q/k/v or gate/up, so with
+    every linear layer targeted (today's decoders) they rival the block's own activations."""
+    total = 0
+    for layer in lora_layers(model):
+        _, in_features = _out_in(layer.base_layer)
+        base = layer.base_layer.weight
+        half_base = base.dtype in _HALF and layer.lora_A.dtype == torch.float32
+        size = base.element_size() if half_base else layer.lora_A.element_size()  # the path's dtype
+        dropout = isinstance(layer.lora_dropout, nn.Dropout)
+        copied = dropout or (not half_base and layer.lora_A.dtype != base.dtype)
+        total += layer.r * size + (in_features * (size + int(dropout)) if copied else 0)
+    return total
+
+
+def memory_budget_mb(cfg: Config, device: torch.device) -> tuple[float, str]:
+    """(MiB the meta-gradient's graphs may take, where that figure comes from).
+
+    `memory_optimization.memory_budget_mb` when > 0; else on CPU the older
+    `checkpointing.cpu_budget_mb` when > 0; else what the device has free now (CUDA's
+    free memory, or the memory the OS reports available).
+    """
+    memory = cfg.memory_optimization
+    if memory.memory_budget_mb > 0:
+        return float(memory.memory_budget_mb), "memory budget"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20, "free CUDA memory"
+    if memory.checkpointing.cpu_budget_mb > 0:
+        return float(memory.checkpointing.cpu_budget_mb), "CPU budget"
+    import psutil
+    return psutil.virtual_memory().available / 2**20, "CPU budget"
 
 
 def checkpointing_budget_mb(cfg: Config, device: torch.device) -> float:
-    """MiB the graphs may take: CUDA's free memory now, or on CPU
-    `checkpointing.cpu_budget_mb` (0 = the memory the OS reports available)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free / 2**20
-    budget = cfg.memory_optimization.checkpointing.cpu_budget_mb
-    if budget > 0:
-        return float(budget)
-    import psutil
-    return psutil.virtual_memory().available / 2**20
+    """MiB the graphs may take (`memory_budget_mb`'s figure)."""
+    return memory_budget_mb(cfg, device)[0]
 
 
-def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device) -> bool:
-    """`checkpointing.enabled`: true/false as given; auto = on only when the estimated
-    peak (`estimate_peak_activation_mb`) exceeds the budget (`checkpointing_budget_mb`).
-    The decision and its numbers are logged."""
-    enabled = cfg.memory_optimization.checkpointing.enabled
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How one meta-gradient is scheduled (`plan_memory`): `keep_graphs` step graphs kept
+    from the forward sweep, blocks checkpointed or not, and the figures behind it."""
+    keep_graphs: int
+    checkpointing: bool
+    estimate_mb: float
+    budget_mb: float
+
+
+def plan_memory(cfg: Config, model: MELoRAModel, device: torch.device) -> MemoryPlan:
+    """The fastest exact schedule that fits the budget; the decision is logged.
+
+    `hessian_approximation.keep_graphs: auto` (`full` only): keep as many of the last
+    inner steps' graphs as the estimate (`estimate_peak_activation_mb`) fits in the
+    budget (`memory_budget_mb`), K = every one (unrolled autograd's speed). Then
+    `checkpointing.enabled: auto` turns block checkpointing on only when the estimate
+    with the chosen graphs kept (none, if none fits) still exceeds the budget. A number
+    or true/false is obeyed as given. Every choice gives the same meta-gradient.
+    """
+    memory = cfg.memory_optimization
+    budget, where = memory_budget_mb(cfg, device)
+    steps = cfg.meta_learning.inner.default_num_steps
+    setting = memory.hessian_approximation.keep_graphs
+    if setting == "auto":
+        fits = [k for k in range(steps, -1, -1) if estimate_peak_activation_mb(cfg, model, k) <= budget]
+        keep = fits[0] if fits else 0
+        keep = HessianOptions(keep_graphs=keep).graphs_kept(memory.hessian_approximation.method, steps)
+        every = estimate_peak_activation_mb(cfg, model, steps)
+        log.info("keep_graphs auto: %d of %d inner steps keep their graph (estimated peak %.0f MiB "
+                 "with all kept, %.0f MiB with %d, against the %s of %.0f MiB)", keep, steps, every,
+                 estimate_peak_activation_mb(cfg, model, keep), keep, where, budget)
+    else:
+        keep = HessianOptions(keep_graphs=setting).graphs_kept(memory.hessian_approximation.method, steps)
+    peak = estimate_peak_activation_mb(cfg, model, keep)
+    enabled = memory.checkpointing.enabled
     if enabled != "auto":
         log.info("gradient checkpointing %s (memory_optimization.checkpointing.enabled=%s)",
                  "on" if enabled else "off", str(enabled).lower())
-        return bool(enabled)
-    peak, budget = estimate_peak_activation_mb(cfg, model), checkpointing_budget_mb(cfg, device)
+        return MemoryPlan(keep, bool(enabled), peak, budget)
     on = peak > budget
-    where = "free CUDA memory" if device.type == "cuda" else "CPU budget"
     log.info("gradient checkpointing %s (auto): estimated peak of the meta-gradient's graphs "
              "%.0f MiB %s the %s of %.0f MiB%s", "on" if on else "off", peak,
              "exceeds" if on else "fits in", where, budget,
              "" if on else "; set memory_optimization.checkpointing.enabled=true to force it")
-    return on
+    return MemoryPlan(keep, on, peak, budget)
+
+
+def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device) -> bool:
+    """Whether `plan_memory` checkpoints the blocks (logged)."""
+    return plan_memory(cfg, model, device).checkpointing
 
 
 def _head_options(meta) -> dict:

@@ -970,6 +970,9 @@ class MetaTrainer:
         self.nonfinite_streak = 0   # non-finite meta-batches in a row
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
         self._autocast = _autocast_context(training.precision, device)
+        plan = getattr(model, "memory_plan", None)  # build_model's schedule (keep_graphs: auto)
+        self.hessian = HessianOptions.from_config(memory.hessian_approximation,
+                                                  plan.keep_graphs if plan is not None else None)
 
     @classmethod
     def from_config(cls, cfg: Config, cache_dir: str | os.PathLike | None = None) -> "MetaTrainer":
@@ -1022,7 +1025,7 @@ class MetaTrainer:
             self.model, self.theta, tasks, [task_seed(self.seed, iteration, t) for t in self.local_tasks],
             self.inner_lr, self.inner_steps, self.device, self.meta.batched_tasks, self._autocast,
             method=self.method, micro_batch=self.micro_batch, head_init=self.meta.head_init,
-            hessian=HessianOptions.from_config(self.memory.hessian_approximation),
+            hessian=self.hessian,
             acc_before=self.training.log_query_acc_before)
         # 2. Sums over ranks (nothing to do in one process), divided by the meta-batch size.
         grads = {n: g / size for n, g in zip(grads, all_reduce_sum(list(grads.values())))}

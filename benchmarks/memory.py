@@ -21,6 +21,7 @@ markdown tables and writes benchmarks/results/memory.json.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -46,11 +47,18 @@ SAFE_SHARE = 0.8          # run a MAML child only if its predicted peak < 80% of
 def jobs(setting: C.Setting, args) -> tuple[list[dict], list[dict]]:
     """(grid jobs at --inner-steps, K-sweep jobs); the sweep reuses grid rows it shares."""
     base = {"setting": dataclasses.asdict(setting), "method": None, "checkpointing": False,
-            "micro_batch": 0, "inner_steps": args.inner_steps, "threads": args.threads}
-    grid = [{**base, "kind": "idle"}, {**base, "kind": "maml"}, {**base, "kind": "fomaml"}]
-    if not args.no_grid:
-        grid += [{**base, "kind": "melora", "method": m, "checkpointing": ckpt, "micro_batch": mb}
-                 for m in args.methods for ckpt in (False, True) for mb in args.micro_batches]
+            "micro_batch": 0, "inner_steps": args.inner_steps, "threads": args.threads,
+            "base_dtype": "fp32", "keep_graphs": 0}
+    grid = []
+    for dtype in args.base_dtypes:  # the frozen base's dtype (MAML: every weight's)
+        at = {**base, "base_dtype": dtype}
+        grid += [{**at, "kind": kind} for kind in (("idle", "maml") if args.no_fomaml
+                                                   else ("idle", "maml", "fomaml"))]
+        if not args.no_grid:
+            grid += [{**at, "kind": "melora", "method": m, "checkpointing": ckpt, "micro_batch": mb,
+                      "keep_graphs": keep}
+                     for m in args.methods for ckpt in args.checkpointing for mb in args.micro_batches
+                     for keep in (args.keep_graphs if m == "full" else [0])]
     sweep = []
     for k in args.k_sweep:
         sweep += [{**base, "kind": "maml", "inner_steps": k},
@@ -124,14 +132,17 @@ def _skip_if_too_large(job: dict, done: dict, device: torch.device) -> dict | No
 
 
 def _key(job: dict) -> str:
-    return "|".join(str(job[k]) for k in ("kind", "method", "checkpointing", "micro_batch", "inner_steps"))
+    return "|".join(str(job.get(k)) for k in ("kind", "method", "checkpointing", "micro_batch",
+                                               "inner_steps", "base_dtype", "keep_graphs"))
 
 
 def _label(job: dict) -> str:
+    dtype = "" if job.get("base_dtype", "fp32") == "fp32" else f" {job['base_dtype']}"
     if job["kind"] != "melora":
-        return f"{job['kind']} K={job['inner_steps']}"
-    return (f"melora {job['method']} ckpt={'on' if job['checkpointing'] else 'off'} "
-            f"mb={_mb(job['micro_batch'])} K={job['inner_steps']}")
+        return f"{job['kind']}{dtype} K={job['inner_steps']}"
+    kept = f" kept={job['keep_graphs']}" if job.get("keep_graphs") else ""
+    return (f"melora {job['method']}{dtype} ckpt={'on' if job['checkpointing'] else 'off'} "
+            f"mb={_mb(job['micro_batch'])}{kept} K={job['inner_steps']}")
 
 
 def _mb(micro_batch: int) -> str:
@@ -150,7 +161,9 @@ def _parameter_counts(setting: C.Setting) -> dict:
 # ------------------------------------------------------------------------------------
 
 def targets(grid: list[dict], sweep: list[dict]) -> dict:
-    """The issue's claims, each with the measured numbers behind it."""
+    """The issue's claims, each with the measured numbers behind it (the first base dtype's rows)."""
+    first = grid[0].get("base_dtype", "fp32") if grid else "fp32"
+    grid = [r for r in grid if r.get("base_dtype", "fp32") == first]
     maml = _find(grid, kind="maml")
     full = [r for r in grid if r["kind"] == "melora" and r["method"] == "full" and "error" not in r]
     out: dict = {}
@@ -212,12 +225,14 @@ def tables(result: dict) -> str:
              "is the floor of the method (a child that loads the model and does nothing). "
              "Seconds: one meta-gradient, for orientation only (children share the machine)"
              + _load_text(result.get("load_average")) + ".", "",
-             "| Method | Hessian | Checkpointing | Micro-batch | Extra peak (MiB) | Less than MAML | Seconds |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
-    maml = _find(result["grid"], kind="maml")
-    maml_mb = maml.get("extra_mb") if maml else None
+             "Base: the frozen weights' dtype (MAML: every weight's). Estimate: "
+             "model.estimate_peak_activation_mb, what `keep_graphs`/`checkpointing` `auto` decide on.", "",
+             "| Method | Hessian | Checkpointing | Micro-batch | Graphs kept | Base | Weights (MiB) | "
+             "Extra peak (MiB) | Estimate (MiB) | Less than MAML | Seconds |",
+             "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["grid"]:
-        lines.append(_grid_row(r, maml_mb))
+        maml = _find(result["grid"], kind="maml", base_dtype=r.get("base_dtype", "fp32"))
+        lines.append(_grid_row(r, maml.get("extra_mb") if maml else None))
     lines += ["", "Peak memory against inner steps K (MELoRA `full`: no checkpointing, whole set):", "",
               "| K | MAML extra peak (MiB) | MELoRA full extra peak (MiB) | MELoRA / MAML |",
               "| ---: | ---: | ---: | ---: |"]
@@ -244,7 +259,8 @@ def _grid_row(r: dict, maml_mb: float | None) -> str:
             else "-")
     return (f"| {name} | {r['method'] if melora else '-'} | "
             f"{('on' if r['checkpointing'] else 'off') if melora else '-'} | "
-            f"{_mb(r['micro_batch']) if melora else '-'} | {_mb_cell(r)} | {less} | "
+            f"{_mb(r['micro_batch']) if melora else '-'} | {r.get('keep_graphs', 0) if melora else '-'} | "
+            f"{r.get('base_dtype', 'fp32')} | {C.fmt(r.get('weights_mb'))} | {_mb_cell(r)} | {C.fmt(r.get('estimate_mb'))} | {less} | "
             f"{C.fmt(r.get('seconds'))} |")
 
 
@@ -300,6 +316,13 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batches", type=C.parse_ints, default=[1, 4, 0],
                         help="micro-batch sizes of the grid (0 = the whole set)")
     parser.add_argument("--no-grid", action="store_true", help="MAML/FOMAML/idle and the K sweep only")
+    parser.add_argument("--no-fomaml", action="store_true", help="leave out the FOMAML rows")
+    parser.add_argument("--checkpointing", type=_parse_bools, default=[False, True],
+                        help="checkpointing settings of the MELoRA grid: off,on")
+    parser.add_argument("--keep-graphs", type=C.parse_ints, default=[0],
+                        help="MELoRA full rows: step graphs kept from the forward sweep (0..K)")
+    parser.add_argument("--base-dtypes", type=_parse_dtypes, default=["fp32"],
+                        help="dtypes of the frozen base (MAML: of every weight): fp32,bf16,fp16")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per child (0 = torch's default); see common.py")
     parser.add_argument("--jobs", type=int, default=2,
@@ -307,6 +330,21 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=C.RESULTS / "memory.json")
     return parser.parse_args(argv)
+
+
+def _parse_bools(text: str) -> list[bool]:
+    words = {"off": False, "on": True}
+    values = [w.strip() for w in text.split(",") if w.strip()]
+    if not values or any(v not in words for v in values):
+        raise argparse.ArgumentTypeError(f"expected off, on or off,on; got {text!r}")
+    return [words[v] for v in values]
+
+
+def _parse_dtypes(text: str) -> list[str]:
+    values = [w.strip() for w in text.split(",") if w.strip()]
+    if not values or any(v not in ("fp32", "bf16", "fp16") for v in values):
+        raise argparse.ArgumentTypeError(f"expected dtypes among fp32, bf16, fp16; got {text!r}")
+    return values
 
 
 def main(argv=None) -> dict:
