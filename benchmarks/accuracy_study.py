@@ -25,9 +25,10 @@ Methods (one engine, `baseline.LoRAMetaLearner`, so only the meta-gradient diffe
 Protocol, in priority order (`--budget-minutes` stops cleanly between and inside cells; the
 JSON says what ran):
 
-1. **Main comparison** per main shape (5-way 1-shot, 5-way 5-shot): the frozen rows; every
-   meta-trained method over the same grid (inner lr x outer lr, defaults inside) on seed 0,
-   each trained until meta-val stops improving (`plateau`: no gain > `min_gain` over the last
+1. **Main comparison** on the main shapes (5-way 1-shot, 5-way 5-shot): the frozen rows;
+   every meta-trained method at the grid's first point on every seed (a usable table if the
+   budget ends here); then the same grid (inner lr x outer lr, defaults inside) for every
+   method on seed 0, each trained until meta-val stops improving (`plateau`: no gain > `min_gain` over the last
    `patience` evaluations, at least `min_points` evaluations) or `max_iterations`, keeping the
    best meta-val theta; its `curve` records meta-val accuracy (after K steps and at step 0),
    meta-loss and query accuracy before/after adaptation. **Choice** per method on meta-val:
@@ -131,14 +132,15 @@ PRESETS = {
     "gpu": Preset(
         name="gpu", model="minilm-l6", data="hwu64", split="01", many_way_data="clinc150",
         max_length=32, q_query=5, meta_batch=4, lora_layers=(4, 5), main_shapes=((5, 1), (5, 5)),
-        inner_steps=3, inner_lrs=(0.5,), outer_lrs=(5e-4, 2e-3, 5e-3), seeds=(0, 1, 2),
-        eval_every=20, max_iterations=300, val_episodes=100, test_episodes=300,
+        inner_steps=3, inner_lrs=(0.5,), outer_lrs=(2e-3, 5e-3, 5e-4), seeds=(0, 1, 2),
+        eval_every=10, max_iterations=150, val_episodes=60, test_episodes=200, batched_tasks=True,
         positive_control={"data": "clinc150", "n_way": 20, "k_shot": 1, "inner_lr": 0.5,
                           "outer_lr": 2e-3, "inner_steps": 1},
         regime_cells=(("hwu64", 5, 2, 0.5, 2e-3), ("hwu64", 10, 1, 0.5, 2e-3),
                       ("clinc150", 20, 1, 0.5, 2e-3), ("hwu64", 5, 1, 0.1, 5e-3),
                       ("hwu64", 5, 1, 2.0, 5e-3), ("hwu64", 10, 5, 0.5, 2e-3),
-                      ("clinc150", 20, 5, 0.5, 2e-3)),
+                      ("clinc150", 20, 5, 0.5, 2e-3), ("hwu64", 5, 1, 0.5, 5e-4),
+                      ("hwu64", 5, 1, 0.1, 5e-4), ("hwu64", 5, 1, 2.0, 5e-4)),
         overrides=_SPEED,
         cuts=("one inner lr (0.5) in the main grid; the inner lr x outer lr grid in the regime map",
               "LoRA on the top 2 of 6 blocks (prefix cache), 32 tokens, 5 queries per class",
@@ -146,24 +148,22 @@ PRESETS = {
     "cpu": Preset(
         name="cpu", model="minilm-l6", data="hwu64", split="01", many_way_data="clinc150",
         max_length=32, q_query=5, meta_batch=4, lora_layers=(4, 5), main_shapes=((5, 1), (5, 5)),
-        inner_steps=3, inner_lrs=(0.5,), outer_lrs=(5e-4, 2e-3, 5e-3), seeds=(0, 1, 2),
-        eval_every=10, max_iterations=80, val_episodes=50, test_episodes=200,
+        inner_steps=3, inner_lrs=(0.5,), outer_lrs=(2e-3, 5e-3, 5e-4), seeds=(0, 1, 2),
+        eval_every=10, max_iterations=60, val_episodes=40, test_episodes=150,
         positive_control={"data": "hwu64", "n_way": 10, "k_shot": 1, "inner_lr": 0.5,
                           "outer_lr": 2e-3, "inner_steps": 1},
         regime_cells=(("hwu64", 5, 2, 0.5, 2e-3), ("hwu64", 10, 1, 0.5, 2e-3),
                       ("clinc150", 20, 1, 0.5, 2e-3), ("hwu64", 5, 1, 0.1, 5e-3),
-                      ("hwu64", 5, 1, 2.0, 5e-3), ("hwu64", 10, 5, 0.5, 2e-3),
-                      ("clinc150", 20, 5, 0.5, 2e-3), ("hwu64", 5, 1, 0.5, 5e-4),
-                      ("hwu64", 5, 1, 0.1, 5e-4), ("hwu64", 5, 1, 2.0, 5e-4)),
+                      ("hwu64", 5, 1, 2.0, 5e-3)),
         overrides=_SPEED, bootstrap_samples=4000,
-        cuts=("at most 80 meta-iterations per training (evaluated every 10)",
+        cuts=("at most 60 meta-iterations per training (evaluated every 10 on 40 meta-val episodes)",
               "one inner lr (0.5) in the main grid; the inner lr x outer lr grid in the regime map",
               "LoRA on the top 2 of 6 blocks (prefix cache), 32 tokens, 5 queries per class",
               "positive control at 10-way (HWU64) rather than 20-way")),
     "smoke": Preset(
         name="smoke", model="tiny-bert", data="synthetic", split="-", many_way_data="synthetic",
         max_length=16, q_query=2, meta_batch=2, lora_layers=(1,), main_shapes=((3, 2),),
-        inner_steps=1, inner_lrs=(0.5,), outer_lrs=(5e-4, 5e-3), seeds=(0, 1),
+        inner_steps=1, inner_lrs=(0.5,), outer_lrs=(5e-3, 5e-4), seeds=(0, 1),
         eval_every=1, max_iterations=5, val_episodes=3, test_episodes=4,
         positive_control={"data": "synthetic", "n_way": 5, "k_shot": 1, "inner_lr": 0.5,
                           "outer_lr": 5e-3, "inner_steps": 1},
@@ -473,31 +473,40 @@ def _plateau(curve: list[dict], p: Preset) -> bool:
 # Protocol phases
 # ------------------------------------------------------------------------------------
 
-def main_comparison(study: Study, shape: tuple[int, int]) -> dict:
-    """Phase 1 for one shape: frozen rows, the grid on seed 0, the choice, the other seeds."""
-    p, (n, k) = study.preset, shape
-    rows = {name: [study.frozen(name, p.data, n, k)] for name in FROZEN_METHODS}
-    selection, chosen = {}, {}
-    for method in META_METHODS:
-        grid = [Run(method, p.data, n, k, a, b, p.seeds[0], p.inner_steps, p.head)
-                for a, b in itertools.product(p.inner_lrs, p.outer_lrs)]
-        cells = [(r, study.train(r)) for r in grid]
-        done = [(r, c) for r, c in cells if c is not None]
-        if not done:
-            continue
-        pick, table = choose(done)
-        selection[method] = table
-        chosen[method] = pick
-    out = {"n_way": n, "k_shot": k, "selection": selection, "frozen": rows, "trained": {}}
-    for method, run in chosen.items():
-        seeds = []
-        for seed in p.seeds:
-            r = dataclasses.replace(run, seed=seed)
-            trained = study.train(r)
-            tested = study.test(r, trained) if trained is not None else None
-            if tested is not None:
-                seeds.append((r, trained, tested))
-        out["trained"][method] = seeds
+def main_comparison(study: Study) -> dict:
+    """Phase 1 over the main shapes, in an order that leaves a usable table wherever the
+    budget cuts it: (a) the frozen rows; (b) every method at the first grid point (inner
+    lr, outer lr) on every seed, tested; (c) the rest of the grid on the first seed;
+    (d) per shape and method the choice on meta-val among the grid points finished for
+    every method (so a cut grid stays a fair one), retrained on the other seeds."""
+    p = study.preset
+    grid = list(itertools.product(p.inner_lrs, p.outer_lrs))
+
+    def run(method, shape, point, seed):
+        return Run(method, p.data, shape[0], shape[1], point[0], point[1], seed, p.inner_steps, p.head)
+
+    frozen = {s: {name: [study.frozen(name, p.data, *s)] for name in FROZEN_METHODS} for s in p.main_shapes}
+    for seed in p.seeds:  # (b)
+        for shape in p.main_shapes:
+            _train_and_test(study, [run(m, shape, grid[0], seed) for m in META_METHODS])
+    for point in grid[1:]:  # (c)
+        for shape in p.main_shapes:
+            for m in META_METHODS:
+                study.train(run(m, shape, point, p.seeds[0]))
+    out = {}
+    for shape in p.main_shapes:  # (d)
+        cells = {(m, pt): study.train(run(m, shape, pt, p.seeds[0])) for m in META_METHODS for pt in grid}
+        finished = [pt for pt in grid if all(cells[(m, pt)] is not None and cells[(m, pt)]["stopped"] != "budget"
+                                             for m in META_METHODS)]
+        selection, trained = {}, {}
+        for m in META_METHODS:
+            if not finished:
+                continue
+            pick, selection[m] = choose([(run(m, shape, pt, p.seeds[0]), cells[(m, pt)]) for pt in finished])
+            trained[m] = _train_and_test(study, [dataclasses.replace(pick, seed=s) for s in p.seeds])
+        out[shape] = {"n_way": shape[0], "k_shot": shape[1], "selection": selection,
+                      "frozen": frozen[shape], "trained": trained,
+                      "grid_finished": [list(pt) for pt in finished]}
     return out
 
 
@@ -711,9 +720,10 @@ def plan(p: Preset) -> str:
     lines = [f"preset {p.name}: {p.model} on {p.data} class split {p.split}, LoRA blocks "
              f"{list(p.lora_layers)}, {p.max_length} tokens, {p.q_query} queries, K = {p.inner_steps}",
              f"  1. main comparison {', '.join(f'{n}w{k}s' for n, k in p.main_shapes)}: "
-             f"{', '.join(FROZEN_METHODS)} frozen; {', '.join(META_METHODS)} over inner lr "
+             f"{', '.join(FROZEN_METHODS)} frozen; {', '.join(META_METHODS)} at inner lr "
+             f"{p.inner_lrs[0]:g}, outer lr {p.outer_lrs[0]:g} on seeds {list(p.seeds)}; then inner lr "
              f"{list(p.inner_lrs)} x outer lr {list(p.outer_lrs)} on seed {p.seeds[0]}, the choice "
-             f"on seeds {list(p.seeds)}: {trainings} trainings of <= {p.max_iterations} iterations "
+             f"on seeds {list(p.seeds)}: <= {trainings} trainings of <= {p.max_iterations} iterations "
              f"(meta-val every {p.eval_every} on {p.val_episodes} episodes; plateau: no gain > "
              f"{100 * p.min_gain:g} pp over {p.patience} evaluations); {p.test_episodes} test episodes",
              f"  2. positive control: {p.positive_control}, head euclidean from zero, full vs none, "
@@ -737,10 +747,8 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
     print(plan(p), flush=True)
     work.mkdir(parents=True, exist_ok=True)
     phases = tqdm(total=len(p.main_shapes) + 3, desc="accuracy study", unit="phase", dynamic_ncols=True)
-    mains = {}
-    for shape in p.main_shapes:  # 1
-        mains[shape] = main_comparison(study, shape)
-        phases.update()
+    mains = main_comparison(study)  # 1
+    phases.update(len(p.main_shapes))
     control = positive_control(study)  # 2
     phases.update()
     rmap = regime_map(study)  # 3
@@ -752,7 +760,8 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
     for shape, m in mains.items():
         s = summarize(study, m, equal[shape])
         settings[f"{shape[0]}way{shape[1]}shot"] = {"n_way": shape[0], "k_shot": shape[1],
-                                                    "selection": m["selection"], **s}
+                                                    "selection": m["selection"],
+                                                    "grid_finished": m["grid_finished"], **s}
     primary = settings[f"{p.main_shapes[0][0]}way{p.main_shapes[0][1]}shot"]
     result = {"format": STUDY_FORMAT, "preset": p.name, "model": p.model, "data": p.data,
               "class_split": p.split, "device": device, "seeds": list(p.seeds),
@@ -760,13 +769,15 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
               "methods": primary["methods"], "comparisons": primary["comparisons"],
               "settings": settings, "positive_control": control, "regime_map": rmap,
               "budget": {"minutes": budget_minutes, "elapsed_seconds": budget.elapsed(),
-                         "complete": not budget.not_run, "ran": budget.ran, "not_run": budget.not_run},
+                         "complete": not budget.not_run, "ran": budget.ran,
+                         "not_run": list(dict.fromkeys(budget.not_run))},
               "protocol": {k: v for k, v in dataclasses.asdict(p).items() if k not in ("cuts", "name")},
               "plateau_rule": f"stop when the last {p.patience} meta-val evaluations gain no more than "
                               f"{100 * p.min_gain:g} pp over the best before them (>= {p.min_points} "
                               f"evaluations, every {p.eval_every} iterations; cap {p.max_iterations})",
-              "selection_rule": "per method on seed 0's meta-val: the least training time to its best "
-                                "point among configurations within one standard error of the best",
+              "selection_rule": "per method on seed 0's meta-val, among the grid points finished for "
+                                "every method: the least training time to its best point among "
+                                "configurations within one standard error of the best",
               "cuts": list(p.cuts), "extra_overrides": list(extra)}
     output.parent.mkdir(parents=True, exist_ok=True)
     result["figures"] = plot_curves(result, output)
