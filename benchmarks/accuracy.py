@@ -805,6 +805,31 @@ def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
     return result
 
 
+def frozen_controls(preset: Preset, work: Path, output: Path, extra: Sequence[str] = ()) -> dict:
+    """Frozen-encoder ProtoNet with Euclidean and with cosine prototypes on the primary
+    shape's meta-test episodes (seed 0's, as every method of the meta-test saw them): what
+    the distance alone gives, without any training (issue 29's audit). Writes `output`."""
+    import torch
+
+    import accuracy_study as S
+    import baseline as B
+    from dataset_loader import DatasetLoader
+    from utils import atomic_write_json, resolve_device
+    cfg = make_config(base_overrides(preset, preset.shapes[0], preset.seeds[0], work, False), extra)
+    model, tokenizer = B.full_model(cfg, resolve_device(cfg.training.device))
+    loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_test",))
+    episodes = [loader.episode("meta_test", i) for i in range(preset.test_episodes)]
+    result = {"preset": preset.name, "shape": shape_key(preset.shapes[0]), "episodes": len(episodes)}
+    with torch.no_grad():
+        for name, method in (("protonet", B.ProtoNet(model)), ("protonet_cosine", S.CosineProtoNet(model))):
+            accuracies = [method.adapt(ep, 0)[0] for ep in episodes]
+            result[name] = {"accuracy_mean": float(np.mean(accuracies)), "per_episode_accuracy": accuracies}
+            print(f"{name}: {100 * result[name]['accuracy_mean']:.2f}% on {len(episodes)} episodes")
+    atomic_write_json(output, result)
+    print(f"wrote {output}")
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -828,6 +853,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                         help="meta-test only these training seeds and stop (e.g. 2: a second process "
                              "beside the main run, once the first seed's episodes exist)")
+    parser.add_argument("--frozen-controls", action="store_true",
+                        help="clinc150_* presets: frozen ProtoNet, Euclidean and cosine, on the meta-test "
+                             "episodes only (writes <output stem>_frozen.json)")
     parser.add_argument("--stage", choices=["all", "regime"], default="all",
                         help="regime: only the regime-map-only shapes' cells (may run beside the main run)")
     args = parser.parse_args(argv)
@@ -846,6 +874,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     work = args.work_dir or RESULTS / "accuracy_work" / preset.name
     only = [m for m in args.methods.split(",") if m] if args.methods is not None else None
     try:
+        if args.frozen_controls:
+            return frozen_controls(preset, work, output.with_name(f"{output.stem}_frozen.json"), args.set)
         if args.plan:
             wanted = only if only is not None else list(preset.methods)
             print(plan(preset, [m for m in wanted if m in B.BASELINES],
@@ -863,6 +893,7 @@ def _study_main(S, args) -> dict | None:
     preset = S.PRESETS[args.preset]
     unused = [f for f, v in (("--methods", args.methods), ("--seeds", args.seeds),
                              ("--within-group", args.within_group or None),
+                             ("--frozen-controls", args.frozen_controls or None),
                              ("--stage", None if args.stage == "all" else args.stage)) if v is not None]
     if unused:
         print(f"error: {', '.join(unused)} belong to the clinc150_* presets; the study preset "
