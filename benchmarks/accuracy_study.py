@@ -49,8 +49,8 @@ MELoRA against every row: per-episode paired Wilcoxon and t tests with Holm, and
 difference's two-level bootstrap interval. Resumable: every cell (one training, one test
 evaluation) is a file under `--work-dir`, reused when its spec matches.
 
-Imports only what the GPU machine has (no `datasets`, `mlflow`, `optuna`: data are read as
-pairs files, baselines tuned by the plain grid above on meta-val).
+Imports only what the GPU machine has (no `datasets`, `mlflow`, `optuna`: data are read
+through `classes_file` sources, baselines tuned by the plain grid above on meta-val).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ class Study:
         if data == "synthetic":
             out["datasets.synthetic_only"] = True
         else:
-            out.update(study_data.class_split_sources(data, p.split, self.work))
+            out.update(study_data.class_split_sources(data, p.split))
         return A.make_config(out, self.extra)
 
     def spec(self, kind: str, **what) -> dict:

@@ -1,62 +1,49 @@
-"""The accuracy study's data: the shipped class splits as loader sources, without `datasets`.
+"""The accuracy study's data: the repository's class-split configs as loader sources.
 
-HWU64 (`data/hwu64/full.jsonl`) and CLINC150 (`data/clinc150/data_full.json`) ship with the
-5 ProtAugment class splits (`splits/0N/labels.{train,valid,test}.txt`). The study reads them
-through `dataset_loader` as a CLINC150-style pairs file (`{"all": [[text, label], ...]}`)
-and a group file (`{"train": [...], "valid": [...], "test": [...]}`) written once under the
-work folder: the pairs reader needs no `datasets` package (absent on the GPU machine), and
-the group file keeps meta-train, meta-val and meta-test classes disjoint, as the split says.
+HWU64 and CLINC150 ship with the 5 ProtAugment class splits, and `configs/hwu64.yml` and
+`configs/clinc150_split01.yml` read split 01 through `classes_file` sources (meta-train,
+meta-val and meta-test classes exactly as the label files say; JSON lines and CLINC150's
+pairs file are read without the `datasets` package, which the GPU machine lacks). The study
+takes those configs' `datasets` sections, points them at the split it asks for, and makes
+their paths absolute so any working directory works.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = {"hwu64": REPO / "data" / "hwu64", "clinc150": REPO / "data" / "clinc150"}
-SPLIT_GROUPS = {"meta_train": "train", "meta_val": "valid", "meta_test": "test"}
+CONFIGS = {"hwu64": REPO / "configs" / "hwu64.yml", "clinc150": REPO / "configs" / "clinc150_split01.yml"}
+SPLITS = ("meta_train", "meta_val", "meta_test")
 
 
-def class_split_sources(data: str, split: str, work: Path) -> dict:
+def class_split_sources(data: str, split: str) -> dict:
     """`datasets.*` config overrides reading `data`'s class split `split` (e.g. "01").
 
     Args:
         data: "hwu64" or "clinc150".
         split: the class split's folder name under `data/<data>/splits/`.
-        work: where the pairs and group files are written (once; atomically).
 
     Raises:
         UserError: an unknown dataset or split (names the ones that exist).
     """
-    from utils import UserError, atomic_write_json
-    if data not in DATASETS:
-        raise UserError(f"unknown study dataset {data!r}; choose from {', '.join(DATASETS)}")
-    folder = DATASETS[data] / "splits" / split
-    if not folder.is_dir():
-        have = sorted(p.name for p in (DATASETS[data] / "splits").iterdir() if p.is_dir())
+    import yaml
+
+    from utils import UserError
+    if data not in CONFIGS:
+        raise UserError(f"unknown study dataset {data!r}; choose from {', '.join(CONFIGS)}")
+    splits = REPO / "data" / data / "splits"
+    if not (splits / split).is_dir():
+        have = sorted(p.name for p in splits.iterdir() if p.is_dir())
         raise UserError(f"{data} has no class split {split!r}; it has {', '.join(have)}")
-    out = work / "data"
-    pairs, groups = out / f"{data}_pairs.json", out / f"{data}_split{split}_groups.json"
-    if not pairs.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(pairs, {"all": _rows(data)})
-    if not groups.is_file():
-        atomic_write_json(groups, {g: _labels(folder / f"labels.{g}.txt") for g in SPLIT_GROUPS.values()})
-    return {f"datasets.{s}": [{"source": str(pairs), "config": "", "split": "all", "text_column": "text",
-                               "label_column": "label", "group_file": str(groups), "groups": [g],
-                               "weight": 1.0}]
-            for s, g in SPLIT_GROUPS.items()}
-
-
-def _rows(data: str) -> list[list[str]]:
-    """Every in-scope [text, label] pair of `data`."""
-    if data == "hwu64":
-        lines = (DATASETS[data] / "full.jsonl").read_text(encoding="utf-8").splitlines()
-        return [[r["sentence"], r["label"]] for r in map(json.loads, filter(str.strip, lines))]
-    full = json.loads((DATASETS[data] / "data_full.json").read_text(encoding="utf-8"))
-    return [list(row) for part in ("train", "val", "test") for row in full[part]]  # oos_* excluded
-
-
-def _labels(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sections = yaml.safe_load(CONFIGS[data].read_text())["datasets"]
+    out = {}
+    for s in SPLITS:
+        entries = []
+        for entry in sections[s]:
+            entry = dict(entry)
+            entry["source"] = str(REPO / entry["source"])
+            entry["classes_file"] = str(REPO / entry["classes_file"].replace("/splits/01/", f"/splits/{split}/"))
+            entries.append(entry)
+        out[f"datasets.{s}"] = entries
+    return out

@@ -189,17 +189,20 @@ def test_batched_meta_step_equals_the_sequential_one(tmp_path):
 
 
 def test_class_split_sources_read_without_datasets(tmp_path, monkeypatch):
-    """HWU64 split 01 becomes three disjoint class sets exactly as the split files say."""
+    """HWU64 split 02 (not the configs' 01): the loader's three class sets are exactly the
+    split's label files, read without the `datasets` package."""
+    import model as M
     import study_data
+    from dataset_loader import DatasetLoader
+    from utils import UserError, load_config
     monkeypatch.setitem(sys.modules, "datasets", None)
-    sources = study_data.class_split_sources("hwu64", "01", tmp_path)
-    groups = json.loads(Path(sources["datasets.meta_val"][0]["group_file"]).read_text())
-    folder = REPO / "data" / "hwu64" / "splits" / "01"
-    for name in ("train", "valid", "test"):
-        assert groups[name] == (folder / f"labels.{name}.txt").read_text().split()
-    assert not set(groups["train"]) & set(groups["valid"]) and not set(groups["valid"]) & set(groups["test"])
-    pairs = json.loads(Path(sources["datasets.meta_train"][0]["source"]).read_text())["all"]
-    assert len(pairs) == 11036
-    from utils import UserError
+    sources = study_data.class_split_sources("hwu64", "02")
+    cfg = load_config(overrides={**sources, "training.output_dir": str(tmp_path), "tasks.n_way": 5,
+                                 "tasks.k_shot": 1, "tasks.q_query": 5, "models.max_length": 16})
+    loader = DatasetLoader.from_config(cfg, M.load_model("tiny-bert", 2)[1], study_data.SPLITS)
+    folder = REPO / "data" / "hwu64" / "splits" / "02"
+    for split, name in zip(study_data.SPLITS, ("train", "valid", "test")):
+        (classes,) = loader.split_classes(split).values()
+        assert sorted(classes) == sorted((folder / f"labels.{name}.txt").read_text().split())
     with pytest.raises(UserError, match="has no class split '09'"):
-        study_data.class_split_sources("hwu64", "09", tmp_path)
+        study_data.class_split_sources("hwu64", "09")
