@@ -143,6 +143,7 @@ PRESETS = {
                       ("hwu64", 5, 1, 0.1, 5e-4), ("hwu64", 5, 1, 2.0, 5e-4)),
         overrides=_SPEED,
         cuts=("one inner lr (0.5) in the main grid; the inner lr x outer lr grid in the regime map",
+              "K = 3 and the cosine head (config.yml's defaults) fixed for every method, not swept",
               "LoRA on the top 2 of 6 blocks (prefix cache), 32 tokens, 5 queries per class",
               "cells beyond --budget-minutes are listed under not_run")),
     "cpu": Preset(
@@ -158,6 +159,7 @@ PRESETS = {
         overrides=_SPEED, bootstrap_samples=4000,
         cuts=("at most 60 meta-iterations per training (evaluated every 10 on 40 meta-val episodes)",
               "one inner lr (0.5) in the main grid; the inner lr x outer lr grid in the regime map",
+              "K = 3 and the cosine head (config.yml's defaults) fixed for every method, not swept",
               "LoRA on the top 2 of 6 blocks (prefix cache), 32 tokens, 5 queries per class",
               "positive control at 10-way (HWU64) rather than 20-way")),
     "smoke": Preset(
@@ -743,7 +745,9 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
     from utils import atomic_write_json, atomic_write_text
     budget = Budget(budget_minutes)
     study = Study(p, work, device, extra, budget)
-    study.config(p.data, *p.main_shapes[0])  # a bad --set or data fails here, before any work
+    from utils import resolve_device
+    cfg = study.config(p.data, *p.main_shapes[0])  # a bad --set or data fails here, before any work
+    resolve_device(cfg.training.device)            # so does --device cuda without a GPU
     print(plan(p), flush=True)
     work.mkdir(parents=True, exist_ok=True)
     phases = tqdm(total=len(p.main_shapes) + 3, desc="accuracy study", unit="phase", dynamic_ncols=True)
