@@ -317,10 +317,7 @@ class Study:
             self.budget.not_run.append(f"test {run.key()}")
             return None
         method = self.learner(run)
-        theta = _load_tensors(self.work / "train" / trained["theta_file"], method.theta)
-        with _no_grad_params():
-            for name, t in method.theta.items():
-                t.copy_(theta[name])
+        _load_theta(self, method, trained)
         episodes = self.episodes(run.data, run.n_way, run.k_shot, "meta_test")
         per_step = A.adapted_accuracies(method, episodes, run.inner_steps, run.seed)
         self.budget.ran.append(f"test {run.key()}")
@@ -524,7 +521,9 @@ def choose(cells: list[tuple[Run, dict]]) -> tuple[Run, list[dict]]:
                       "meta_val_accuracy": float(acc.mean()),
                       "se": float(acc.std(ddof=1) / np.sqrt(acc.size)) if acc.size > 1 else 0.0,
                       "best_iteration": cell["best"]["iteration"], "stopped": cell["stopped"],
-                      "seconds_to_best": cell["best"]["train_seconds"], "run": run})
+                      "seconds_to_best": cell["best"]["train_seconds"], "run": run,
+                      "curve": [{"iteration": c["iteration"], "meta_val_accuracy": c["meta_val_accuracy"]}
+                                for c in cell["curve"]]})
     top = max(table, key=lambda r: r["meta_val_accuracy"])
     near = [r for r in table if r["meta_val_accuracy"] >= top["meta_val_accuracy"] - top["se"]]
     pick = min(near, key=lambda r: (r["seconds_to_best"], -r["meta_val_accuracy"]))
@@ -551,17 +550,22 @@ def positive_control(study: Study) -> dict | None:
             "full": float(a.mean()), "none": float(b.mean()), "diff": float(a.mean() - b.mean()),
             "p": _wilcoxon(analysis, a, b), "ci95_seeds_diff": _ci_seeds(analysis, full - none, study.preset),
             "stopped": {m: [t[1]["stopped"] for t in tested[m]] for m in tested},
-            "gradient_cosine_full_vs_none_at_start": gradient_cosine(study, runs["melora"][0])}
+            "gradient_cosine_full_vs_none_at_start": gradient_cosine(study, runs["melora"][0]),
+            "gradient_cosine_full_vs_none_trained": gradient_cosine(study, runs["melora"][0],
+                                                                    tested["melora"][0][1])}
 
 
-def gradient_cosine(study: Study, run: Run, tasks: int = 4) -> dict:
-    """Cosine between the exact and the first-order meta-gradient at theta_0 on a few
-    meta-train tasks, and the support loss there: why full and none tie when they do."""
+def gradient_cosine(study: Study, run: Run, trained: dict | None = None, tasks: int = 4) -> dict:
+    """Cosine between the exact and the first-order meta-gradient on a few meta-train tasks,
+    and the support loss there, at theta_0 (or at a `trained` cell's best theta): why full
+    and none tie when they do."""
     import torch
 
     import trainer as T
     from dataset_loader import DatasetLoader
     learner = study.learner(run)
+    if trained is not None:
+        _load_theta(study, learner, trained)
     loader = DatasetLoader.from_config(learner.cfg, study.tokenizer(learner.cfg), ("meta_train",))
     cosines, losses = [], []
     for t in range(tasks):
@@ -839,7 +843,8 @@ def format_tables(r: dict) -> str:
         g = pc["gradient_cosine_full_vs_none_at_start"]
         lines += [f"{pc['config']}: full {100 * pc['full']:.2f}, none {100 * pc['none']:.2f}, "
                   f"diff {100 * pc['diff']:+.2f} pp, p = {pc['p']}, CI seeds {pc['ci95_seeds_diff']}; "
-                  f"cosine(full, none) at theta_0 {g['cosine_mean']:.5f}, support loss {g['support_loss_mean']:.4f}.", ""]
+                  f"cosine(full, none) at theta_0 {g['cosine_mean']:.5f}, support loss {g['support_loss_mean']:.4f}; "
+                  f"at the trained theta {pc['gradient_cosine_full_vs_none_trained']['cosine_mean']:.5f}.", ""]
     lines += ["## Regime map (meta-test after K steps; Holm over all cells)", "",
               "| data | ways | shots | inner lr | outer lr | full | none | proto_lora | full - none | Holm p | "
               "full - proto_lora | Holm p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -866,13 +871,14 @@ def plot_curves(result: dict, output: Path) -> list[str]:
     fig = Figure(figsize=(5.5 * len(settings), 4.2), constrained_layout=True)
     axes = fig.subplots(1, len(settings), squeeze=False)[0]
     for ax, (key, s) in zip(axes, settings.items()):
-        for name, m in s["methods"].items():
-            if m["curve"]:
-                ax.plot([c["iteration"] for c in m["curve"]],
-                        [100 * c["meta_val_accuracy"] for c in m["curve"]], marker="o", ms=3, label=name)
+        for i, (method, table) in enumerate(s["selection"].items()):
+            for t in table:  # every grid point; the chosen one solid
+                ax.plot([c["iteration"] for c in t["curve"]], [100 * c["meta_val_accuracy"] for c in t["curve"]],
+                        color=f"C{i}", ls="-" if t["chosen"] else ":", marker="o", ms=2.5,
+                        label=f"{method} outer lr {t['outer_lr']:g}" + (" (chosen)" if t["chosen"] else ""))
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel("meta-val accuracy after K steps (%)")
-        ax.set_title(f"{s['n_way']}-way {s['k_shot']}-shot, chosen configurations, seed 0", fontsize=9)
+        ax.set_title(f"{s['n_way']}-way {s['k_shot']}-shot, seed 0, every grid point", fontsize=9)
         ax.legend(fontsize=7)
     path = output.with_name(f"{output.stem}_curves.png")
     fig.savefig(path, dpi=110)
@@ -903,6 +909,10 @@ def _load_tensors(path: Path, like: dict) -> dict:
     return {n: t.to(like[n].device, like[n].dtype) for n, t in tensors.items()}
 
 
-def _no_grad_params():
+def _load_theta(study: Study, learner, trained: dict) -> None:
+    """Copy a training cell's best theta into `learner`'s LoRA and head tensors."""
     import torch
-    return torch.no_grad()
+    theta = _load_tensors(study.work / "train" / trained["theta_file"], learner.theta)
+    with torch.no_grad():
+        for name, t in learner.theta.items():
+            t.copy_(theta[name])

@@ -73,6 +73,8 @@ def test_smoke_study_writes_every_field_without_datasets_mlflow_optuna(smoke):
         assert sum(t["chosen"] for t in table) == 1 and len(table) == len(p.outer_lrs)
         chosen = next(t for t in table if t["chosen"])
         assert rows[method]["config"]["outer_lr"] == chosen["outer_lr"]
+        assert chosen["curve"] == [{k: c[k] for k in ("iteration", "meta_val_accuracy")}
+                                   for c in rows[method]["curve"]]
     cells = r["regime_map"]
     assert {c["n_way"] for c in cells} == {5, 10, 20}
     for c in cells:
@@ -81,7 +83,8 @@ def test_smoke_study_writes_every_field_without_datasets_mlflow_optuna(smoke):
     pc = r["positive_control"]
     assert {"config", "full", "none", "diff", "p"} <= set(pc) and pc["config"]["head_init"] == "zero"
     assert pc["diff"] == pytest.approx(pc["full"] - pc["none"], abs=1e-12)
-    assert -1 <= pc["gradient_cosine_full_vs_none_at_start"]["cosine_mean"] <= 1 + 1e-6
+    for where in ("at_start", "trained"):
+        assert -1 <= pc[f"gradient_cosine_full_vs_none_{where}"]["cosine_mean"] <= 1 + 1e-6
     assert "## Regime map" in (root / "accuracy.md").read_text()
     assert (root / r["figures"][0]).stat().st_size > 1000
 
