@@ -7,7 +7,7 @@ Two protocols share this entry point and its cell plumbing:
   compute, many ways, a positive control and seed-level intervals:
 
     python benchmarks/accuracy.py --preset smoke            # tiny random model, synthetic, < 30 s
-    python benchmarks/accuracy.py --preset cpu --threads 1  # ~3 h of 2 cores, resumable
+    python benchmarks/accuracy.py --preset cpu --threads 1  # 3-5 h (estimate), resumable
     python benchmarks/accuracy.py --preset gpu --device cuda --budget-minutes 3
     python benchmarks/accuracy.py --preset cpu --plan       # the cells in priority order
 
