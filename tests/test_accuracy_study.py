@@ -139,7 +139,7 @@ def test_bootstrap_ci_seeds_agrees_with_scipy_and_includes_seed_variance():
 
 def _cell(acc, seconds, iteration=10):
     return {"best_val_per_episode": acc, "best": {"iteration": iteration, "train_seconds": seconds},
-            "stopped": "plateau"}
+            "stopped": "plateau", "curve": [{"iteration": 0, "meta_val_accuracy": 0.5}]}
 
 
 def test_choice_goes_to_the_cheaper_configuration_within_one_standard_error():
