@@ -133,7 +133,7 @@ PRESETS = {
         name="gpu", model="minilm-l6", data="hwu64", split="01", many_way_data="clinc150",
         max_length=32, q_query=5, meta_batch=4, lora_layers=(4, 5), main_shapes=((5, 1), (5, 5)),
         inner_steps=3, inner_lrs=(0.5,), outer_lrs=(2e-3, 5e-3, 5e-4), seeds=(0, 1, 2),
-        eval_every=10, max_iterations=150, val_episodes=60, test_episodes=200, batched_tasks=True,
+        eval_every=10, max_iterations=120, val_episodes=60, test_episodes=200, batched_tasks=True,
         positive_control={"data": "clinc150", "n_way": 20, "k_shot": 1, "inner_lr": 0.5,
                           "outer_lr": 2e-3, "inner_steps": 1},
         regime_cells=(("hwu64", 5, 2, 0.5, 2e-3), ("hwu64", 10, 1, 0.5, 2e-3),
