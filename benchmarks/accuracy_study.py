@@ -755,13 +755,18 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
     print(plan(p), flush=True)
     work.mkdir(parents=True, exist_ok=True)
     phases = tqdm(total=len(p.main_shapes) + 3, desc="accuracy study", unit="phase", dynamic_ncols=True)
+    ends = {"start": budget.elapsed()}  # elapsed seconds at the end of each phase
     mains = main_comparison(study)  # 1
+    ends["main_comparison"] = budget.elapsed()
     phases.update(len(p.main_shapes))
     control = positive_control(study)  # 2
+    ends["positive_control"] = budget.elapsed()
     phases.update()
     rmap = regime_map(study)  # 3
+    ends["regime_map"] = budget.elapsed()
     phases.update()
     equal = {shape: equal_compute(study, mains[shape]) for shape in p.main_shapes}  # 4
+    ends["equal_compute"] = budget.elapsed()
     phases.update()
     phases.close()
     settings = {}
@@ -778,7 +783,7 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
               "settings": settings, "positive_control": control, "regime_map": rmap,
               "budget": {"minutes": budget_minutes, "elapsed_seconds": budget.elapsed(),
                          "complete": not budget.not_run, "ran": budget.ran,
-                         "not_run": list(dict.fromkeys(budget.not_run))},
+                         "not_run": list(dict.fromkeys(budget.not_run)), "phase_ends_seconds": ends},
               "protocol": {k: v for k, v in dataclasses.asdict(p).items() if k not in ("cuts", "name")},
               "plateau_rule": f"stop when the last {p.patience} meta-val evaluations gain no more than "
                               f"{100 * p.min_gain:g} pp over the best before them (>= {p.min_points} "
