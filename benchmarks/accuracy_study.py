@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -218,6 +216,7 @@ class Run:
     seconds: float | None = None   # equal compute: meta-train for this wall clock instead
 
     def key(self) -> str:
+        """The cell's file name: every field, readable."""
         extra = "" if self.seconds is None else f"-eq{self.seconds:.1f}s"
         return (f"{self.method}-{self.data}-{self.n_way}w{self.k_shot}s-a{self.inner_lr:g}-b{self.outer_lr:g}"
                 f"-K{self.inner_steps}-{self.head}-{self.head_init}-seed{self.seed}{extra}")
@@ -282,6 +281,7 @@ class Study:
         return self._episodes[key]
 
     def tokenizer(self, cfg):
+        """The model's tokenizer, loaded once per run."""
         if self._tokenizer is None:
             import model as M
             self._tokenizer = M.load_model(cfg.models.selected_model, 2)[1]
@@ -721,6 +721,7 @@ def compare(analysis, p: Preset, matrices: dict) -> dict:
 # ------------------------------------------------------------------------------------
 
 def plan(p: Preset) -> str:
+    """The phases and cells of `p`, in priority order (`--plan`)."""
     grid = len(p.inner_lrs) * len(p.outer_lrs)
     trainings = len(p.main_shapes) * len(META_METHODS) * (grid + len(p.seeds) - 1)
     lines = [f"preset {p.name}: {p.model} on {p.data} class split {p.split}, LoRA blocks "
@@ -808,6 +809,8 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
 # ------------------------------------------------------------------------------------
 
 def format_tables(r: dict) -> str:
+    """accuracy.md: per main shape the rows and the meta-val selection, the positive
+    control and the regime map."""
     b = r["budget"]
     lines = [f"# Accuracy study ({r['preset']} preset, {r['model']} on {r['data']} class split "
              f"{r['class_split']}, device {r['device']})", "",
