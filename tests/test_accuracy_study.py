@@ -84,7 +84,8 @@ def test_smoke_study_writes_every_field_without_datasets_mlflow_optuna(smoke):
     assert {"config", "full", "none", "diff", "p"} <= set(pc) and pc["config"]["head_init"] == "zero"
     assert pc["diff"] == pytest.approx(pc["full"] - pc["none"], abs=1e-12)
     for where in ("at_start", "trained"):
-        assert -1 <= pc[f"gradient_cosine_full_vs_none_{where}"]["cosine_mean"] <= 1 + 1e-6
+        g = pc[f"gradient_cosine_full_vs_none_{where}"]
+        assert -1 <= g["cosine_mean"] <= 1 + 1e-6 and g["lora_relative_second_order"] >= 0
     assert "## Regime map" in (root / "accuracy.md").read_text()
     assert (root / r["figures"][0]).stat().st_size > 1000
 
