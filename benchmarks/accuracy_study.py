@@ -150,7 +150,7 @@ PRESETS = {
         inner_steps=3, inner_lrs=(0.5,), outer_lrs=(2e-3, 5e-3, 5e-4), seeds=(0, 1, 2),
         eval_every=8, max_iterations=40, val_episodes=40, test_episodes=100,
         positive_control={"data": "hwu64", "n_way": 10, "k_shot": 1, "inner_lr": 0.5,
-                          "outer_lr": 2e-3, "inner_steps": 1},
+                          "outer_lr": 2e-3, "inner_steps": 3},
         regime_cells=(("hwu64", 5, 2, 0.5, 2e-3), ("hwu64", 10, 1, 0.5, 2e-3),
                       ("clinc150", 20, 1, 0.5, 2e-3)),
         overrides=_SPEED, bootstrap_samples=4000,
