@@ -1,10 +1,21 @@
-"""Accuracy study: where MELoRA's exact second order pays (issue 18), end to end, resumable.
+"""Accuracy study: does meta-learning (and MELoRA's exact second order) pay, end to end, resumable.
 
-    python benchmarks/accuracy.py --preset gpu            # the full protocol (CUDA machine)
-    python benchmarks/accuracy.py --preset cpu --threads 1  # ~2 h on 2 CPU cores (with --stage regime
-                                                            # and --seeds 2 beside it; README)
-    python benchmarks/accuracy.py --preset smoke          # tiny random model, synthetic data, < 1 min
-    python benchmarks/accuracy.py --preset cpu --plan     # print the cells and the budget, run nothing
+Two protocols share this entry point and its cell plumbing:
+
+* **The study (issue 29)**, `benchmarks/accuracy_study.py`: HWU64 class split 01, training to a
+  meta-val plateau with learning curves, frozen cosine/Euclidean ProtoNet controls, equal
+  compute, many ways, a positive control and seed-level intervals:
+
+    python benchmarks/accuracy.py --preset smoke            # tiny random model, synthetic, < 30 s
+    python benchmarks/accuracy.py --preset cpu --threads 1  # 3-5 h (estimate), resumable
+    python benchmarks/accuracy.py --preset gpu --device cuda --budget-minutes 3
+    python benchmarks/accuracy.py --preset cpu --plan       # the cells in priority order
+
+* **The CLINC150 study (issue 18)**, the protocol below, kept to reproduce its committed
+  results (`benchmarks/results/accuracy_clinc150.json`; README "The CLINC150 experiment"):
+
+    python benchmarks/accuracy.py --preset clinc150_cpu --threads 1 --output benchmarks/results/accuracy_clinc150.json
+    python benchmarks/accuracy.py --preset clinc150_smoke   # tiny random model, synthetic data, < 1 min
 
 Protocol (every preset; the numbers per preset are in `PRESETS`):
 
@@ -122,16 +133,16 @@ FULL_GRID = {"inner_lr": (0.01, 0.1, 0.5), "inner_steps": (1, 3, 5), "learn_lr":
              "head": ("euclidean", "cosine")}
 
 PRESETS = {
-    "gpu": Preset(
-        name="gpu", model="minilm-l6", data="clinc150", shapes=((5, 1), (5, 5), (10, 1)),
+    "clinc150_gpu": Preset(
+        name="clinc150_gpu", model="minilm-l6", data="clinc150", shapes=((5, 1), (5, 5), (10, 1)),
         q_query=5, max_length=64, meta_batch=8, grid=FULL_GRID, sweep_iterations=300,
         val_episodes=100, sweep_seeds=(0,), test_iterations=1000, test_episodes=600,
         seeds=(0, 1, 2),
         overrides={"memory_optimization.checkpointing.enabled": False,
                    "memory_optimization.gradient_accumulation.default_micro_batch": 0,
                    "evaluation.child_process": False}),
-    "cpu": Preset(
-        name="cpu", model="minilm-l6", data="clinc150", shapes=((5, 1),),
+    "clinc150_cpu": Preset(
+        name="clinc150_cpu", model="minilm-l6", data="clinc150", shapes=((5, 1),),
         q_query=4, max_length=32, meta_batch=4,
         grid={"inner_lr": (0.01, 0.1, 0.5), "inner_steps": (1, 3), "learn_lr": (False,),
               "hessian": ("full", "none"), "head": ("euclidean", "cosine")},
@@ -152,8 +163,8 @@ PRESETS = {
               "maml (full-weight second order) left out of the meta-test rows",
               "2 meta-val tuning trials per baseline (config.yml: 8), the same for every baseline",
               "evaluation in-process (memory read as RSS increase, not a child's peak)")),
-    "smoke": Preset(
-        name="smoke", model="tiny-bert", data="synthetic", shapes=((3, 1), (3, 2)),
+    "clinc150_smoke": Preset(
+        name="clinc150_smoke", model="tiny-bert", data="synthetic", shapes=((3, 1), (3, 2)),
         q_query=2, max_length=16, meta_batch=2,
         grid={"inner_lr": (0.5,), "inner_steps": (1, 2), "learn_lr": (False,),
               "hessian": ("full", "none"), "head": ("euclidean", "cosine")},
@@ -798,10 +809,41 @@ def run(preset: Preset, work: Path, output: Path, within_group: bool = False,
     return result
 
 
+def frozen_controls(preset: Preset, work: Path, output: Path, extra: Sequence[str] = ()) -> dict:
+    """Frozen-encoder ProtoNet with Euclidean and with cosine prototypes on the primary
+    shape's meta-test episodes (seed 0's, as every method of the meta-test saw them): what
+    the distance alone gives, without any training (issue 29's audit). Writes `output`."""
+    import torch
+
+    import accuracy_study as S
+    import baseline as B
+    from dataset_loader import DatasetLoader
+    from utils import atomic_write_json, resolve_device
+    cfg = make_config(base_overrides(preset, preset.shapes[0], preset.seeds[0], work, False), extra)
+    model, tokenizer = B.full_model(cfg, resolve_device(cfg.training.device))
+    loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_test",))
+    episodes = [loader.episode("meta_test", i) for i in range(preset.test_episodes)]
+    result = {"preset": preset.name, "shape": shape_key(preset.shapes[0]), "episodes": len(episodes)}
+    with torch.no_grad():
+        for name, method in (("protonet", B.ProtoNet(model)), ("protonet_cosine", S.CosineProtoNet(model))):
+            accuracies = [method.adapt(ep, 0)[0] for ep in episodes]
+            result[name] = {"accuracy_mean": float(np.mean(accuracies)), "per_episode_accuracy": accuracies}
+            print(f"{name}: {100 * result[name]['accuracy_mean']:.2f}% on {len(episodes)} episodes")
+    atomic_write_json(output, result)
+    print(f"wrote {output}")
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    import accuracy_study as S
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(S.PRESETS), required=True,
+                        help="smoke, cpu, gpu: the study of issue 29; clinc150_*: the CLINC150 study")
+    parser.add_argument("--device", default="auto", help="study presets: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="study presets: stop starting (and cut) cells after M minutes, in priority "
+                             "order; the JSON lists what did not run. A rerun continues")
     parser.add_argument("--within-group", action="store_true",
                         help="fine-grained episodes: each episode's classes from one domain (tasks.within_group)")
     parser.add_argument("--methods", help="comma-separated subset of " + ",".join(COMPARISON_METHODS))
@@ -815,6 +857,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                         help="meta-test only these training seeds and stop (e.g. 2: a second process "
                              "beside the main run, once the first seed's episodes exist)")
+    parser.add_argument("--frozen-controls", action="store_true",
+                        help="clinc150_* presets: frozen ProtoNet, Euclidean and cosine, on the meta-test "
+                             "episodes only (writes <output stem>_frozen.json)")
     parser.add_argument("--stage", choices=["all", "regime"], default="all",
                         help="regime: only the regime-map-only shapes' cells (may run beside the main run)")
     args = parser.parse_args(argv)
@@ -824,19 +869,51 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     from utils import UserError
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.preset in S.PRESETS:
+        return _study_main(S, args)
     preset = PRESETS[args.preset]
-    suffix = "" if preset.name != "smoke" else "_smoke"
-    output = args.output or RESULTS / f"accuracy{suffix}.json"
+    suffix = "" if preset.name != "clinc150_smoke" else "_smoke"
+    output = args.output or RESULTS / f"accuracy_clinc150{suffix}.json"
     work = args.work_dir or RESULTS / "accuracy_work" / preset.name
     only = [m for m in args.methods.split(",") if m] if args.methods is not None else None
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if args.frozen_controls:
+            return frozen_controls(preset, work, output.with_name(f"{output.stem}_frozen.json"), args.set)
         if args.plan:
             wanted = only if only is not None else list(preset.methods)
             print(plan(preset, [m for m in wanted if m in B.BASELINES],
                        [m for m in COMPARISON_METHODS if m not in B.BASELINES]))
             return None
         return run(preset, work, output, args.within_group, args.set, only, args.stage, args.seeds)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _study_main(S, args) -> dict | None:
+    """The study presets (accuracy_study.py): --plan, or the run."""
+    from utils import UserError
+    preset = S.PRESETS[args.preset]
+    unused = [f for f, v in (("--methods", args.methods), ("--seeds", args.seeds),
+                             ("--within-group", args.within_group or None),
+                             ("--frozen-controls", args.frozen_controls or None),
+                             ("--stage", None if args.stage == "all" else args.stage)) if v is not None]
+    if unused:
+        print(f"error: {', '.join(unused)} belong to the clinc150_* presets; the study preset "
+              f"{args.preset!r} takes --device, --budget-minutes, --set, --work-dir, --output", file=sys.stderr)
+        raise SystemExit(2)
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        print(f"error: --budget-minutes must be positive, got {args.budget_minutes}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.plan:
+        print(S.plan(preset))
+        return None
+    suffix = "" if preset.name in ("cpu", "gpu") else f"_{preset.name}"
+    output = args.output or RESULTS / f"accuracy{suffix}.json"
+    work = args.work_dir or RESULTS / "accuracy_work" / f"study_{preset.name}"
+    try:
+        return S.run_study(preset, work, output, args.device, args.set, args.budget_minutes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

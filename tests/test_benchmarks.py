@@ -200,7 +200,7 @@ def test_speed_prefix_cache_times_the_frozen_blocks(tiny_bert_dir, tmp_path, cap
 def smoke_study(tmp_path_factory):
     """One smoke run (tiny random model, synthetic tasks): its JSON and its folders."""
     root = tmp_path_factory.mktemp("accuracy")
-    args = ["--preset", "smoke", "--work-dir", str(root / "work"), "--output", str(root / "accuracy.json"),
+    args = ["--preset", "clinc150_smoke", "--work-dir", str(root / "work"), "--output", str(root / "accuracy.json"),
             "--threads", str(torch.get_num_threads())]
     result = accuracy.main(args)
     return result, root, args
@@ -211,11 +211,11 @@ def test_accuracy_smoke_writes_the_study_json(smoke_study):
 
     result, root, _ = smoke_study
     written = json.loads((root / "accuracy.json").read_text())
-    assert written["preset"] == "smoke" and written["seeds"] == [0, 1, 2]
+    assert written["preset"] == "clinc150_smoke" and written["seeds"] == [0, 1, 2]
     # methods that do not exist yet are reported, never dropped silently
     missing = [m for m in accuracy.COMPARISON_METHODS if m not in B.BASELINES]
     assert written["missing_methods"] == missing
-    expected = ["melora"] + [m for m in accuracy.PRESETS["smoke"].methods if m in B.BASELINES]
+    expected = ["melora"] + [m for m in accuracy.PRESETS["clinc150_smoke"].methods if m in B.BASELINES]
     assert list(written["methods"]) == expected
     for name, m in written["methods"].items():
         assert 0.0 <= m["accuracy_mean"] <= 1.0 and len(m["seed_accuracies"]) == 3
@@ -238,7 +238,7 @@ def test_accuracy_smoke_writes_the_study_json(smoke_study):
     assert set(written["settings"]) == {"3way1shot", "3way2shot"}
     assert written["methods"] == written["settings"]["3way1shot"]["methods"]
     # regime map: head x inner lr x K x shots, full - none as the difference of the two
-    grid = accuracy.PRESETS["smoke"].grid
+    grid = accuracy.PRESETS["clinc150_smoke"].grid
     assert len(written["regime_map"]) == len(grid["head"]) * len(grid["inner_lr"]) * len(grid["inner_steps"]) * 2
     val = {r["key"]: r["val_accuracy_per_shape"] for r in written["sweep"]}
     for row in written["regime_map"]:
@@ -265,12 +265,12 @@ def test_accuracy_study_resumes_without_recomputing(smoke_study, monkeypatch, ca
     again = accuracy.main(args)
     assert again["methods"] == result["methods"] and again["regime_map"] == result["regime_map"]
     # a cell whose spec changed is not reused: another sweep length must train again
-    changed = accuracy.dataclasses.replace(accuracy.PRESETS["smoke"], sweep_iterations=2)
+    changed = accuracy.dataclasses.replace(accuracy.PRESETS["clinc150_smoke"], sweep_iterations=2)
     c = accuracy.grid_configs(changed)[0]
     with pytest.raises(AssertionError, match="recomputed"):
         accuracy.sweep_cell(changed, (3, 1), c, 0, root / "work", False, [])
     # nor when a config.yml default under the preset changed (the outer lr, say)
-    same = accuracy.PRESETS["smoke"]
+    same = accuracy.PRESETS["clinc150_smoke"]
     assert accuracy.sweep_cell(same, (3, 1), accuracy.grid_configs(same)[0], 0, root / "work", False, [])
     monkeypatch.setattr(accuracy, "config_defaults_hash", lambda: "another config.yml")
     with pytest.raises(AssertionError, match="recomputed"):
@@ -278,11 +278,11 @@ def test_accuracy_study_resumes_without_recomputing(smoke_study, monkeypatch, ca
 
 
 def test_accuracy_plan_and_bad_input(capsys):
-    assert accuracy.main(["--preset", "gpu", "--plan"]) is None
+    assert accuracy.main(["--preset", "clinc150_gpu", "--plan"]) is None
     printed = capsys.readouterr().out
     assert "144 configurations x 3 shapes" in printed and "600 episodes" in printed
     with pytest.raises(SystemExit) as exit_info:
-        accuracy.main(["--preset", "smoke", "--methods", "mamlx", "--work-dir", "/nonexistent/x"])
+        accuracy.main(["--preset", "clinc150_smoke", "--methods", "mamlx", "--work-dir", "/nonexistent/x"])
     assert exit_info.value.code == 2
     assert "error: --methods names ['mamlx']" in capsys.readouterr().err
 
@@ -291,7 +291,7 @@ def test_accuracy_study_picks_up_a_new_method_by_name(tmp_path):
     """A comparison method of baseline.BASELINES (here the proto_lora control) gets its row,
     its comparison and the regime map's full - proto_lora."""
     preset = accuracy.dataclasses.replace(
-        accuracy.PRESETS["smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("proto_lora", "protonet"),
+        accuracy.PRESETS["clinc150_smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("proto_lora", "protonet"),
         grid={"inner_lr": (0.5,), "inner_steps": (1,), "learn_lr": (False,),
               "hessian": ("full", "none"), "head": ("euclidean",)})
     result = accuracy.run(preset, tmp_path / "work", tmp_path / "accuracy.json")
@@ -308,7 +308,7 @@ def test_accuracy_choice_breaks_meta_val_ties_by_cost():
     """Equal meta-val accuracy: fewer inner steps win, then the cheaper Hessian method; the
     higher accuracy wins whatever it costs."""
     preset = accuracy.dataclasses.replace(
-        accuracy.PRESETS["smoke"], shapes=((3, 1),), sweep_seeds=(0,),
+        accuracy.PRESETS["clinc150_smoke"], shapes=((3, 1),), sweep_seeds=(0,),
         grid={"inner_lr": (0.1,), "inner_steps": (1, 3), "learn_lr": (False,),
               "hessian": ("full", "none"), "head": ("euclidean",)})
     configs = accuracy.grid_configs(preset)
@@ -334,7 +334,7 @@ def test_accuracy_regime_only_shapes_join_the_map_not_the_choice(tmp_path):
     grid = {"inner_lr": (0.5,), "inner_steps": (1,), "learn_lr": (False,),
             "hessian": ("full", "none"), "head": ("euclidean",)}
     preset = accuracy.dataclasses.replace(
-        accuracy.PRESETS["smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("protonet",), grid=grid,
+        accuracy.PRESETS["clinc150_smoke"], shapes=((3, 1),), seeds=(0, 1), methods=("protonet",), grid=grid,
         regime_shapes=((3, 2),), regime_grid={**grid, "hessian": ("none", "full")})
     work = tmp_path / "work"
     assert accuracy.run(preset, work, tmp_path / "accuracy.json", stage="regime") is None
