@@ -716,6 +716,12 @@ def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_iter_{iteration}.pt"
 
 
+def best_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """`<run_dir>/checkpoints/best.pt`: the checkpoint with the best meta-val accuracy
+    (`training.val_every`)."""
+    return Path(run_dir) / "checkpoints" / "best.pt"
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint of `run_dir` with the highest iteration, or None."""
     found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("checkpoint_iter_*.pt")
@@ -967,6 +973,7 @@ class MetaTrainer:
         self.inner_lr = _initial_inner_lr(meta.inner, self.inner_steps, self.theta, device)
         self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
         self.iteration = 0          # meta-iterations completed
+        self.val_loader = None      # meta-val episodes for `validate` (training.val_every > 0)
         self.nonfinite_streak = 0   # non-finite meta-batches in a row
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
         self._autocast = _autocast_context(training.precision, device)
@@ -981,11 +988,16 @@ class MetaTrainer:
                 `<training.output_dir>/cache` when that is "".
         """
         _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
+        if cfg.training.val_every > 0:
+            _check_meta_val(cfg)
         device = rank_device(resolve_device(cfg.training.device))
         model, tokenizer = M.build_model(cfg, device)
         loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
-        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
-                   device, _identity(cfg))
+        trainer = cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
+                      device, _identity(cfg))
+        if cfg.training.val_every > 0:
+            trainer.val_loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_val",), cache_dir)
+        return trainer
 
     # -- the verbs of Algorithm 1 -------------------------------------------------------
 
@@ -1035,7 +1047,9 @@ class MetaTrainer:
         clip = self.meta.outer.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
         for name, param in self.theta.items():
-            param.grad = (grads[name] * scale).to(param.dtype)
+            # outer.learn_lora false: LoRA keeps its initialisation (Adam skips a None grad)
+            frozen = not self.meta.outer.learn_lora and _is_lora_factor(name)
+            param.grad = None if frozen else (grads[name] * scale).to(param.dtype)
         if isinstance(self.inner_lr, torch.Tensor):
             g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
             self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
@@ -1059,6 +1073,10 @@ class MetaTrainer:
         # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
         #    (on CUDA out-of-memory, retried with half the micro-batch).
         meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
+        if self.meta.anchor > 0:  # 3b. the proximal anchor on the LoRA update (L2-SP)
+            penalty, extra = anchor_gradient(self.model, self.theta, self.meta.anchor)
+            grads = {n: g + extra[n] if n in extra else g for n, g in grads.items()}
+            meta_loss, stats = meta_loss + penalty, {**stats, "anchor_penalty": penalty}
         # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
         grad_norm = _global_norm(grads.values())
         finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
@@ -1082,7 +1100,9 @@ class MetaTrainer:
         """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
 
         Logs every `training.log_every` iterations to `sink`, checkpoints every
-        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
+        `training.save_every` iterations and at the end. With `training.val_every`, scores
+        meta-val every that many iterations (and at the end) and keeps the best theta so
+        far as `checkpoints/best.pt` (`keep_best`). Under torchrun only rank 0 logs,
         shows the progress bar and writes checkpoints (the others pass `sink=None`).
 
         Returns:
@@ -1101,6 +1121,8 @@ class MetaTrainer:
             for iteration in bar:
                 metrics = self.train_step(iteration)
                 done = iteration + 1
+                if self.val_loader is not None and (done % self.training.val_every == 0 or done == end):
+                    metrics["val_accuracy"] = self.keep_best(run_dir)
                 bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
                                 acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
                 if sink is not None and (done % self.training.log_every == 0 or done == end):
@@ -1114,6 +1136,41 @@ class MetaTrainer:
                                        self.save_checkpoint)
         bar.close()
         return saved
+
+    # -- model selection on meta-val --------------------------------------------------
+
+    def validate(self) -> float:
+        """Mean query accuracy after K adaptation steps from theta on the first
+        `training.val_episodes` meta-val episodes (the same episodes every time; dropout
+        seeded per episode as evaluation.py does)."""
+        import baseline as B  # baseline imports this module
+        from utils import episode_seed
+        method = B.MELoRA(self.model, self.inner_lr, self.inner_steps, self.method, self.micro_batch,
+                          head_init=self.meta.head_init)
+        accuracies = []
+        for i in range(self.training.val_episodes):
+            set_seed(episode_seed(self.seed, i))
+            accuracies.append(method.adapt(self.val_loader.episode("meta_val", i), self.inner_steps)[-1])
+        return float(np.mean(accuracies))
+
+    def keep_best(self, run_dir: Path) -> float:
+        """Score meta-val; when it beats `best.pt`'s score (or there is none), write this
+        theta as `best.pt` (atomically, the score inside) and `best.json`. Returns the score.
+
+        Training may overfit its source: the best meta-val checkpoint, not the last, is the
+        one to carry to another domain (issue 30).
+        """
+        accuracy = self.validate()
+        path = best_checkpoint_path(run_dir)
+        if not is_main_process() or accuracy <= _best_score(path):
+            return accuracy
+        save_checkpoint(path, {**self.state_dict(), "val_accuracy": accuracy})
+        atomic_write_json(path.with_suffix(".json"), {
+            "iteration": self.iteration, "val_accuracy": accuracy,
+            "val_episodes": self.training.val_episodes, "checkpoint": str(path)})
+        log.info("meta-val accuracy %.4f at iteration %d: the best so far, kept as %s",
+                 accuracy, self.iteration, path)
+        return accuracy
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -1215,6 +1272,31 @@ def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes:
     return loss, grads, stats
 
 
+def anchor_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
+                    strength: float) -> tuple[float, dict[str, torch.Tensor]]:
+    """The proximal anchor (strength/2) sum_l ||scaling_l B_l A_l||_F^2 and its gradient.
+
+    A penalty on the LoRA update Delta W = scaling B A itself, so it pulls the adapted
+    weights toward the pretrained ones (L2-SP: Li, Grandvalet & Davoine, 2018, "Explicit
+    Inductive Bias for Transfer Learning") whatever the factors' parametrisation.
+
+    Returns:
+        (penalty, {theta name of every LoRA factor: its gradient}).
+    """
+    names = {id(p): n for n, p in theta.items()}
+    factors, penalty = [], 0.0
+    with torch.enable_grad():
+        for layer in M.lora_layers(model):
+            delta = layer.scaling * (layer.lora_B @ layer.lora_A)  # (out, in)
+            penalty = penalty + delta.pow(2).sum()
+            factors += [layer.lora_A, layer.lora_B]
+        if not factors:
+            return 0.0, {}
+        penalty = 0.5 * strength * penalty
+        grads = torch.autograd.grad(penalty, factors)
+    return float(penalty.detach()), {names[id(p)]: g.detach() for p, g in zip(factors, grads)}
+
+
 def run_training(cfg: Config, run_dir: str | os.PathLike,
                  resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
                  explicit_overrides: Mapping | None = None) -> dict:
@@ -1307,6 +1389,25 @@ def _identity(cfg: Config) -> dict:
             "config": json.dumps(cfg.to_dict())}
 
 
+def _check_meta_val(cfg: Config) -> None:
+    """training.val_every needs meta-val episodes."""
+    if not cfg.datasets.meta_val and not cfg.datasets.synthetic_only:
+        raise ConfigError(f"training.val_every is {cfg.training.val_every}, but datasets.meta_val "
+                          "lists no source to validate on; add a meta_val source (a held-out "
+                          "domain, e.g. --eval_dataset) or set training.val_every=0")
+
+
+def _is_lora_factor(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith(M.LORA_PREFIX)
+
+
+def _best_score(path: Path) -> float:
+    """The meta-val accuracy stored in `best.pt` (-inf when there is none yet)."""
+    if not path.is_file():
+        return -math.inf
+    return float(load_checkpoint(path).get("val_accuracy", -math.inf))
+
+
 def _rank_tasks(meta_batch_size: int, rank: int, world: int) -> range:
     """The global task indices t of `rank`'s contiguous share of a meta-batch.
 
@@ -1372,8 +1473,10 @@ def _summary(trainer: MetaTrainer, run_dir: Path, saved: list[Path], sink: Metri
     lines = sink.jsonl_path.read_text().splitlines()
     if lines:
         last = json.loads(lines[-1])
+    best = best_checkpoint_path(run_dir)
     return {"run_dir": str(run_dir), "iterations": trainer.iteration,
             "checkpoints": [str(p) for p in saved],
+            "best_checkpoint": str(best) if best.is_file() else None,
             "last_checkpoint": str(saved[-1]) if saved else None,
             "config": str(run_dir / "config.yml"), "final_metrics": last, **sink.locations()}
 
@@ -1382,6 +1485,7 @@ def _summary_text(summary: Mapping) -> str:
     lines = [f"training done: {summary['iterations']} iterations",
              f"  checkpoints   {Path(summary['run_dir']) / 'checkpoints'} "
              f"(last: {summary['last_checkpoint']})",
+             *([f"  best meta-val {summary['best_checkpoint']}"] if summary.get("best_checkpoint") else []),
              f"  metrics       {summary['metrics']}"]
     if "mlflow" in summary:
         lines.append(f"  MLflow        {summary['mlflow_command']}")
