@@ -248,7 +248,7 @@ def test_metrics_go_to_jsonl_tensorboard_and_mlflow(tmp_path, monkeypatch):
 def test_best_checkpoint_keeps_the_early_meta_val_peak(tmp_path, monkeypatch):
     """A run whose meta-val peaks at iteration 2 of 6 keeps iteration 2's theta as best.pt,
     although later evaluations are written (and checkpoints saved) after it."""
-    scores = iter([0.40, 0.90, 0.50])  # meta-val at iterations 2, 4, 6: the peak is early
+    scores = iter([0.30, 0.40, 0.90, 0.50])  # frozen encoder, then iterations 2, 4, 6: an early peak
     monkeypatch.setattr(trainer.MetaTrainer, "validate", lambda self: next(scores))
     run = tmp_path / "run"
     cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2",
@@ -258,6 +258,8 @@ def test_best_checkpoint_keeps_the_early_meta_val_peak(tmp_path, monkeypatch):
     at_4 = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_4.pt")
     last = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
     assert best["iteration"] == 4 and best["val_accuracy"] == 0.90
+    assert best["frozen_val_accuracy"] == 0.30 and last["val_iteration"] == 6
+    assert "frozen encoder 30.00%" in trainer.val_summary(best)
     assert json.loads((run / "checkpoints" / "best.json").read_text())["iteration"] == 4
     assert summary["best_checkpoint"] == str(run / "checkpoints" / "best.pt")
     for name, tensor in at_4["theta"].items():

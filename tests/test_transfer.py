@@ -149,3 +149,51 @@ def test_wilcoxon_and_ci_match_scipy():
     values = [0.7, 0.8, 0.75]
     half = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
     assert transfer.ci95(values) == pytest.approx((half[1] - half[0]) / 2)
+
+
+def test_cross_domain_recipe_trains_on_a_users_csv(tmp_path):
+    """configs/cross_domain.yml through the real CLI on a CSV (tiny model via flags): it keeps
+    best.pt by meta-val, and its LoRA never leaves the frozen encoder (B = 0) in the outer loop."""
+    import utils
+    rows = ["text,label"] + [f"word{c} sample {i} thing{c}{i % 3},intent_{c}" for c in range(15) for i in range(6)]
+    data = tmp_path / "my_intents.csv"
+    data.write_text("\n".join(rows) + "\n")
+    cmd = [sys.executable, "main.py", "--mode", "train", "--config", "configs/cross_domain.yml",
+           "--dataset", str(data), "--text_column", "text", "--label_column", "label",
+           "--model", "tiny-bert", "--num_iterations", "4", "--n_way", "3", "--q_query", "2",
+           "--meta_batch_size", "2", "--output_dir", str(tmp_path / "runs"), "--experiment_name", "x",
+           "--set", "training.val_every=2", "--set", "training.val_episodes=2",
+           "--set", "models.max_length=16", "--set", "tracking.mlflow=false",
+           "--set", "tracking.tensorboard=false"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = utils.load_checkpoint(tmp_path / "runs" / "x" / "checkpoints" / "best.pt")
+    assert best["iteration"] in (2, 4) and 0.0 <= best["val_accuracy"] <= 1.0
+    lora_b = [t for n, t in best["theta"].items() if n.endswith("lora_B")]
+    assert lora_b and all(torch.count_nonzero(t) == 0 for t in lora_b)
+    assert best["inner_lr"] is not None and best["inner_lr"].numel() == 3  # learned per-step rates
+    # adapt prints the run's meta-val accuracy beside the frozen encoder's
+    support, predict = tmp_path / "support.csv", tmp_path / "predict.csv"
+    support.write_text("text,label\nword0 a,intent_0\nword1 b,intent_1\nword2 c,intent_2\n")
+    predict.write_text("text,label\nword0 x,intent_0\nword1 y,intent_1\n")
+    adapt = [sys.executable, "main.py", "--mode", "adapt", "--checkpoint", str(tmp_path / "runs" / "x" / "checkpoints" / "best.pt"),
+             "--support", str(support), "--predict", str(predict), "--output_dir", str(tmp_path / "runs"),
+             "--experiment_name", "a", "--set", "tracking.mlflow=false", "--set", "tracking.tensorboard=false"]
+    done = subprocess.run(adapt, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"meta-val accuracy at iteration {best['iteration']}" in done.stdout
+    assert "frozen encoder" in done.stdout
+
+
+def test_evaluate_names_the_frozen_encoder_beside_melora():
+    import evaluation
+    import trainer
+    results = {"methods": {"melora": {"accuracy_mean": 0.84}, "finetune": {"accuracy_mean": 0.888}}}
+    line = evaluation.frozen_comparison(results)
+    assert "84.00%" in line and "88.80%" in line and "did not help" in line and "-4.80" in line
+    assert evaluation.frozen_comparison({"methods": {"melora": {"accuracy_mean": 0.8}}}) is None
+    assert trainer.val_summary({"iteration": 3}) is None
+    hurt = trainer.val_summary({"val_accuracy": 0.5, "frozen_val_accuracy": 0.6, "val_iteration": 7})
+    assert "-10.00 points" in hurt and "best.pt" in hurt
