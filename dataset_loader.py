@@ -6,7 +6,8 @@ list of sources mixed by `weight`):
 - a Hugging Face hub dataset (`clinc_oos` with config `plus`, `banking77`, ...), loaded
   with `datasets.load_dataset`; offline it fails at once, naming `--synthetic_only` and
   `--dataset PATH`;
-- a local `csv`, `json`, `jsonl` or `parquet` file (read by `datasets`), or a JSON object
+- a local `csv` or JSON-lines file (`.jsonl`, or `.json` with one object a line; every cell
+  read as a string), a `json` or `parquet` table (read by `datasets`), or a JSON object
   of split -> `[[text, label], ...]` (CLINC150's `data_full.json`; `split` picks the key);
   relative paths resolve against the current working directory;
 - `custom:NAME`: whatever a subclass's `_load_custom_task(NAME)` returns;
@@ -14,7 +15,9 @@ list of sources mixed by `weight`):
 
 Classes: a source with `groups` takes the classes of those groups of its `group_file`
 (a JSON class-to-group map such as CLINC150's `domains.json`, a path or an http(s) URL).
-A source without `groups` named by several meta-splits has its classes (or, with a
+A source with a `classes_file` (a text file, one class name a line, such as the standard
+few-shot class splits `data/hwu64/splits/01/labels.train.txt`) takes exactly those classes;
+a name the data lacks, or an empty file, is an error. A source with neither named by several meta-splits has its classes (or, with a
 `group_file`, its groups) split at random, seeded, disjoint, by `class_split`. Meta-train,
 meta-validation and meta-test classes of one source never overlap (checked).
 
@@ -108,6 +111,7 @@ class _Source:
     group_file: str
     groups: tuple[str, ...]
     weight: float
+    classes_file: str = ""
 
     @property
     def name(self) -> str:
@@ -481,6 +485,8 @@ class _SourceReader:
     def _entry_classes(self, split: str, entry: _Source, table: _Table) -> list[str]:
         """Class names `entry` contributes to `split` (before the size checks)."""
         present = set(table.label_names)
+        if entry.classes_file:
+            return _read_classes_file(entry, present)
         if entry.groups:
             groups = self._group_map(entry)
             classes = [c for g in entry.groups for c in groups[g] if c in present]
@@ -490,7 +496,7 @@ class _SourceReader:
                                 f"like {table.label_names[:5]}; check label_column")
             return classes
         users = [s for s in SPLITS if any(e.identity == entry.identity and not e.groups
-                                          for e in self.entries(s))]
+                                          and not e.classes_file for e in self.entries(s))]
         if len(users) <= 1:
             return table.label_names
         return self._class_split_part(split, entry, users, present)
@@ -824,7 +830,7 @@ def cli_dataset_overrides(dataset: str | None, eval_dataset: str | None,
 
     def entry(source: str, role: str) -> dict:
         return {"source": source, "config": "", "split": _cli_split(source, role),
-                "group_file": "", "groups": [], "weight": 1.0, **columns}
+                "group_file": "", "groups": [], "classes_file": "", "weight": 1.0, **columns}
 
     out: dict[str, object] = {}
     if dataset is not None:
@@ -902,7 +908,7 @@ def split_units(units: list[str], fractions: list[float], seed: int) -> list[lis
 def _source(e: dict) -> _Source:
     """A `_Source` from one config item of a meta-split's list."""
     return _Source(e["source"], e["config"], e["split"], e["text_column"], e["label_column"],
-                   e["group_file"], tuple(e["groups"]), e["weight"])
+                   e["group_file"], tuple(e["groups"]), e["weight"], e["classes_file"])
 
 
 def _entries(datasets_cfg, split: str) -> list[_Source]:
@@ -959,6 +965,14 @@ def _validate_entry(key: str, entry: _Source) -> None:
         raise ConfigError(f"{key} selects groups {list(entry.groups)} but has no group_file; "
                           "set group_file to a class-to-group JSON (e.g. CLINC150's "
                           "domains.json) or set groups to []")
+    if entry.groups and entry.classes_file:
+        raise ConfigError(f"{key} sets both groups {list(entry.groups)} and classes_file "
+                          f"{entry.classes_file!r}; keep one (set groups to [] or classes_file "
+                          "to \"\")")
+    if entry.classes_file and not Path(entry.classes_file).is_file():
+        raise DataError(f"{key}.classes_file {entry.classes_file!r} does not exist; give the "
+                        "path of a text file with one class name a line (e.g. "
+                        "data/hwu64/splits/01/labels.train.txt) or set it to \"\"")
     if entry.kind == "file":
         check_data_file(entry.source, f"{key}.source", "--dataset data/clinc150/data_full.json")
     if entry.group_file and not _is_url(entry.group_file) and not Path(entry.group_file).is_file():
@@ -1021,6 +1035,8 @@ def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], l
             data = None  # JSON lines: read as a table below
         if isinstance(data, dict) and _looks_like_pairs(data):
             return _read_pairs(data, entry)
+    if suffix == ".jsonl" or (suffix == ".json" and data is None):
+        return _read_json_lines(text, entry)
     import datasets
     if entry.split != "train":
         raise DataError(f"{entry.source} is one table, which `datasets` calls split 'train'; "
@@ -1036,6 +1052,64 @@ def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], l
         raise DataError(f"could not read {entry.source} as {path.suffix[1:]} ({first}); check "
                         "the file's format") from e
     return _columns(table, entry)
+
+
+def _read_json_lines(text: str, entry: _Source) -> tuple[list[str], list[str]]:
+    """(texts, label names) of JSON-lines text (one object a line), every value a string.
+
+    Read with the standard library, as CSV cells are (no `datasets` type guessing): a label
+    `01` stays `01`, and a number is a text like any other.
+    """
+    if entry.split != "train":
+        raise DataError(f"{entry.source} is one table, which `datasets` calls split 'train'; "
+                        f"set the source's split to \"train\" (got {entry.split!r})")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{entry.source} line {number} is not JSON ({e}); fix that line") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{entry.source} line {number} is not a JSON object; each line "
+                            "must be one object such as {\"text\": ..., \"label\": ...}")
+        rows.append(row)
+    columns = sorted({k for row in rows for k in row})
+    for role in ("text_column", "label_column"):
+        column = getattr(entry, role)
+        if column not in columns:
+            raise DataError(f"{entry.name} has no column {column!r} (the {role}); its columns "
+                            f"are: {', '.join(columns)}; pass --{role} NAME or set {role} in "
+                            "datasets")
+    labels = [_cell(row.get(entry.label_column)) for row in rows]
+    _check_filled(labels, entry, entry.label_column, "have an empty label")
+    texts = [_cell(row.get(entry.text_column)) for row in rows]
+    _check_filled(texts, entry, entry.text_column, "have no text")
+    return texts, labels
+
+
+def _cell(value) -> str | None:
+    """A JSON value as a table cell: strings kept, numbers and booleans as their JSON text."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _read_classes_file(entry: _Source, present: set[str]) -> list[str]:
+    """The class names of `entry.classes_file` (one a line), each checked against the data."""
+    path = Path(entry.classes_file)
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        raise DataError(f"classes_file {entry.classes_file} of {entry.name} names no class; "
+                        "write one class name a line")
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DataError(f"classes_file {entry.classes_file} names {len(missing)} class(es) that "
+                        f"{entry.name} does not have (first: {missing[:3]}); labels look like "
+                        f"{sorted(present)[:5]}; check the file and label_column")
+    return names
 
 
 def _read_csv(text: str):

@@ -105,7 +105,7 @@ BOOL_OR_WORD: dict[str, tuple] = {"memory_optimization.checkpointing.enabled": (
 OPEN_MAPPINGS = ("lora.target_modules",)
 # In a list of mappings (dataset sources), a user's item inherits missing keys from the
 # first default item, except these, which start empty (no group map, no hub config).
-LIST_ITEM_BLANKS = {"config": "", "group_file": "", "groups": []}
+LIST_ITEM_BLANKS = {"config": "", "group_file": "", "groups": [], "classes_file": ""}
 
 
 class UserError(Exception):

@@ -390,7 +390,7 @@ def test_cli_overrides_shapes():
     assert list(only_eval) == ["datasets.meta_test"]
     assert only_eval["datasets.meta_test"][0] == {
         "source": "banking77", "config": "", "split": "test", "group_file": "", "groups": [],
-        "weight": 1.0, "label_column": "label"}
+        "classes_file": "", "weight": 1.0, "label_column": "label"}
     pairs = cli_dataset_overrides(str(CLINC / "data_full.json"), None, None, None)
     assert [pairs[f"datasets.{s}"][0]["split"] for s in dl.SPLITS] == ["train", "train", "test"]
     with pytest.raises(ConfigError, match="--dataset or --eval_dataset"):
