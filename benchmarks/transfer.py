@@ -153,14 +153,14 @@ _ALL_PAIRS = _PRIMARY + (("clinc150", "liu54"), ("liu54", "clinc150"))
 PRESETS = {
     "gpu": Preset(
         name="gpu", model="minilm-l6", pairs=_ALL_PAIRS, shapes=((5, 1), (5, 5)), q_query=5,
-        max_length=32, meta_batch=4, iterations=40, eval_every=20, test_episodes=100,
+        max_length=32, meta_batch=4, iterations=40, eval_every=20, test_episodes=60,
         curve_episodes=20, val_episodes=20, similarity_texts=100, seeds=(0, 1, 2),
         remedy_pairs=_PRIMARY,
         overrides={"meta_learning.outer.default_lr": 0.002, "meta_learning.batched_tasks": True,
                    "memory_optimization.checkpointing.enabled": False,
                    "memory_optimization.gradient_accumulation.default_micro_batch": 0},
         cuts=("40 meta-iterations per row (the issue's check), meta-batch 4, outer lr 2e-3, 32 tokens",
-              "100 target episodes x 5 queries per class; curve, meta-val (20 episodes each) and "
+              "60 target episodes x 5 queries per class (the issue's check); curve, meta-val (20 episodes each) and "
               "similarity (100 target utterances) at iterations 0, 20, 40",
               "one ProtAugment class split (01) per dataset")),
     "cpu": Preset(
