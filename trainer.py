@@ -954,6 +954,7 @@ class MetaTrainer:
         device: where batches go.
         identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
             `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
+        selection: model selection on meta-val (`ModelSelection`; None: training.val_every 0).
 
     Example:
         >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
@@ -961,8 +962,8 @@ class MetaTrainer:
         >>> stats = trainer.train_step(0)
     """
 
-    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
-        self.model, self.loader, self.device = model, loader, device
+    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping, selection=None):
+        self.model, self.loader, self.device, self.selection = model, loader, device, selection or ModelSelection()
         self.meta, self.memory, self.training = meta, memory, training
         self.identity = dict(identity)
         self.seed = training.seed
@@ -975,8 +976,6 @@ class MetaTrainer:
         self.inner_lr = _initial_inner_lr(meta.inner, self.inner_steps, self.theta, device)
         self.optimizer = torch.optim.Adam(self.outer_parameters(), lr=meta.outer.default_lr)
         self.iteration = 0          # meta-iterations completed
-        self.val_loader = None      # meta-val episodes for `validate` (training.val_every > 0)
-        self.val_record: dict = {}  # frozen_val_accuracy, val_accuracy, val_iteration (checkpointed)
         self.nonfinite_streak = 0   # non-finite meta-batches in a row
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run
         self._autocast = _autocast_context(training.precision, device)
@@ -991,16 +990,12 @@ class MetaTrainer:
                 `<training.output_dir>/cache` when that is "".
         """
         _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
-        if cfg.training.val_every > 0:
-            _check_meta_val(cfg)
         device = rank_device(resolve_device(cfg.training.device))
         model, tokenizer = M.build_model(cfg, device)
+        selection = ModelSelection.from_config(cfg, tokenizer, cache_dir)  # before the long loading
         loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
-        trainer = cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
-                      device, _identity(cfg))
-        if cfg.training.val_every > 0:
-            trainer.val_loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_val",), cache_dir)
-        return trainer
+        return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
+                   device, _identity(cfg), selection)
 
     # -- the verbs of Algorithm 1 -------------------------------------------------------
 
@@ -1050,9 +1045,7 @@ class MetaTrainer:
         clip = self.meta.outer.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
         for name, param in self.theta.items():
-            # outer.learn_lora false: LoRA keeps its initialisation (Adam skips a None grad)
-            frozen = not self.meta.outer.learn_lora and _is_lora_factor(name)
-            param.grad = None if frozen else (grads[name] * scale).to(param.dtype)
+            param.grad = None if _frozen(self.meta, name) else (grads[name] * scale).to(param.dtype)
         if isinstance(self.inner_lr, torch.Tensor):
             g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
             self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
@@ -1073,13 +1066,9 @@ class MetaTrainer:
         set_seed(_iteration_seed(self.seed, iteration))
         # 2. Sample a meta-batch of tasks T_i ~ p(T).
         tasks = self.sample_tasks(iteration)
-        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
-        #    (on CUDA out-of-memory, retried with half the micro-batch).
-        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
-        if self.meta.anchor > 0:  # 3b. the proximal anchor on the LoRA update (L2-SP)
-            penalty, extra = anchor_gradient(self.model, self.theta, self.meta.anchor)
-            grads = {n: g + extra[n] if n in extra else g for n, g in grads.items()}
-            meta_loss, stats = meta_loss + penalty, {**stats, "anchor_penalty": penalty}
+        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K (on CUDA
+        #    out-of-memory, retried with half the micro-batch), plus any anchor term (L2-SP).
+        meta_loss, grads, stats = _anchored(self, *self._meta_gradient_in_memory(tasks, iteration))
         # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
         grad_norm = _global_norm(grads.values())
         finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
@@ -1103,9 +1092,7 @@ class MetaTrainer:
         """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
 
         Logs every `training.log_every` iterations to `sink`, checkpoints every
-        `training.save_every` iterations and at the end. With `training.val_every`, scores
-        meta-val every that many iterations (and at the end) and keeps the best theta so
-        far as `checkpoints/best.pt` (`keep_best`). Under torchrun only rank 0 logs,
+        `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
         shows the progress bar and writes checkpoints (the others pass `sink=None`).
 
         Returns:
@@ -1120,16 +1107,12 @@ class MetaTrainer:
         bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
                    desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
                    disable=not is_main_process())
-        if self.val_loader is not None and self.iteration == 0:
-            # theta at its initialisation is the frozen encoder (LoRA B = 0): its meta-val
-            # accuracy is what meta-training must beat (adapt and evaluate print both)
-            self.val_record["frozen_val_accuracy"] = self.validate()
+        self.selection.start(self)  # meta-val of the frozen encoder, when selecting on meta-val
         with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
             for iteration in bar:
                 metrics = self.train_step(iteration)
                 done = iteration + 1
-                if self.val_loader is not None and (done % self.training.val_every == 0 or done == end):
-                    metrics["val_accuracy"] = self.keep_best(run_dir)
+                metrics.update(self.selection.after_step(self, done, end, run_dir))  # best.pt
                 bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
                                 acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
                 if sink is not None and (done % self.training.log_every == 0 or done == end):
@@ -1144,42 +1127,6 @@ class MetaTrainer:
         bar.close()
         return saved
 
-    # -- model selection on meta-val --------------------------------------------------
-
-    def validate(self) -> float:
-        """Mean query accuracy after K adaptation steps from theta on the first
-        `training.val_episodes` meta-val episodes (the same episodes every time; dropout
-        seeded per episode as evaluation.py does)."""
-        import baseline as B  # baseline imports this module
-        from utils import episode_seed
-        method = B.MELoRA(self.model, self.inner_lr, self.inner_steps, self.method, self.micro_batch,
-                          head_init=self.meta.head_init)
-        accuracies = []
-        for i in range(self.training.val_episodes):
-            set_seed(episode_seed(self.seed, i))
-            accuracies.append(method.adapt(self.val_loader.episode("meta_val", i), self.inner_steps)[-1])
-        return float(np.mean(accuracies))
-
-    def keep_best(self, run_dir: Path) -> float:
-        """Score meta-val; when it beats `best.pt`'s score (or there is none), write this
-        theta as `best.pt` (atomically, the score inside) and `best.json`. Returns the score.
-
-        Training may overfit its source: the best meta-val checkpoint, not the last, is the
-        one to carry to another domain (issue 30).
-        """
-        accuracy = self.validate()
-        self.val_record.update(val_accuracy=accuracy, val_iteration=self.iteration)
-        path = best_checkpoint_path(run_dir)
-        if not is_main_process() or accuracy <= _best_score(path):
-            return accuracy
-        save_checkpoint(path, self.state_dict())
-        atomic_write_json(path.with_suffix(".json"), {
-            "iteration": self.iteration, **self.val_record,
-            "val_episodes": self.training.val_episodes, "checkpoint": str(path)})
-        log.info("meta-val accuracy %.4f at iteration %d: the best so far, kept as %s",
-                 accuracy, self.iteration, path)
-        return accuracy
-
     # -- checkpoints --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -1190,7 +1137,7 @@ class MetaTrainer:
                 "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
                 "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
                 "optimizer": self.optimizer.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak, **self.val_record}
+                "nonfinite_streak": self.nonfinite_streak, **self.selection.record}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
@@ -1206,7 +1153,7 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
-        self.val_record = {k: state[k] for k in VAL_KEYS if k in state}
+        self.selection.record = {k: state[k] for k in VAL_KEYS if k in state}
 
     def save_checkpoint(self, path: Path) -> Path:
         """Write the checkpoint atomically; a non-finite theta is never written.
@@ -1238,6 +1185,80 @@ class MetaTrainer:
             # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
             # depends on it) continues with the micro-batch this run actually used.
             self.identity["config"] = _with_micro_batch(self.identity["config"], self.micro_batch)
+
+
+class ModelSelection:
+    """Model selection on meta-val (`training.val_every`): the best theta kept as best.pt.
+
+    Training may overfit its source: the checkpoint with the best meta-val accuracy, not
+    the last, is the one to carry to another domain (issue 30). Before the first
+    iteration it scores the frozen encoder (theta at its initialisation: LoRA B = 0), then
+    every `every` iterations and at the end the current theta; `record` (checkpointed)
+    holds frozen_val_accuracy, val_accuracy and val_iteration, which adapt and evaluate
+    print side by side (`val_summary`). Without a meta-val loader it does nothing.
+
+    Args:
+        loader: a `DatasetLoader` of the `meta_val` split, or None (off).
+        every: iterations between evaluations (training.val_every).
+        episodes: meta-val episodes 0..episodes-1 per evaluation (training.val_episodes).
+    """
+
+    def __init__(self, loader=None, every: int = 0, episodes: int = 0):
+        self.loader, self.every, self.episodes = loader, every, episodes
+        self.record: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer, cache_dir=None) -> "ModelSelection":
+        """On when training.val_every > 0 (then datasets.meta_val must name a source)."""
+        if cfg.training.val_every <= 0:
+            return cls()
+        _check_meta_val(cfg)
+        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_val",), cache_dir)
+        return cls(loader, cfg.training.val_every, cfg.training.val_episodes)
+
+    def start(self, trainer: MetaTrainer) -> None:
+        """Score the frozen encoder before a fresh run's first iteration."""
+        if self.loader is not None and trainer.iteration == 0:
+            self.record["frozen_val_accuracy"] = self.validate(trainer)
+
+    def after_step(self, trainer: MetaTrainer, done: int, end: int, run_dir: Path) -> dict:
+        """When due, score meta-val and keep theta as best.pt if it is the best so far;
+        returns {"val_accuracy": score} then, {} otherwise."""
+        if self.loader is None or (done % self.every and done != end):
+            return {}
+        return {"val_accuracy": self.keep_best(trainer, run_dir)}
+
+    def validate(self, trainer: MetaTrainer) -> float:
+        """Mean query accuracy after K adaptation steps from theta (`meta_val_accuracy`)."""
+        episodes = [self.loader.episode("meta_val", i) for i in range(self.episodes)]
+        return meta_val_accuracy(trainer.model, trainer.theta, episodes, trainer.inner_lr,
+                                 trainer.inner_steps, trainer.meta.head_init, trainer.micro_batch,
+                                 trainer.seed, trainer.device)
+
+    def keep_best(self, trainer: MetaTrainer, run_dir: Path) -> float:
+        """Score meta-val; when it beats `best.pt`'s score (or there is none), write this
+        theta as `best.pt` (atomically, the score inside) and `best.json`. Returns the score."""
+        accuracy = self.validate(trainer)
+        self.record.update(val_accuracy=accuracy, val_iteration=trainer.iteration)
+        path = best_checkpoint_path(run_dir)
+        if is_main_process() and accuracy > _best_score(path):
+            _write_best(path, trainer.state_dict(), self.episodes)
+        return accuracy
+
+
+def _anchored(trainer: MetaTrainer, meta_loss: float, grads: dict, stats: dict) -> tuple[float, dict, dict]:
+    """The meta-batch's loss and gradient plus the proximal anchor (meta_learning.anchor)."""
+    if trainer.meta.anchor <= 0:
+        return meta_loss, grads, stats
+    penalty, extra = anchor_gradient(trainer.model, trainer.theta, trainer.meta.anchor)
+    grads = {n: g + extra[n] if n in extra else g for n, g in grads.items()}
+    return meta_loss + penalty, grads, {**stats, "anchor_penalty": penalty}
+
+
+def _frozen(meta, name: str) -> bool:
+    """Whether the outer loop leaves theta[name] alone: LoRA factors under
+    meta_learning.outer.learn_lora false keep their initialisation (Adam skips a None grad)."""
+    return not meta.outer.learn_lora and _is_lora_factor(name)
 
 
 def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes: list,
@@ -1279,6 +1300,44 @@ def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes:
         grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
         stats = {k: stats.get(k, 0.0) + float(v) for k, v in metrics.items()}
     return loss, grads, stats
+
+
+def meta_val_accuracy(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes: list,
+                      inner_lr: float | torch.Tensor, inner_steps: int, head_init: str,
+                      micro_batch: int, seed: int, device: torch.device) -> float:
+    """Mean query accuracy after `inner_steps` SGD steps from theta over `episodes`.
+
+    Adaptation as `baseline.FewShotMethod.adapt` (so model selection sees what evaluation
+    reports): phi_0 = `initial_fast_weights`, first-order steps on the support loss with
+    dropout on (seeded per episode: `utils.episode_seed(seed, i)`), prediction with dropout off.
+    """
+    from utils import episode_seed
+    accuracies = []
+    for i, episode in enumerate(episodes):
+        set_seed(episode_seed(seed, i))
+        support, query = to_device(episode.support, device), to_device(episode.query, device)
+        phi = {n: t.detach() for n, t in initial_fast_weights(model, theta, support, head_init,
+                                                              micro_batch).items()}
+        for rate in _step_rates(inner_lr, inner_steps):
+            leaves = {n: t.requires_grad_() for n, t in phi.items()}
+            loss = F.cross_entropy(M.forward(model, leaves, support), support["labels"])
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            phi = {n: (t - rate * g).detach() if g is not None else t.detach()
+                   for (n, t), g in zip(leaves.items(), grads)}
+        with torch.no_grad(), dropout_off(model):
+            predictions = M.forward(model, phi, query).argmax(-1)
+        accuracies.append(float((predictions == query["labels"]).float().mean()))
+    return float(np.mean(accuracies))
+
+
+def _write_best(path: Path, state: dict, val_episodes: int) -> None:
+    """best.pt (atomically) and best.json beside it, from a state holding val_accuracy."""
+    save_checkpoint(path, state)
+    atomic_write_json(path.with_suffix(".json"), {
+        "iteration": state["iteration"], **{k: state[k] for k in VAL_KEYS if k in state},
+        "val_episodes": val_episodes, "checkpoint": str(path)})
+    log.info("meta-val accuracy %.4f at iteration %d: the best so far, kept as %s",
+             state["val_accuracy"], state["iteration"], path)
 
 
 def anchor_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],

@@ -249,7 +249,7 @@ def test_best_checkpoint_keeps_the_early_meta_val_peak(tmp_path, monkeypatch):
     """A run whose meta-val peaks at iteration 2 of 6 keeps iteration 2's theta as best.pt,
     although later evaluations are written (and checkpoints saved) after it."""
     scores = iter([0.30, 0.40, 0.90, 0.50])  # frozen encoder, then iterations 2, 4, 6: an early peak
-    monkeypatch.setattr(trainer.MetaTrainer, "validate", lambda self: next(scores))
+    monkeypatch.setattr(trainer.ModelSelection, "validate", lambda self, t: next(scores))
     run = tmp_path / "run"
     cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2",
                    "training.save_every=2")
@@ -268,12 +268,23 @@ def test_best_checkpoint_keeps_the_early_meta_val_peak(tmp_path, monkeypatch):
     assert [m["val_accuracy"] for m in metrics(run) if "val_accuracy" in m] == [0.40, 0.90, 0.50]
 
 
-def test_validate_scores_real_meta_val_episodes(tmp_path):
-    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=1", "training.val_every=1",
-                   "training.val_episodes=3")
+def test_validate_equals_the_evaluation_adaptation(tmp_path):
+    """validate() adapts as baseline.MELoRA.adapt does (same phi_0, steps, learned rates,
+    dropout seeding), so best.pt is chosen by the accuracy evaluation would report."""
+    import baseline
+    from utils import episode_seed, set_seed
+    cfg = tiny_cfg(tmp_path, "training.val_every=1", "training.val_episodes=4",
+                   "meta_learning.inner.learn_lr=true")
     meta = trainer.MetaTrainer.from_config(cfg)
-    first, second = meta.validate(), meta.validate()
-    assert 0.0 <= first <= 1.0 and first == second  # the same fixed, seeded episodes
+    for it in range(2):
+        meta.train_step(it)
+    method = baseline.MELoRA(meta.model, meta.inner_lr, meta.inner_steps, meta.method,
+                             meta.micro_batch, head_init=cfg.meta_learning.head_init)
+    reference = []
+    for i in range(4):
+        set_seed(episode_seed(meta.seed, i))
+        reference.append(method.adapt(meta.selection.loader.episode("meta_val", i), meta.inner_steps)[-1])
+    assert meta.selection.validate(meta) == pytest.approx(sum(reference) / 4, abs=1e-12)
 
 
 def test_val_every_without_meta_val_sources_is_refused(tmp_path):
