@@ -525,7 +525,8 @@ def trained_cell(preset: Preset, cell: dict, work: Path, device: str, extra: Seq
     started = time.perf_counter()
     for it in range(preset.iterations + 1):
         if it % preset.eval_every == 0 or it == preset.iterations:
-            point = curve_point(preset, meta, cell, target, frozen, it)
+            point = first_point(preset, meta, cell, target, frozen) if it == 0 else \
+                curve_point(preset, meta, cell, target, frozen, it)
             curve.append(point)
             if best is None or point["val_accuracy"] > best[0]:
                 best = (point["val_accuracy"], it, snapshot(meta))
@@ -547,6 +548,20 @@ def trained_cell(preset: Preset, cell: dict, work: Path, device: str, extra: Seq
         result["selected"] = {"iteration": best[1], "val_accuracy": best[0],
                               "accuracy": chosen[:, -1].tolist()}
     return result
+
+
+_FIRST_POINTS: dict = {}  # (pair, shape, seed, LoRA settings) -> the iteration-0 point
+
+
+def first_point(preset: Preset, meta, cell: dict, target: Target, frozen) -> dict:
+    """The curve's iteration 0: every row of a pair x shape x seed starts from the same
+    initialisation (same seed, same LoRA), so it is computed once per process."""
+    lora = {k: v for k, v in remedies(preset).get(cell["variant"], {}).get("overrides", {}).items()
+            if k.startswith("lora.") or k.endswith("learn_lr")}
+    key = (id(preset), tuple(cell["pair"]), tuple(cell["shape"]), cell["seed"], json.dumps(lora, sort_keys=True))
+    if key not in _FIRST_POINTS:
+        _FIRST_POINTS[key] = curve_point(preset, meta, cell, target, frozen, 0)
+    return dict(_FIRST_POINTS[key])
 
 
 def curve_point(preset: Preset, meta, cell: dict, target: Target, frozen, it: int) -> dict:
@@ -917,6 +932,18 @@ def report(preset: Preset, cells: dict, skipped: list, planned: list, output: Pa
     return result
 
 
+def replot(output: Path) -> dict:
+    """Redraw the figure and the markdown table of a written transfer.json."""
+    from utils import atomic_write_json, atomic_write_text
+    result = json.loads(Path(output).read_text())
+    figure = plot(result, Path(output).with_suffix(".png"))
+    result["figure"] = figure.name if figure else None
+    atomic_write_json(output, result)
+    atomic_write_text(Path(output).with_suffix(".md"), format_tables(result))
+    print(f"wrote {Path(output).with_suffix('.png')}, {Path(output).with_suffix('.md')}")
+    return result
+
+
 def plan_text(preset: Preset) -> str:
     cells = plan_cells(preset)
     lines = [f"preset {preset.name}: {preset.model}, pairs {', '.join(map(pair_key, preset.pairs))}, "
@@ -943,6 +970,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                                     "(transfer_smoke.json for smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--plan", action="store_true", help="print the cells in priority order only")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the figure (and table) from --output's JSON (e.g. after a run was cut off)")
     args = parser.parse_args(argv)
     import torch
 
@@ -954,6 +983,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     output = args.output or RESULTS / ("transfer.json" if preset.name != "smoke" else "transfer_smoke.json")
+    if args.replot:
+        return replot(output)
     work = args.work_dir or RESULTS / "transfer_work" / preset.name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -90,6 +90,14 @@ def test_rerun_reuses_every_cell(smoke, monkeypatch, capsys):
     assert again["complete"] and len(again["cells_done"]) == len(transfer.plan_cells(transfer.PRESETS["smoke"]))
 
 
+def test_replot_redraws_the_figure_from_the_json(smoke, tmp_path, capsys):
+    result, root, _ = smoke
+    copy = tmp_path / "t.json"
+    copy.write_text(json.dumps({**result, "figure": None}))
+    again = transfer.main(["--preset", "smoke", "--output", str(copy), "--replot"])
+    assert again["figure"] == "t.png" and (tmp_path / "t.png").is_file() and (tmp_path / "t.md").is_file()
+
+
 def test_spent_budget_stops_cleanly_with_valid_json(tmp_path, capsys):
     out = tmp_path / "t.json"
     result = transfer.main(["--preset", "smoke", "--device", "cpu", "--budget-minutes", "0.000001",
