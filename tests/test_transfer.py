@@ -62,6 +62,10 @@ def test_smoke_writes_every_row_with_curve_and_similarity(smoke):
             # iteration 0 is the frozen encoder: identical features
             assert curve[0]["cka"] == pytest.approx(1.0) and curve[0]["cosine"] == pytest.approx(1.0)
         assert rows["frozen_cosine"]["diff_vs_frozen_cosine"] == 0.0
+        # before meta-training every row is the frozen encoder with the same adaptation and
+        # dropout seeds: the curve starts exactly at frozen_cosine_finetune on those episodes
+        start = rows["frozen_cosine_finetune"]["accuracy_curve_episodes"]
+        assert all(rows[m]["curve"][0]["target_accuracy"] == pytest.approx(start) for m in transfer.METHODS)
     assert (root / "transfer.png").is_file() and result["figure"] == "transfer.png"
     assert "| melora |" in (root / "transfer.md").read_text()
 
