@@ -339,3 +339,17 @@ def test_learn_lora_false_meta_learns_the_head_only(tmp_path):
         moved = not torch.equal(tensor, before[name])
         assert moved == (name == "head.scale"), name
     assert not torch.equal(meta.inner_lr.detach(), rates)
+
+
+def test_resume_keeps_selecting_against_the_stored_best(tmp_path, monkeypatch):
+    scores = iter([0.30, 0.90, 0.50, 0.60])  # frozen, it 2, it 4; after resume: it 6
+    monkeypatch.setattr(trainer.ModelSelection, "validate", lambda self, t: next(scores))
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "meta_learning.num_iterations=4", "training.val_every=2"), run)
+    train(tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2"), run,
+          resume=run / "checkpoints" / "checkpoint_iter_4.pt")
+    best = utils.load_checkpoint(run / "checkpoints" / "best.pt")
+    last = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
+    assert best["iteration"] == 2 and best["val_accuracy"] == 0.90
+    assert last["frozen_val_accuracy"] == 0.30 and last["val_accuracy"] == 0.60
+    assert next(scores, None) is None  # the frozen encoder was not scored again on resume
