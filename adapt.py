@@ -56,7 +56,7 @@ import baseline as B
 import model as M
 from dataset_loader import FILE_BUILDERS, check_data_file
 from evaluation import evaluation_config, read_checkpoint
-from trainer import dropout_off, load_theta
+from trainer import dropout_off, load_theta, val_summary
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                    load_config, resolve_device, set_seed, world_size)
 
@@ -332,6 +332,8 @@ def run_adapt(job: AdaptJob, run_dir: str | os.PathLike) -> dict:
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         atomic_write_bytes(run_dir / CONFUSION_FILE, confusion_png(metrics))
         print(format_metrics(metrics))
+    if val_summary(job.state):  # the checkpoint's meta-val against the frozen encoder (issue 30)
+        print(val_summary(job.state))
     print(f"predictions: {run_dir / PREDICTIONS_FILE} ({len(frame)} rows)\n"
           f"adapted model: {run_dir / ADAPTED_DIR} (PEFT adapter + head; README.md, Adapt)")
     return metrics

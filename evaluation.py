@@ -66,6 +66,7 @@ import baseline as B
 import model as M
 from dataset_loader import DatasetLoader
 from trainer import MetaTrainer, restore_model, saved_config
+from trainer import val_summary
 from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
                    atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
                    load_checkpoint, load_config_with_base, rank, rank_device,
@@ -148,6 +149,9 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     atomic_write_json(run_dir / RESULTS_FILE, results)
     _log_metrics(results, cfg, run_dir)
     print(format_tables(results))
+    for line in (frozen_comparison(results), val_summary(state)):  # issue 30: say when it hurts
+        if line:
+            print(line)
     log.info("results: %s", run_dir / RESULTS_FILE)
     return results
 
@@ -586,6 +590,18 @@ def format_tables(results: Mapping) -> str:
         curve = m["accuracy_per_step"]["mean"]
         lines.append(f"| {name} | {100 * curve[0]:.2f} | {100 * curve[-1]:.2f} |")
     return "\n".join(lines)
+
+
+def frozen_comparison(results: Mapping) -> str | None:
+    """MELoRA's accuracy beside the frozen encoder's (`finetune`: no meta-training, the same
+    head and adaptation steps), when both were evaluated; None otherwise."""
+    methods = results["methods"]
+    if "melora" not in methods or "finetune" not in methods:
+        return None
+    mine, frozen = 100 * methods["melora"]["accuracy_mean"], 100 * methods["finetune"]["accuracy_mean"]
+    verdict = "helped" if mine > frozen else "did not help"
+    return (f"meta-learned (melora) {mine:.2f}% vs frozen encoder (finetune, no meta-training) "
+            f"{frozen:.2f}%: meta-training {verdict} here ({mine - frozen:+.2f} points)")
 
 
 def _log_metrics(results: Mapping, cfg: Config, run_dir: Path) -> None:

@@ -700,6 +700,8 @@ class _KFACRecorder:
 CHECKPOINT_VERSION = 1
 # What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
 RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
+# What a checkpoint records of model selection on meta-val (training.val_every).
+VAL_KEYS = ("frozen_val_accuracy", "val_accuracy", "val_iteration")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -714,6 +716,12 @@ class OutOfMemory(UserError):
 def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
     """`<run_dir>/checkpoints/checkpoint_iter_<iteration>.pt`."""
     return Path(run_dir) / "checkpoints" / f"checkpoint_iter_{iteration}.pt"
+
+
+def best_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """`<run_dir>/checkpoints/best.pt`: the checkpoint with the best meta-val accuracy
+    (`training.val_every`)."""
+    return Path(run_dir) / "checkpoints" / "best.pt"
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -946,6 +954,7 @@ class MetaTrainer:
         device: where batches go.
         identity: what a checkpoint must record to rebuild this model: `model`, `n_way`,
             `lora` (rank, alpha, dropout, target_modules) and `config` (a JSON string).
+        selection: model selection on meta-val (`ModelSelection`; None: training.val_every 0).
 
     Example:
         >>> trainer = MetaTrainer.from_config(load_config(overrides=["models.selected_model=tiny-bert",
@@ -953,8 +962,8 @@ class MetaTrainer:
         >>> stats = trainer.train_step(0)
     """
 
-    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping):
-        self.model, self.loader, self.device = model, loader, device
+    def __init__(self, model, loader, meta, memory, training, device, identity: Mapping, selection=None):
+        self.model, self.loader, self.device, self.selection = model, loader, device, selection or ModelSelection()
         self.meta, self.memory, self.training = meta, memory, training
         self.identity = dict(identity)
         self.seed = training.seed
@@ -986,9 +995,10 @@ class MetaTrainer:
         _rank_tasks(cfg.meta_learning.default_meta_batch_size, rank(), world_size())  # fail fast
         device = rank_device(resolve_device(cfg.training.device))
         model, tokenizer = M.build_model(cfg, device)
+        selection = ModelSelection.from_config(cfg, tokenizer, cache_dir)  # before the long loading
         loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_train",), cache_dir)
         return cls(model, loader, cfg.meta_learning, cfg.memory_optimization, cfg.training,
-                   device, _identity(cfg))
+                   device, _identity(cfg), selection)
 
     # -- the verbs of Algorithm 1 -------------------------------------------------------
 
@@ -1038,7 +1048,7 @@ class MetaTrainer:
         clip = self.meta.outer.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
         for name, param in self.theta.items():
-            param.grad = (grads[name] * scale).to(param.dtype)
+            param.grad = None if _frozen(self.meta, name) else (grads[name] * scale).to(param.dtype)
         if isinstance(self.inner_lr, torch.Tensor):
             g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
             self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
@@ -1059,9 +1069,9 @@ class MetaTrainer:
         set_seed(_iteration_seed(self.seed, iteration))
         # 2. Sample a meta-batch of tasks T_i ~ p(T).
         tasks = self.sample_tasks(iteration)
-        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K
-        #    (on CUDA out-of-memory, retried with half the micro-batch).
-        meta_loss, grads, stats = self._meta_gradient_in_memory(tasks, iteration)
+        # 3. Inner loop per task, then the meta-gradient of its query loss at phi_K (on CUDA
+        #    out-of-memory, retried with half the micro-batch), plus any anchor term (L2-SP).
+        meta_loss, grads, stats = _anchored(self, *self._meta_gradient_in_memory(tasks, iteration))
         # 4. Guard: a non-finite loss or gradient skips the meta-batch; theta stays finite.
         grad_norm = _global_norm(grads.values())
         finite = math.isfinite(meta_loss) and math.isfinite(grad_norm)
@@ -1100,10 +1110,12 @@ class MetaTrainer:
         bar = tqdm(range(self.iteration, end), initial=self.iteration, total=end,
                    desc="meta-train", unit="it", mininterval=1.0, dynamic_ncols=True,
                    disable=not is_main_process())
+        self.selection.start(self)  # meta-val of the frozen encoder, when selecting on meta-val
         with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish the iteration, checkpoint, stop
             for iteration in bar:
                 metrics = self.train_step(iteration)
                 done = iteration + 1
+                metrics.update(self.selection.after_step(self, done, end, run_dir))  # best.pt
                 bar.set_postfix(loss=f"{metrics['meta_loss']:.3f}",
                                 acc=f"{metrics.get('query_acc_after', float('nan')):.3f}", refresh=False)
                 if sink is not None and (done % self.training.log_every == 0 or done == end):
@@ -1128,7 +1140,7 @@ class MetaTrainer:
                 "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
                 "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
                 "optimizer": self.optimizer.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak}
+                "nonfinite_streak": self.nonfinite_streak, **self.selection.record}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
@@ -1144,6 +1156,7 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.selection.record = {k: state[k] for k in VAL_KEYS if k in state}
 
     def save_checkpoint(self, path: Path) -> Path:
         """Write the checkpoint atomically; a non-finite theta is never written.
@@ -1175,6 +1188,80 @@ class MetaTrainer:
             # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
             # depends on it) continues with the micro-batch this run actually used.
             self.identity["config"] = _with_micro_batch(self.identity["config"], self.micro_batch)
+
+
+class ModelSelection:
+    """Model selection on meta-val (`training.val_every`): the best theta kept as best.pt.
+
+    Training may overfit its source: the checkpoint with the best meta-val accuracy, not
+    the last, is the one to carry to another domain (issue 30). Before the first
+    iteration it scores the frozen encoder (theta at its initialisation: LoRA B = 0), then
+    every `every` iterations and at the end the current theta; `record` (checkpointed)
+    holds frozen_val_accuracy, val_accuracy and val_iteration, which adapt and evaluate
+    print side by side (`val_summary`). Without a meta-val loader it does nothing.
+
+    Args:
+        loader: a `DatasetLoader` of the `meta_val` split, or None (off).
+        every: iterations between evaluations (training.val_every).
+        episodes: meta-val episodes 0..episodes-1 per evaluation (training.val_episodes).
+    """
+
+    def __init__(self, loader=None, every: int = 0, episodes: int = 0):
+        self.loader, self.every, self.episodes = loader, every, episodes
+        self.record: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer, cache_dir=None) -> "ModelSelection":
+        """On when training.val_every > 0 (then datasets.meta_val must name a source)."""
+        if cfg.training.val_every <= 0:
+            return cls()
+        _check_meta_val(cfg)
+        loader = DatasetLoader.from_config(cfg, tokenizer, ("meta_val",), cache_dir)
+        return cls(loader, cfg.training.val_every, cfg.training.val_episodes)
+
+    def start(self, trainer: MetaTrainer) -> None:
+        """Score the frozen encoder before a fresh run's first iteration."""
+        if self.loader is not None and trainer.iteration == 0:
+            self.record["frozen_val_accuracy"] = self.validate(trainer)
+
+    def after_step(self, trainer: MetaTrainer, done: int, end: int, run_dir: Path) -> dict:
+        """When due, score meta-val and keep theta as best.pt if it is the best so far;
+        returns {"val_accuracy": score} then, {} otherwise."""
+        if self.loader is None or (done % self.every and done != end):
+            return {}
+        return {"val_accuracy": self.keep_best(trainer, run_dir)}
+
+    def validate(self, trainer: MetaTrainer) -> float:
+        """Mean query accuracy after K adaptation steps from theta (`meta_val_accuracy`)."""
+        episodes = [self.loader.episode("meta_val", i) for i in range(self.episodes)]
+        return meta_val_accuracy(trainer.model, trainer.theta, episodes, trainer.inner_lr,
+                                 trainer.inner_steps, trainer.meta.head_init, trainer.micro_batch,
+                                 trainer.seed, trainer.device)
+
+    def keep_best(self, trainer: MetaTrainer, run_dir: Path) -> float:
+        """Score meta-val; when it beats `best.pt`'s score (or there is none), write this
+        theta as `best.pt` (atomically, the score inside) and `best.json`. Returns the score."""
+        accuracy = self.validate(trainer)
+        self.record.update(val_accuracy=accuracy, val_iteration=trainer.iteration)
+        path = best_checkpoint_path(run_dir)
+        if is_main_process() and accuracy > _best_score(path):
+            _write_best(path, trainer.state_dict(), self.episodes)
+        return accuracy
+
+
+def _anchored(trainer: MetaTrainer, meta_loss: float, grads: dict, stats: dict) -> tuple[float, dict, dict]:
+    """The meta-batch's loss and gradient plus the proximal anchor (meta_learning.anchor)."""
+    if trainer.meta.anchor <= 0:
+        return meta_loss, grads, stats
+    penalty, extra = anchor_gradient(trainer.model, trainer.theta, trainer.meta.anchor)
+    grads = {n: g + extra[n] if n in extra else g for n, g in grads.items()}
+    return meta_loss + penalty, grads, {**stats, "anchor_penalty": penalty}
+
+
+def _frozen(meta, name: str) -> bool:
+    """Whether the outer loop leaves theta[name] alone: LoRA factors under
+    meta_learning.outer.learn_lora false keep their initialisation (Adam skips a None grad)."""
+    return not meta.outer.learn_lora and _is_lora_factor(name)
 
 
 def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes: list,
@@ -1216,6 +1303,69 @@ def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes:
         grads = {n: grads[n] + g if n in grads else g for n, g in task_grads.items()}
         stats = {k: stats.get(k, 0.0) + float(v) for k, v in metrics.items()}
     return loss, grads, stats
+
+
+def meta_val_accuracy(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes: list,
+                      inner_lr: float | torch.Tensor, inner_steps: int, head_init: str,
+                      micro_batch: int, seed: int, device: torch.device) -> float:
+    """Mean query accuracy after `inner_steps` SGD steps from theta over `episodes`.
+
+    Adaptation as `baseline.FewShotMethod.adapt` (so model selection sees what evaluation
+    reports): phi_0 = `initial_fast_weights`, first-order steps on the support loss with
+    dropout on (seeded per episode: `utils.episode_seed(seed, i)`), prediction with dropout off.
+    """
+    from utils import episode_seed
+    accuracies = []
+    for i, episode in enumerate(episodes):
+        set_seed(episode_seed(seed, i))
+        support, query = to_device(episode.support, device), to_device(episode.query, device)
+        phi = {n: t.detach() for n, t in initial_fast_weights(model, theta, support, head_init,
+                                                              micro_batch).items()}
+        for rate in _step_rates(inner_lr, inner_steps):
+            leaves = {n: t.requires_grad_() for n, t in phi.items()}
+            loss = F.cross_entropy(M.forward(model, leaves, support), support["labels"])
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            phi = {n: (t - rate * g).detach() if g is not None else t.detach()
+                   for (n, t), g in zip(leaves.items(), grads)}
+        with torch.no_grad(), dropout_off(model):
+            predictions = M.forward(model, phi, query).argmax(-1)
+        accuracies.append(float((predictions == query["labels"]).float().mean()))
+    return float(np.mean(accuracies))
+
+
+def _write_best(path: Path, state: dict, val_episodes: int) -> None:
+    """best.pt (atomically) and best.json beside it, from a state holding val_accuracy."""
+    save_checkpoint(path, state)
+    atomic_write_json(path.with_suffix(".json"), {
+        "iteration": state["iteration"], **{k: state[k] for k in VAL_KEYS if k in state},
+        "val_episodes": val_episodes, "checkpoint": str(path)})
+    log.info("meta-val accuracy %.4f at iteration %d: the best so far, kept as %s",
+             state["val_accuracy"], state["iteration"], path)
+
+
+def anchor_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
+                    strength: float) -> tuple[float, dict[str, torch.Tensor]]:
+    """The proximal anchor (strength/2) sum_l ||scaling_l B_l A_l||_F^2 and its gradient.
+
+    A penalty on the LoRA update Delta W = scaling B A itself, so it pulls the adapted
+    weights toward the pretrained ones (L2-SP: Li, Grandvalet & Davoine, 2018, "Explicit
+    Inductive Bias for Transfer Learning") whatever the factors' parametrisation.
+
+    Returns:
+        (penalty, {theta name of every LoRA factor: its gradient}).
+    """
+    names = {id(p): n for n, p in theta.items()}
+    factors, penalty = [], 0.0
+    with torch.enable_grad():
+        for layer in M.lora_layers(model):
+            delta = layer.scaling * (layer.lora_B @ layer.lora_A)  # (out, in)
+            penalty = penalty + delta.pow(2).sum()
+            factors += [layer.lora_A, layer.lora_B]
+        if not factors:
+            return 0.0, {}
+        penalty = 0.5 * strength * penalty
+        grads = torch.autograd.grad(penalty, factors)
+    return float(penalty.detach()), {names[id(p)]: g.detach() for p, g in zip(factors, grads)}
 
 
 def run_training(cfg: Config, run_dir: str | os.PathLike,
@@ -1310,6 +1460,44 @@ def _identity(cfg: Config) -> dict:
             "config": json.dumps(cfg.to_dict())}
 
 
+def val_summary(state: Mapping) -> str | None:
+    """One line comparing a checkpoint's meta-val accuracy with the frozen encoder's, both
+    measured by its training run (training.val_every); None when it measured neither.
+
+    Example: "meta-val accuracy at iteration 40: 84.00%; frozen encoder 88.80% (no
+    meta-training, same adaptation): meta-training changed it by -4.80 points"
+    """
+    if state.get("val_accuracy") is None or state.get("frozen_val_accuracy") is None:
+        return None
+    mine, frozen = 100 * float(state["val_accuracy"]), 100 * float(state["frozen_val_accuracy"])
+    line = (f"meta-val accuracy at iteration {state.get('val_iteration')}: {mine:.2f}%; frozen encoder "
+            f"{frozen:.2f}% (no meta-training, same adaptation): meta-training changed it by "
+            f"{mine - frozen:+.2f} points")
+    if mine < frozen:
+        line += ("; it hurt here: use checkpoints/best.pt, or configs/cross_domain.yml (README, "
+                 "When meta-training helps, and when it hurts)")
+    return line
+
+
+def _check_meta_val(cfg: Config) -> None:
+    """training.val_every needs meta-val episodes."""
+    if not cfg.datasets.meta_val and not cfg.datasets.synthetic_only:
+        raise ConfigError(f"training.val_every is {cfg.training.val_every}, but datasets.meta_val "
+                          "lists no source to validate on; add a meta_val source (a held-out "
+                          "domain, e.g. --eval_dataset) or set training.val_every=0")
+
+
+def _is_lora_factor(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith(M.LORA_PREFIX)
+
+
+def _best_score(path: Path) -> float:
+    """The meta-val accuracy stored in `best.pt` (-inf when there is none yet)."""
+    if not path.is_file():
+        return -math.inf
+    return float(load_checkpoint(path).get("val_accuracy", -math.inf))
+
+
 def _rank_tasks(meta_batch_size: int, rank: int, world: int) -> range:
     """The global task indices t of `rank`'s contiguous share of a meta-batch.
 
@@ -1375,8 +1563,10 @@ def _summary(trainer: MetaTrainer, run_dir: Path, saved: list[Path], sink: Metri
     lines = sink.jsonl_path.read_text().splitlines()
     if lines:
         last = json.loads(lines[-1])
+    best = best_checkpoint_path(run_dir)
     return {"run_dir": str(run_dir), "iterations": trainer.iteration,
             "checkpoints": [str(p) for p in saved],
+            "best_checkpoint": str(best) if best.is_file() else None,
             "last_checkpoint": str(saved[-1]) if saved else None,
             "config": str(run_dir / "config.yml"), "final_metrics": last, **sink.locations()}
 
@@ -1385,6 +1575,7 @@ def _summary_text(summary: Mapping) -> str:
     lines = [f"training done: {summary['iterations']} iterations",
              f"  checkpoints   {Path(summary['run_dir']) / 'checkpoints'} "
              f"(last: {summary['last_checkpoint']})",
+             *([f"  best meta-val {summary['best_checkpoint']}"] if summary.get("best_checkpoint") else []),
              f"  metrics       {summary['metrics']}"]
     if "mlflow" in summary:
         lines.append(f"  MLflow        {summary['mlflow_command']}")

@@ -84,6 +84,7 @@ POSITIVE_INTS = (
     "synthetic.keywords_per_class", "synthetic.words_per_example",
     "memory_optimization.hessian_approximation.hutchinson_probes",
     "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials", "evaluation.seeds",
+    "training.val_episodes",
 )
 NON_NEGATIVE = (
     "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
@@ -93,6 +94,7 @@ NON_NEGATIVE = (
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
     "memory_optimization.checkpointing.cpu_budget_mb", "memory_optimization.memory_budget_mb",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight", "evaluation.tuning_trials",
+    "meta_learning.anchor", "training.val_every",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
                  "synthetic.noise", "analysis.confidence")

@@ -241,3 +241,115 @@ def test_metrics_go_to_jsonl_tensorboard_and_mlflow(tmp_path, monkeypatch):
     assert math.isclose(runs[0].data.metrics["meta_loss"], line["meta_loss"], rel_tol=1e-6)
     assert runs[0].data.params["lora.default_rank"] == "8"
     assert (run / "config.yml").is_file() and (run / "summary.json").is_file()
+
+
+# ---- model selection on meta-val, anchor, LoRA frozen in the outer loop (issue 30) ------
+
+def test_best_checkpoint_keeps_the_early_meta_val_peak(tmp_path, monkeypatch):
+    """A run whose meta-val peaks at iteration 2 of 6 keeps iteration 2's theta as best.pt,
+    although later evaluations are written (and checkpoints saved) after it."""
+    scores = iter([0.30, 0.40, 0.90, 0.50])  # frozen encoder, then iterations 2, 4, 6: an early peak
+    monkeypatch.setattr(trainer.ModelSelection, "validate", lambda self, t: next(scores))
+    run = tmp_path / "run"
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2",
+                   "training.save_every=2")
+    summary = train(cfg, run)
+    best = utils.load_checkpoint(run / "checkpoints" / "best.pt")
+    at_4 = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_4.pt")
+    last = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
+    assert best["iteration"] == 4 and best["val_accuracy"] == 0.90
+    assert best["frozen_val_accuracy"] == 0.30 and last["val_iteration"] == 6
+    assert "frozen encoder 30.00%" in trainer.val_summary(best)
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["iteration"] == 4
+    assert summary["best_checkpoint"] == str(run / "checkpoints" / "best.pt")
+    for name, tensor in at_4["theta"].items():
+        assert torch.equal(best["theta"][name], tensor), name
+    assert any(not torch.equal(last["theta"][n], t) for n, t in at_4["theta"].items())
+    assert [m["val_accuracy"] for m in metrics(run) if "val_accuracy" in m] == [0.40, 0.90, 0.50]
+
+
+def test_validate_equals_the_evaluation_adaptation(tmp_path):
+    """validate() adapts as baseline.MELoRA.adapt does (same phi_0, steps, learned rates,
+    dropout seeding), so best.pt is chosen by the accuracy evaluation would report."""
+    import baseline
+    from utils import episode_seed, set_seed
+    cfg = tiny_cfg(tmp_path, "training.val_every=1", "training.val_episodes=4",
+                   "meta_learning.inner.learn_lr=true")
+    meta = trainer.MetaTrainer.from_config(cfg)
+    for it in range(2):
+        meta.train_step(it)
+    method = baseline.MELoRA(meta.model, meta.inner_lr, meta.inner_steps, meta.method,
+                             meta.micro_batch, head_init=cfg.meta_learning.head_init)
+    reference = []
+    for i in range(4):
+        set_seed(episode_seed(meta.seed, i))
+        reference.append(method.adapt(meta.selection.loader.episode("meta_val", i), meta.inner_steps)[-1])
+    assert meta.selection.validate(meta) == pytest.approx(sum(reference) / 4, abs=1e-12)
+
+
+def test_val_every_without_meta_val_sources_is_refused(tmp_path):
+    cfg = utils.load_config(overrides=TINY[:1] + TINY[2:] + [
+        f"training.output_dir={tmp_path}", "training.val_every=5", "datasets.meta_val=[]"])
+    with pytest.raises(utils.ConfigError, match="val_every"):
+        trainer.MetaTrainer.from_config(cfg)
+
+
+def test_anchor_gradient_matches_the_closed_form(tmp_path):
+    """d/dB (l/2)||s B A||^2 = l s^2 (B A) A^T and d/dA = l s^2 B^T (B A), in float64."""
+    meta = trainer.MetaTrainer.from_config(tiny_cfg(tmp_path))
+    with torch.no_grad():
+        for layer in trainer.M.lora_layers(meta.model):
+            layer.lora_B.normal_()
+    penalty, grads = trainer.anchor_gradient(meta.model, meta.theta, 0.3)
+    expected = 0.0
+    names = {id(p): n for n, p in meta.theta.items()}
+    for layer in trainer.M.lora_layers(meta.model):
+        A, B, s = layer.lora_A.detach().double(), layer.lora_B.detach().double(), layer.scaling
+        expected += 0.15 * float((s * B @ A).pow(2).sum())
+        tol = dict(rtol=1e-5, atol=1e-5)  # float32 autograd against the float64 closed form
+        torch.testing.assert_close(grads[names[id(layer.lora_B)]].double(), 0.3 * s * s * (B @ A) @ A.T, **tol)
+        torch.testing.assert_close(grads[names[id(layer.lora_A)]].double(), 0.3 * s * s * B.T @ (B @ A), **tol)
+    assert penalty == pytest.approx(expected, rel=1e-5)
+
+
+def _update_norm(model):
+    return sum(float(layer.delta_weight().norm()) for layer in trainer.M.lora_layers(model))
+
+
+def test_anchor_keeps_the_lora_update_smaller(tmp_path):
+    norms = {}
+    for anchor in (0.0, 50.0):
+        meta = trainer.MetaTrainer.from_config(tiny_cfg(tmp_path, f"meta_learning.anchor={anchor}"))
+        for it in range(3):
+            stats = meta.train_step(it)
+        norms[anchor] = _update_norm(meta.model)
+        assert ("anchor_penalty" in stats) == (anchor > 0)
+    assert 0 < norms[50.0] < norms[0.0]
+
+
+def test_learn_lora_false_meta_learns_the_head_only(tmp_path):
+    meta = trainer.MetaTrainer.from_config(tiny_cfg(
+        tmp_path, "meta_learning.outer.learn_lora=false", "meta_learning.head=cosine",
+        "meta_learning.inner.learn_lr=true"))
+    before = {n: t.detach().clone() for n, t in meta.theta.items()}
+    rates = meta.inner_lr.detach().clone()
+    for it in range(2):
+        meta.train_step(it)
+    for name, tensor in meta.theta.items():
+        moved = not torch.equal(tensor, before[name])
+        assert moved == (name == "head.scale"), name
+    assert not torch.equal(meta.inner_lr.detach(), rates)
+
+
+def test_resume_keeps_selecting_against_the_stored_best(tmp_path, monkeypatch):
+    scores = iter([0.30, 0.90, 0.50, 0.60])  # frozen, it 2, it 4; after resume: it 6
+    monkeypatch.setattr(trainer.ModelSelection, "validate", lambda self, t: next(scores))
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "meta_learning.num_iterations=4", "training.val_every=2"), run)
+    train(tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2"), run,
+          resume=run / "checkpoints" / "checkpoint_iter_4.pt")
+    best = utils.load_checkpoint(run / "checkpoints" / "best.pt")
+    last = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
+    assert best["iteration"] == 2 and best["val_accuracy"] == 0.90
+    assert last["frozen_val_accuracy"] == 0.30 and last["val_accuracy"] == 0.60
+    assert next(scores, None) is None  # the frozen encoder was not scored again on resume
