@@ -854,6 +854,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                                     "(accuracy_<preset>.json for smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--plan", action="store_true", help="print the cells and the budget only")
+    parser.add_argument("--phases", default=",".join(S.PHASES),
+                        help="study presets: comma-separated phases to compute (" + ",".join(S.PHASES)
+                             + "); the others report the cells already saved in --work-dir, so "
+                             "processes with different phases can share one; '' = report only")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                         help="meta-test only these training seeds and stop (e.g. 2: a second process "
                              "beside the main run, once the first seed's episodes exist)")
@@ -913,7 +917,12 @@ def _study_main(S, args) -> dict | None:
     output = args.output or RESULTS / f"accuracy{suffix}.json"
     work = args.work_dir or RESULTS / "accuracy_work" / f"study_{preset.name}"
     try:
-        return S.run_study(preset, work, output, args.device, args.set, args.budget_minutes)
+        phases = [x for x in args.phases.split(",") if x.strip()]
+        unknown = sorted(set(phases) - set(S.PHASES))
+        if unknown:
+            print(f"error: unknown --phases {unknown}; choose from {', '.join(S.PHASES)}", file=sys.stderr)
+            raise SystemExit(2)
+        return S.run_study(preset, work, output, args.device, args.set, args.budget_minutes, phases)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

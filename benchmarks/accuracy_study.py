@@ -187,9 +187,11 @@ class Budget:
         self.start, self.seconds = time.perf_counter(), None if minutes is None else 60.0 * minutes
         self.ran: list[str] = []
         self.not_run: list[str] = []
+        self.paused = False  # a phase this process does not compute: cached cells only
 
     def spent(self) -> bool:
-        return self.seconds is not None and time.perf_counter() - self.start >= self.seconds
+        return self.paused or (self.seconds is not None
+                               and time.perf_counter() - self.start >= self.seconds)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -750,9 +752,16 @@ def plan(p: Preset) -> str:
     return "\n".join(lines)
 
 
+PHASES = ("main", "positive_control", "regime_map", "equal_compute")
+
+
 def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: Sequence[str] = (),
-              budget_minutes: float | None = None) -> dict:
-    """The whole study in priority order; writes (and returns) the results JSON and MD."""
+              budget_minutes: float | None = None, phases: Sequence[str] = PHASES) -> dict:
+    """The whole study in priority order; writes (and returns) the results JSON and MD.
+
+    `phases` computes only those phases; the others report their cells already saved under
+    `work` (so several processes, each with its own phases, can share one work folder, and
+    `phases=()` rebuilds the report from the saved cells alone)."""
     from tqdm import tqdm
 
     from utils import atomic_write_json, atomic_write_text
@@ -763,19 +772,25 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
     resolve_device(cfg.training.device)            # so does --device cuda without a GPU
     print(plan(p), flush=True)
     work.mkdir(parents=True, exist_ok=True)
-    phases = tqdm(total=len(p.main_shapes) + 3, desc="accuracy study", unit="phase", dynamic_ncols=True)
     ends = {"start": budget.elapsed()}  # elapsed seconds at the end of each phase
+    computed = phases
+    phases = tqdm(total=len(p.main_shapes) + 3, desc="accuracy study", unit="phase", dynamic_ncols=True)
+    budget.paused = "main" not in computed
     mains = main_comparison(study)  # 1
     ends["main_comparison"] = budget.elapsed()
     phases.update(len(p.main_shapes))
+    budget.paused = "positive_control" not in computed
     control = positive_control(study)  # 2
     ends["positive_control"] = budget.elapsed()
     phases.update()
+    budget.paused = "regime_map" not in computed
     rmap = regime_map(study)  # 3
     ends["regime_map"] = budget.elapsed()
     phases.update()
+    budget.paused = "equal_compute" not in computed
     equal = {shape: equal_compute(study, mains[shape]) for shape in p.main_shapes}  # 4
     ends["equal_compute"] = budget.elapsed()
+    budget.paused = False
     phases.update()
     phases.close()
     settings = {}

@@ -97,6 +97,11 @@ def test_smoke_study_resumes_and_stops_on_budget(smoke, tmp_path):
     r = json.loads((root / "accuracy.json").read_text())
     assert r["budget"]["ran"] == []  # every cell reused
     assert r["methods"] == first["methods"] and r["regime_map"] == first["regime_map"]
+    report = _study(*args, "--phases", "")  # report only: the same tables from the saved cells
+    assert report.returncode == 0, report.stderr[-3000:]
+    r = json.loads((root / "accuracy.json").read_text())
+    assert r["budget"]["ran"] == [] and r["budget"]["complete"]
+    assert r["methods"] == first["methods"] and r["positive_control"] == first["positive_control"]
     cut = _study("--preset", "smoke", "--device", "cpu", "--work-dir", str(tmp_path / "w"),
                  "--output", str(tmp_path / "a.json"), "--budget-minutes", "0.0001")
     assert cut.returncode == 0, cut.stderr[-3000:]
@@ -107,11 +112,12 @@ def test_smoke_study_resumes_and_stops_on_budget(smoke, tmp_path):
 
 def test_study_refuses_clinc150_only_flags_and_bad_budget(capsys):
     import accuracy
-    for extra in (["--methods", "protonet"], ["--budget-minutes", "0"]):
+    for extra in (["--methods", "protonet"], ["--budget-minutes", "0"], ["--phases", "main,nope"]):
         with pytest.raises(SystemExit) as e:
             accuracy.main(["--preset", "smoke", *extra])
         assert e.value.code == 2
-    assert "belong to the clinc150_* presets" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "belong to the clinc150_* presets" in err and "unknown --phases ['nope']" in err
     assert accuracy.main(["--preset", "gpu", "--plan"]) is None
     assert "1. main comparison 5w1s, 5w5s" in capsys.readouterr().out
 
