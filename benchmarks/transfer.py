@@ -858,9 +858,13 @@ CHOICE_NOTE = ("Choice (meta-val) on the source's own held-out classes (ProtAugm
 
 
 def run(preset: Preset, work: Path, output: Path, device: str = "auto", budget_minutes: float = 0.0,
-        extra: Sequence[str] = ()) -> dict:
+        extra: Sequence[str] = (), shard: tuple[int, int] = (0, 1)) -> dict:
     """Run the cells in priority order within the budget; write the JSON, table and figure
-    after every cell. Returns the result dict."""
+    after every cell. Returns the result dict.
+
+    `shard` (i, n): compute only the cells whose place in the priority order is i mod n (the
+    others are reported when already saved under `work`), so n processes share one work folder
+    on one machine; a last run with (0, 1) and a spent budget reports every saved cell."""
     from tqdm import tqdm
 
     from common import hardware, resolve
@@ -875,13 +879,16 @@ def run(preset: Preset, work: Path, output: Path, device: str = "auto", budget_m
         cell_config(preset, cell, work, device, extra)  # validated before any work (a bad --set fails here)
     hw = hardware(resolve(device))
     bar = tqdm(planned, desc="transfer cells", unit="cell", dynamic_ncols=True)
-    for cell in bar:
+    for index, cell in enumerate(bar):
         name, why = cell_name(cell), applicable(preset, cell)
         if why:
             skipped.append({"cell": name, "reason": why})
             continue
         spec, path = cell_spec(preset, cell, data, extra), cell_path(work, cell)
         found = load_cell(path, spec)
+        if found is None and index % shard[1] != shard[0]:
+            skipped.append({"cell": name, "reason": f"another shard's (--shard {index % shard[1]}/{shard[1]})"})
+            continue
         if found is None:
             kind = "frozen" if cell["variant"] == "frozen" else "trained"
             estimate = float(np.median(seconds[kind])) if seconds.get(kind) else 0.0
@@ -904,6 +911,17 @@ def run(preset: Preset, work: Path, output: Path, device: str = "auto", budget_m
     print(f"wrote {output}, {output.with_suffix('.md')}" +
           (f", {output.with_name(result['figure'])}" if result.get("figure") else ""))
     return result
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N), refused unless 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise SystemExit(f"error: --shard takes I/N with 0 <= I < N (e.g. 1/3), got {text!r}")
+    return i, n
 
 
 def report(preset: Preset, cells: dict, skipped: list, planned: list, output: Path, hw: dict,
@@ -974,6 +992,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                                     "(transfer_smoke.json for smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--plan", action="store_true", help="print the cells in priority order only")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="compute only the cells whose place in the priority order is I mod N "
+                             "(N processes can share one --work-dir); saved cells are always reported")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figure (and table) from --output's JSON (e.g. after a run was cut off)")
     args = parser.parse_args(argv)
@@ -992,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     work = args.work_dir or RESULTS / "transfer_work" / preset.name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return run(preset, work, output, args.device, args.budget_minutes, args.set)
+        return run(preset, work, output, args.device, args.budget_minutes, args.set, _shard(args.shard))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

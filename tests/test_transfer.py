@@ -209,3 +209,21 @@ def test_evaluate_names_the_frozen_encoder_beside_melora():
     assert trainer.val_summary({"iteration": 3}) is None
     hurt = trainer.val_summary({"val_accuracy": 0.5, "frozen_val_accuracy": 0.6, "val_iteration": 7})
     assert "-10.00 points" in hurt and "best.pt" in hurt
+
+
+def test_shards_compute_their_own_cells_and_report_saved_ones(smoke, monkeypatch, tmp_path, capsys):
+    """--shard I/N: a fresh work folder gets only the cells at places I mod N; a folder whose
+    cells are saved reports all of them from any shard; a bad shard is refused."""
+    _, root, args = smoke
+    planned = transfer.plan_cells(transfer.PRESETS["smoke"])
+    computed = []
+    monkeypatch.setattr(transfer, "run_cell", lambda preset, cell, *a: computed.append(cell) or
+                        (_ for _ in ()).throw(transfer.OutOfBudget()))
+    transfer.main(["--preset", "smoke", "--device", "cpu", "--work-dir", str(tmp_path / "w"),
+                   "--output", str(tmp_path / "t.json"), "--shard", "1/3"])
+    assert computed and all(planned.index(c) % 3 == 1 for c in computed)
+    again = transfer.main([*args, "--shard", "2/3"])  # the smoke fixture saved every cell
+    assert again["complete"] and len(again["cells_done"]) == len(planned)
+    for bad in ("3/3", "x"):
+        with pytest.raises(SystemExit):
+            transfer.main([*args, "--shard", bad])
