@@ -26,8 +26,9 @@ A saved (adapted or exported) directory holds:
     head.safetensors       the head: weight (N, hidden), bias (N,) (+ scale: cosine head)
     melora_head.json       family, pooling and N of the head
     labels.json            labels (class names in head-row order; null for an export),
-                           pooling, max_length, base_model, backbone_class, and how it
-                           was adapted
+                           pooling, max_length, base_model, backbone_class, how it
+                           was adapted, and the files of the save (the only ones an
+                           --overwrite may replace)
     tokenizer files        the tokenizer (pad token and right padding as in training)
     base_model/            only for the random tiny-* models: their backbone weights
 
@@ -70,6 +71,11 @@ LABELS_FILE = "labels.json"
 BASE_MODEL_DIR = "base_model"
 PROBABILITY_PREFIX = "probability_"  # + class name: one column per class (adapt.probabilities)
 OUTPUT_COLUMNS = ("prediction", "confidence")
+# What a save wrote before labels.json listed its files (tokenizer* files besides).
+_SAVE_NAMES = frozenset({LABELS_FILE, BASE_MODEL_DIR, "adapter_config.json", "adapter_model.safetensors",
+                         "head.safetensors", "melora_head.json", "special_tokens_map.json",
+                         "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "added_tokens.json",
+                         "chat_template.jinja"})
 
 
 # ------------------------------------------------------------------------------------
@@ -459,9 +465,13 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
     if not checkpoint or not output_dir:
         raise UserError("--mode export needs --checkpoint CKPT and --output_dir DIR")
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
-                        "--overwrite to replace it, or another directory")
+    if out.exists() and not out.is_dir() or Path(checkpoint).resolve().is_relative_to(out.resolve()):
+        check_replaceable(out, "--output_dir", protect=checkpoint)  # refused, with or without --overwrite
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
+                            "--overwrite to replace an earlier export, or another directory")
+        check_replaceable(out, "--output_dir", protect=checkpoint)
     cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
     model, tokenizer = M.build_model(cfg, torch.device("cpu"))
     load_theta(model, state["theta"], checkpoint)
@@ -470,8 +480,6 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
             "inner_steps": cfg.meta_learning.inner.default_num_steps,
             "inner_lr": rate.tolist() if torch.is_tensor(rate) else rate,
             "head_init": cfg.meta_learning.head_init}
-    if out.is_file() and overwrite:
-        out.unlink()
     save_directory(model, tokenizer, cfg, out, info, replace=overwrite)
     print(f"exported the meta-learned initialisation of {checkpoint} to {out} (PEFT adapter + head)")
     return out
@@ -482,12 +490,15 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
     """`model.export_peft_adapter` plus labels.json, the tokenizer (and a tiny base model),
     written into a temporary sibling and renamed into place: whole or not at all.
 
-    An existing directory is replaced when `replace` is set or it holds an earlier save.
+    An existing directory is replaced only when it holds an earlier save and nothing
+    else (`check_replaceable`); `replace` is kept for the callers' symmetry.
+
+    Raises:
+        UserError: `directory` is a file, or a folder that holds anything but an earlier save.
     """
     out = Path(directory).resolve()
-    earlier = all((out / f).is_file() for f in (LABELS_FILE, "adapter_config.json"))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (replace or earlier):
-        raise UserError(f"{str(out)!r} exists and holds other files; save into a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        check_replaceable(out, str(directory))
     out.parent.mkdir(parents=True, exist_ok=True)
     name = cfg.models.selected_model
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -500,6 +511,8 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
                   "base_model": base, "family": model.family, "head": model.head_kind,
                   "backbone_class": "T5EncoderModel" if model.family == "t5" else "AutoModel",
                   "model": name}
+        # What this save wrote: an --overwrite later replaces a folder holding only these.
+        labels["files"] = sorted([f.name for f in tmp.iterdir()] + [LABELS_FILE])
         atomic_write_json(tmp / LABELS_FILE, labels)
         for f in tmp.iterdir():  # safetensors writes 0600; give the usual permissions
             if f.is_file():
@@ -511,6 +524,45 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_replaceable(out: Path, what: str, protect: str | os.PathLike | None = None) -> None:
+    """Refuse to replace `out` unless it is a folder holding an earlier MELoRA save only.
+
+    An earlier save has labels.json and adapter_config.json, and nothing but the entries
+    its labels.json lists (`_SAVE_NAMES` for a save older than that list). A file, the
+    checkpoint `protect` (or a folder holding it) and anything else are never deleted.
+
+    Raises:
+        UserError: naming what was found and the fix.
+    """
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"{what} {str(out)!r} is a file; a save is a folder, and MELoRA never "
+                        "replaces a file: pass a new or empty directory")
+    if protect is not None and Path(protect).resolve().is_relative_to(out.resolve()):
+        raise UserError(f"{what} {str(out)!r} is not an earlier MELoRA export: it holds the "
+                        f"checkpoint {Path(protect).name}; pass a new or empty directory")
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"{what} {str(out)!r} is not an earlier MELoRA export: it holds other files ({shown}); "
+                        "MELoRA replaces only a folder holding its own earlier save and nothing "
+                        "else: pass a new or empty directory")
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Names in `out` that no earlier save of MELoRA wrote (all of them if it is none)."""
+    names = sorted(p.name for p in out.iterdir())
+    try:
+        labels = json.loads((out / LABELS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return names
+    if not isinstance(labels, dict) or not (out / "adapter_config.json").is_file():
+        return names
+    ours = labels.get("files")
+    if isinstance(ours, list):
+        return [n for n in names if n not in ours]
+    return [n for n in names if n not in _SAVE_NAMES and not n.startswith("tokenizer")]
 
 
 # ------------------------------------------------------------------------------------
