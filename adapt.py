@@ -71,6 +71,9 @@ LABELS_FILE = "labels.json"
 BASE_MODEL_DIR = "base_model"
 PROBABILITY_PREFIX = "probability_"  # + class name: one column per class (adapt.probabilities)
 OUTPUT_COLUMNS = ("prediction", "confidence")
+# Past this many classes the confusion figure and printout show only the most-confused
+# classes: at 1,000 classes the whole figure would need gigabytes (issue 27).
+MAX_FIGURE_CLASSES = 30
 # What a save wrote before labels.json listed its files (tokenizer* files besides).
 _SAVE_NAMES = frozenset({LABELS_FILE, BASE_MODEL_DIR, "adapter_config.json", "adapter_model.safetensors",
                          "head.safetensors", "melora_head.json", "special_tokens_map.json",
@@ -415,31 +418,51 @@ def classification_metrics(labels: Sequence, predicted: Sequence, classes: Seque
 
 
 def format_metrics(metrics: Mapping) -> str:
-    """Accuracy and the confusion matrix as text."""
+    """Accuracy and the confusion matrix as text (past `MAX_FIGURE_CLASSES` classes the
+    accuracy only: the matrix is in metrics.json)."""
     classes = [str(c) for c in metrics["classes"]]
+    head = (f"accuracy {metrics['accuracy']:.4f} on {metrics['labelled_rows']} labelled rows "
+            f"(chance {metrics['chance']:.4f})")
+    if len(classes) > MAX_FIGURE_CLASSES:
+        return (f"{head}\nconfusion matrix of {len(classes)} classes: {METRICS_FILE} "
+                f"(the {MAX_FIGURE_CLASSES} most-confused classes: {CONFUSION_FILE})")
     width = max(len(c) for c in classes + ["true \\ predicted"])
-    lines = [f"accuracy {metrics['accuracy']:.4f} on {metrics['labelled_rows']} labelled rows "
-             f"(chance {metrics['chance']:.4f})", "",
-             "true \\ predicted".ljust(width) + "".join(f" {i:>5d}" for i in range(len(classes)))]
+    lines = [head, "", "true \\ predicted".ljust(width) + "".join(f" {i:>5d}" for i in range(len(classes)))]
     for i, (name, row) in enumerate(zip(classes, metrics["confusion_matrix"])):
         lines.append(f"{name:<{width}}" + "".join(f" {v:>5d}" for v in row) + f"   ({i})")
     return "\n".join(lines)
 
 
+def most_confused(matrix, k: int) -> list[int]:
+    """The k classes (ascending index) with the most errors, as true or predicted class."""
+    matrix = np.asarray(matrix)
+    errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)  # (N,) off-diagonal mass
+    return sorted(np.argsort(-errors, kind="stable")[:k].tolist())
+
+
 def confusion_png(metrics: Mapping) -> bytes:
-    """The confusion matrix as a PNG (counts in the cells, true class on the rows)."""
+    """The confusion matrix as a PNG (counts in the cells, true class on the rows).
+
+    Past `MAX_FIGURE_CLASSES` classes it shows the most-confused ones, so its size and
+    memory do not grow with N.
+    """
     from matplotlib.figure import Figure
     matrix = np.asarray(metrics["confusion_matrix"])
+    names = [str(c) for c in metrics["classes"]]
+    title = f"accuracy {metrics['accuracy']:.3f} ({metrics['labelled_rows']} rows)"
+    if len(matrix) > MAX_FIGURE_CLASSES:
+        keep = most_confused(matrix, MAX_FIGURE_CLASSES)
+        matrix, names = matrix[np.ix_(keep, keep)], [names[i] for i in keep]
+        title += f"\nthe {len(keep)} most-confused of {len(metrics['classes'])} classes"
     n = len(matrix)
     fig = Figure(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n), layout="constrained")
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
-    names = [str(c) for c in metrics["classes"]]
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"accuracy {metrics['accuracy']:.3f} ({metrics['labelled_rows']} rows)")
+    ax.set_title(title)
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(value), ha="center", va="center",
                 color="white" if value > matrix.max() / 2 else "black")

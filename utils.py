@@ -706,7 +706,8 @@ CHECKPOINT_FORMAT = "melora-checkpoint"
 # holding it, so a mistyped --output_dir or --experiment_name cannot delete user files.
 RUN_MARKER = ".melora-run"
 # The files that show a run has started (its inputs were read and work was saved).
-_STARTED_GLOBS = ("checkpoints/*.pt", "results*.json", "hpo_trials.json")
+# A failure once one of these exists keeps the folder (adapt's predictions.csv too).
+_STARTED_GLOBS = ("checkpoints/*.pt", "results*.json", "hpo_trials.json", "predictions.csv")
 _NAME_MAX_BYTES = 255  # NAME_MAX of the common file systems
 
 

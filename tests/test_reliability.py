@@ -80,3 +80,51 @@ def test_export_overwrite_replaces_an_earlier_export_only(checkpoint, tmp_path, 
     assert export(checkpoint, out) == 2
     assert_one_paragraph_error(capsys, "not an earlier MELoRA export", "my_notes.txt")
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------
+# 2. the confusion figure's size does not grow with the number of classes
+# ------------------------------------------------------------------------------------
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def confusion_metrics(n, confused=()):
+    """Metrics of n classes, each row mostly right; `confused` pairs (i, j) get 50 errors."""
+    import numpy as np
+    matrix = np.eye(n, dtype=np.int64) * 10
+    for i, j in confused:
+        matrix[i, j] += 50
+    return {"accuracy": 0.5, "labelled_rows": int(matrix.sum()), "chance": 1 / n,
+            "classes": [f"class {i}" for i in range(n)], "confusion_matrix": matrix.tolist()}
+
+
+def test_confusion_figure_and_printout_are_bounded_past_many_classes(monkeypatch):
+    import adapt
+    monkeypatch.setattr(adapt, "MAX_FIGURE_CLASSES", 6)  # the same rule, drawn faster
+    side = 0.6 * adapt.MAX_FIGURE_CLASSES
+    bound = (round((2 + side) * 120), round((1.5 + side) * 120))  # its size at MAX_FIGURE_CLASSES
+    assert png_size(adapt.confusion_png(confusion_metrics(adapt.MAX_FIGURE_CLASSES + 10))) == bound
+    assert png_size(adapt.confusion_png(confusion_metrics(1000, [(7, 900)]))) == bound
+    # The figure shows the most-confused classes: the pair that is confused is among them.
+    shown = adapt.most_confused(confusion_metrics(1000, [(7, 900), (3, 4)])["confusion_matrix"], 4)
+    assert set(shown) == {7, 900, 3, 4}
+    text = adapt.format_metrics(confusion_metrics(1000))
+    assert len(text.splitlines()) < adapt.MAX_FIGURE_CLASSES + 10
+    assert "1000 classes" in text and "metrics.json" in text
+
+
+def test_a_failure_after_the_predictions_keeps_them(checkpoint, tmp_path, monkeypatch, capsys):
+    import adapt
+    from test_adapt import adapt_cli
+
+    def fails(metrics):
+        raise MemoryError("figure")
+    monkeypatch.setattr(adapt, "confusion_png", fails)
+    s, p = files(tmp_path, *task())
+    with pytest.raises(MemoryError):
+        adapt_cli(checkpoint, s, p, tmp_path / "out")
+    run = tmp_path / "out" / "adapt"
+    assert (run / "predictions.csv").is_file() and (run / "metrics.json").is_file()
