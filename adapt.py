@@ -55,7 +55,7 @@ import torch
 
 import baseline as B
 import model as M
-from dataset_loader import FILE_BUILDERS, check_data_file
+from dataset_loader import read_table
 from evaluation import evaluation_config, read_checkpoint
 from trainer import dropout_off, load_theta
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
@@ -344,55 +344,6 @@ def run_adapt(job: AdaptJob, run_dir: str | os.PathLike) -> dict:
     print(f"predictions: {run_dir / PREDICTIONS_FILE} ({len(frame)} rows)\n"
           f"adapted model: {run_dir / ADAPTED_DIR} (PEFT adapter + head; README.md, Adapt)")
     return metrics
-
-
-def read_table(path: str | os.PathLike, text_column: str, label_column: str, flag: str,
-               need_labels: bool) -> tuple[Any, list[str], list[str] | None]:
-    """(rows as a DataFrame, texts, labels or None) of a csv/json/jsonl/parquet file.
-
-    Read with `datasets`, as `--dataset` files are; labels become strings (ClassLabel
-    ids their names).
-
-    Raises:
-        UserError: no such file, another format, no rows, a missing column, a row
-            without text.
-    """
-    import datasets
-    path = Path(path)
-    check_data_file(str(path), flag)
-    table, quiet = None, datasets.utils.are_progress_bars_disabled()
-    if path.stat().st_size > 0:
-        datasets.disable_progress_bars()  # one small file: no "Generating train split" bar
-        with tempfile.TemporaryDirectory() as cache:  # nothing cached beside the user's files
-            try:
-                table = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
-                                              split="train", cache_dir=cache)
-                frame, features = table.to_pandas(), table.features
-            except ValueError as e:  # "Instruction 'train' corresponds to no data": no rows
-                if "no data" not in str(e):
-                    raise UserError(f"could not read {flag} file {str(path)!r} ({e}); check its format") from e
-                table = None
-            except (OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
-                raise UserError(f"could not read {flag} file {str(path)!r} ({e!r}); check its format") from e
-            finally:
-                if not quiet:
-                    datasets.enable_progress_bars()
-    if table is None or len(frame) == 0:
-        raise UserError(f"{flag} file {str(path)!r} has no rows; give it one row per text")
-    wanted = [("text_column", text_column)] + ([("label_column", label_column)] if need_labels else [])
-    for role, column in wanted:
-        if column not in frame.columns:
-            raise UserError(f"{flag} file {str(path)!r} has no column {column!r} (the {role}); "
-                            f"its columns are: {', '.join(map(str, frame.columns))}; pass "
-                            f"--{role} NAME")
-    texts = list(frame[text_column])
-    _check_texts(texts, f"{flag} file {str(path)!r}")
-    if label_column not in frame.columns:
-        return frame, texts, None
-    feature, raw = features[label_column], list(frame[label_column])
-    labels = [None if _no_label(y) else feature.int2str(y) if hasattr(feature, "int2str") else str(y)
-              for y in raw]
-    return frame, texts, labels
 
 
 # ------------------------------------------------------------------------------------

@@ -128,3 +128,38 @@ def test_a_failure_after_the_predictions_keeps_them(checkpoint, tmp_path, monkey
         adapt_cli(checkpoint, s, p, tmp_path / "out")
     run = tmp_path / "out" / "adapt"
     assert (run / "predictions.csv").is_file() and (run / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------------
+# 3. adapt reads a CSV as training does: every cell a string
+# ------------------------------------------------------------------------------------
+
+# Labels and texts that type guessing turns into missing values, numbers or merged classes.
+TRICKY_LABELS = ["N/A", "NA", "None", "01", "1"]
+
+
+def test_adapt_reads_csv_cells_as_written_as_training_does(checkpoint, tmp_path, capsys):
+    import csv
+
+    import dataset_loader
+    from test_adapt import adapt_cli, read_csv
+    support = [(f"{word} example {i}", label) for i in range(2)
+               for word, label in zip(["coffee", "bus", "rain", "song", "snow"], TRICKY_LABELS)]
+    predict = [("000", "NA", "N/A"), ("007", "123", "01"), ("1", "None", "")]
+    s = tmp_path / "support.csv"
+    with open(s, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *support])
+    p = tmp_path / "predict.csv"
+    with open(p, "w", newline="") as f:
+        csv.writer(f).writerows([("id", "text", "label"), *predict])
+    # Training's reader and adapt's reader agree on every cell.
+    entry = dataset_loader._Source(str(s), "", "train", "text", "label", "", (), 1.0)
+    trained = dataset_loader._read_file(s, entry, tmp_path / "hf")
+    frame, texts, labels = dataset_loader.read_table(s, "text", "label", "--support")
+    assert (texts, labels) == tuple(trained) == ([t for t, _ in support], [y for _, y in support])
+    out = tmp_path / "out"
+    assert adapt_cli(checkpoint, s, p, out) == 0, capsys.readouterr().err
+    rows = read_csv(out / "adapt" / "predictions.csv")
+    assert [(r["id"], r["text"], r["label"]) for r in rows] == predict
+    metrics = json.loads((out / "adapt" / "metrics.json").read_text())
+    assert metrics["classes"] == TRICKY_LABELS and metrics["labelled_rows"] == 2
