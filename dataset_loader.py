@@ -6,7 +6,7 @@ list of sources mixed by `weight`):
 - a Hugging Face hub dataset (`clinc_oos` with config `plus`, `banking77`, ...), loaded
   with `datasets.load_dataset`; offline it fails at once, naming `--synthetic_only` and
   `--dataset PATH`;
-- a local `csv` (every cell a string), `json`, `jsonl` or `parquet` file, or a JSON object
+- a local `csv`, `json`, `jsonl` or `parquet` file (read by `datasets`), or a JSON object
   of split -> `[[text, label], ...]` (CLINC150's `data_full.json`; `split` picks the key);
   relative paths resolve against the current working directory;
 - `custom:NAME`: whatever a subclass's `_load_custom_task(NAME)` returns;
