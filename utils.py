@@ -194,6 +194,63 @@ YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+# Bounds of a YAML value: config.yml holds ~300 values nested 4 deep, so these refuse
+# only a "billion laughs" (aliases of aliases) or a file nested past Python's recursion.
+YAML_MAX_VALUES = 100_000
+YAML_MAX_DEPTH = 64
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """`yaml.load` with YamlLoader, refusing a value that its aliases expand past
+    `YAML_MAX_VALUES` values or that nests deeper than `YAML_MAX_DEPTH` (one error, at
+    once, instead of minutes to a MemoryError or a RecursionError traceback).
+
+    Raises:
+        yaml.YAMLError: invalid YAML (the caller names the file).
+        ConfigError: naming `where` and the bound.
+    """
+    deep = ConfigError(f"{where} nests deeper than {YAML_MAX_DEPTH} levels; config.yml nests "
+                       "4 deep: flatten the value")
+    if _flow_depth(text) > YAML_MAX_DEPTH:  # PyYAML's scanner is quadratic in this depth
+        raise deep
+    try:
+        root = yaml.compose(text, Loader=YamlLoader)  # nodes; an alias is the same node again
+    except RecursionError:
+        raise deep from None
+    stack, count = ([(root, 1)] if root is not None else []), 0
+    while stack:  # visits an aliased node as often as it is used: the expanded size
+        node, depth = stack.pop()
+        count += 1
+        if count > YAML_MAX_VALUES:
+            raise ConfigError(f"{where} expands to more than {YAML_MAX_VALUES:,} values through "
+                              "YAML aliases (*name); a config needs a few hundred: write the "
+                              "values out or drop the aliases")
+        if depth > YAML_MAX_DEPTH:
+            raise deep
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((n, depth + 1) for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((n, depth + 1) for n in node.value)
+    return yaml.load(text, Loader=YamlLoader)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of YAML flow brackets ([ and {) outside quotes, in one pass."""
+    depth = deepest = 0
+    quote = None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote or ch == "\n" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
     """Load `config.yml` defaults, merge a user file and overrides, validate, return Config.
@@ -223,7 +280,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with the "
                           f"path of a YAML file (see {DEFAULT_CONFIG.name} for every key)")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader)
+        data = _load_yaml(path.read_text(encoding="utf-8"), f"config file {str(path)!r}")
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}: "
                           f"{e.reason}); pass a YAML file saved as UTF-8") from e
@@ -252,7 +309,7 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         try:
-            value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""
+            value = _load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from e
         pairs.append((key.strip(), value))
@@ -278,7 +335,7 @@ def _merge(data: dict, user: Mapping, schema: Mapping, prefix: str) -> None:
         if isinstance(default, Mapping):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key {name!r} must be a mapping of "
-                                  f"{', '.join(map(str, default))}, got {value!r}")
+                                  f"{', '.join(map(str, default))}, got {_brief(value)}")
             data.setdefault(key, {})
             _merge(data[key], value, default, name + ".")
         else:
@@ -290,7 +347,7 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or value in BOOL_OR_WORD[name]:
             return value
         raise ConfigError(f"config key {name!r} must be true, false or "
-                          f"{' or '.join(BOOL_OR_WORD[name])}, got {value!r}")
+                          f"{' or '.join(BOOL_OR_WORD[name])}, got {_brief(value)}")
     expected = type(default)
     if default is None or isinstance(value, expected) and not (
             expected is int and isinstance(value, bool)):
@@ -304,14 +361,22 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ConfigError(f"config key {name!r} must be of type {expected.__name__} "
-                      f"(like the default {default!r}), got {value!r} "
+                      f"(like the default {default!r}), got {_brief(value)} "
                       f"({type(value).__name__})")
+
+
+def _brief(value: Any) -> str:
+    """repr of a config value, cut short: a message never prints a huge value whole."""
+    import reprlib
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict, brief.maxstring, brief.maxother = 3, 8, 8, 80, 80
+    return brief.repr(value)
 
 
 def _check_list_item(name: str, value: Any, schema: Mapping) -> dict:
     if not isinstance(value, Mapping):
         raise ConfigError(f"config key {name!r} must be a mapping with keys "
-                          f"{', '.join(schema)}, got {value!r}")
+                          f"{', '.join(schema)}, got {_brief(value)}")
     item = {k: copy.deepcopy(LIST_ITEM_BLANKS.get(k, v)) for k, v in schema.items()}
     _merge(item, value, schema, name + ".")
     return item

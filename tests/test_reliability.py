@@ -163,3 +163,35 @@ def test_adapt_reads_csv_cells_as_written_as_training_does(checkpoint, tmp_path,
     assert [(r["id"], r["text"], r["label"]) for r in rows] == predict
     metrics = json.loads((out / "adapt" / "metrics.json").read_text())
     assert metrics["classes"] == TRICKY_LABELS and metrics["labelled_rows"] == 2
+
+
+# ------------------------------------------------------------------------------------
+# 4. a YAML alias bomb or deep nesting is one clear error within a second
+# ------------------------------------------------------------------------------------
+
+def alias_bomb(levels=10, width=9):
+    """A value whose aliases expand to width**levels strings (a "billion laughs")."""
+    value = "&l0 [" + ", ".join(['"lol"'] * width) + "]"
+    for k in range(1, levels):
+        value = f"&l{k} [{value}, " + ", ".join([f"*l{k - 1}"] * (width - 1)) + "]"
+    return value
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (f"lora:\n  default_rank: {alias_bomb()}\n", ["expands to more than", "aliases"]),
+    ("lora:\n  default_rank: " + "[" * 3000 + "]" * 3000 + "\n", ["nests deeper than"]),
+], ids=["alias bomb", "deep nesting"])
+def test_a_yaml_bomb_is_one_error_within_a_second(text, fragments, tmp_path, capsys):
+    import time
+    path = tmp_path / "bomb.yml"
+    path.write_text(text)
+    start = time.perf_counter()
+    assert main.main(["--mode", "train", "--config", str(path), "--output_dir", str(tmp_path)]) == 2
+    assert time.perf_counter() - start < 1.0
+    assert_one_paragraph_error(capsys, "bomb.yml", *fragments)
+    start = time.perf_counter()  # the same value through --set
+    value = text.split("default_rank: ", 1)[1].strip()
+    assert main.main(["--mode", "train", "--set", f"lora.default_rank={value}",
+                      "--output_dir", str(tmp_path)]) == 2
+    assert time.perf_counter() - start < 1.0
+    assert_one_paragraph_error(capsys, "--set", *fragments)
