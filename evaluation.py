@@ -78,6 +78,7 @@ RESULTS_FILE, EPISODE_SPEC = analysis.RESULTS_FILE, analysis.EPISODE_SPEC
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
 SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
 ACCURACY_BOUNDS = (0.0, 1.0)  # confidence intervals of an accuracy stay inside [0, 1]
+PARENT_POLL_S = 0.5           # how often a pool worker checks that its parent still runs
 
 
 # ------------------------------------------------------------------------------------
@@ -632,7 +633,8 @@ def _run_job(job: dict, cfg: Config, *, target=None) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
     workers = []
     try:
         with _stop_on_signal(job["method"]):
@@ -688,6 +690,16 @@ def _stop_on_signal(method: str):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a pool worker: end this process when `parent` dies (even by SIGKILL, which
+    runs no cleanup), instead of waiting forever on a pipe only the worker still holds."""
+    def watch():
+        while os.getppid() == parent:  # an orphan is adopted by another process
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _pool_processes(pool) -> list:

@@ -195,3 +195,63 @@ def test_a_yaml_bomb_is_one_error_within_a_second(text, fragments, tmp_path, cap
                       "--output_dir", str(tmp_path)]) == 2
     assert time.perf_counter() - start < 1.0
     assert_one_paragraph_error(capsys, "--set", *fragments)
+
+
+# ------------------------------------------------------------------------------------
+# 5. the evaluation's worker process ends when its parent is killed
+# ------------------------------------------------------------------------------------
+
+SLEEPER = '''
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import evaluation, utils
+
+def sleeper(job):
+    with open({pid_file!r}, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    cfg = utils.load_config(None, ["evaluation.child_process=true"])
+    evaluation._run_job({{"method": "melora"}}, cfg, target=sleeper)
+'''
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_evaluation_worker_exits_when_its_parent_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(SLEEPER.format(repo=str(REPO), pid_file=str(pid_file)))
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent ended before its worker started"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert alive(worker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(worker), "the worker outlived its killed parent by 10 s"
+    finally:
+        parent.kill()
+        if pid_file.is_file() and pid_file.read_text() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
