@@ -190,13 +190,10 @@ def checkpoint_config(checkpoint: str | os.PathLike, cfg: Config, config_file=No
 
     Raises:
         UserError: a missing, truncated or foreign checkpoint, another model or LoRA rank
-            asked for, or a bad `adapt.batch_size`.
+            asked for.
     """
     state = read_checkpoint(checkpoint)
     cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
-    if cfg.adapt.batch_size < 1:
-        raise UserError(f"config key 'adapt.batch_size' must be a positive integer, got "
-                        f"{cfg.adapt.batch_size!r}")
     return cfg, state
 
 

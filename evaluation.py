@@ -78,6 +78,7 @@ RESULTS_FILE, EPISODE_SPEC = analysis.RESULTS_FILE, analysis.EPISODE_SPEC
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
 SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
 ACCURACY_BOUNDS = (0.0, 1.0)  # confidence intervals of an accuracy stay inside [0, 1]
+PARTIAL_RESULTS_FILE = "results.partial.json"  # raw accuracies, when the statistics fail
 PARENT_POLL_S = 0.5           # how often a pool worker checks that its parent still runs
 
 
@@ -145,7 +146,14 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     if not is_main_process():
         return {}
     # 3. Statistics, results.json, metrics and the table.
-    results = summarize(raw, cfg, checkpoint, spec)
+    try:
+        results = summarize(raw, cfg, checkpoint, spec)
+    except Exception as e:  # the episodes' accuracies are not lost with the statistics
+        partial = run_dir / PARTIAL_RESULTS_FILE
+        atomic_write_json(partial, {"error": f"{type(e).__name__}: {e}", "checkpoint": str(checkpoint),
+                                    "config": cfg.to_dict(), "methods": raw})
+        log.error("the statistics failed; every episode's accuracy is kept in %s", partial)
+        raise
     atomic_write_json(run_dir / RESULTS_FILE, results)
     _log_metrics(results, cfg, run_dir)
     print(format_tables(results))

@@ -84,6 +84,7 @@ POSITIVE_INTS = (
     "synthetic.keywords_per_class", "synthetic.words_per_example",
     "memory_optimization.hessian_approximation.hutchinson_probes",
     "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials", "evaluation.seeds",
+    "adapt.batch_size",
 )
 NON_NEGATIVE = (
     "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
@@ -94,9 +95,12 @@ NON_NEGATIVE = (
     "memory_optimization.hessian_approximation.keep_graphs",
     "memory_optimization.checkpointing.cpu_budget_mb",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight", "evaluation.tuning_trials",
+    "analysis.fidelity_tasks",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
-                 "synthetic.noise", "analysis.confidence")
+                 "synthetic.noise")
+# Keys strictly between 0 and 1: a confidence level of 0 or 1 has no interval.
+OPEN_UNIT = ("analysis.confidence",)
 # Keys that take true, false or one of the listed words (the default is a word).
 BOOL_OR_WORD: dict[str, tuple] = {"memory_optimization.checkpointing.enabled": ("auto",)}
 # Mappings whose keys are the user's to choose (values still type-checked).
@@ -403,6 +407,10 @@ def _validate_values(data: dict, experiment: bool = True) -> None:
     for key in PROBABILITIES:
         if not 0.0 <= _get(data, key) <= 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(data, key)!r}")
+    for key in OPEN_UNIT:
+        if not 0.0 < _get(data, key) < 1.0:
+            raise ConfigError(f"config key {key!r} must be between 0 and 1 (exclusive, e.g. "
+                              f"0.95), got {_get(data, key)!r}")
     _validate_head(data)
     inner = data["meta_learning"]["inner"]
     if inner["learn_lr"] and inner["default_num_steps"] == 0:

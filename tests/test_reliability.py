@@ -255,3 +255,60 @@ def test_the_evaluation_worker_exits_when_its_parent_is_killed(tmp_path):
         parent.kill()
         if pid_file.is_file() and pid_file.read_text() and alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------
+# 6. every config value is range-checked before a model loads; results survive a late failure
+# ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building or loading a model fails the test: a refusal must come before."""
+    import model as M
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+    monkeypatch.setattr(M, "build_model", loaded)
+    monkeypatch.setattr(M, "load_model", loaded)
+
+
+def mode_argv(mode, checkpoint, tmp_path):
+    s, p = files(tmp_path, *task())
+    return {"train": [], "full": [], "evaluate": ["--checkpoint", str(checkpoint)],
+            "adapt": ["--checkpoint", str(checkpoint), "--support", str(s), "--predict", str(p)],
+            "export": ["--checkpoint", str(checkpoint)]}[mode]
+
+
+@pytest.mark.parametrize("mode", ["train", "evaluate", "full", "adapt", "export"])
+@pytest.mark.parametrize("setting, fragments", [
+    ("analysis.confidence=1", ["analysis.confidence", "between 0 and 1"]),
+    ("analysis.confidence=0", ["analysis.confidence", "between 0 and 1"]),
+    ("adapt.batch_size=0", ["adapt.batch_size", "positive integer"]),
+    ("analysis.fidelity_tasks=-1", ["analysis.fidelity_tasks", ">= 0"]),
+])
+def test_bad_config_values_are_refused_before_a_model_loads(mode, setting, fragments, checkpoint,
+                                                            tmp_path, no_model, capsys):
+    import time
+    argv = ["--mode", mode, *mode_argv(mode, checkpoint, tmp_path), *sets(TINY), "--set", setting,
+            "--output_dir", str(tmp_path / "out")]
+    start = time.perf_counter()
+    assert main.main(argv) == 2
+    assert time.perf_counter() - start < 5
+    assert_one_paragraph_error(capsys, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_after_the_episodes_ran_keeps_their_accuracies(checkpoint, tmp_path, monkeypatch):
+    import evaluation
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("statistics failed")
+    monkeypatch.setattr(evaluation, "summarize", fails)
+    with pytest.raises(RuntimeError, match="statistics failed"):
+        main.main(["--mode", "evaluate", "--checkpoint", str(checkpoint), "--skip_baselines",
+                   "--set", "evaluation.num_episodes=2", "--set", "evaluation.child_process=false",
+                   "--output_dir", str(tmp_path), "--experiment_name", "ev"])
+    kept = json.loads((tmp_path / "ev" / evaluation.PARTIAL_RESULTS_FILE).read_text())
+    assert kept["error"] == "RuntimeError: statistics failed"
+    per_seed = kept["methods"]["melora"]["per_seed_accuracy_per_step"]
+    assert len(per_seed[0]) == 2  # the two episodes' accuracies
