@@ -767,16 +767,24 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
         log.info("removed %s, left by a checkpoint write that was cut short", tmp.name)
 
 
-def _interrupted(signum: int, done: int, total: int, path: Path, saved: list, save) -> RunInterrupted:
+def resume_command(checkpoint: str | os.PathLike, mode_args: tuple[str, ...] = ()) -> str:
+    """The command that continues a run from `checkpoint`: `python main.py --resume CKPT`,
+    with `mode_args` (e.g. `("--mode", "full")`) before `--resume`."""
+    import shlex
+    return shlex.join(["python", "main.py", *mode_args, "--resume", str(checkpoint)])
+
+
+def _interrupted(signum: int, done: int, total: int, path: Path, saved: list, save,
+                 mode_args: tuple[str, ...] = ()) -> RunInterrupted:
     """Checkpoint iteration `done` to `path` with `save` (unless just written); the error
-    says how to resume."""
+    says how to resume (`resume_command` with `mode_args`)."""
     if not saved or Path(saved[-1]) != path:
         saved.append(save(path))
     name = signal.Signals(signum).name
     log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
     return RunInterrupted(f"{name} stopped training after iteration {done} of "
                           f"{total}; checkpoint {path} holds it. "
-                          f"Continue with: python main.py --resume {path}", signum)
+                          f"Continue with: {resume_command(path, mode_args)}", signum)
 
 
 def _halved_micro_batch(trainer: "MetaTrainer", tasks: list, iteration: int, error: str) -> int:
@@ -1078,8 +1086,10 @@ class MetaTrainer:
                 "seconds": time.perf_counter() - start, "skipped": int(not finite),
                 **_inner_lr_metrics(self.inner_lr)}
 
-    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
+    def train(self, sink: MetricsSink, run_dir: Path, mode_args: tuple[str, ...] = ()) -> list[Path]:
         """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
+
+        `mode_args`: the flags the resume command printed on a stop needs (`resume_command`).
 
         Logs every `training.log_every` iterations to `sink`, checkpoints every
         `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
@@ -1111,7 +1121,7 @@ class MetaTrainer:
                 if signum:
                     bar.close()
                     raise _interrupted(signum, done, end, checkpoint_path(run_dir, done), saved,
-                                       self.save_checkpoint)
+                                       self.save_checkpoint, mode_args)
         bar.close()
         return saved
 
@@ -1217,7 +1227,7 @@ def task_sums(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor], episodes:
 
 def run_training(cfg: Config, run_dir: str | os.PathLike,
                  resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
-                 explicit_overrides: Mapping | None = None) -> dict:
+                 explicit_overrides: Mapping | None = None, mode_args: tuple[str, ...] = ()) -> dict:
     """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
 
     Args:
@@ -1227,6 +1237,8 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
             from it (see `resume_config`).
         config_file, explicit_overrides: on resume, the `--config` file and the flags the
             user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
+        mode_args: the flags of the command that continues this run after a stop, e.g.
+            `("--mode", "full")` (`resume_command`).
 
     Under torchrun (`utils.init_distributed` called first) every rank runs this with the
     same arguments and reads `resume` itself; the meta-batch is split across ranks and
@@ -1260,7 +1272,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
                        start_iteration=trainer.iteration) if main else None
     status = "FAILED"
     try:
-        saved = trainer.train(sink, run_dir)
+        saved = trainer.train(sink, run_dir, mode_args)
         status = "FINISHED"
     except RunInterrupted:
         status = "KILLED"  # stopped cleanly by a signal, resumable

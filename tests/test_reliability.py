@@ -312,3 +312,77 @@ def test_a_failure_after_the_episodes_ran_keeps_their_accuracies(checkpoint, tmp
     assert kept["error"] == "RuntimeError: statistics failed"
     per_seed = kept["methods"]["melora"]["per_seed_accuracy_per_step"]
     assert len(per_seed[0]) == 2  # the two episodes' accuracies
+
+
+# ------------------------------------------------------------------------------------
+# 7. an interrupted --mode full is finished by --mode full --resume; data checked first
+# ------------------------------------------------------------------------------------
+
+FULL = ["--mode", "full", "--model", "tiny-bert", "--skip_baselines", *sets(TINY + [
+    "evaluation.num_episodes=2", "evaluation.adaptation_steps=1", "evaluation.child_process=false",
+    "evaluation.seeds=1", "analysis.fidelity_tasks=0", "analysis.run_ablations=false"])]
+
+
+def last_line(text):
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def hint(stderr):
+    """The command after 'Continue with: ' on stderr's last line, as argv for main.main."""
+    import shlex
+    line = last_line(stderr)
+    assert "Continue with: " in line, line
+    argv = shlex.split(line.split("Continue with: ", 1)[1])
+    assert argv[:2] == ["python", "main.py"], argv
+    return argv[2:]
+
+
+def test_an_interrupted_full_run_is_finished_by_its_hint(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import trainer
+    monkeypatch.setattr(trainer.StopOnSignal, "agreed", lambda self, device: signal.SIGTERM)
+    argv = [*FULL, "--num_iterations", "2", "--output_dir", str(tmp_path), "--experiment_name", "exp"]
+    assert main.main(argv) == 128 + signal.SIGTERM  # stopped after iteration 1
+    run = tmp_path / "exp"
+    assert not (run / "results.json").exists()
+    resume = hint(capsys.readouterr().err)
+    assert resume[:3] == ["--mode", "full", "--skip_baselines"] and resume[-2] == "--resume"
+    monkeypatch.undo()
+    assert main.main(argv) == 2  # the plain rerun is refused, and says what to do
+    assert "--resume" in capsys.readouterr().err
+    assert main.main(resume) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint_iter_1.pt", "checkpoint_iter_2.pt"]
+    assert json.loads((run / "results.json").read_text())["methods"]["melora"]
+    assert (run / "report.md").is_file() and f"full experiment done: {run}" in capsys.readouterr().out
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # one line per iteration
+    # A full run stopped after its training finished is finished the same way.
+    (run / "results.json").unlink()
+    (run / "report.md").unlink()
+    assert main.main([*resume[:-1], str(run / "checkpoints" / "checkpoint_iter_2.pt")]) == 0
+    assert (run / "results.json").is_file() and (run / "report.md").is_file()
+
+
+def test_full_mode_checks_the_evaluation_data_before_training(tmp_path, monkeypatch, capsys):
+    import csv
+
+    import trainer
+
+    def trains(*args, **kwargs):
+        raise AssertionError("training started before the data was checked")
+    monkeypatch.setattr(trainer, "run_training", trains)
+    big, small = tmp_path / "big.csv", tmp_path / "small.csv"
+    with open(big, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label")] + [(f"text {c} {i}", f"c{c}") for c in range(12)
+                                                       for i in range(6)])
+    with open(small, "w", newline="") as f:  # class "tiny" has 1 example; an episode needs 4
+        csv.writer(f).writerows([("text", "label")] + [(f"x {c} {i}", c) for c in ("a", "b", "c")
+                                                       for i in range(6)] + [("only one", "tiny")])
+    argv = [a for a in FULL if a != "datasets.synthetic_only=true"]
+    argv = [a for i, a in enumerate(argv) if not (a == "--set" and argv[i + 1:i + 2] == ["--set"])]
+    assert main.main([*argv, "--dataset", str(big), "--eval_dataset", str(small), "--text_column", "text",
+                      "--label_column", "label", "--num_iterations",
+                      "1", "--output_dir", str(tmp_path / "out")]) == 2
+    assert_one_paragraph_error(capsys, "'tiny'", "has 1 examples", "k_shot + q_query = 4")
+    assert not (tmp_path / "out" / "melora").exists()
