@@ -227,6 +227,7 @@ def fit(method: B.MELoRA, tokenizer, cfg: Config, state: Mapping, checkpoint,
     for phi in method.fast_weights(support, steps):
         pass
     rate = method.inner_lr.tolist() if torch.is_tensor(method.inner_lr) else method.inner_lr
+    _check_finite(phi, rate, steps)
     info = {"checkpoint": str(checkpoint), "inner_steps": steps, "inner_lr": rate,
             "head_init": cfg.meta_learning.head_init, "support_examples": len(texts)}
     log.info("adapted %s to %d classes from %d support examples (%d steps, inner rate %s)",
@@ -324,6 +325,10 @@ def run_adapt(job: AdaptJob, run_dir: str | os.PathLike) -> dict:
     clf = fit(job.method, job.tokenizer, job.cfg, job.state, job.checkpoint,
               job.support_texts, job.support_labels, job.classes)
     proba = clf.predict_proba(job.texts, progress=True)  # (rows, N)
+    if not np.isfinite(proba).all():  # finite weights can still overflow in the forward pass
+        raise UserError("adaptation diverged: the adapted model's probabilities are not finite; "
+                        "nothing was written. Lower meta_learning.inner.default_lr (--set "
+                        "meta_learning.inner.default_lr=...) or the inner steps")
     predicted = [job.classes[i] for i in proba.argmax(1)]
     frame = job.frame.copy()
     frame["prediction"], frame["confidence"] = predicted, proba.max(1)
@@ -580,6 +585,17 @@ def _tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.de
                       return_tensors="pt")
     return {"input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].to(device)}
+
+
+def _check_finite(phi: Mapping[str, torch.Tensor], rate, steps: int) -> None:
+    """Refuse adapted weights that are not finite (a diverged inner loop), as training does:
+    nothing would be exported or predicted from them."""
+    bad = [name for name, t in phi.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"adaptation diverged: after {steps} inner step(s) at rate {rate} the "
+                        f"adapted weights are not finite ({len(bad)} tensor(s), first {bad[0]}); "
+                        "nothing was written. Lower meta_learning.inner.default_lr (--set "
+                        "meta_learning.inner.default_lr=...) or the inner steps")
 
 
 def _check_texts(texts: Sequence, where: str) -> None:

@@ -386,3 +386,16 @@ def test_full_mode_checks_the_evaluation_data_before_training(tmp_path, monkeypa
                       "1", "--output_dir", str(tmp_path / "out")]) == 2
     assert_one_paragraph_error(capsys, "'tiny'", "has 1 examples", "k_shot + q_query = 4")
     assert not (tmp_path / "out" / "melora").exists()
+
+
+# ------------------------------------------------------------------------------------
+# 8. a diverging inner loop in adapt is an error, and nothing is written
+# ------------------------------------------------------------------------------------
+
+def test_adapt_with_a_diverging_inner_loop_is_an_error(checkpoint, tmp_path, capsys):
+    from test_adapt import adapt_cli
+    s, p = files(tmp_path, *task())
+    out = tmp_path / "out"
+    assert adapt_cli(checkpoint, s, p, out, "--set", "meta_learning.inner.default_lr=1e30") == 2
+    assert_one_paragraph_error(capsys, "not finite", "meta_learning.inner.default_lr", "1e+30")
+    assert not (out / "adapt").exists()
