@@ -399,3 +399,44 @@ def test_adapt_with_a_diverging_inner_loop_is_an_error(checkpoint, tmp_path, cap
     assert adapt_cli(checkpoint, s, p, out, "--set", "meta_learning.inner.default_lr=1e30") == 2
     assert_one_paragraph_error(capsys, "not finite", "meta_learning.inner.default_lr", "1e+30")
     assert not (out / "adapt").exists()
+
+
+# ------------------------------------------------------------------------------------
+# 9. every hint the CLI prints after a stop is a command that works
+# ------------------------------------------------------------------------------------
+
+def test_the_hint_after_a_stopped_training_continues_it(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import trainer
+    monkeypatch.setattr(trainer.StopOnSignal, "agreed", lambda self, device: signal.SIGTERM)
+    argv = ["--model", "tiny-bert", *sets(TINY), "--num_iterations", "2", "--output_dir", str(tmp_path)]
+    assert main.main(argv) == 128 + signal.SIGTERM
+    resume = hint(capsys.readouterr().err)
+    assert resume[0] == "--resume"
+    monkeypatch.undo()
+    assert main.main(resume) == 0, capsys.readouterr().err
+    assert (tmp_path / "melora" / "checkpoints" / "checkpoint_iter_2.pt").is_file()
+
+
+def test_the_hint_after_a_stopped_adapt_is_to_run_it_again(checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+    import signal
+
+    import adapt
+    run = tmp_path / "run"  # adapt into the training run's own folder, which holds checkpoints
+    shutil.copytree(checkpoint.parents[1], run)
+    s, p = files(tmp_path, *task())
+    argv = ["--mode", "adapt", "--checkpoint", str(run / "checkpoints" / checkpoint.name),
+            "--support", str(s), "--predict", str(p), "--output_dir", str(tmp_path),
+            "--experiment_name", "run"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt(signal.SIGTERM)  # what main's SIGTERM handler raises
+    monkeypatch.setattr(adapt, "fit", stopped)
+    assert main.main(argv) == 128 + signal.SIGTERM
+    line = last_line(capsys.readouterr().err)
+    assert "--resume" not in line and "run the command again" in line, line
+    monkeypatch.undo()
+    assert main.main(argv) == 0, capsys.readouterr().err  # the hint: the same command again
+    assert (run / "predictions.csv").is_file()
