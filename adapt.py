@@ -617,6 +617,10 @@ def _check_predict(frame, labels, classes: list, path, cfg: Config) -> None:
     if clash:
         raise UserError(f"--predict file {str(path)!r} already has column(s) {clash}, which "
                         "predictions.csv adds; rename them in the file")
+    if labels is not None and all(y is None for y in labels):
+        raise UserError(f"--predict file {str(path)!r} has a label column "
+                        f"{cfg.adapt.label_column!r} but no row has a label, so there is nothing "
+                        "to score; fill in the labels, or drop the column to only predict")
     if labels is not None:
         without = sorted({y for y in labels if y is not None and y not in classes})
         if without:

@@ -440,3 +440,17 @@ def test_the_hint_after_a_stopped_adapt_is_to_run_it_again(checkpoint, tmp_path,
     monkeypatch.undo()
     assert main.main(argv) == 0, capsys.readouterr().err  # the hint: the same command again
     assert (run / "predictions.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------
+# 10. a label column with no label is an error naming the column
+# ------------------------------------------------------------------------------------
+
+def test_a_predict_label_column_without_labels_is_an_error(checkpoint, tmp_path, capsys):
+    from test_adapt import adapt_cli
+    support, predict = task()
+    s, p = files(tmp_path, support, [(text, "") for text, _ in predict])
+    out = tmp_path / "out"
+    assert adapt_cli(checkpoint, s, p, out) == 2
+    assert_one_paragraph_error(capsys, "predict.csv", "column 'label'", "no row has a label")
+    assert not (out / "adapt").exists()
