@@ -229,6 +229,12 @@ class DatasetLoader:
         return cls(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
                    cache, cfg.training.seed, splits=tuple(splits))
 
+    @property
+    def data_fingerprint(self) -> dict[str, str]:
+        """{source split name: fingerprint of its data} of every table read (a file's
+        SHA-256, a hub dataset's fingerprint); the synthetic generator is its config."""
+        return {table.name: table.fingerprint for table in self._tables.values()}
+
     def validate(self) -> None:
         """Check the config and that named files exist; reads no data.
 

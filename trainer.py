@@ -1135,7 +1135,8 @@ class MetaTrainer:
                 "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
                 "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
                 "optimizer": self.optimizer.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak}
+                "nonfinite_streak": self.nonfinite_streak,
+                "data": self.loader.data_fingerprint}  # compared on resume (_check_same_data)
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
@@ -1262,6 +1263,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
     if state is not None:
         trainer.load_state_dict(state)
         trainer.last_checkpoint = Path(resume)
+        _check_same_data(state.get("data"), trainer.loader.data_fingerprint, resume)
         _check_not_done(trainer.iteration, cfg, resume)
     main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
     if main:
@@ -1356,6 +1358,17 @@ def _autocast_context(precision: str, device: torch.device):
                       f"is on {device} and uses fp32", UserWarning, stacklevel=3)
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=_AUTOCAST_DTYPE[precision])
+
+
+def _check_same_data(saved: Mapping | None, current: Mapping, checkpoint) -> None:
+    """Warn when the meta-training data differs from what the checkpoint trained on
+    (None: a checkpoint older than the record, nothing to compare)."""
+    if saved is None or dict(saved) == dict(current):
+        return
+    changed = sorted(n for n in set(saved) | set(current) if saved.get(n) != current.get(n))
+    warnings.warn(f"the meta-training data changed since the checkpoint {str(checkpoint)!r} was "
+                  f"written ({', '.join(changed)}); the run continues on the new data. To continue "
+                  "exactly, restore the data the checkpoint trained on", UserWarning, stacklevel=2)
 
 
 def _check_not_done(iteration: int, cfg: Config, checkpoint) -> None:

@@ -454,3 +454,31 @@ def test_a_predict_label_column_without_labels_is_an_error(checkpoint, tmp_path,
     assert adapt_cli(checkpoint, s, p, out) == 2
     assert_one_paragraph_error(capsys, "predict.csv", "column 'label'", "no row has a label")
     assert not (out / "adapt").exists()
+
+
+# ------------------------------------------------------------------------------------
+# 11. the checkpoint records its data; resuming on other data warns
+# ------------------------------------------------------------------------------------
+
+def test_resume_on_changed_data_warns_naming_the_source(tmp_path, capsys):
+    import csv
+
+    import torch
+    data = tmp_path / "data.csv"
+
+    def write(extra):
+        with open(data, "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label")] + [(f"text {c} {i}{extra}", f"c{c}")
+                                                           for c in range(12) for i in range(6)])
+    write("")
+    argv = ["--model", "tiny-bert", *sets([t for t in TINY if t != "datasets.synthetic_only=true"]),
+            "--dataset", str(data), "--text_column", "text", "--label_column", "label",
+            "--output_dir", str(tmp_path)]
+    assert main.main([*argv, "--num_iterations", "1"]) == 0
+    checkpoint = tmp_path / "melora" / "checkpoints" / "checkpoint_iter_1.pt"
+    recorded = torch.load(checkpoint, weights_only=True)["data"]
+    assert list(recorded.values()) == [__import__("dataset_loader")._hash_file(data)]
+    capsys.readouterr()
+    write(" changed")  # same classes and sizes, other texts
+    with pytest.warns(UserWarning, match="data changed since the checkpoint.*data.csv:train"):
+        assert main.main(["--resume", str(checkpoint), "--num_iterations", "2"]) == 0
