@@ -26,7 +26,8 @@ A saved (adapted or exported) directory holds:
     head.safetensors       the head: weight (N, hidden), bias (N,) (+ scale: cosine head)
     melora_head.json       family, pooling and N of the head
     labels.json            labels (class names in head-row order; null for an export),
-                           pooling, max_length, base_model, backbone_class, how it
+                           pooling, max_length, base_model (a hub id, a folder, or
+                           base_model: the folder inside), backbone_class, how it
                            was adapted, and the files of the save (the only ones an
                            --overwrite may replace)
     tokenizer files        the tokenizer (pad token and right padding as in training)
@@ -631,12 +632,13 @@ def _check_predict(frame, labels, classes: list, path, cfg: Config) -> None:
 
 def _base_model(name: str, model: M.MELoRAModel, tmp: Path, out: Path) -> str:
     """Where transformers finds the backbone: a hub id or a directory; a random tiny-*
-    backbone is saved into the directory itself (`base_model/`)."""
+    backbone is saved into the directory itself, named by the relative `base_model`, so
+    the directory still loads after it was moved."""
     spec = M._resolve(name)
     if spec.source == "tiny":
         dtype = next(model.parameters()).dtype
         M.load_model(name, 1, dtype=dtype)[0].backbone.save_pretrained(str(tmp / BASE_MODEL_DIR))
-        return str(out / BASE_MODEL_DIR)
+        return BASE_MODEL_DIR
     if spec.source == "minilm-package":
         return str(M.minilm_path())
     return str(Path(spec.source).resolve()) if Path(spec.source).is_dir() else spec.source

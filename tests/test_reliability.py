@@ -482,3 +482,23 @@ def test_resume_on_changed_data_warns_naming_the_source(tmp_path, capsys):
     write(" changed")  # same classes and sizes, other texts
     with pytest.warns(UserWarning, match="data changed since the checkpoint.*data.csv:train"):
         assert main.main(["--resume", str(checkpoint), "--num_iterations", "2"]) == 0
+
+
+# ------------------------------------------------------------------------------------
+# Also found: a saved folder still loads after it was moved
+# ------------------------------------------------------------------------------------
+
+def test_a_saved_folder_loads_after_it_was_moved(checkpoint, tmp_path):
+    import shutil
+
+    import adapt
+    from test_adapt import readme_lines
+    support, _ = task()
+    clf = adapt.adapt(checkpoint, [t for t, _ in support], [y for _, y in support])
+    out = clf.save(tmp_path / "adapted")
+    assert json.loads((out / "labels.json").read_text())["base_model"] == "base_model"
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(str(out), str(moved))
+    texts = ["coffee latte espresso", "rain snow"]
+    printed, _ = readme_lines(moved, texts)
+    assert printed == clf.predict(texts)
