@@ -502,3 +502,29 @@ def test_a_saved_folder_loads_after_it_was_moved(checkpoint, tmp_path):
     texts = ["coffee latte espresso", "rain snow"]
     printed, _ = readme_lines(moved, texts)
     assert printed == clf.predict(texts)
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "train"])
+def test_run_the_command_again_is_a_command_that_works(mode, checkpoint, tmp_path, monkeypatch, capsys):
+    """A stop at once in evaluate, or in training before its first checkpoint, keeps
+    nothing that blocks the rerun the message asks for."""
+    import signal
+
+    import evaluation
+    import trainer
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt(signal.SIGTERM)  # what main's SIGTERM handler raises
+    if mode == "evaluate":
+        monkeypatch.setattr(evaluation, "evaluate_method", stopped)
+        argv = ["--mode", "evaluate", "--checkpoint", str(checkpoint), "--skip_baselines",
+                *sets(["evaluation.num_episodes=2", "evaluation.child_process=false"])]
+    else:
+        monkeypatch.setattr(trainer.MetaTrainer, "train_step", stopped)
+        argv = ["--model", "tiny-bert", *sets(TINY), "--num_iterations", "1"]
+    argv += ["--output_dir", str(tmp_path), "--experiment_name", "again"]
+    assert main.main(argv) == 128 + signal.SIGTERM
+    line = last_line(capsys.readouterr().err)
+    assert "run the command again" in line and "--resume" not in line, line
+    monkeypatch.undo()
+    assert main.main(argv) == 0, capsys.readouterr().err
