@@ -26,8 +26,10 @@ A saved (adapted or exported) directory holds:
     head.safetensors       the head: weight (N, hidden), bias (N,) (+ scale: cosine head)
     melora_head.json       family, pooling and N of the head
     labels.json            labels (class names in head-row order; null for an export),
-                           pooling, max_length, base_model, backbone_class, and how it
-                           was adapted
+                           pooling, max_length, base_model (a hub id, a folder, or
+                           base_model: the folder inside), backbone_class, how it
+                           was adapted, and the files of the save (the only ones an
+                           --overwrite may replace)
     tokenizer files        the tokenizer (pad token and right padding as in training)
     base_model/            only for the random tiny-* models: their backbone weights
 
@@ -54,7 +56,7 @@ import torch
 
 import baseline as B
 import model as M
-from dataset_loader import FILE_BUILDERS, check_data_file
+from dataset_loader import read_table
 from evaluation import evaluation_config, read_checkpoint
 from trainer import dropout_off, load_theta, val_summary
 from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
@@ -70,6 +72,14 @@ LABELS_FILE = "labels.json"
 BASE_MODEL_DIR = "base_model"
 PROBABILITY_PREFIX = "probability_"  # + class name: one column per class (adapt.probabilities)
 OUTPUT_COLUMNS = ("prediction", "confidence")
+# Past this many classes the confusion figure and printout show only the most-confused
+# classes: at 1,000 classes the whole figure would need gigabytes (issue 27).
+MAX_FIGURE_CLASSES = 30
+# What a save wrote before labels.json listed its files (tokenizer* files besides).
+_SAVE_NAMES = frozenset({LABELS_FILE, BASE_MODEL_DIR, "adapter_config.json", "adapter_model.safetensors",
+                         "head.safetensors", "melora_head.json", "special_tokens_map.json",
+                         "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "added_tokens.json",
+                         "chat_template.jinja"})
 
 
 # ------------------------------------------------------------------------------------
@@ -181,13 +191,10 @@ def checkpoint_config(checkpoint: str | os.PathLike, cfg: Config, config_file=No
 
     Raises:
         UserError: a missing, truncated or foreign checkpoint, another model or LoRA rank
-            asked for, or a bad `adapt.batch_size`.
+            asked for.
     """
     state = read_checkpoint(checkpoint)
     cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
-    if cfg.adapt.batch_size < 1:
-        raise UserError(f"config key 'adapt.batch_size' must be a positive integer, got "
-                        f"{cfg.adapt.batch_size!r}")
     return cfg, state
 
 
@@ -221,6 +228,7 @@ def fit(method: B.MELoRA, tokenizer, cfg: Config, state: Mapping, checkpoint,
     for phi in method.fast_weights(support, steps):
         pass
     rate = method.inner_lr.tolist() if torch.is_tensor(method.inner_lr) else method.inner_lr
+    _check_finite(phi, rate, steps)
     info = {"checkpoint": str(checkpoint), "inner_steps": steps, "inner_lr": rate,
             "head_init": cfg.meta_learning.head_init, "support_examples": len(texts)}
     log.info("adapted %s to %d classes from %d support examples (%d steps, inner rate %s)",
@@ -318,6 +326,10 @@ def run_adapt(job: AdaptJob, run_dir: str | os.PathLike) -> dict:
     clf = fit(job.method, job.tokenizer, job.cfg, job.state, job.checkpoint,
               job.support_texts, job.support_labels, job.classes)
     proba = clf.predict_proba(job.texts, progress=True)  # (rows, N)
+    if not np.isfinite(proba).all():  # finite weights can still overflow in the forward pass
+        raise UserError("adaptation diverged: the adapted model's probabilities are not finite; "
+                        "nothing was written. Lower meta_learning.inner.default_lr (--set "
+                        "meta_learning.inner.default_lr=...) or the inner steps")
     predicted = [job.classes[i] for i in proba.argmax(1)]
     frame = job.frame.copy()
     frame["prediction"], frame["confidence"] = predicted, proba.max(1)
@@ -337,55 +349,6 @@ def run_adapt(job: AdaptJob, run_dir: str | os.PathLike) -> dict:
     print(f"predictions: {run_dir / PREDICTIONS_FILE} ({len(frame)} rows)\n"
           f"adapted model: {run_dir / ADAPTED_DIR} (PEFT adapter + head; README.md, Adapt)")
     return metrics
-
-
-def read_table(path: str | os.PathLike, text_column: str, label_column: str, flag: str,
-               need_labels: bool) -> tuple[Any, list[str], list[str] | None]:
-    """(rows as a DataFrame, texts, labels or None) of a csv/json/jsonl/parquet file.
-
-    Read with `datasets`, as `--dataset` files are; labels become strings (ClassLabel
-    ids their names).
-
-    Raises:
-        UserError: no such file, another format, no rows, a missing column, a row
-            without text.
-    """
-    import datasets
-    path = Path(path)
-    check_data_file(str(path), flag)
-    table, quiet = None, datasets.utils.are_progress_bars_disabled()
-    if path.stat().st_size > 0:
-        datasets.disable_progress_bars()  # one small file: no "Generating train split" bar
-        with tempfile.TemporaryDirectory() as cache:  # nothing cached beside the user's files
-            try:
-                table = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
-                                              split="train", cache_dir=cache)
-                frame, features = table.to_pandas(), table.features
-            except ValueError as e:  # "Instruction 'train' corresponds to no data": no rows
-                if "no data" not in str(e):
-                    raise UserError(f"could not read {flag} file {str(path)!r} ({e}); check its format") from e
-                table = None
-            except (OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
-                raise UserError(f"could not read {flag} file {str(path)!r} ({e!r}); check its format") from e
-            finally:
-                if not quiet:
-                    datasets.enable_progress_bars()
-    if table is None or len(frame) == 0:
-        raise UserError(f"{flag} file {str(path)!r} has no rows; give it one row per text")
-    wanted = [("text_column", text_column)] + ([("label_column", label_column)] if need_labels else [])
-    for role, column in wanted:
-        if column not in frame.columns:
-            raise UserError(f"{flag} file {str(path)!r} has no column {column!r} (the {role}); "
-                            f"its columns are: {', '.join(map(str, frame.columns))}; pass "
-                            f"--{role} NAME")
-    texts = list(frame[text_column])
-    _check_texts(texts, f"{flag} file {str(path)!r}")
-    if label_column not in frame.columns:
-        return frame, texts, None
-    feature, raw = features[label_column], list(frame[label_column])
-    labels = [None if _no_label(y) else feature.int2str(y) if hasattr(feature, "int2str") else str(y)
-              for y in raw]
-    return frame, texts, labels
 
 
 # ------------------------------------------------------------------------------------
@@ -411,31 +374,51 @@ def classification_metrics(labels: Sequence, predicted: Sequence, classes: Seque
 
 
 def format_metrics(metrics: Mapping) -> str:
-    """Accuracy and the confusion matrix as text."""
+    """Accuracy and the confusion matrix as text (past `MAX_FIGURE_CLASSES` classes the
+    accuracy only: the matrix is in metrics.json)."""
     classes = [str(c) for c in metrics["classes"]]
+    head = (f"accuracy {metrics['accuracy']:.4f} on {metrics['labelled_rows']} labelled rows "
+            f"(chance {metrics['chance']:.4f})")
+    if len(classes) > MAX_FIGURE_CLASSES:
+        return (f"{head}\nconfusion matrix of {len(classes)} classes: {METRICS_FILE} "
+                f"(the {MAX_FIGURE_CLASSES} most-confused classes: {CONFUSION_FILE})")
     width = max(len(c) for c in classes + ["true \\ predicted"])
-    lines = [f"accuracy {metrics['accuracy']:.4f} on {metrics['labelled_rows']} labelled rows "
-             f"(chance {metrics['chance']:.4f})", "",
-             "true \\ predicted".ljust(width) + "".join(f" {i:>5d}" for i in range(len(classes)))]
+    lines = [head, "", "true \\ predicted".ljust(width) + "".join(f" {i:>5d}" for i in range(len(classes)))]
     for i, (name, row) in enumerate(zip(classes, metrics["confusion_matrix"])):
         lines.append(f"{name:<{width}}" + "".join(f" {v:>5d}" for v in row) + f"   ({i})")
     return "\n".join(lines)
 
 
+def most_confused(matrix, k: int) -> list[int]:
+    """The k classes (ascending index) with the most errors, as true or predicted class."""
+    matrix = np.asarray(matrix)
+    errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)  # (N,) off-diagonal mass
+    return sorted(np.argsort(-errors, kind="stable")[:k].tolist())
+
+
 def confusion_png(metrics: Mapping) -> bytes:
-    """The confusion matrix as a PNG (counts in the cells, true class on the rows)."""
+    """The confusion matrix as a PNG (counts in the cells, true class on the rows).
+
+    Past `MAX_FIGURE_CLASSES` classes it shows the most-confused ones, so its size and
+    memory do not grow with N.
+    """
     from matplotlib.figure import Figure
     matrix = np.asarray(metrics["confusion_matrix"])
+    names = [str(c) for c in metrics["classes"]]
+    title = f"accuracy {metrics['accuracy']:.3f} ({metrics['labelled_rows']} rows)"
+    if len(matrix) > MAX_FIGURE_CLASSES:
+        keep = most_confused(matrix, MAX_FIGURE_CLASSES)
+        matrix, names = matrix[np.ix_(keep, keep)], [names[i] for i in keep]
+        title += f"\nthe {len(keep)} most-confused of {len(metrics['classes'])} classes"
     n = len(matrix)
     fig = Figure(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n), layout="constrained")
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
-    names = [str(c) for c in metrics["classes"]]
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"accuracy {metrics['accuracy']:.3f} ({metrics['labelled_rows']} rows)")
+    ax.set_title(title)
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(value), ha="center", va="center",
                 color="white" if value > matrix.max() / 2 else "black")
@@ -461,9 +444,13 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
     if not checkpoint or not output_dir:
         raise UserError("--mode export needs --checkpoint CKPT and --output_dir DIR")
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
-                        "--overwrite to replace it, or another directory")
+    if out.exists() and not out.is_dir() or Path(checkpoint).resolve().is_relative_to(out.resolve()):
+        check_replaceable(out, "--output_dir", protect=checkpoint)  # refused, with or without --overwrite
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
+                            "--overwrite to replace an earlier export, or another directory")
+        check_replaceable(out, "--output_dir", protect=checkpoint)
     cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
     model, tokenizer = M.build_model(cfg, torch.device("cpu"))
     load_theta(model, state["theta"], checkpoint)
@@ -472,8 +459,6 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
             "inner_steps": cfg.meta_learning.inner.default_num_steps,
             "inner_lr": rate.tolist() if torch.is_tensor(rate) else rate,
             "head_init": cfg.meta_learning.head_init}
-    if out.is_file() and overwrite:
-        out.unlink()
     save_directory(model, tokenizer, cfg, out, info, replace=overwrite)
     print(f"exported the meta-learned initialisation of {checkpoint} to {out} (PEFT adapter + head)")
     return out
@@ -484,12 +469,15 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
     """`model.export_peft_adapter` plus labels.json, the tokenizer (and a tiny base model),
     written into a temporary sibling and renamed into place: whole or not at all.
 
-    An existing directory is replaced when `replace` is set or it holds an earlier save.
+    An existing directory is replaced only when it holds an earlier save and nothing
+    else (`check_replaceable`); `replace` is kept for the callers' symmetry.
+
+    Raises:
+        UserError: `directory` is a file, or a folder that holds anything but an earlier save.
     """
     out = Path(directory).resolve()
-    earlier = all((out / f).is_file() for f in (LABELS_FILE, "adapter_config.json"))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (replace or earlier):
-        raise UserError(f"{str(out)!r} exists and holds other files; save into a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        check_replaceable(out, str(directory))
     out.parent.mkdir(parents=True, exist_ok=True)
     name = cfg.models.selected_model
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -502,6 +490,8 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
                   "base_model": base, "family": model.family, "head": model.head_kind,
                   "backbone_class": "T5EncoderModel" if model.family == "t5" else "AutoModel",
                   "model": name}
+        # What this save wrote: an --overwrite later replaces a folder holding only these.
+        labels["files"] = sorted([f.name for f in tmp.iterdir()] + [LABELS_FILE])
         atomic_write_json(tmp / LABELS_FILE, labels)
         for f in tmp.iterdir():  # safetensors writes 0600; give the usual permissions
             if f.is_file():
@@ -513,6 +503,45 @@ def save_directory(model: M.MELoRAModel, tokenizer, cfg: Config, directory: str 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_replaceable(out: Path, what: str, protect: str | os.PathLike | None = None) -> None:
+    """Refuse to replace `out` unless it is a folder holding an earlier MELoRA save only.
+
+    An earlier save has labels.json and adapter_config.json, and nothing but the entries
+    its labels.json lists (`_SAVE_NAMES` for a save older than that list). A file, the
+    checkpoint `protect` (or a folder holding it) and anything else are never deleted.
+
+    Raises:
+        UserError: naming what was found and the fix.
+    """
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"{what} {str(out)!r} is a file; a save is a folder, and MELoRA never "
+                        "replaces a file: pass a new or empty directory")
+    if protect is not None and Path(protect).resolve().is_relative_to(out.resolve()):
+        raise UserError(f"{what} {str(out)!r} is not an earlier MELoRA export: it holds the "
+                        f"checkpoint {Path(protect).name}; pass a new or empty directory")
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"{what} {str(out)!r} is not an earlier MELoRA export: it holds other files ({shown}); "
+                        "MELoRA replaces only a folder holding its own earlier save and nothing "
+                        "else: pass a new or empty directory")
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Names in `out` that no earlier save of MELoRA wrote (all of them if it is none)."""
+    names = sorted(p.name for p in out.iterdir())
+    try:
+        labels = json.loads((out / LABELS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return names
+    if not isinstance(labels, dict) or not (out / "adapter_config.json").is_file():
+        return names
+    ours = labels.get("files")
+    if isinstance(ours, list):
+        return [n for n in names if n not in ours]
+    return [n for n in names if n not in _SAVE_NAMES and not n.startswith("tokenizer")]
 
 
 # ------------------------------------------------------------------------------------
@@ -561,6 +590,17 @@ def _tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.de
             "attention_mask": batch["attention_mask"].to(device)}
 
 
+def _check_finite(phi: Mapping[str, torch.Tensor], rate, steps: int) -> None:
+    """Refuse adapted weights that are not finite (a diverged inner loop), as training does:
+    nothing would be exported or predicted from them."""
+    bad = [name for name, t in phi.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"adaptation diverged: after {steps} inner step(s) at rate {rate} the "
+                        f"adapted weights are not finite ({len(bad)} tensor(s), first {bad[0]}); "
+                        "nothing was written. Lower meta_learning.inner.default_lr (--set "
+                        "meta_learning.inner.default_lr=...) or the inner steps")
+
+
 def _check_texts(texts: Sequence, where: str) -> None:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
@@ -580,6 +620,10 @@ def _check_predict(frame, labels, classes: list, path, cfg: Config) -> None:
     if clash:
         raise UserError(f"--predict file {str(path)!r} already has column(s) {clash}, which "
                         "predictions.csv adds; rename them in the file")
+    if labels is not None and all(y is None for y in labels):
+        raise UserError(f"--predict file {str(path)!r} has a label column "
+                        f"{cfg.adapt.label_column!r} but no row has a label, so there is nothing "
+                        "to score; fill in the labels, or drop the column to only predict")
     if labels is not None:
         without = sorted({y for y in labels if y is not None and y not in classes})
         if without:
@@ -590,12 +634,13 @@ def _check_predict(frame, labels, classes: list, path, cfg: Config) -> None:
 
 def _base_model(name: str, model: M.MELoRAModel, tmp: Path, out: Path) -> str:
     """Where transformers finds the backbone: a hub id or a directory; a random tiny-*
-    backbone is saved into the directory itself (`base_model/`)."""
+    backbone is saved into the directory itself, named by the relative `base_model`, so
+    the directory still loads after it was moved."""
     spec = M._resolve(name)
     if spec.source == "tiny":
         dtype = next(model.parameters()).dtype
         M.load_model(name, 1, dtype=dtype)[0].backbone.save_pretrained(str(tmp / BASE_MODEL_DIR))
-        return str(out / BASE_MODEL_DIR)
+        return BASE_MODEL_DIR
     if spec.source == "minilm-package":
         return str(M.minilm_path())
     return str(Path(spec.source).resolve()) if Path(spec.source).is_dir() else spec.source

@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import urllib.parse
 import urllib.request
 import warnings
@@ -231,6 +232,12 @@ class DatasetLoader:
         cache = cache_dir or cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
         return cls(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, cfg.models.max_length,
                    cache, cfg.training.seed, splits=tuple(splits))
+
+    @property
+    def data_fingerprint(self) -> dict[str, str]:
+        """{source split name: fingerprint of its data} of every table read (a file's
+        SHA-256, a hub dataset's fingerprint); the synthetic generator is its config."""
+        return {table.name: table.fingerprint for table in self._tables.values()}
 
     def validate(self) -> None:
         """Check the config and that named files exist; reads no data.
@@ -1002,6 +1009,94 @@ def check_data_file(spec: str, what: str, example: str = "") -> None:
                         f"{os.getcwd()})")
     if path.suffix.lower() not in FILE_BUILDERS:
         raise DataError(f"{what}: {spec!r} has an unsupported type; use {', '.join(FILE_BUILDERS)}")
+
+
+def read_table(path: str | os.PathLike, text_column: str, label_column: str, what: str,
+               need_labels: bool = True) -> tuple[Any, list[str], list[str | None] | None]:
+    """(rows, texts, labels) of one local csv/json/jsonl/parquet table, read as training
+    reads a `--dataset` file: every CSV cell is the string written (`NA`, `None`, `01`,
+    `000` and `123` stay as they are), json/parquet numbers become their text.
+
+    Used by `--mode adapt` for `--support` and `--predict`, so a file that trains also
+    adapts, with the same labels.
+
+    Args:
+        path: the file.
+        text_column, label_column: the columns to take.
+        what: the flag naming the file in messages, e.g. `--support`.
+        need_labels: refuse a file without `label_column` (else its labels are None).
+
+    Returns:
+        (the rows as a pandas DataFrame in file order, the texts, the labels as strings
+        with None for a row without one, or None when there is no label column).
+
+    Raises:
+        DataError: no such file, another format, not UTF-8, unreadable, no rows, a
+            missing column, a row without text.
+    """
+    path = Path(path)
+    check_data_file(str(path), what)
+    where = f"{what} file {str(path)!r}"
+    frame, names = _read_frame(path, where)
+    if frame is None or len(frame) == 0:
+        raise DataError(f"{where} has no rows; give it one row per text")
+    for role, column in [("text_column", text_column)] + ([("label_column", label_column)] if need_labels else []):
+        if column not in frame.columns:
+            raise DataError(f"{where} has no column {column!r} (the {role}); its columns are: "
+                            f"{', '.join(map(str, frame.columns))}; pass --{role} NAME")
+    texts = [None if _missing(t) else str(t) for t in frame[text_column]]
+    empty = [i for i, t in enumerate(texts) if t is None or t == ""]
+    if empty:
+        raise DataError(f"{where}: {len(empty)} row(s) have no text in column {text_column!r} "
+                        f"(first: data row {empty[0] + 1}); fill them in or drop those rows")
+    if label_column not in frame.columns:
+        return frame, texts, None
+    decode = names.get(label_column, str)  # ClassLabel ids -> their names
+    labels = [None if _missing(y) or (isinstance(y, str) and not y.strip()) else decode(y)
+              for y in frame[label_column]]
+    return frame, texts, labels
+
+
+def _read_frame(path: Path, where: str):
+    """(DataFrame or None when empty, {column: id -> name}) of a table file."""
+    if path.suffix.lower() == ".csv":  # training's reader: every cell a string
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
+                            "as UTF-8") from e
+        if not text.strip():
+            return None, {}
+        try:
+            return _read_csv(text), {}
+        except Exception as e:  # pandas' parser errors have no common base
+            first = (str(e) or type(e).__name__).splitlines()[0][:300]
+            raise DataError(f"could not read {where} as csv ({first}); check its format") from e
+    import datasets
+    if path.stat().st_size == 0:
+        return None, {}
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # one small file: no "Generating train split" bar
+    try:
+        with tempfile.TemporaryDirectory() as cache:  # nothing cached beside the user's files
+            table = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path),
+                                          split="train", cache_dir=cache)
+            names = {c: f.int2str for c, f in table.features.items() if hasattr(f, "int2str")}
+            return table.to_pandas(), names
+    except ValueError as e:  # "Instruction 'train' corresponds to no data": no rows
+        if "no data" in str(e):
+            return None, {}
+        raise DataError(f"could not read {where} ({e}); check its format") from e
+    except (OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"could not read {where} ({e!r}); check its format") from e
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _missing(value) -> bool:
+    """None or a float NaN (json null, a parquet gap)."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def _check_custom(source: str, data: Any) -> tuple[list[str], list[str]]:

@@ -79,6 +79,8 @@ RESULTS_FILE, EPISODE_SPEC = analysis.RESULTS_FILE, analysis.EPISODE_SPEC
 SINK_DIR = "evaluation"       # metrics of evaluation, apart from the training run's
 SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s * stride + i
 ACCURACY_BOUNDS = (0.0, 1.0)  # confidence intervals of an accuracy stay inside [0, 1]
+PARTIAL_RESULTS_FILE = "results.partial.json"  # raw accuracies, when the statistics fail
+PARENT_POLL_S = 0.5           # how often a pool worker checks that its parent still runs
 
 
 # ------------------------------------------------------------------------------------
@@ -145,7 +147,14 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     if not is_main_process():
         return {}
     # 3. Statistics, results.json, metrics and the table.
-    results = summarize(raw, cfg, checkpoint, spec)
+    try:
+        results = summarize(raw, cfg, checkpoint, spec)
+    except Exception as e:  # the episodes' accuracies are not lost with the statistics
+        partial = run_dir / PARTIAL_RESULTS_FILE
+        atomic_write_json(partial, {"error": f"{type(e).__name__}: {e}", "checkpoint": str(checkpoint),
+                                    "config": cfg.to_dict(), "methods": raw})
+        log.error("the statistics failed; every episode's accuracy is kept in %s", partial)
+        raise
     atomic_write_json(run_dir / RESULTS_FILE, results)
     _log_metrics(results, cfg, run_dir)
     print(format_tables(results))
@@ -648,7 +657,8 @@ def _run_job(job: dict, cfg: Config, *, target=None) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
     workers = []
     try:
         with _stop_on_signal(job["method"]):
@@ -704,6 +714,16 @@ def _stop_on_signal(method: str):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a pool worker: end this process when `parent` dies (even by SIGKILL, which
+    runs no cleanup), instead of waiting forever on a pipe only the worker still holds."""
+    def watch():
+        while os.getppid() == parent:  # an orphan is adopted by another process
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _pool_processes(pool) -> list:

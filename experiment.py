@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -176,7 +177,9 @@ def compute_fidelity(cfg, checkpoint: str | os.PathLike, num_tasks: int | None =
 
 
 def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = False,
-             skip_baselines: bool = False) -> dict:
+             skip_baselines: bool = False, resume: str | os.PathLike | None = None,
+             config_file=None, explicit_overrides: Mapping | None = None,
+             mode_args: tuple[str, ...] = ("--mode", "full")) -> dict:
     """The whole experiment in one folder: (search,) train, evaluate, fidelity, (ablations,)
     statistics, figures and ``report.md``.
 
@@ -192,11 +195,19 @@ def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = Fals
     6. Figures (`visualization.plot_all`): figures/.
     7. ``report.md``: the command, tables and figures.
 
+    The meta-test data is read, its shape checked and its episodes fixed before training
+    starts, so a class too small for the episodes is refused in the first minute.
+
     Args:
         cfg: the validated config.
         run_dir: the experiment folder (from `utils.prepare_run_dir`).
         hyperparameter_search: search hyperparameters first.
         skip_baselines: evaluate MELoRA only.
+        resume: a checkpoint of this run (`--mode full --resume`): training continues from
+            it (or is done already), then every later phase runs into the same folder.
+        config_file, explicit_overrides: with `resume`, the keys the user named
+            (`T.run_training`).
+        mode_args: the flags of the command that continues this run after a stop.
 
     Returns:
         A summary: the run folder, the report, and the file of each phase.
@@ -209,8 +220,10 @@ def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = Fals
         best = {SEARCH_KEYS[k]: v for k, v in search["best_params"].items()}
         cfg = load_config_with_base(cfg.to_dict(), None, best)
         files["best_config"] = search["best_config"]
+    baselines = not skip_baselines and bool(cfg.evaluation.baselines)
+    evaluation.prepare_episodes(cfg, run_dir, baselines)  # data shape checked before training
     logger.info("full mode 1/7: meta-training")
-    training = T.run_training(cfg, run_dir)
+    training = _meta_train(cfg, run_dir, resume, config_file, explicit_overrides, mode_args)
     logger.info("full mode 2/7: evaluation%s", "" if skip_baselines else " with baselines")
     results = evaluation.run_evaluation(cfg, training["last_checkpoint"], skip_baselines, run_dir)
     files["results"] = str(run_dir / RESULTS_FILE)
@@ -237,6 +250,33 @@ def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = Fals
     _write_json(run_dir / FULL_SUMMARY_FILE, summary)
     print(_full_summary_text(summary, training))
     return summary
+
+
+def _meta_train(cfg, run_dir: Path, resume, config_file, explicit_overrides,
+                mode_args: tuple[str, ...]) -> dict:
+    """Phase 1: train (or continue `resume`); a checkpoint that finished training is used
+    as it is, with the summary its training wrote."""
+    if resume is not None:
+        state = T.load_checkpoint(resume, require=T.RESUME_KEYS)
+        if state["iteration"] >= cfg.meta_learning.num_iterations:
+            logger.info("training of %s is complete (%d iterations): evaluating it",
+                        resume, state["iteration"])
+            return _finished_training(run_dir, Path(resume), state["iteration"])
+    return T.run_training(cfg, run_dir, resume=resume, config_file=config_file,
+                          explicit_overrides=explicit_overrides, mode_args=mode_args)
+
+
+def _finished_training(run_dir: Path, checkpoint: Path, iterations: int) -> dict:
+    """The summary of a training that already ended at `checkpoint`."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        if Path(summary["last_checkpoint"]).resolve() == checkpoint.resolve():
+            return summary
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # killed between the last checkpoint and its summary: rebuild the essentials
+    return {"run_dir": str(run_dir), "iterations": iterations, "checkpoints": [str(checkpoint)],
+            "last_checkpoint": str(checkpoint), "config": str(run_dir / "config.yml"),
+            "final_metrics": {}}
 
 
 def write_report(run_dir: str | os.PathLike, cfg, results: Mapping, comparison: Sequence[Mapping],

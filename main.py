@@ -4,6 +4,7 @@
     python main.py --mode train --resume results/melora/checkpoints/checkpoint_iter_500.pt
     python main.py --mode evaluate --checkpoint results/melora/checkpoints/checkpoint_iter_1000.pt
     python main.py --mode full --experiment_name my_experiment
+    python main.py --mode full --resume results/my_experiment/checkpoints/checkpoint_iter_500.pt
     python main.py --mode adapt --checkpoint CKPT --support support.csv --predict texts.csv
     python main.py --mode export --checkpoint CKPT --output_dir adapter/
     torchrun --nproc_per_node 4 main.py --mode train --meta_batch_size 8   # one process per GPU
@@ -87,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--output_dir", help="parent folder of run folders")
     p.add_argument("--experiment_name", help="run folder name under --output_dir")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue training exactly from a checkpoint")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue training exactly from a checkpoint (with --mode full: then "
+                        "evaluate and report into the same run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--checkpoint", help="checkpoint to evaluate, adapt or export")
     p.add_argument("--support", help="labelled examples of your task (--mode adapt; csv/json/jsonl/parquet)")
@@ -110,8 +113,12 @@ def check_flags(args: argparse.Namespace) -> None:
     """Refuse flag combinations that make no sense, before any work is done."""
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run folder and --overwrite replaces it; pass one")
-    if args.resume and args.mode != "train":
-        raise UserError(f"--resume continues training; it needs --mode train, not {args.mode}")
+    if args.resume and args.mode not in ("train", "full"):
+        raise UserError(f"--resume continues training (--mode train) or a full run (--mode full), "
+                        f"not --mode {args.mode}")
+    if args.resume and args.hyperparameter_search:
+        raise UserError("--resume continues a run whose checkpoint already holds the searched "
+                        "values; drop --hyperparameter_search")
     if args.checkpoint and args.mode not in ("evaluate", "adapt", "export"):
         raise UserError(f"--checkpoint names the checkpoint to evaluate (--mode evaluate), "
                         f"adapt or export; with --mode {args.mode} use --resume to continue training")
@@ -181,7 +188,7 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
         ok = True
         return result
     except KeyboardInterrupt as e:  # a second signal: stopped at once, maybe before a checkpoint
-        if isinstance(e, utils.RunInterrupted):
+        if isinstance(e, utils.RunInterrupted) and args.mode != "full":
             raise
         raise _stopped_at_once(args, folder.path, e) from None
     finally:
@@ -199,20 +206,33 @@ def _token_cache(cfg: utils.Config):
 
 
 def _stopped_at_once(args: argparse.Namespace, run_dir, e: KeyboardInterrupt) -> utils.RunInterrupted:
-    """What a signal that stopped at once left behind, truthfully: a checkpoint or nothing."""
-    signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+    """What a signal that stopped at once left behind, truthfully: a checkpoint or nothing,
+    and a command that continues (every hint printed here is a command that works)."""
+    signum = getattr(e, "signum", None) or (e.args[0] if e.args and isinstance(e.args[0], int)
+                                            else signal.SIGINT)
     name = signal.Signals(signum).name
     if args.mode == "evaluate":
         return utils.RunInterrupted(f"{name} stopped the evaluation; results.json was not "
                                     "written: run the command again", signum)
+    if args.mode == "adapt":  # a stopped adapt keeps no folder: nothing to resume
+        return utils.RunInterrupted(f"{name} stopped the adaptation; nothing was kept: run "
+                                    "the command again", signum)
     import trainer
     last = trainer.latest_checkpoint(run_dir)
     if last is None:
         return utils.RunInterrupted(f"{name} stopped the run before its first checkpoint: "
                                     "nothing to resume and no run folder kept; run the "
                                     "command again", signum)
-    return utils.RunInterrupted(f"{name} stopped the run at once; the last complete checkpoint "
-                                f"is {last}. Continue with: python main.py --resume {last}", signum)
+    return utils.RunInterrupted(f"{name} stopped the run; the last complete checkpoint is "
+                                f"{last}. Continue with: {trainer.resume_command(last, mode_args(args))}",
+                                signum)
+
+
+def mode_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags before `--resume` in the command that continues this run."""
+    if args.mode != "full":
+        return ()
+    return ("--mode", "full") + (("--skip_baselines",) if args.skip_baselines else ())
 
 
 def _raise_on_sigterm(signum, frame):
@@ -235,7 +255,9 @@ def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None, na
         import evaluation
         return evaluation.run_evaluation(cfg, args.checkpoint, args.skip_baselines, run_dir, **named)
     import experiment
-    return experiment.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines)
+    more = {"resume": args.resume, "mode_args": mode_args(args), **named} if args.resume else \
+        {"mode_args": mode_args(args)}
+    return experiment.run_full(cfg, run_dir, args.hyperparameter_search, args.skip_baselines, **more)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

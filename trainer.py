@@ -775,16 +775,24 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
         log.info("removed %s, left by a checkpoint write that was cut short", tmp.name)
 
 
-def _interrupted(signum: int, done: int, total: int, path: Path, saved: list, save) -> RunInterrupted:
+def resume_command(checkpoint: str | os.PathLike, mode_args: tuple[str, ...] = ()) -> str:
+    """The command that continues a run from `checkpoint`: `python main.py --resume CKPT`,
+    with `mode_args` (e.g. `("--mode", "full")`) before `--resume`."""
+    import shlex
+    return shlex.join(["python", "main.py", *mode_args, "--resume", str(checkpoint)])
+
+
+def _interrupted(signum: int, done: int, total: int, path: Path, saved: list, save,
+                 mode_args: tuple[str, ...] = ()) -> RunInterrupted:
     """Checkpoint iteration `done` to `path` with `save` (unless just written); the error
-    says how to resume."""
+    says how to resume (`resume_command` with `mode_args`)."""
     if not saved or Path(saved[-1]) != path:
         saved.append(save(path))
     name = signal.Signals(signum).name
     log.info("stopped by %s after iteration %d; checkpoint %s", name, done, path)
     return RunInterrupted(f"{name} stopped training after iteration {done} of "
                           f"{total}; checkpoint {path} holds it. "
-                          f"Continue with: python main.py --resume {path}", signum)
+                          f"Continue with: {resume_command(path, mode_args)}", signum)
 
 
 def _halved_micro_batch(trainer: "MetaTrainer", tasks: list, iteration: int, error: str) -> int:
@@ -1091,8 +1099,10 @@ class MetaTrainer:
                 "seconds": time.perf_counter() - start, "skipped": int(not finite),
                 **_inner_lr_metrics(self.inner_lr)}
 
-    def train(self, sink: MetricsSink, run_dir: Path) -> list[Path]:
+    def train(self, sink: MetricsSink, run_dir: Path, mode_args: tuple[str, ...] = ()) -> list[Path]:
         """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
+
+        `mode_args`: the flags the resume command printed on a stop needs (`resume_command`).
 
         Logs every `training.log_every` iterations to `sink`, checkpoints every
         `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
@@ -1126,7 +1136,7 @@ class MetaTrainer:
                 if signum:
                     bar.close()
                     raise _interrupted(signum, done, end, checkpoint_path(run_dir, done), saved,
-                                       self.save_checkpoint)
+                                       self.save_checkpoint, mode_args)
         bar.close()
         return saved
 
@@ -1140,7 +1150,8 @@ class MetaTrainer:
                 "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
                 "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,
                 "optimizer": self.optimizer.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak, **self.selection.record}
+                "nonfinite_streak": self.nonfinite_streak, **self.selection.record,
+                "data": self.loader.data_fingerprint}  # compared on resume (_check_same_data)
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
@@ -1370,7 +1381,7 @@ def anchor_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor],
 
 def run_training(cfg: Config, run_dir: str | os.PathLike,
                  resume: str | os.PathLike | None = None, config_file: str | os.PathLike | None = None,
-                 explicit_overrides: Mapping | None = None) -> dict:
+                 explicit_overrides: Mapping | None = None, mode_args: tuple[str, ...] = ()) -> dict:
     """Meta-train as `cfg` says, writing checkpoints, metrics and logs under `run_dir`.
 
     Args:
@@ -1380,6 +1391,8 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
             from it (see `resume_config`).
         config_file, explicit_overrides: on resume, the `--config` file and the flags the
             user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
+        mode_args: the flags of the command that continues this run after a stop, e.g.
+            `("--mode", "full")` (`resume_command`).
 
     Under torchrun (`utils.init_distributed` called first) every rank runs this with the
     same arguments and reads `resume` itself; the meta-batch is split across ranks and
@@ -1403,6 +1416,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
     if state is not None:
         trainer.load_state_dict(state)
         trainer.last_checkpoint = Path(resume)
+        _check_same_data(state.get("data"), trainer.loader.data_fingerprint, resume)
         _check_not_done(trainer.iteration, cfg, resume)
     main = is_main_process()  # under torchrun, rank 0 alone writes files and metrics
     if main:
@@ -1413,7 +1427,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
                        start_iteration=trainer.iteration) if main else None
     status = "FAILED"
     try:
-        saved = trainer.train(sink, run_dir)
+        saved = trainer.train(sink, run_dir, mode_args)
         status = "FINISHED"
     except RunInterrupted:
         status = "KILLED"  # stopped cleanly by a signal, resumable
@@ -1535,6 +1549,17 @@ def _autocast_context(precision: str, device: torch.device):
                       f"is on {device} and uses fp32", UserWarning, stacklevel=3)
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=_AUTOCAST_DTYPE[precision])
+
+
+def _check_same_data(saved: Mapping | None, current: Mapping, checkpoint) -> None:
+    """Warn when the meta-training data differs from what the checkpoint trained on
+    (None: a checkpoint older than the record, nothing to compare)."""
+    if saved is None or dict(saved) == dict(current):
+        return
+    changed = sorted(n for n in set(saved) | set(current) if saved.get(n) != current.get(n))
+    warnings.warn(f"the meta-training data changed since the checkpoint {str(checkpoint)!r} was "
+                  f"written ({', '.join(changed)}); the run continues on the new data. To continue "
+                  "exactly, restore the data the checkpoint trained on", UserWarning, stacklevel=2)
 
 
 def _check_not_done(iteration: int, cfg: Config, checkpoint) -> None:

@@ -84,7 +84,7 @@ POSITIVE_INTS = (
     "synthetic.keywords_per_class", "synthetic.words_per_example",
     "memory_optimization.hessian_approximation.hutchinson_probes",
     "analysis.bootstrap_samples", "analysis.hyperparameter_search.n_trials", "evaluation.seeds",
-    "training.val_episodes",
+    "training.val_episodes", "adapt.batch_size",
 )
 NON_NEGATIVE = (
     "memory_optimization.gradient_accumulation.default_micro_batch", "lora.alpha",
@@ -94,10 +94,12 @@ NON_NEGATIVE = (
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight",
     "memory_optimization.checkpointing.cpu_budget_mb", "memory_optimization.memory_budget_mb",
     "evaluation.baseline_meta_iterations", "datasets.synthetic_weight", "evaluation.tuning_trials",
-    "meta_learning.anchor", "training.val_every",
+    "meta_learning.anchor", "training.val_every", "analysis.fidelity_tasks",
 )
 PROBABILITIES = ("lora.dropout", "synthetic.keyword_prob", "synthetic.class_overlap",
-                 "synthetic.noise", "analysis.confidence")
+                 "synthetic.noise")
+# Keys strictly between 0 and 1: a confidence level of 0 or 1 has no interval.
+OPEN_UNIT = ("analysis.confidence",)
 # Keys that take true, false or one of the listed words (the default is a word).
 BOOL_OR_WORD: dict[str, tuple] = {"memory_optimization.checkpointing.enabled": ("auto",)}
 # Keys that take an integer >= 0 or one of the listed words.
@@ -197,6 +199,63 @@ YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+# Bounds of a YAML value: config.yml holds ~300 values nested 4 deep, so these refuse
+# only a "billion laughs" (aliases of aliases) or a file nested past Python's recursion.
+YAML_MAX_VALUES = 100_000
+YAML_MAX_DEPTH = 64
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """`yaml.load` with YamlLoader, refusing a value that its aliases expand past
+    `YAML_MAX_VALUES` values or that nests deeper than `YAML_MAX_DEPTH` (one error, at
+    once, instead of minutes to a MemoryError or a RecursionError traceback).
+
+    Raises:
+        yaml.YAMLError: invalid YAML (the caller names the file).
+        ConfigError: naming `where` and the bound.
+    """
+    deep = ConfigError(f"{where} nests deeper than {YAML_MAX_DEPTH} levels; config.yml nests "
+                       "4 deep: flatten the value")
+    if _flow_depth(text) > YAML_MAX_DEPTH:  # PyYAML's scanner is quadratic in this depth
+        raise deep
+    try:
+        root = yaml.compose(text, Loader=YamlLoader)  # nodes; an alias is the same node again
+    except RecursionError:
+        raise deep from None
+    stack, count = ([(root, 1)] if root is not None else []), 0
+    while stack:  # visits an aliased node as often as it is used: the expanded size
+        node, depth = stack.pop()
+        count += 1
+        if count > YAML_MAX_VALUES:
+            raise ConfigError(f"{where} expands to more than {YAML_MAX_VALUES:,} values through "
+                              "YAML aliases (*name); a config needs a few hundred: write the "
+                              "values out or drop the aliases")
+        if depth > YAML_MAX_DEPTH:
+            raise deep
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((n, depth + 1) for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((n, depth + 1) for n in node.value)
+    return yaml.load(text, Loader=YamlLoader)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of YAML flow brackets ([ and {) outside quotes, in one pass."""
+    depth = deepest = 0
+    quote = None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote or ch == "\n" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] | None = None) -> Config:
     """Load `config.yml` defaults, merge a user file and overrides, validate, return Config.
@@ -226,7 +285,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with the "
                           f"path of a YAML file (see {DEFAULT_CONFIG.name} for every key)")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader)
+        data = _load_yaml(path.read_text(encoding="utf-8"), f"config file {str(path)!r}")
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}: "
                           f"{e.reason}); pass a YAML file saved as UTF-8") from e
@@ -255,7 +314,7 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         try:
-            value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""
+            value = _load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from e
         pairs.append((key.strip(), value))
@@ -281,7 +340,7 @@ def _merge(data: dict, user: Mapping, schema: Mapping, prefix: str) -> None:
         if isinstance(default, Mapping):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key {name!r} must be a mapping of "
-                                  f"{', '.join(map(str, default))}, got {value!r}")
+                                  f"{', '.join(map(str, default))}, got {_brief(value)}")
             data.setdefault(key, {})
             _merge(data[key], value, default, name + ".")
         else:
@@ -293,12 +352,12 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or value in BOOL_OR_WORD[name]:
             return value
         raise ConfigError(f"config key {name!r} must be true, false or "
-                          f"{' or '.join(BOOL_OR_WORD[name])}, got {value!r}")
+                          f"{' or '.join(BOOL_OR_WORD[name])}, got {_brief(value)}")
     if name in INT_OR_WORD:
         if (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or value in INT_OR_WORD[name]:
             return value
         raise ConfigError(f"config key {name!r} must be an integer >= 0 or "
-                          f"{' or '.join(INT_OR_WORD[name])}, got {value!r}")
+                          f"{' or '.join(INT_OR_WORD[name])}, got {_brief(value)}")
     expected = type(default)
     if default is None or isinstance(value, expected) and not (
             expected is int and isinstance(value, bool)):
@@ -312,14 +371,22 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ConfigError(f"config key {name!r} must be of type {expected.__name__} "
-                      f"(like the default {default!r}), got {value!r} "
+                      f"(like the default {default!r}), got {_brief(value)} "
                       f"({type(value).__name__})")
+
+
+def _brief(value: Any) -> str:
+    """repr of a config value, cut short: a message never prints a huge value whole."""
+    import reprlib
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict, brief.maxstring, brief.maxother = 3, 8, 8, 80, 80
+    return brief.repr(value)
 
 
 def _check_list_item(name: str, value: Any, schema: Mapping) -> dict:
     if not isinstance(value, Mapping):
         raise ConfigError(f"config key {name!r} must be a mapping with keys "
-                          f"{', '.join(schema)}, got {value!r}")
+                          f"{', '.join(schema)}, got {_brief(value)}")
     item = {k: copy.deepcopy(LIST_ITEM_BLANKS.get(k, v)) for k, v in schema.items()}
     _merge(item, value, schema, name + ".")
     return item
@@ -346,6 +413,10 @@ def _validate_values(data: dict, experiment: bool = True) -> None:
     for key in PROBABILITIES:
         if not 0.0 <= _get(data, key) <= 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1], got {_get(data, key)!r}")
+    for key in OPEN_UNIT:
+        if not 0.0 < _get(data, key) < 1.0:
+            raise ConfigError(f"config key {key!r} must be between 0 and 1 (exclusive, e.g. "
+                              f"0.95), got {_get(data, key)!r}")
     _validate_head(data)
     inner = data["meta_learning"]["inner"]
     if inner["learn_lr"] and inner["default_num_steps"] == 0:
@@ -749,7 +820,8 @@ CHECKPOINT_FORMAT = "melora-checkpoint"
 # holding it, so a mistyped --output_dir or --experiment_name cannot delete user files.
 RUN_MARKER = ".melora-run"
 # The files that show a run has started (its inputs were read and work was saved).
-_STARTED_GLOBS = ("checkpoints/*.pt", "results*.json", "hpo_trials.json")
+# A failure once one of these exists keeps the folder (adapt's predictions.csv too).
+_STARTED_GLOBS = ("checkpoints/*.pt", "results*.json", "hpo_trials.json", "predictions.csv")
 _NAME_MAX_BYTES = 255  # NAME_MAX of the common file systems
 
 

@@ -331,7 +331,7 @@ def test_export_writes_the_meta_learned_initialisation(checkpoint, tmp_path, cap
     batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         expected = model(**batch)
-        peft = PeftModel.from_pretrained(AutoModel.from_pretrained(info["base_model"]), str(out)).eval()
+        peft = PeftModel.from_pretrained(AutoModel.from_pretrained(str(out / info["base_model"])), str(out)).eval()
         hidden = peft(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()
         head = load_file(str(out / "head.safetensors"))

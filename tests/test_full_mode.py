@@ -95,8 +95,8 @@ def test_rerun_refuses_an_existing_experiment_without_overwrite(experiment):
 def test_full_mode_flags_reach_run_full(monkeypatch, tmp_path):
     import main
     calls = []
-    monkeypatch.setattr(drivers, "run_full", lambda cfg, run_dir, search, skip: calls.append(
-        (cfg.training.experiment_name, run_dir.name, search, skip)) or {})
+    monkeypatch.setattr(drivers, "run_full", lambda cfg, run_dir, search, skip, mode_args: calls.append(
+        (cfg.training.experiment_name, run_dir.name, search, skip, mode_args)) or {})
     assert main.main(["--mode", "full", "--model", "tiny-bert", "--output_dir", str(tmp_path),
                       "--experiment_name", "flags", "--hyperparameter_search", "--skip_baselines"]) == 0
-    assert calls == [("flags", "flags", True, True)]
+    assert calls == [("flags", "flags", True, True, ("--mode", "full", "--skip_baselines"))]

@@ -563,6 +563,8 @@ def _assert_sane(cfg: utils.Config) -> None:
         assert isinstance(flat[key], int) and not isinstance(flat[key], bool) and flat[key] >= 1, key
     for key in utils.PROBABILITIES:
         assert 0.0 <= flat[key] <= 1.0, key
+    for key in utils.OPEN_UNIT:
+        assert 0.0 < flat[key] < 1.0, key
     for key, allowed in utils.CHOICES.items():
         assert flat[key] in allowed, key
     for key, value in flat.items():
