@@ -858,6 +858,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                         help="study presets: comma-separated phases to compute (" + ",".join(S.PHASES)
                              + "); the others report the cells already saved in --work-dir, so "
                              "processes with different phases can share one; '' = report only")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="study presets: compute only this process's share of the cells (a stable "
+                             "hash of each cell mod N), so N processes can share one --work-dir")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                         help="meta-test only these training seeds and stop (e.g. 2: a second process "
                              "beside the main run, once the first seed's episodes exist)")
@@ -922,7 +925,13 @@ def _study_main(S, args) -> dict | None:
         if unknown:
             print(f"error: unknown --phases {unknown}; choose from {', '.join(S.PHASES)}", file=sys.stderr)
             raise SystemExit(2)
-        return S.run_study(preset, work, output, args.device, args.set, args.budget_minutes, phases)
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+        except (ValueError, AssertionError):
+            print(f"error: --shard takes I/N with 0 <= I < N (e.g. 1/3), got {args.shard!r}", file=sys.stderr)
+            raise SystemExit(2)
+        return S.run_study(preset, work, output, args.device, args.set, args.budget_minutes, phases, shard)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -56,6 +56,7 @@ through `classes_file` sources, baselines tuned by the plain grid above on meta-
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import sys
@@ -227,8 +228,10 @@ class Run:
 class Study:
     """Builds configs, fixed episodes and cells for one preset under one work folder."""
 
-    def __init__(self, preset: Preset, work: Path, device: str, extra: Sequence[str], budget: Budget):
+    def __init__(self, preset: Preset, work: Path, device: str, extra: Sequence[str], budget: Budget,
+                 shard: tuple[int, int] = (0, 1)):
         self.preset, self.work, self.device, self.extra, self.budget = preset, work, device, extra, budget
+        self.shard = shard
         self._episodes: dict = {}
         self._configs: dict = {}
         self._tokenizer = None
@@ -298,7 +301,7 @@ class Study:
         cell = A.load_cell(path, spec)
         if cell is not None and cell["stopped"] != "budget":
             return cell
-        if self.budget.spent():
+        if self.budget.spent() or not self.mine(run.key()):
             self.budget.not_run.append(f"train {run.key()}")
             return cell  # a budget-cut cell from an earlier run, or None
         result, theta = meta_train(self, run)
@@ -315,7 +318,7 @@ class Study:
         cell = A.load_cell(path, spec)
         if cell is not None:
             return cell
-        if self.budget.spent():
+        if self.budget.spent() or not self.mine(run.key()):
             self.budget.not_run.append(f"test {run.key()}")
             return None
         method = self.learner(run)
@@ -333,7 +336,7 @@ class Study:
         cell = A.load_cell(path, spec)
         if cell is not None:
             return cell
-        if self.budget.spent():
+        if self.budget.spent() or not self.mine(path.stem):
             self.budget.not_run.append(f"test {name} {n_way}w{k_shot}s")
             return None
         import baseline as B
@@ -345,6 +348,12 @@ class Study:
         accuracies = [method.adapt(ep, 0)[0] for ep in episodes]
         self.budget.ran.append(f"test {name} {n_way}w{k_shot}s")
         return A.save_cell(path, spec, {"per_episode_accuracy_per_step": [[a] for a in accuracies]})
+
+    def mine(self, key: str) -> bool:
+        """Whether this process computes the cell `key` (`--shard I/N`: a stable hash of the
+        key mod N; a run's training and its test share the key, so one process does both)."""
+        index, count = self.shard
+        return int(hashlib.sha1(key.encode()).hexdigest(), 16) % count == index
 
     def learner(self, run: Run):
         """A fresh `LoRAMetaLearner` for `run` (LoRA init from the seed, as MELoRA's)."""
@@ -756,17 +765,19 @@ PHASES = ("main", "positive_control", "regime_map", "equal_compute")
 
 
 def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: Sequence[str] = (),
-              budget_minutes: float | None = None, phases: Sequence[str] = PHASES) -> dict:
+              budget_minutes: float | None = None, phases: Sequence[str] = PHASES,
+              shard: tuple[int, int] = (0, 1)) -> dict:
     """The whole study in priority order; writes (and returns) the results JSON and MD.
 
     `phases` computes only those phases; the others report their cells already saved under
     `work` (so several processes, each with its own phases, can share one work folder, and
-    `phases=()` rebuilds the report from the saved cells alone)."""
+    `phases=()` rebuilds the report from the saved cells alone). `shard` (i, n) computes only
+    the cells that `Study.mine` gives to process i of n sharing `work`."""
     from tqdm import tqdm
 
     from utils import atomic_write_json, atomic_write_text
     budget = Budget(budget_minutes)
-    study = Study(p, work, device, extra, budget)
+    study = Study(p, work, device, extra, budget, shard)
     from utils import resolve_device
     cfg = study.config(p.data, *p.main_shapes[0])  # a bad --set or data fails here, before any work
     resolve_device(cfg.training.device)            # so does --device cuda without a GPU

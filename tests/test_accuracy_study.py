@@ -112,14 +112,27 @@ def test_smoke_study_resumes_and_stops_on_budget(smoke, tmp_path):
 
 def test_study_refuses_clinc150_only_flags_and_bad_budget(capsys):
     import accuracy
-    for extra in (["--methods", "protonet"], ["--budget-minutes", "0"], ["--phases", "main,nope"]):
+    for extra in (["--methods", "protonet"], ["--budget-minutes", "0"], ["--phases", "main,nope"],
+                  ["--shard", "2/2"]):
         with pytest.raises(SystemExit) as e:
             accuracy.main(["--preset", "smoke", *extra])
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "belong to the clinc150_* presets" in err and "unknown --phases ['nope']" in err
+    assert "--shard takes I/N" in err
     assert accuracy.main(["--preset", "gpu", "--plan"]) is None
     assert "1. main comparison 5w1s, 5w5s" in capsys.readouterr().out
+
+
+def test_shards_split_the_cells_between_processes(tmp_path):
+    """--shard I/N: every cell belongs to exactly one of the N processes, and a run's training
+    and its test (one key) to the same one."""
+    keys = [S.Run(m, "hwu64", 5, k, 0.5, lr, seed, 3).key() for m in ("melora", "fomaml_lora")
+            for k in (1, 5) for lr in (5e-4, 2e-3) for seed in range(3)]
+    studies = [S.Study(S.PRESETS["smoke"], tmp_path, "cpu", (), S.Budget(None), (i, 3)) for i in range(3)]
+    owners = [[i for i, st in enumerate(studies) if st.mine(key)] for key in keys]
+    assert all(len(o) == 1 for o in owners)
+    assert len({o[0] for o in owners}) == 3  # the work is spread, not given to one process
 
 
 def test_bootstrap_ci_seeds_agrees_with_scipy_and_includes_seed_variance():
