@@ -6,7 +6,7 @@ meta-gradient (Finn et al., 2017, MAML) is
 
     g = (I - a_0 H_0) ... (I - a_{K-1} H_{K-1}) grad L_Q(phi_K),   H_k = hessian of L_S at phi_k
 
-computed in reverse without keeping the inner graphs (see DESIGN.md).
+computed in reverse without keeping the inner graphs (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Meta-gradient of one task's query loss after `inner_steps` adaptation steps.
 
-    Reverse recomputation (DESIGN.md): the forward sweep keeps only phi_0..phi_K; the
+    Reverse recomputation (docs/design.md): the forward sweep keeps only phi_0..phi_K; the
     backward sweep recomputes one inner step at a time and applies (I - a_k H_k) to the
     adjoint v with one Hessian-vector product (or its approximation, by `method`), so
     peak memory is one step's graph whatever K is. `MetaGradient(...)(theta, support,

@@ -82,11 +82,12 @@ def adapt_cli(checkpoint, support, predict, out, *extra):
 
 
 def readme_lines(path, texts):
-    """Run the README's loading lines on `path` and `texts`; (printed labels, logits)."""
-    readme = (REPO / "README.md").read_text()
+    """Run the loading lines of docs/adapt.md (linked from the README) on `path` and `texts`;
+    (printed labels, logits)."""
+    readme = (REPO / "docs" / "adapt.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
               if "PeftModel.from_pretrained(base, path)" in b]
-    assert len(blocks) == 1, "the README's loading lines"
+    assert len(blocks) == 1, "docs/adapt.md's loading lines"
     code = blocks[0]
     assert code.count('path = "results/adapt/adapted"') == 1
     assert len(re.findall(r"^texts = \[.*\]$", code, re.M)) == 1
@@ -94,7 +95,7 @@ def readme_lines(path, texts):
     code = re.sub(r"^texts = \[.*\]$", f"texts = {list(texts)!r}", code, flags=re.M)
     namespace, printed = {}, io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/adapt.md", "exec"), namespace)
     return eval(printed.getvalue()), namespace["logits"]
 
 
