@@ -1,5 +1,5 @@
 """Adapt and export modes: the CLI flow, equality with evaluation's adaptation, the saved
-adapter reloaded by the README's plain transformers + peft lines, and every bad input."""
+adapter reloaded by the plain transformers + peft lines of docs/adapt.md, and every bad input."""
 
 import contextlib
 import csv
@@ -137,7 +137,7 @@ def test_adapt_cli_writes_predictions_metrics_and_a_loadable_adapter(checkpoint,
     assert matrix.sum() == len(rows) and np.trace(matrix) == sum(correct)
     assert list(matrix.sum(1)) == [3, 3, 3, 3]  # rows are the true classes
     assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The adapted model: a PEFT directory + head that the README's lines load without MELoRA.
+    # The adapted model: a PEFT directory + head that docs/adapt.md's lines load without MELoRA.
     adapted = run / "adapted"
     for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors",
                  "labels.json", "tokenizer.json", "base_model/config.json"):
@@ -364,7 +364,7 @@ def test_example_files_are_a_clinc150_test_task():
 
 
 def test_minilm_adapts_to_a_clinc150_task_and_reloads_in_plain_peft(tmp_path, capsys):
-    """A short synthetic MiniLM training, then the README's adapt command on the example task."""
+    """A short synthetic MiniLM training, then docs/adapt.md's adapt command on the example task."""
     train = ["--mode", "train", "--model", "minilm-l6", "--synthetic_only", "--num_iterations", "2",
              "--meta_batch_size", "1", "--inner_steps", "1", "--output_dir", str(tmp_path),
              "--experiment_name", "run", *sets(["tasks.n_way=2", "tasks.k_shot=1", "tasks.q_query=1",

@@ -225,7 +225,7 @@ def test_train_evaluate_adapt_export_a_local_llama_directory_through_the_cli(tmp
                       "--experiment_name", "adapt"]) == 0
     rows = (tmp_path / "out" / "adapt" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 3 and all(r.split(",")[1] in ("drink", "weather") for r in rows[1:])
-    # the README's plain transformers + peft lines on the adapted folder give the same labels
+    # docs/adapt.md's plain transformers + peft lines on the adapted folder give the same labels
     from test_adapt import readme_lines
     printed, _ = readme_lines(tmp_path / "out" / "adapt" / "adapted", ["hot latte", "heavy rain"])
     assert printed == [r.split(",")[1] for r in rows[1:]]
