@@ -21,9 +21,10 @@ with the same adaptation budget (number of steps), from the same head initialisa
 | `finetune_multitask` | LoRA (multitask) + head init | LoRA + a classifier over the pooled meta-train classes |
 | `protonet` | nothing (0 steps) | none; nearest class prototype of frozen mean-pooled features |
 
-With `head_init: proto` every gradient-based method's head starts each episode at
-W = 2 c_n, b = -|c_n|^2 from its own features' support prototypes c_n (Proto-MAML,
-Triantafillou et al. 2020), and the meta-learners meta-train through them; with `zero`
+With `head_init: proto` every gradient-based method's head starts each episode from its
+own features' support prototypes c_n (Proto-MAML, Triantafillou et al. 2020): W = c_n, b = 0
+for the LoRA methods' cosine head (`meta_learning.head`, the default), W = 2 c_n,
+b = -|c_n|^2 for a Euclidean head, which the full-weight baselines always use, and the meta-learners meta-train through them; with `zero`
 the head starts at theta's head (zero unless meta-learned).
 
 References: MAML/FOMAML, Finn et al. (2017), "Model-Agnostic Meta-Learning"; the
@@ -139,7 +140,8 @@ class FewShotMethod:
         """phi_0 of a new episode: theta, with the head from support prototypes (proto).
 
         The same computation for every method (trainer.initial_fast_weights: features
-        with dropout off, W = 2 c, b = -|c|^2), on the method's own weights.
+        with dropout off, W = c, b = 0 for the cosine head, W = 2 c, b = -|c|^2 for the
+        Euclidean one), on the method's own weights.
         """
         return T.initial_fast_weights(self.model, self.theta, support, self.head_init, self.micro_batch)
 

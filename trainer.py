@@ -80,8 +80,9 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         seed: seeds dropout; every recomputation of a step replays the same masks. None
             draws one from torch's global generator.
         head_init: zero (the head starts at theta's head) or proto (Proto-MAML,
-            Triantafillou et al., 2020: the head starts at W = 2 c_n, b = -|c_n|^2 from
-            the support-set class prototypes c_n at theta; the meta-gradient flows through
+            Triantafillou et al., 2020: the head starts from the support-set class
+            prototypes c_n at theta, W = c_n, b = 0 for the cosine head (the default) and
+            W = 2 c_n, b = -|c_n|^2 for the Euclidean one; the meta-gradient flows through
             the prototypes into the LoRA factors, and theta's head gets zero gradient);
             default config.yml's (`utils.HEAD_INIT`).
 
