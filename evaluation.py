@@ -398,6 +398,12 @@ def tune_rates(name: str, cfg: Config, loader, device: torch.device, iterations:
     configured = {"inner_lr": cfg.meta_learning.inner.default_lr}
     if meta:
         configured["outer_lr"] = cfg.meta_learning.outer.default_lr
+    for key, rate in configured.items():  # the configured rate is tried first even outside
+        low, high = getattr(search, key)    # the range; say so (Optuna's own warning is muted)
+        if not low <= rate <= high:
+            log.warning("%s: the configured %s %g is outside analysis.hyperparameter_search.%s "
+                        "[%g, %g]; it is tried first, but the search draws only from the range: "
+                        "widen the range to search around it", name, key, rate, key, low, high)
     study.enqueue_trial(configured, skip_if_exists=True)
     val = [loader.episode("meta_val", i) for i in range(search.val_episodes)]
     k = cfg.meta_learning.inner.default_num_steps

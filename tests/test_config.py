@@ -114,3 +114,13 @@ def test_library_defaults_are_the_config_defaults():
         if "method" in params:
             assert params["method"].default == method, fn
     assert baseline.FewShotMethod.head_init == head_init
+
+
+def test_search_ranges_contain_the_configured_rates():
+    """The searched ranges contain config.yml's own rates (inner lr 0.5 was outside
+    [0.001, 0.1], so tuning never searched around the default it was compared with)."""
+    cfg = utils.load_config()
+    search = cfg.analysis.hyperparameter_search
+    assert search.inner_lr[0] <= cfg.meta_learning.inner.default_lr <= search.inner_lr[1]
+    assert search.outer_lr[0] <= cfg.meta_learning.outer.default_lr <= search.outer_lr[1]
+    assert search.inner_steps[0] <= cfg.meta_learning.inner.default_num_steps <= search.inner_steps[1]
