@@ -882,7 +882,16 @@ def saved_config(state: Mapping, checkpoint) -> dict:
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {str(checkpoint)!r} holds no readable config; pass "
                         "another checkpoint of the run")
+    for (section, key), value in PRE_KEY_VALUES.items():  # explicit migration, see below
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            saved[section][key] = value
     return saved
+
+
+# What a checkpoint saved before a model-defining key existed meant by it: its behaviour then,
+# not today's default. Without this, config layering filled in today's default (the cosine
+# head) and the checkpoint's Euclidean head was refused as "another model".
+PRE_KEY_VALUES = {("meta_learning", "head"): "euclidean"}
 
 
 def reconcile_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
@@ -913,7 +922,7 @@ def restore_model(checkpoint: str | os.PathLike, device: str | torch.device = "c
         per-step rates, on `device`).
     """
     state = load_checkpoint(checkpoint) if state is None else state
-    cfg = Config(json.loads(state["config"])) if cfg is None else cfg
+    cfg = Config(saved_config(state, checkpoint)) if cfg is None else cfg
     device = torch.device(device)
     model, tokenizer = M.build_model(cfg, device)
     load_theta(model, state["theta"], checkpoint)

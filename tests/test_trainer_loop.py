@@ -353,3 +353,27 @@ def test_resume_keeps_selecting_against_the_stored_best(tmp_path, monkeypatch):
     assert best["iteration"] == 2 and best["val_accuracy"] == 0.90
     assert last["frozen_val_accuracy"] == 0.30 and last["val_accuracy"] == 0.60
     assert next(scores, None) is None  # the frozen encoder was not scored again on resume
+
+
+def test_a_checkpoint_saved_before_the_head_key_keeps_its_euclidean_head(tmp_path):
+    """Checkpoints from before `meta_learning.head` existed had the Euclidean head. Evaluate,
+    adapt and resume read them with that head (trainer.PRE_KEY_VALUES), not today's cosine
+    default: config layering used to fill in cosine and then refuse the checkpoint's own
+    tensors as "another model"."""
+    import evaluation
+    cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=2", "meta_learning.head=euclidean")
+    train(cfg, tmp_path / "run")
+    state = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_2.pt")
+    saved = json.loads(state["config"])
+    del saved["meta_learning"]["head"], saved["meta_learning"]["head_scale"]  # as an old release wrote it
+    old = tmp_path / "old.pt"
+    utils.save_checkpoint(old, {**state, "config": json.dumps(saved)})
+    state = utils.load_checkpoint(old)
+    evaluated = evaluation.evaluation_config(tiny_cfg(tmp_path), state, old)
+    assert evaluated.meta_learning.head == "euclidean"
+    model, _, _, _ = trainer.restore_model(old, "cpu", evaluated, state)  # no "another model"
+    assert model.head_kind == "euclidean"
+    resumed = trainer.resume_config(old, None, {"meta_learning.num_iterations": 3})
+    assert resumed.meta_learning.head == "euclidean"
+    train(resumed, tmp_path / "run", resume=old)
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_iter_3.pt").is_file()
