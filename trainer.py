@@ -1110,16 +1110,13 @@ class MetaTrainer:
                 **_inner_lr_metrics(self.inner_lr)}
 
     def train(self, sink: MetricsSink, run_dir: Path, mode_args: tuple[str, ...] = ()) -> list[Path]:
-        """Meta-train from `self.iteration` to `meta_learning.num_iterations`.
-
-        `mode_args`: the flags the resume command printed on a stop needs (`resume_command`).
+        """Meta-train from `self.iteration` to `meta_learning.num_iterations`; `mode_args`:
+        the flags the resume command printed on a stop needs (`resume_command`).
 
         Logs every `training.log_every` iterations to `sink`, checkpoints every
         `training.save_every` iterations and at the end. Under torchrun only rank 0 logs,
         shows the progress bar and writes checkpoints (the others pass `sink=None`).
-
-        Returns:
-            The checkpoints written (by rank 0; the same paths on every rank).
+        Returns the checkpoints written (by rank 0; the same paths on every rank).
 
         Raises:
             utils.RunInterrupted: SIGINT or SIGTERM arrived; the iteration under way was
@@ -1166,10 +1163,7 @@ class MetaTrainer:
     def load_state_dict(self, state: Mapping) -> None:
         """Restore theta, the learned inner rates, Adam and progress from a checkpoint."""
         learned = isinstance(self.inner_lr, torch.Tensor)
-        if learned and state["inner_lr"] is not None and state["inner_lr"].shape != self.inner_lr.shape:
-            raise UserError(f"the checkpoint learned {state['inner_lr'].numel()} inner rates, one "
-                            f"per inner step, but this run has {self.inner_steps} inner steps; "
-                            "resume without --inner_steps")
+        _check_learned_rates(state["inner_lr"], self.inner_lr, self.inner_steps)
         load_theta(self.model, state["theta"], "the checkpoint")
         if learned and state["inner_lr"] is not None:
             with torch.no_grad():
@@ -1209,6 +1203,13 @@ class MetaTrainer:
             # The checkpoints record it, so a resumed run (and the Fisher diagonal, which
             # depends on it) continues with the micro-batch this run actually used.
             self.identity["config"] = _with_micro_batch(self.identity["config"], self.micro_batch)
+
+
+def _check_learned_rates(saved, inner_lr, inner_steps: int) -> None:
+    """A checkpoint's learned inner rates (one per step) must fit this run's inner steps."""
+    if isinstance(inner_lr, torch.Tensor) and saved is not None and saved.shape != inner_lr.shape:
+        raise UserError(f"the checkpoint learned {saved.numel()} inner rates, one per inner step, "
+                        f"but this run has {inner_steps} inner steps; resume without --inner_steps")
 
 
 class ModelSelection:
