@@ -269,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if on_main_thread else None
+    orderly = False  # the mode returned: every rank leaves the process group together
     try:
         args = build_parser().parse_args(argv)
         utils.quiet_third_party(args.verbose)  # before transformers/datasets are imported
         check_flags(args)
         dispatch(args, load(args))
+        orderly = True
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -293,8 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: out of memory ({str(e).splitlines()[0]}); {utils.OOM_ADVICE}",
               file=sys.stderr)
         return 2
+    except RuntimeError as e:  # under torchrun: a peer rank is gone (one line, not a trace)
+        reason = utils.lost_peer(e)
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
     finally:
-        utils.close_distributed()
+        utils.close_distributed(orderly)
         if on_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0

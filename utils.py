@@ -1482,11 +1482,37 @@ def init_distributed(device_spec: str) -> bool:
     return True
 
 
-def close_distributed() -> None:
-    """Leave the process group, if this process joined one."""
+def close_distributed(orderly: bool = True) -> None:
+    """Leave the process group, if this process joined one.
+
+    `orderly` (the mode returned on this rank, as it does on every rank): a barrier
+    first, so no rank tears down its gloo or NCCL threads while a peer is still inside a
+    collective with it (a rank that destroyed its group early could abort with
+    "terminate called without an active exception", or fail its peer's last collective),
+    then destroy. Otherwise (an error, a signal, a lost peer) no barrier, which could wait
+    for a rank that is gone: destroy only.
+    """
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if orderly and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The one-line reason to print when a collective failed because a peer rank is gone
+    (killed, crashed, or stopped by torchrun after another rank failed); None when
+    `error` is not such a failure or no process group is up."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() <= 1 or not isinstance(error, RuntimeError):
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if len(first) > 160:
+        first = first[:first.rfind(" ", 0, 160)] + " ..."
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} stopped: a collective with the other "
+            f"ranks failed ({first}); another rank stopped or was killed, and its own message (or "
+            "torchrun's report) says why. Continue from the last checkpoint with --resume")
 
 
 def world_size() -> int:

@@ -5,8 +5,11 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,15 +26,21 @@ TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "task
 ITERATIONS = 5
 
 
-def torchrun(output_dir, *args, mode="train"):
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def torchrun_command(output_dir, *args, mode="train", iterations=ITERATIONS) -> list[str]:
     """`torchrun --standalone --nproc_per_node 2 main.py --mode MODE ...` on this machine."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     sets = [a for key in TINY for a in ("--set", key)]
-    train = ["--meta_batch_size", "4", "--num_iterations", str(ITERATIONS)] if mode == "train" else []
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "main.py"), "--mode", mode, "--device", "cpu", *train,
-               "--output_dir", str(output_dir), *sets, *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    train = ["--meta_batch_size", "4", "--num_iterations", str(iterations)] if mode == "train" else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "main.py"), "--mode", mode, "--device", "cpu", *train,
+            "--output_dir", str(output_dir), *sets, *args]
+
+
+def torchrun(output_dir, *args, mode="train"):
+    return subprocess.run(torchrun_command(output_dir, *args, mode=mode), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
 
 
 def metrics(run_dir):
@@ -129,3 +138,67 @@ def test_batched_tasks_equal_sequential_tasks_without_dropout(tmp_path, monkeypa
         torch.testing.assert_close(theta(runs[True], 2)[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
     for a, b in zip(metrics(runs[True]), metrics(runs[False]), strict=True):
         assert a == pytest.approx(b, rel=1e-9)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """{pid: environ} of the live descendants of `pid` (Linux /proc)."""
+    stats = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                pid_, rest = int(proc.name), (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+                stats[pid_] = (int(rest[1]), rest[0])  # (parent, state)
+        except (OSError, IndexError):
+            pass
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, state) in stats.items():
+            if ppid == parent and state != "Z":
+                try:
+                    found[child] = (Path("/proc") / str(child) / "environ").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_killed_rank_stops_every_process_promptly_with_a_one_line_reason(tmp_path):
+    # A long run; once rank 0 has logged an iteration, rank 1 is killed with SIGKILL (no
+    # handler can run). Rank 0's next collective fails: it must say so in one line and
+    # exit, and torchrun with it, well within torchrun's 30 s grace before its own SIGKILL.
+    run = subprocess.Popen(torchrun_command(tmp_path, iterations=10_000), cwd=REPO, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    ranks = {}
+    try:
+        log, deadline = tmp_path / "melora" / "metrics.jsonl", time.monotonic() + 300
+        while not (log.exists() and log.read_text().strip()):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+            time.sleep(0.2)
+        ranks = {pid: env for pid, env in _children(run.pid).items() if "\0RANK=" in "\0" + env}
+        victim = next(pid for pid, env in ranks.items() if "\0RANK=1\0" in "\0" + env)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = run.communicate(timeout=120)
+        took = time.monotonic() - killed
+    finally:
+        for pid in [run.pid, *ranks]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert len(ranks) == 2
+    assert took < 30, f"torchrun took {took:.0f} s to stop after rank 1 was killed"
+    assert run.returncode != 0
+    assert not [pid for pid in ranks if _alive(pid)]  # no rank left behind
+    ours = [line for line in stderr.splitlines() if line.startswith("error: rank 0 of 2 stopped")]
+    assert len(ours) == 1, stderr[-3000:]
+    assert "--resume" in ours[0]
+    assert "terminate called" not in stderr
