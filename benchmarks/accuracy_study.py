@@ -954,9 +954,16 @@ def _load_tensors(path: Path, like: dict) -> dict:
 
 
 def _load_theta(study: Study, learner, trained: dict) -> None:
-    """Copy a training cell's best theta into `learner`'s LoRA and head tensors."""
+    """Copy a training cell's best theta into `learner`'s LoRA and head tensors.
+
+    The cells' JSON is committed without their `.pt` files (git keeps the study resumable
+    across sessions without megabytes of tensors): a missing theta is trained again, which
+    gives the same tensors (every training is seeded)."""
     import torch
-    theta = _load_tensors(study.work / "train" / trained["theta_file"], learner.theta)
+    path = study.work / "train" / trained["theta_file"]
+    if not path.exists():
+        _save_tensors(path, meta_train(study, Run(**trained["spec"]["run"]))[1])
+    theta = _load_tensors(path, learner.theta)
     with torch.no_grad():
         for name, t in learner.theta.items():
             t.copy_(theta[name])
