@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from synthetic_data_generator import SyntheticTaskGenerator, TextTask
-from utils import Config, ConfigError, UserError, atomic_write_bytes, atomic_write_json
+from config import Config
+from utils import ConfigError, UserError, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("melora.data")
 
@@ -822,7 +823,7 @@ def cli_dataset_overrides(dataset: str | None, eval_dataset: str | None,
         label_column: the label column of these sources (None: the config's).
 
     Returns:
-        `{"datasets.meta_train": [...], ...}` for `utils.load_config(overrides=...)`;
+        `{"datasets.meta_train": [...], ...}` for `config.load_config(overrides=...)`;
         empty when no flag is given.
 
     Raises:

@@ -187,7 +187,7 @@ def test_batched_meta_step_equals_the_sequential_one(tmp_path):
     import baseline as B
     import model as M
     from dataset_loader import DatasetLoader
-    from utils import load_config
+    from config import load_config
     cfg = load_config(overrides={
         "models.selected_model": "tiny-bert", "datasets.synthetic_only": True, "tasks.n_way": 3,
         "tasks.k_shot": 2, "tasks.q_query": 2, "models.max_length": 16, "lora.dropout": 0.0,
@@ -217,7 +217,8 @@ def test_class_split_sources_read_without_datasets(tmp_path, monkeypatch):
     import model as M
     import study_data
     from dataset_loader import DatasetLoader
-    from utils import UserError, load_config
+    from config import load_config
+    from utils import UserError
     monkeypatch.setitem(sys.modules, "datasets", None)
     sources = study_data.class_split_sources("hwu64", "02")
     cfg = load_config(overrides={**sources, "training.output_dir": str(tmp_path), "tasks.n_way": 5,

@@ -19,6 +19,7 @@ import main
 import utils
 from conftest import CLINC_DIR, REPO
 from dataset_loader import Episode
+import config
 
 TINY = ["datasets.synthetic_only=true", "tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2",
         "models.max_length=16", "meta_learning.default_meta_batch_size=2",
@@ -160,7 +161,7 @@ def test_adaptation_is_evaluations(checkpoint):
     support, predict = task(CLASSES[:3], shots=2, queries=2)
     texts, labels = [t for t, _ in support], [y for _, y in support]
     clf = adapt.adapt(checkpoint, texts, labels)
-    cfg, _ = adapt.checkpoint_config(checkpoint, utils.load_config())
+    cfg, _ = evaluation.evaluation_checkpoint(checkpoint, config.load_config())
     method, _ = evaluation.build_method("melora", cfg, str(checkpoint), torch.device("cpu"))
     _, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way)
 

@@ -11,8 +11,8 @@ import pytest
 
 import analysis
 import experiment as drivers
-import utils
 from conftest import REPO
+import config
 
 SMALL = ["tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
          "meta_learning.default_meta_batch_size=1", "meta_learning.inner.default_num_steps=1",
@@ -75,9 +75,9 @@ def test_report_embeds_figures_tables_and_the_command(experiment):
 
 def test_search_in_full_mode_feeds_the_run(experiment):
     _, run, _ = experiment
-    best = utils.load_config(run / "best_config.yml")
+    best = config.load_config(run / "best_config.yml")
     assert best.lora.default_rank == 2  # the only rank searched
-    used = utils.load_config(run / "config.yml")  # the config the meta-training ran with
+    used = config.load_config(run / "config.yml")  # the config the meta-training ran with
     assert used.meta_learning.inner.default_lr == best.meta_learning.inner.default_lr
     assert (run / "optuna.db").is_file()
 

@@ -204,7 +204,7 @@ def test_a_yaml_bomb_is_one_error_within_a_second(text, fragments, tmp_path, cap
 SLEEPER = '''
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import evaluation, utils
+import config, evaluation
 
 def sleeper(job):
     with open({pid_file!r}, "w") as f:
@@ -212,7 +212,7 @@ def sleeper(job):
     time.sleep(600)
 
 if __name__ == "__main__":
-    cfg = utils.load_config(None, ["evaluation.child_process=true"])
+    cfg = config.load_config(None, ["evaluation.child_process=true"])
     evaluation._run_job({{"method": "melora"}}, cfg, target=sleeper)
 '''
 
