@@ -612,14 +612,18 @@ def proto_head(model: M.MELoRAModel, params: Params, support) -> Params:
     onehot = F.one_hot(labels, n_way).to(features.dtype)  # (N*K, N)
     c = onehot.T @ features / onehot.sum(0).clamp(min=1).unsqueeze(1)  # (N, hidden)
     weight, bias = M.prototype_head(model, c)
+    if torch.is_grad_enabled() and not bias.requires_grad:  # the cosine head's b = 0: a constant,
+        bias = bias.requires_grad_()                        # but a fast weight the inner loop adapts
     return {M.HEAD_WEIGHT: weight, M.HEAD_BIAS: bias}
 
 
 def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
-    """The pretrained model of `cfg` with its zero N-way head and no LoRA, all weights trainable."""
+    """The pretrained model of `cfg` with its zero N-way head of `meta_learning.head` (as
+    MELoRA's) and no LoRA, all weights trainable."""
     model, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way,
                                     pooling=cfg.models.pooling,
-                                    dtype=M.PARAM_DTYPE[cfg.training.precision])
+                                    dtype=M.PARAM_DTYPE[cfg.training.precision],
+                                    **M.head_options(cfg.meta_learning))
     return model.to(device).train(), tokenizer
 
 

@@ -992,7 +992,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]
     name = cfg.models.selected_model
     model, tokenizer = load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
                                     dtype=PARAM_DTYPE[cfg.training.precision],
-                                    **_head_options(cfg.meta_learning))
+                                    **head_options(cfg.meta_learning))
     family = family_of(name)
     if family not in cfg.lora.target_modules:
         raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
@@ -1191,7 +1191,7 @@ def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device
     return plan_memory(cfg, model, device).checkpointing
 
 
-def _head_options(meta) -> dict:
+def head_options(meta) -> dict:
     """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
     return {"head": meta.head if "head" in meta else "euclidean",
             "head_scale": meta.head_scale if "head_scale" in meta else COSINE_SCALE_INIT}

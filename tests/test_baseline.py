@@ -41,6 +41,26 @@ def test_unknown_baseline_is_named(tmp_path):
         B.build_baseline("mamlx", cfg, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("head", ["cosine", "euclidean"])
+def test_full_weight_baselines_use_the_configured_head(name, head, tmp_path):
+    """Every method adapts with `meta_learning.head`, as MELoRA and the LoRA baselines do
+    (issue 25: the full-weight baselines were Euclidean whatever the config said), and
+    their proto head starts where trainer.initial_fast_weights starts it."""
+    cfg = config.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
+                                              f"meta_learning.head={head}"])
+    method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))
+    assert method.model.head_kind == head
+    support = evaluation._loader(cfg, tokenizer, baselines=True).episode("meta_test", 0).support
+    start = method.start(support)
+    if head == "cosine":
+        assert torch.count_nonzero(start[M.HEAD_BIAS]) == 0
+    if name != "reptile":  # MAML's differentiable head equals the evaluation-time one
+        proto = B.proto_head(method.model, method.theta, support)
+        for key in (M.HEAD_WEIGHT, M.HEAD_BIAS):
+            assert torch.allclose(proto[key], start[key], atol=1e-5), key
+
+
 # ---- MAML against an independent meta-gradient -----------------------------------------
 
 @pytest.fixture(scope="module")
