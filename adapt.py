@@ -56,8 +56,8 @@ import torch
 
 import baseline as B
 import model as M
-from dataset_loader import read_table
 from config import Config, load_config
+from dataset_loader import read_table
 from evaluation import evaluation_checkpoint
 from trainer import dropout_off, load_theta, val_summary
 from utils import (_UMASK, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,

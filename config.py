@@ -5,8 +5,8 @@ config.yml is the one file of defaults and its values' types. This module owns t
 mechanism (reading YAML, merging, type checks, the range rules below and the layering for
 resumed runs); the modules that use a section own its allowed values and cross-key checks
 and hand them in with `register_rules` when they are imported (`model`: model names,
-pooling, heads; `trainer`: curvature methods, head inits; `baseline`: baseline names;
-`evaluation`: the search ranges; `experiment`: ablations). It imports only `utils`.
+pooling, heads; `trainer`: curvature methods, head inits, precision; `baseline`: baseline
+names; `evaluation`: the search ranges; `experiment`: ablations). It imports only `utils`.
 
     cfg = load_config("config.yml", ["lora.default_rank=16"])
     cfg.lora.default_rank  # 16
@@ -90,8 +90,8 @@ def register_rules(owner: str, rules: Rules) -> None:
     """Hand in the allowed values and checks of the keys `owner` (a module name) uses.
 
     Each owning module calls this once at import, so every config loaded after it is
-    checked against them; a process that loads a config before importing the owner
-    checks types and ranges only (`main` imports every owner first).
+    checked against them; a config loaded before the owner was imported is checked for
+    types and ranges only until `check` runs (`main` loads, imports the owners, checks).
 
     Example:
         >>> register_rules("model", Rules(choices={"meta_learning.head": ("euclidean", "cosine")}))

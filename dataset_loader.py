@@ -55,8 +55,8 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
-from synthetic_data_generator import SyntheticTaskGenerator, TextTask
 from config import Config
+from synthetic_data_generator import SyntheticTaskGenerator, TextTask
 from utils import ConfigError, UserError, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("melora.data")

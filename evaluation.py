@@ -64,8 +64,8 @@ from tqdm import tqdm
 import analysis
 import baseline as B
 import model as M
-from dataset_loader import DatasetLoader
 from config import Config, Rules, checkpoint_config, load_config_with_base, register_rules
+from dataset_loader import DatasetLoader
 from metrics import MetricsSink
 from runs import load_checkpoint, saved_config
 from trainer import MetaTrainer, restore_model, val_summary

@@ -41,8 +41,8 @@ from analysis import (ABLATIONS_DIR, ABLATIONS_FILE, BEST_CONFIG_FILE, COMPARISO
                       REPORT_FILE, RESULTS_FILE, TRIALS_FILE, _markdown, compare_methods,
                       format_ablation_table, format_comparison_table, format_fidelity_table,
                       format_protocol_table, format_results_table, load_metrics, methods_of)
-from dataset_loader import DatasetLoader
 from config import Rules, check_variant, load_config_with_base, register_rules
+from dataset_loader import DatasetLoader
 from evaluation import check_search
 from metrics import MlflowRun
 from runs import load_checkpoint, prepare_run_dir

@@ -32,8 +32,8 @@ import yaml
 from tqdm import tqdm
 
 import model as M
-from dataset_loader import DatasetLoader
 from config import Config, Rules, checkpoint_config, register_rules
+from dataset_loader import DatasetLoader
 from metrics import MetricsSink
 from runs import load_checkpoint, save_checkpoint, saved_config
 from utils import (ConfigError, RunInterrupted, UserError, all_reduce_max, all_reduce_sum,

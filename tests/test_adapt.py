@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import adapt
+import config
 import evaluation
-import model as M
 import main
+import model as M
 import utils
 from conftest import CLINC_DIR, REPO
 from dataset_loader import Episode
-import config
 
 TINY = ["datasets.synthetic_only=true", "tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2",
         "models.max_length=16", "meta_learning.default_meta_batch_size=2",

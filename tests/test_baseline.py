@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import baseline as B
+import config
 import evaluation
 import model as M
 import trainer
 import utils
-import config
 
 EASY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
         "tasks.k_shot=4", "tasks.q_query=4", "models.max_length=16",

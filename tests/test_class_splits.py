@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dataset_loader import DataError, DatasetLoader
 from config import load_config
+from dataset_loader import DataError, DatasetLoader
 from utils import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

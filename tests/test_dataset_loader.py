@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import dataset_loader as dl
-from dataset_loader import DataError, DatasetLoader, Episode, cli_dataset_overrides, split_units
 from config import load_config
+from dataset_loader import DataError, DatasetLoader, Episode, cli_dataset_overrides, split_units
 from utils import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import config
 import main
 import model as M
 import trainer
@@ -14,7 +15,6 @@ import utils
 from conftest import make_batch
 from test_meta_gradient import (QUERY, Q_LABELS, S_LABELS, SUPPORT, flat, relative_error,
                                 setup_task, unrolled_meta_gradient)
-import config
 
 DECODERS = ["tiny-llama", "tiny-qwen2"]
 TEXTS = ["book a table for two", "what is my balance", "play some jazz music please", "hi"]

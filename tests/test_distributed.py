@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
+import runs
 import trainer
 import utils
 from conftest import REPO
-import config
-import runs
 
 TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
         "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",

@@ -5,11 +5,11 @@ import math
 import pytest
 
 import analysis
+import config
 import experiment
+import runs
 import trainer
 import utils
-import config
-import runs
 
 TINY = {"models.selected_model": "tiny-bert", "datasets.synthetic_only": True,
         "tasks.n_way": 3, "tasks.k_shot": 2, "tasks.q_query": 2, "models.max_length": 16,

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import analysis
+import config
 import evaluation
 import main
+import runs
 import utils
 from conftest import REPO
-import config
-import runs
 
 TINY = ["datasets.synthetic_only=true", "tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2",
         "models.max_length=16", "meta_learning.default_meta_batch_size=2",

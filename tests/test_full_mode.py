@@ -10,9 +10,9 @@ import sys
 import pytest
 
 import analysis
+import config
 import experiment as drivers
 from conftest import REPO
-import config
 
 SMALL = ["tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
          "meta_learning.default_meta_batch_size=1", "meta_learning.inner.default_num_steps=1",

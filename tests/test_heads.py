@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import evaluation
 import main
 import model as M
@@ -16,7 +17,6 @@ import trainer
 import utils
 from conftest import make_batch
 from test_meta_gradient import QUERY, Q_LABELS, SUPPORT, S_LABELS, flat, relative_error
-import config
 
 
 def cosine_task(name, seed=0, scale=0.3, head_scale=4.0):

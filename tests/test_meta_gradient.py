@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import model as M
 import trainer
 from conftest import make_batch
-import config
 
 SUPPORT = ["book a flight to paris", "cancel my hotel room", "what is the weather today",
            "will it rain tomorrow", "play a song by queen", "turn the music up", ]

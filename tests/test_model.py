@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import model as M
 import utils
 from conftest import TINY_MODELS, make_batch
-import config
 
 TEXTS = ["book a table for two", "what is my balance", "play some jazz music please",
          "how do i reset my password"]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-import utils
-from conftest import REPO
 import config
 import metrics
+import utils
+from conftest import REPO
 
 TEXT_SUFFIXES = {".py", ".yml", ".yaml", ".md", ".txt", ".cfg", ".toml", ".ini", ""}
 

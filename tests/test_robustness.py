@@ -28,12 +28,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import config
 import main
+import runs
 import trainer
 import utils
 from conftest import REPO
-import config
-import runs
 
 TINY = ["--model", "tiny-bert", "--synthetic_only", "--meta_batch_size", "2", "--inner_steps", "1",
         "--set", "tasks.n_way=3", "--set", "tasks.k_shot=2", "--set", "tasks.q_query=2",

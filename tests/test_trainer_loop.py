@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-import trainer
-import utils
 import config
 import runs
+import trainer
+import utils
 
 TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
         "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
