@@ -376,7 +376,7 @@ def test_overwrite_puts_the_old_run_back_when_the_new_folder_cannot_be_made(tmp_
         if path.name == runs.RUN_MARKER:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, obj)
-    monkeypatch.setattr(utils, "atomic_write_json", full)
+    monkeypatch.setattr(runs, "atomic_write_json", full)  # open_run_dir's writer of the marker
     with pytest.raises(utils.UserError, match="cannot create run folder .*No space left"):
         runs.open_run_dir(tmp_path, "exp", overwrite=True, resume=False)
     assert snapshot(tmp_path) == before and not list(tmp_path.glob(".replaced-*"))
@@ -391,7 +391,8 @@ def _enospc_on(monkeypatch, name):
         if os.path.basename(path) == name:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
-    monkeypatch.setattr(utils, "atomic_write_bytes", write)
+    for module in (utils, runs):  # utils' text/JSON writers, and runs.save_checkpoint's own name
+        monkeypatch.setattr(module, "atomic_write_bytes", write)
 
 
 def test_disk_full_on_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch, capsys):
