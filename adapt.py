@@ -295,7 +295,7 @@ def prepare(cfg: Config, checkpoint: str | None, support: str | None,
                                       "--support", need_labels=True)
     classes = check_support(s_texts, s_labels, None, f"--support file {support!r}")
     frame, texts, labels = read_table(predict, columns.text_column, columns.label_column,
-                                      "--predict", need_labels=False)
+                                      "--predict", need_labels=False, other_columns=True)
     _check_predict(frame, labels, classes, predict, cfg)
     method, tokenizer = build_adapter(cfg, state, checkpoint, len(classes))
     return AdaptJob(cfg, state, str(checkpoint), method, tokenizer, s_texts, s_labels, classes,

@@ -1013,7 +1013,8 @@ def check_data_file(spec: str, what: str, example: str = "") -> None:
 
 
 def read_table(path: str | os.PathLike, text_column: str, label_column: str, what: str,
-               need_labels: bool = True) -> tuple[Any, list[str], list[str | None] | None]:
+               need_labels: bool = True, other_columns: bool = False
+               ) -> tuple[Any, list[str], list[str | None] | None]:
     """(rows, texts, labels) of one local csv/json/jsonl/parquet table, read as training
     reads a `--dataset` file: every CSV cell is the string written (`NA`, `None`, `01`,
     `000` and `123` stay as they are), json/parquet numbers become their text.
@@ -1026,9 +1027,12 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, wha
         text_column, label_column: the columns to take.
         what: the flag naming the file in messages, e.g. `--support`.
         need_labels: refuse a file without `label_column` (else its labels are None).
+        other_columns: keep the file's other columns in the rows (`--predict` writes them
+            back beside each prediction); without, a CSV's are never parsed into memory.
 
     Returns:
-        (the rows as a pandas DataFrame in file order, the texts, the labels as strings
+        (the rows as a pandas DataFrame in file order (the two columns only, unless
+        `other_columns`), the texts, the labels as strings
         with None for a row without one, or None when there is no label column).
 
     Raises:
@@ -1038,13 +1042,14 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, wha
     path = Path(path)
     check_data_file(str(path), what)
     where = f"{what} file {str(path)!r}"
-    frame, names = _read_frame(path, where)
+    frame, names = _read_frame(path, where, None if other_columns else (text_column, label_column))
     if frame is None or len(frame) == 0:
         raise DataError(f"{where} has no rows; give it one row per text")
     for role, column in [("text_column", text_column)] + ([("label_column", label_column)] if need_labels else []):
         if column not in frame.columns:
             raise DataError(f"{where} has no column {column!r} (the {role}); its columns are: "
-                            f"{', '.join(map(str, frame.columns))}; pass --{role} NAME")
+                            f"{', '.join(map(str, frame.attrs.get('columns', frame.columns)))}; "
+                            f"pass --{role} NAME")
     texts = [None if _missing(t) else str(t) for t in frame[text_column]]
     empty = [i for i, t in enumerate(texts) if t is None or t == ""]
     if empty:
@@ -1058,21 +1063,11 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, wha
     return frame, texts, labels
 
 
-def _read_frame(path: Path, where: str):
-    """(DataFrame or None when empty, {column: id -> name}) of a table file."""
+def _read_frame(path: Path, where: str, columns: Sequence[str] | None = None):
+    """(DataFrame or None when empty, {column: id -> name}) of a table file; a CSV keeps
+    only `columns` (see `_read_csv`)."""
     if path.suffix.lower() == ".csv":  # training's reader: every cell a string
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
-                            "as UTF-8") from e
-        if not text.strip():
-            return None, {}
-        try:
-            return _read_csv(text), {}
-        except Exception as e:  # pandas' parser errors have no common base
-            first = (str(e) or type(e).__name__).splitlines()[0][:300]
-            raise DataError(f"could not read {where} as csv ({first}); check its format") from e
+        return _read_csv(path, where, columns), {}
     import datasets
     if path.stat().st_size == 0:
         return None, {}
@@ -1115,7 +1110,9 @@ def _check_custom(source: str, data: Any) -> tuple[list[str], list[str]]:
 def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], list[str]]:
     """(texts, label names) of a local file: CLINC150 pairs JSON or a `datasets` table."""
     suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl", ".csv"):
+    if suffix == ".csv":  # every cell a string: "NA", "nan" and "123" are texts, "" is empty
+        return _csv_columns(path, entry)
+    if suffix in (".json", ".jsonl"):
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -1138,11 +1135,8 @@ def _read_file(path: Path, entry: _Source, hf_cache: Path) -> tuple[list[str], l
         raise DataError(f"{entry.source} is one table, which `datasets` calls split 'train'; "
                         f"set the source's split to \"train\" (got {entry.split!r})")
     try:
-        if suffix == ".csv":  # every cell a string: "NA", "nan" and "123" are texts, "" is empty
-            table = datasets.Dataset.from_pandas(_read_csv(text), preserve_index=False)
-        else:
-            table = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path),
-                                          split="train", cache_dir=str(hf_cache))
+        table = datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(path),
+                                      split="train", cache_dir=str(hf_cache))
     except Exception as e:  # pandas, pyarrow and `datasets` each fail in their own way
         first = (str(e) or type(e).__name__).splitlines()[0][:300]
         raise DataError(f"could not read {entry.source} as {path.suffix[1:]} ({first}); check "
@@ -1208,10 +1202,42 @@ def _read_classes_file(entry: _Source, present: set[str]) -> list[str]:
     return names
 
 
-def _read_csv(text: str):
-    """CSV text as a pandas DataFrame of strings, with no value read as missing."""
+def _read_csv(path: Path, where: str, columns: Sequence[str] | None = None):
+    """A CSV file as a pandas DataFrame of strings, with no value read as missing, or None
+    when it holds nothing.
+
+    With `columns`, only those of them the file has are built (the header names the rest,
+    for messages, in `frame.attrs["columns"]`): the file is parsed once, as a stream, so a
+    wide or long file costs about the memory of the two columns MELoRA reads, not of a copy
+    of its text plus every column (benchmarks/csv_memory.py measures it).
+    """
     import pandas as pd
-    return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    options = dict(dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    try:
+        if not _has_text(path):
+            return None
+        header = list(pd.read_csv(path, nrows=0, **options).columns)
+        keep = None if columns is None else [c for c in header if c in set(columns)]
+        frame = pd.read_csv(path, usecols=keep, **options)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
+                        "as UTF-8") from e
+    except pd.errors.EmptyDataError:
+        return None
+    except Exception as e:  # pandas' parser errors have no common base
+        first = (str(e) or type(e).__name__).splitlines()[0][:300]
+        raise DataError(f"could not read {where} as csv ({first}); check its format") from e
+    frame.attrs["columns"] = header
+    return frame
+
+
+def _has_text(path: Path) -> bool:
+    """Does the file hold anything but whitespace? (Read in blocks, never whole.)"""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            if block.strip():
+                return True
+    return False
 
 
 def _read_pairs(data: dict, entry: _Source) -> tuple[list[str], list[str]]:
@@ -1259,6 +1285,27 @@ def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
     texts = table[entry.text_column]
     _check_filled(texts, entry, entry.text_column, "have no text")
     return [t if isinstance(t, str) else str(t) for t in texts], labels  # numbers are texts too
+
+
+def _csv_columns(path: Path, entry: _Source) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a CSV source, read once with only its two columns."""
+    if entry.split != "train":
+        raise DataError(f"{entry.source} is one table, which `datasets` calls split 'train'; "
+                        f"set the source's split to \"train\" (got {entry.split!r})")
+    frame = _read_csv(path, entry.source, (entry.text_column, entry.label_column))
+    if frame is None:
+        raise DataError(f"could not read {entry.source} as csv (it is empty); check the file's format")
+    for role in ("text_column", "label_column"):
+        column = getattr(entry, role)
+        if column not in frame.columns:
+            raise DataError(f"{entry.name} has no column {column!r} (the {role}); its columns "
+                            f"are: {', '.join(frame.attrs['columns'])}; pass --{role} NAME or set "
+                            f"{role} in datasets")
+    labels, texts = frame[entry.label_column].tolist(), frame[entry.text_column].tolist()
+    del frame
+    _check_filled(labels, entry, entry.label_column, "have an empty label")
+    _check_filled(texts, entry, entry.text_column, "have no text")
+    return texts, labels
 
 
 def _check_filled(values: list, entry: _Source, column: str, problem: str) -> None:

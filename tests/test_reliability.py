@@ -165,6 +165,41 @@ def test_adapt_reads_csv_cells_as_written_as_training_does(checkpoint, tmp_path,
     assert metrics["classes"] == TRICKY_LABELS and metrics["labelled_rows"] == 2
 
 
+def test_a_csv_is_read_once_with_only_the_columns_melora_reads(tmp_path):
+    # A wide export: MELoRA reads two columns; the others are never parsed into memory
+    # (benchmarks/csv_memory.py measures the peak), yet a wrong column name still lists
+    # every column of the header, and --predict keeps them to write beside its predictions.
+    import dataset_loader
+    path = tmp_path / "wide.csv"
+    path.write_text("id,text,notes,label,owner\n7,hello there,x,greet,ann\n8,bye now,y,leave,bob\n")
+    frame, texts, labels = dataset_loader.read_table(path, "text", "label", "--support")
+    assert list(frame.columns) == ["text", "label"]
+    assert (texts, labels) == (["hello there", "bye now"], ["greet", "leave"])
+    frame, _, _ = dataset_loader.read_table(path, "text", "label", "--predict", other_columns=True)
+    assert list(frame.columns) == ["id", "text", "notes", "label", "owner"]
+    with pytest.raises(dataset_loader.DataError, match="no column 'intent'.*id, text, notes, label, owner"):
+        dataset_loader.read_table(path, "text", "intent", "--support")
+    entry = dataset_loader._Source(str(path), "", "train", "text", "intent", "", (), 1.0)
+    with pytest.raises(dataset_loader.DataError, match="no column 'intent'.*id, text, notes, label, owner"):
+        dataset_loader._read_file(path, entry, tmp_path / "hf")
+    entry = dataset_loader._Source(str(path), "", "train", "text", "label", "", (), 1.0)
+    assert dataset_loader._read_file(path, entry, tmp_path / "hf") == (texts, labels)
+
+
+def test_the_csv_memory_benchmark_reads_every_row_each_way(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    out = tmp_path / "csv_memory.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "csv_memory.py"), "--mb", "0.2",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["ways"]) == {"training", "adapt", "whole_text"} and result["rows"] > 500
+    assert "| training |" in done.stdout
+
+
 # ------------------------------------------------------------------------------------
 # 4. a YAML alias bomb or deep nesting is one clear error within a second
 # ------------------------------------------------------------------------------------
