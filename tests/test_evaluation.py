@@ -32,12 +32,9 @@ def sets(items):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A one-iteration tiny-bert checkpoint, trained through the CLI."""
-    out = tmp_path_factory.mktemp("train")
-    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
-                      "--output_dir", str(out), "--experiment_name", "run", *sets(TINY)]) == 0
-    return out / "run" / "checkpoints" / "checkpoint_iter_1.pt"
+def checkpoint(train_tiny):
+    """A one-iteration tiny-bert checkpoint, trained through the CLI. (conftest's, shared)"""
+    return train_tiny(TINY)
 
 
 def evaluate_cli(checkpoint, out, *extra):
