@@ -55,7 +55,9 @@ def test_smoke_study_writes_every_field_without_datasets_mlflow_optuna(smoke):
             assert m["curve"] == [] and m["accuracy_step0"] == m["accuracy_mean"]
             continue
         assert len(m["seed_accuracies"]) == len(p.seeds)
-        assert len(m["curve"]) >= p.min_points
+        # A plateau needs min_points evaluations; an equal-compute row stops at MELoRA's
+        # wall clock, so how many it reaches depends on the machine's load: at least one.
+        assert len(m["curve"]) >= (1 if name.endswith("_equal_compute") else p.min_points), name
         assert [c["iteration"] for c in m["curve"]] == sorted(c["iteration"] for c in m["curve"])
         assert all(c["meta_loss"] is not None for c in m["curve"][1:])
         assert {"meta_val_accuracy", "meta_val_accuracy_step0", "query_acc_before",
