@@ -214,18 +214,20 @@ def alias_bomb(levels=10, width=9):
     ("lora:\n  default_rank: " + "[" * 3000 + "]" * 3000 + "\n", ["nests deeper than"]),
 ], ids=["alias bomb", "deep nesting"])
 def test_a_yaml_bomb_is_one_error_within_a_second(text, fragments, tmp_path, capsys):
+    # CPU seconds of this process, not wall time: a busy machine (xdist beside other jobs)
+    # must not fail a test of how much work the refusal does.
     import time
     path = tmp_path / "bomb.yml"
     path.write_text(text)
-    start = time.perf_counter()
+    start = time.process_time()
     assert main.main(["--mode", "train", "--config", str(path), "--output_dir", str(tmp_path)]) == 2
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert_one_paragraph_error(capsys, "bomb.yml", *fragments)
-    start = time.perf_counter()  # the same value through --set
+    start = time.process_time()  # the same value through --set
     value = text.split("default_rank: ", 1)[1].strip()
     assert main.main(["--mode", "train", "--set", f"lora.default_rank={value}",
                       "--output_dir", str(tmp_path)]) == 2
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert_one_paragraph_error(capsys, "--set", *fragments)
 
 
@@ -323,9 +325,9 @@ def test_bad_config_values_are_refused_before_a_model_loads(mode, setting, fragm
     import time
     argv = ["--mode", mode, *mode_argv(mode, checkpoint, tmp_path), *sets(TINY), "--set", setting,
             "--output_dir", str(tmp_path / "out")]
-    start = time.perf_counter()
+    start = time.process_time()
     assert main.main(argv) == 2
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
     assert_one_paragraph_error(capsys, *fragments)
     assert not (tmp_path / "out").exists()
 
