@@ -56,16 +56,17 @@ import torch
 
 import baseline as B
 import model as M
+from config import Config, load_config
 from dataset_loader import read_table
-from evaluation import evaluation_config, read_checkpoint
+from evaluation import evaluation_checkpoint
 from trainer import dropout_off, load_theta, val_summary
-from utils import (_UMASK, Config, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                   load_config, resolve_device, set_seed, world_size)
+from utils import (_UMASK, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                   resolve_device, set_seed, world_size)
 
 log = logging.getLogger("melora")
 
 PREDICTIONS_FILE = "predictions.csv"
-METRICS_FILE = "metrics.json"
+PREDICTION_METRICS_FILE = "metrics.json"  # accuracy and confusion of labelled texts (not the sink's metrics.jsonl)
 CONFUSION_FILE = "confusion_matrix.png"
 ADAPTED_DIR = "adapted"
 LABELS_FILE = "labels.json"
@@ -177,25 +178,11 @@ def adapt(checkpoint: str | os.PathLike, support_texts: Sequence[str],
         >>> clf.predict(["hey there"])
         ['hi']
     """
-    cfg, state = checkpoint_config(checkpoint, load_config(None, overrides), None, overrides or {})
+    cfg, state = evaluation_checkpoint(checkpoint, load_config(None, overrides), None, overrides or {})
     classes = check_support(support_texts, support_labels, classes, "the support set")
     method, tokenizer = build_adapter(cfg, state, checkpoint, len(classes))
     return fit(method, tokenizer, cfg, state, checkpoint, list(support_texts),
                list(support_labels), classes)
-
-
-def checkpoint_config(checkpoint: str | os.PathLike, cfg: Config, config_file=None,
-                      explicit_overrides: Mapping | None = None) -> tuple[Config, dict]:
-    """(config, state): the checkpoint's config with the user's keys on top, as evaluation
-    (`utils.checkpoint_config`; `config_file`, `explicit_overrides`: what main passes).
-
-    Raises:
-        UserError: a missing, truncated or foreign checkpoint, another model or LoRA rank
-            asked for.
-    """
-    state = read_checkpoint(checkpoint)
-    cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
-    return cfg, state
 
 
 def build_adapter(cfg: Config, state: Mapping, checkpoint, n_classes: int) -> tuple[B.MELoRA, Any]:
@@ -289,7 +276,7 @@ def prepare(cfg: Config, checkpoint: str | None, support: str | None,
             predict: str | None, config_file=None, explicit_overrides: Mapping | None = None) -> AdaptJob:
     """Read and check every input of `--mode adapt`, and build the model (no output yet).
 
-    `config_file` and `explicit_overrides` are the keys the user named (see `checkpoint_config`).
+    `config_file` and `explicit_overrides` are the keys the user named (see `evaluation.evaluation_checkpoint`).
 
     Raises:
         UserError: a missing flag, checkpoint or file; a file without the text or label
@@ -302,7 +289,7 @@ def prepare(cfg: Config, checkpoint: str | None, support: str | None,
                             "--checkpoint CKPT --support support.csv --predict texts.csv")
     if world_size() > 1:
         raise UserError("--mode adapt runs in one process; run it with python main.py, not torchrun")
-    cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
+    cfg, state = evaluation_checkpoint(checkpoint, cfg, config_file, explicit_overrides)
     columns = cfg.adapt
     _, s_texts, s_labels = read_table(support, columns.text_column, columns.label_column,
                                       "--support", need_labels=True)
@@ -341,7 +328,7 @@ def run_adapt(job: AdaptJob, run_dir: str | os.PathLike) -> dict:
     clf.save(run_dir / ADAPTED_DIR)
     atomic_write_text(run_dir / PREDICTIONS_FILE, frame.to_csv(index=False))
     if metrics:
-        atomic_write_json(run_dir / METRICS_FILE, metrics)
+        atomic_write_json(run_dir / PREDICTION_METRICS_FILE, metrics)
         atomic_write_bytes(run_dir / CONFUSION_FILE, confusion_png(metrics))
         print(format_metrics(metrics))
     if val_summary(job.state):  # the checkpoint's meta-val against the frozen encoder (issue 30)
@@ -380,7 +367,7 @@ def format_metrics(metrics: Mapping) -> str:
     head = (f"accuracy {metrics['accuracy']:.4f} on {metrics['labelled_rows']} labelled rows "
             f"(chance {metrics['chance']:.4f})")
     if len(classes) > MAX_FIGURE_CLASSES:
-        return (f"{head}\nconfusion matrix of {len(classes)} classes: {METRICS_FILE} "
+        return (f"{head}\nconfusion matrix of {len(classes)} classes: {PREDICTION_METRICS_FILE} "
                 f"(the {MAX_FIGURE_CLASSES} most-confused classes: {CONFUSION_FILE})")
     width = max(len(c) for c in classes + ["true \\ predicted"])
     lines = [head, "", "true \\ predicted".ljust(width) + "".join(f" {i:>5d}" for i in range(len(classes)))]
@@ -435,7 +422,7 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
                overwrite: bool = False, config_file=None, explicit_overrides: Mapping | None = None) -> Path:
     """Write a checkpoint's meta-learned initialisation (theta) as a PEFT adapter + head.
 
-    `config_file` and `explicit_overrides` are the keys the user named (see `checkpoint_config`).
+    `config_file` and `explicit_overrides` are the keys the user named (see `evaluation.evaluation_checkpoint`).
 
     Raises:
         UserError: no --checkpoint or --output_dir, a missing or foreign checkpoint, or an
@@ -451,7 +438,7 @@ def run_export(cfg: Config, checkpoint: str | None, output_dir: str | None,
             raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass "
                             "--overwrite to replace an earlier export, or another directory")
         check_replaceable(out, "--output_dir", protect=checkpoint)
-    cfg, state = checkpoint_config(checkpoint, cfg, config_file, explicit_overrides)
+    cfg, state = evaluation_checkpoint(checkpoint, cfg, config_file, explicit_overrides)
     model, tokenizer = M.build_model(cfg, torch.device("cpu"))
     load_theta(model, state["theta"], checkpoint)
     rate = _inner_lr(cfg, state, model)

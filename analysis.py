@@ -729,7 +729,7 @@ def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 
 # --- Run-folder file names (read by the loaders' callers, visualization and experiment) ---
-RESULTS_FILE, METRICS_FILE = "results.json", "metrics.jsonl"  # evaluation.py; trainer (utils.MetricsSink)
+RESULTS_FILE, METRICS_FILE = "results.json", "metrics.jsonl"  # evaluation.py; metrics.MetricsSink
 EPISODE_SPEC = "meta_test_episodes.json"                       # evaluation.py's fixed episodes
 FULL_SUMMARY_FILE, FIGURES_DIR = "full_summary.json", "figures"
 ABLATIONS_FILE, FIDELITY_FILE, COMPARISON_FILE = "ablations.json", "fidelity.json", "comparison.json"

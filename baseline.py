@@ -43,10 +43,15 @@ import torch.nn.functional as F
 
 import model as M
 import trainer as T
-from utils import BASELINES, HEAD_INIT, Config, ConfigError, set_seed, to_device
+from config import Config, Rules, register_rules
+from trainer import HEAD_INIT
+from utils import ConfigError, set_seed, to_device
 
 log = logging.getLogger("melora")
 
+# evaluation.baselines may name these (build_baseline builds them); "melora" is always evaluated.
+BASELINES = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",
+             "finetune_multitask", "protonet")
 # Methods with a meta-training phase (tuned inner + outer rate, one training per seed).
 META_LEARNED = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "reptile_lora",
                 "finetune_multitask")
@@ -54,6 +59,18 @@ META_LEARNED = ("proto_lora", "fomaml_lora", "maml", "fomaml", "reptile", "repti
 GRADIENT_BASED = ("melora",) + tuple(n for n in BASELINES if n != "protonet")
 
 Params = dict  # name -> tensor; names as in `named_parameters` of the model
+
+
+def _check_baseline_names(data: dict) -> None:
+    """evaluation.baselines names only methods this module builds (at load time, not after
+    hours of training in full mode)."""
+    unknown = [n for n in data["evaluation"]["baselines"] if n not in BASELINES]
+    if unknown:
+        raise ConfigError(f"evaluation.baselines names unknown method(s) {unknown}; choose "
+                          f"from {', '.join(BASELINES)}")
+
+
+register_rules("baseline", Rules(check=_check_baseline_names, whole_run=True))
 
 
 # ------------------------------------------------------------------------------------
@@ -274,7 +291,7 @@ class LoRAMetaLearner(FewShotMethod):
         self.last_metrics = {k: sum(float(m[k]) for m in metrics) / len(metrics)
                              for k in metrics[0] if all(k in m for m in metrics)} if metrics else {}
         if update:
-            _outer_update(self.theta, grads, self.optimizer, self.grad_clip)
+            T.outer_update(list(self.theta.values()), grads, self.optimizer, self.grad_clip)
         return total
 
 
@@ -287,7 +304,7 @@ class LoRAMetaLearner(FewShotMethod):
             metrics=metrics, seed=T.task_seed(self.seed, self.iteration, 0), head_init=self.head_init)
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         if update:
-            _outer_update(self.theta, [g[n] for n in self.theta], self.optimizer, self.grad_clip)
+            T.outer_update(list(self.theta.values()), [g[n] for n in self.theta], self.optimizer, self.grad_clip)
         return float(loss)
 
 
@@ -342,9 +359,9 @@ class MultitaskFineTune(FineTune):
         losses = [self._pooled_loss(ep, split) for ep in tasks for split in ("support", "query")]
         loss = torch.stack(losses).mean()
         loss.backward()
+        params = self.optimizer_params()
         if update:
-            _clip(self.optimizer_params(), self.grad_clip)
-            self.optimizer.step()
+            T.outer_update(params, [p.grad for p in params], self.optimizer, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
@@ -434,7 +451,7 @@ class MAML(FewShotMethod):
     def meta_step(self, tasks, update=True, first_order=False) -> float:
         loss, grads = self.meta_gradient(tasks, self.first_order or first_order)
         if update:
-            _outer_update(self.theta, grads, self.optimizer, self.grad_clip)
+            T.outer_update(list(self.theta.values()), grads, self.optimizer, self.grad_clip)
         return loss
 
 
@@ -481,7 +498,7 @@ class Reptile(FewShotMethod):
             deltas = [d if frozen and n.startswith(M.HEAD_PREFIX) else d + (phi_0[n] - p) / len(tasks)
                       for d, (n, p) in zip(deltas, phi.items())]
         if update:
-            _outer_update(self.theta, deltas, self.optimizer, self.grad_clip)
+            T.outer_update(list(self.theta.values()), deltas, self.optimizer, self.grad_clip)
         return 0.0
 
 
@@ -585,23 +602,28 @@ def build_baseline(name: str, cfg: Config, device: torch.device, inner_lr: float
 
 
 def proto_head(model: M.MELoRAModel, params: Params, support) -> Params:
-    """{"head.weight": 2 c, "head.bias": -|c|^2} from the support prototypes c at `params`,
-    dropout off, differentiable (MAML/FOMAML meta-train through it); the values equal
-    trainer.initial_fast_weights'."""
+    """The head from the support prototypes c at `params` (`model.prototype_head`: cosine
+    W = c, b = 0; Euclidean W = 2c, b = -|c|^2), dropout off, differentiable (MAML/FOMAML
+    meta-train through it); the values equal trainer.initial_fast_weights'."""
     with T.dropout_off(model):
         features = M.forward(model, params, support, features_only=True)  # (N*K, hidden)
     labels = support["labels"]
     n_way = model.num_labels
     onehot = F.one_hot(labels, n_way).to(features.dtype)  # (N*K, N)
     c = onehot.T @ features / onehot.sum(0).clamp(min=1).unsqueeze(1)  # (N, hidden)
-    return {M.HEAD_WEIGHT: 2 * c, M.HEAD_BIAS: -(c * c).sum(1)}
+    weight, bias = M.prototype_head(model, c)
+    if torch.is_grad_enabled() and not bias.requires_grad:  # the cosine head's b = 0: a constant,
+        bias = bias.requires_grad_()                        # but a fast weight the inner loop adapts
+    return {M.HEAD_WEIGHT: weight, M.HEAD_BIAS: bias}
 
 
 def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object]:
-    """The pretrained model of `cfg` with its zero N-way head and no LoRA, all weights trainable."""
+    """The pretrained model of `cfg` with its zero N-way head of `meta_learning.head` (as
+    MELoRA's) and no LoRA, all weights trainable."""
     model, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way,
                                     pooling=cfg.models.pooling,
-                                    dtype=M.PARAM_DTYPE[cfg.training.precision])
+                                    dtype=M.PARAM_DTYPE[cfg.training.precision],
+                                    **M.head_options(cfg.meta_learning))
     return model.to(device).train(), tokenizer
 
 
@@ -610,18 +632,3 @@ def full_model(cfg: Config, device: torch.device) -> tuple[M.MELoRAModel, object
 def _named(method: FewShotMethod, name: str) -> FewShotMethod:
     method.name = name
     return method
-
-
-def _outer_update(theta: Mapping[str, torch.Tensor], grads: Sequence[torch.Tensor],
-                  optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    """One outer step: `grads` (in theta's order) become theta's .grad, clipped, applied."""
-    for t, g in zip(theta.values(), grads):
-        t.grad = g.to(t.dtype)
-    _clip(list(theta.values()), max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _clip(params: list[torch.Tensor], max_norm: float) -> None:
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)

@@ -55,8 +55,9 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
+from config import Config
 from synthetic_data_generator import SyntheticTaskGenerator, TextTask
-from utils import Config, ConfigError, UserError, atomic_write_bytes, atomic_write_json
+from utils import ConfigError, UserError, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("melora.data")
 
@@ -822,7 +823,7 @@ def cli_dataset_overrides(dataset: str | None, eval_dataset: str | None,
         label_column: the label column of these sources (None: the config's).
 
     Returns:
-        `{"datasets.meta_train": [...], ...}` for `utils.load_config(overrides=...)`;
+        `{"datasets.meta_train": [...], ...}` for `config.load_config(overrides=...)`;
         empty when no flag is given.
 
     Raises:
@@ -1271,12 +1272,7 @@ def _is_json_lines(text: str) -> bool:
 
 def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
     """(texts, label names) of a `datasets.Dataset`, checking both columns exist."""
-    for role in ("text_column", "label_column"):
-        column = getattr(entry, role)
-        if column not in table.column_names:
-            raise DataError(f"{entry.name} has no column {column!r} (the {role}); its columns "
-                            f"are: {', '.join(table.column_names)}; pass --{role} NAME or set "
-                            f"{role} in datasets")
+    _check_columns(table.column_names, table.column_names, entry)
     feature = table.features[entry.label_column]
     raw = table[entry.label_column]
     _check_filled(raw, entry, entry.label_column, "have an empty label")
@@ -1284,6 +1280,17 @@ def _columns(table, entry: _Source) -> tuple[list[str], list[str]]:
     texts = table[entry.text_column]
     _check_filled(texts, entry, entry.text_column, "have no text")
     return [t if isinstance(t, str) else str(t) for t in texts], labels  # numbers are texts too
+
+
+def _check_columns(present, header: Sequence[str], entry: _Source) -> None:
+    """Refuse a source whose `present` columns lack its text or label column (`header`:
+    every column of the file, for the message)."""
+    for role in ("text_column", "label_column"):
+        column = getattr(entry, role)
+        if column not in present:
+            raise DataError(f"{entry.name} has no column {column!r} (the {role}); its columns "
+                            f"are: {', '.join(map(str, header))}; pass --{role} NAME or set "
+                            f"{role} in datasets")
 
 
 def _csv_columns(path: Path, entry: _Source) -> tuple[list[str], list[str]]:
@@ -1294,12 +1301,7 @@ def _csv_columns(path: Path, entry: _Source) -> tuple[list[str], list[str]]:
     frame = _read_csv(path, entry.source, (entry.text_column, entry.label_column))
     if frame is None:
         raise DataError(f"could not read {entry.source} as csv (it is empty); check the file's format")
-    for role in ("text_column", "label_column"):
-        column = getattr(entry, role)
-        if column not in frame.columns:
-            raise DataError(f"{entry.name} has no column {column!r} (the {role}); its columns "
-                            f"are: {', '.join(frame.attrs['columns'])}; pass --{role} NAME or set "
-                            f"{role} in datasets")
+    _check_columns(frame.columns, frame.attrs["columns"], entry)
     labels, texts = frame[entry.label_column].tolist(), frame[entry.text_column].tolist()
     del frame
     _check_filled(labels, entry, entry.label_column, "have an empty label")

@@ -64,14 +64,15 @@ from tqdm import tqdm
 import analysis
 import baseline as B
 import model as M
+from config import Config, Rules, checkpoint_config, load_config_with_base, register_rules
 from dataset_loader import DatasetLoader
-from trainer import MetaTrainer, restore_model, saved_config
-from trainer import val_summary
-from utils import (Config, MemoryWindow, MetricsSink, RunInterrupted, UserError,
-                   atomic_write_json, fix_mmap_threshold, gather_to_main, is_main_process,
-                   load_checkpoint, load_config_with_base, rank, rank_device,
-                   resolve_device, run_on_main, set_seed, thread_budget, world_size,
-                   resident_memory_bytes, check_search, checkpoint_config, episode_seed)
+from metrics import MetricsSink
+from runs import load_checkpoint, saved_config
+from trainer import MetaTrainer, restore_model, val_summary
+from utils import (ConfigError, MemoryWindow, RunInterrupted, UserError, atomic_write_json, episode_seed,
+                   fix_mmap_threshold, gather_to_main, is_main_process, rank, rank_device,
+                   resident_memory_bytes, resolve_device, run_on_main, set_seed, thread_budget,
+                   world_size)
 
 log = logging.getLogger("melora")
 
@@ -81,6 +82,41 @@ SEED_EPISODE_STRIDE = 10_000_019  # seed s meta-trains on meta-train episodes s 
 ACCURACY_BOUNDS = (0.0, 1.0)  # confidence intervals of an accuracy stay inside [0, 1]
 PARTIAL_RESULTS_FILE = "results.partial.json"  # raw accuracies, when the statistics fail
 PARENT_POLL_S = 0.5           # how often a pool worker checks that its parent still runs
+
+
+def check_search(cfg) -> None:
+    """Fail fast on a search setting that cannot work, naming the key: its ranges (also
+    checked at load time) and the meta-validation tasks it scores trials on."""
+    _validate_search(cfg.analysis.hyperparameter_search.to_dict())
+    if not cfg.datasets.synthetic_only and not cfg.datasets.meta_val:
+        raise ConfigError("the hyperparameter search scores trials on meta-validation tasks, "
+                          "but datasets.meta_val lists no source; add one, or use --synthetic_only")
+
+
+def _validate_search(s: Mapping) -> None:
+    """The search ranges of `analysis.hyperparameter_search` (Optuna's and evaluation's tuning)."""
+    key = "analysis.hyperparameter_search"
+    for name in ("inner_lr", "outer_lr"):
+        r = s[name]
+        if not (isinstance(r, list) and len(r) == 2 and 0 < r[0] <= r[1]):
+            raise ConfigError(f"{key}.{name} must be [low, high] with 0 < low <= high "
+                              f"(a log-uniform range), got {r!r}")
+    r = s["inner_steps"]
+    if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 1 <= r[0] <= r[1]):
+        raise ConfigError(f"{key}.inner_steps must be [low, high] integers with 1 <= low <= high, got {r!r}")
+    if not (isinstance(s["lora_rank"], list) and s["lora_rank"]
+            and all(isinstance(v, int) and v > 0 for v in s["lora_rank"])):
+        raise ConfigError(f"{key}.lora_rank must be a non-empty list of positive integers, "
+                          f"got {s['lora_rank']!r}")
+    for name in ("report_every", "val_episodes"):
+        if s[name] < 1:
+            raise ConfigError(f"{key}.{name} must be a positive integer, got {s[name]!r}")
+    if s["num_iterations"] < 0 or s["pruner_startup_trials"] < 0:
+        raise ConfigError(f"{key}.num_iterations and {key}.pruner_startup_trials must be >= 0")
+
+
+register_rules("evaluation", Rules(
+    check=lambda data: _validate_search(data["analysis"]["hyperparameter_search"]), whole_run=True))
 
 
 # ------------------------------------------------------------------------------------
@@ -96,7 +132,7 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     evaluation, tracking, analysis, device and output-folder keys, and every key the user
     named (`config_file` and `explicit_overrides`, as main passes them; without them,
     every key `cfg` sets to a non-default value) on top; keys that define the model stay
-    the checkpoint's (`utils.checkpoint_config`).
+    the checkpoint's (`config.checkpoint_config`).
 
     Args:
         cfg: the validated config of the command line.
@@ -129,8 +165,7 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
         raise UserError("--mode evaluate needs --checkpoint PATH (a checkpoints/"
                         "checkpoint_iter_N.pt file of a training run)")
     run_dir = Path(run_dir)
-    state = read_checkpoint(checkpoint)
-    cfg = evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides)
+    cfg, state = evaluation_checkpoint(checkpoint, cfg, config_file, explicit_overrides)
     methods = ["melora"] + ([] if skip_baselines else _baseline_names(cfg))
     _check_tuning(cfg, methods)
     # 1. The fixed episodes, saved once so every method (and a later run) uses them.
@@ -165,14 +200,18 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     return results
 
 
-def read_checkpoint(checkpoint: str | os.PathLike) -> dict:
-    """The checkpoint's state (read-only); errors name the problem and the fix."""
+def evaluation_checkpoint(checkpoint: str | os.PathLike, cfg: Config, config_file=None,
+                          explicit_overrides: Mapping | None = None) -> tuple[Config, dict]:
+    """(config, state) of a checkpoint to evaluate or adapt: its state read by
+    `runs.load_checkpoint`, its config by `evaluation_config` (`config_file`,
+    `explicit_overrides`: what main passes).
+
+    Raises:
+        UserError: a missing, truncated or foreign checkpoint, another model or LoRA rank
+            asked for.
+    """
     state = load_checkpoint(checkpoint)
-    missing = [k for k in ("theta", "config", "inner_lr") if k not in state]
-    if missing:
-        raise UserError(f"checkpoint {str(checkpoint)!r} lacks {', '.join(missing)}; it was "
-                        "not written by `python main.py --mode train`")
-    return state
+    return evaluation_config(cfg, state, checkpoint, config_file, explicit_overrides), state
 
 
 def evaluation_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
@@ -180,7 +219,7 @@ def evaluation_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
     """The checkpoint's config, with the command line's run-control keys (evaluation,
     tracking, analysis, device, output folder) and the keys the user named (`config_file`,
     `explicit_overrides`; None: those of `cfg` that differ from config.yml) applied on top:
-    `utils.checkpoint_config`'s rule.
+    `config.checkpoint_config`'s rule.
 
     Raises:
         UserError: `cfg` asks for another model or LoRA rank than the checkpoint's.
@@ -452,7 +491,7 @@ def build_method(name: str, cfg: Config, checkpoint: str, device: torch.device, 
     memory = cfg.memory_optimization
     start = time.perf_counter()
     if s == 0:
-        model, _, _, inner_lr = restore_model(checkpoint, device, cfg, read_checkpoint(checkpoint))
+        model, _, _, inner_lr = restore_model(checkpoint, device, cfg, load_checkpoint(checkpoint))
     else:
         scfg = seed_config(cfg, s)
         model, _ = M.build_model(scfg, device)
@@ -768,7 +807,7 @@ def _merge_shares(shares: list[dict]) -> dict:
 
 
 def _baseline_names(cfg: Config) -> list[str]:
-    return list(cfg.evaluation.baselines)  # names checked at load time (utils.BASELINES)
+    return list(cfg.evaluation.baselines)  # names checked at load time (baseline.BASELINES)
 
 
 def _has_meta_step(name: str) -> bool:

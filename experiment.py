@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,47 @@ from analysis import (ABLATIONS_DIR, ABLATIONS_FILE, BEST_CONFIG_FILE, COMPARISO
                       REPORT_FILE, RESULTS_FILE, TRIALS_FILE, _markdown, compare_methods,
                       format_ablation_table, format_comparison_table, format_fidelity_table,
                       format_protocol_table, format_results_table, load_metrics, methods_of)
+from config import Rules, check_variant, load_config_with_base, register_rules
 from dataset_loader import DatasetLoader
-from utils import (ABLATION_KEYS, SEARCH_KEYS, UserError, atomic_write_json, atomic_write_text, check_search,
-                   load_config_with_base, mlflow_store, prepare_run_dir, resolve_device)
+from evaluation import check_search
+from metrics import MlflowRun
+from runs import load_checkpoint, prepare_run_dir
+from utils import ConfigError, UserError, atomic_write_json, atomic_write_text, resolve_device
 
 logger = logging.getLogger("melora")
+
+# Ablated parameter (analysis.ablations key) -> the config key it sets.
+ABLATION_KEYS = {
+    "lora_rank": "lora.default_rank",
+    "inner_steps": "meta_learning.inner.default_num_steps",
+    "hessian_method": "memory_optimization.hessian_approximation.method",
+    "checkpointing": "memory_optimization.checkpointing.enabled",
+    "micro_batch": "memory_optimization.gradient_accumulation.default_micro_batch",
+}
+# Searched hyperparameter (analysis.hyperparameter_search key) -> the config key it sets.
+SEARCH_KEYS = {
+    "inner_lr": "meta_learning.inner.default_lr",
+    "outer_lr": "meta_learning.outer.default_lr",
+    "inner_steps": "meta_learning.inner.default_num_steps",
+    "lora_rank": "lora.default_rank",
+}
+
+
+def _check_ablations(data: dict) -> None:
+    """Every variant of analysis.ablations is a valid config, checked at load time (a bad
+    value fails before training, not after hours)."""
+    for param, values in data["analysis"]["ablations"].items():
+        if param not in ABLATION_KEYS:
+            raise ConfigError(f"analysis.ablations.{param} is not an ablation; use "
+                              f"{', '.join(ABLATION_KEYS)}")
+        if not isinstance(values, list):
+            raise ConfigError(f"analysis.ablations.{param} must be a list of values, got {values!r}")
+        for value in values:  # each variant is the config with one key changed: validate it
+            check_variant(data, ABLATION_KEYS[param], value)
+
+
+register_rules("experiment", Rules(check=_check_ablations, whole_run=True))
+
 
 def run_ablations(cfg, run_dir: str | os.PathLike) -> list[dict]:
     """Train and evaluate one variant per value of `analysis.ablations`; write ablations.json.
@@ -62,7 +97,7 @@ def run_ablations(cfg, run_dir: str | os.PathLike) -> list[dict]:
     one after another in one process stay comparable.
 
     Args:
-        cfg: the validated config (`utils.Config`).
+        cfg: the validated config (`config.Config`).
         run_dir: the run folder; ablations.json goes there.
 
     Returns:
@@ -200,7 +235,7 @@ def run_full(cfg, run_dir: str | os.PathLike, hyperparameter_search: bool = Fals
 
     Args:
         cfg: the validated config.
-        run_dir: the experiment folder (from `utils.prepare_run_dir`).
+        run_dir: the experiment folder (from `runs.prepare_run_dir`).
         hyperparameter_search: search hyperparameters first.
         skip_baselines: evaluate MELoRA only.
         resume: a checkpoint of this run (`--mode full --resume`): training continues from
@@ -257,7 +292,7 @@ def _meta_train(cfg, run_dir: Path, resume, config_file, explicit_overrides,
     """Phase 1: train (or continue `resume`); a checkpoint that finished training is used
     as it is, with the summary its training wrote."""
     if resume is not None:
-        state = T.load_checkpoint(resume, require=T.RESUME_KEYS)
+        state = load_checkpoint(resume)
         if state["iteration"] >= cfg.meta_learning.num_iterations:
             logger.info("training of %s is complete (%d iterations): evaluating it",
                         resume, state["iteration"])
@@ -420,47 +455,32 @@ def _objective(trial, cfg, tracker: "_TrialTracker") -> float:
 
 
 class _TrialTracker:
-    """One MLflow run per trial, in the run folder's store (experiment <name>-hpo)."""
+    """One MLflow run per trial, in the run folder's store (experiment <name>-hpo), written
+    by the MLflow writer process (`metrics.MlflowRun`): the search never imports MLflow."""
 
     def __init__(self, cfg, run_dir: Path):
-        self.client = None
-        if not cfg.tracking.mlflow:
-            return
-        self.uri = mlflow_store(run_dir)
-        from mlflow.tracking import MlflowClient  # lazy: mlflow is slow to import, and optional here
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.client.search_experiments(max_results=1)
-        name = f"{cfg.training.experiment_name}-hpo"
-        found = self.client.get_experiment_by_name(name)
-        self.experiment = found.experiment_id if found else self.client.create_experiment(
-            name, artifact_location=(run_dir / "mlflow-artifacts").resolve().as_uri())
+        self.on, self.run_dir = cfg.tracking.mlflow, run_dir
+        self.experiment = f"{cfg.training.experiment_name}-hpo"
+        self.step = 0
 
     def start(self, number: int, params: Mapping[str, Any]):
-        if self.client is None:
+        if not self.on:
             return None
-        run = self.client.create_run(self.experiment, run_name=f"trial-{number}")
-        for key, value in params.items():
-            self.client.log_param(run.info.run_id, key, value)
-        return run.info.run_id
+        self.step = 0
+        return MlflowRun(self.run_dir, self.experiment, f"trial-{number}", params)
 
     def log(self, run, step: int, metrics: Mapping[str, float]) -> None:
         if run is None:
             return
-        for key, value in metrics.items():
-            if value is not None and math.isfinite(value):
-                self.client.log_metric(run, key, float(value), step=step)
+        self.step = step
+        run.log(step, {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)})
 
     def end(self, run, state: str, accuracy: float) -> None:
         if run is None:
             return
-        self.client.set_tag(run, "optuna_state", {"FINISHED": "complete", "KILLED": "pruned"}.get(state, "failed"))
         if math.isfinite(accuracy):
-            self.client.log_metric(run, "final_val_accuracy", accuracy)
-        self.client.set_terminated(run, status=state)
+            run.log(self.step, {"final_val_accuracy": accuracy})
+        run.close(state, tags={"optuna_state": {"FINISHED": "complete", "KILLED": "pruned"}.get(state, "failed")})
 
 
 def _search_summary(study, cfg, run_dir: Path, storage: str) -> dict:

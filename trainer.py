@@ -12,6 +12,7 @@ computed in reverse without keeping the inner graphs (see docs/design.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,15 +32,101 @@ import yaml
 from tqdm import tqdm
 
 import model as M
+from config import Config, Rules, checkpoint_config, register_rules
 from dataset_loader import DatasetLoader
-from utils import (HEAD_INIT, HEAD_INITS, HESSIAN_METHOD, HESSIAN_METHODS, OOM_ADVICE, Config,
-                   ConfigError, HessianOptions, MetricsSink, RunInterrupted, UserError,
-                   all_reduce_max, all_reduce_sum, atomic_write_json, atomic_write_text,
-                   checkpoint_config, is_main_process, load_checkpoint, peak_memory_mb, rank,
-                   rank_device, reset_peak_memory, resolve_device, save_checkpoint, set_seed,
-                   to_device, world_size)
+from metrics import MetricsSink
+from runs import load_checkpoint, save_checkpoint, saved_config
+from utils import (ConfigError, RunInterrupted, UserError, all_reduce_max, all_reduce_sum,
+                   atomic_write_json, atomic_write_text, is_main_process, peak_memory_mb, rank,
+                   rank_device, reset_peak_memory, resolve_device, set_seed, to_device, world_size)
 
 log = logging.getLogger("melora")
+
+HESSIAN_METHODS = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")  # the curvature products
+DIAGONAL_ESTIMATORS = ("fisher", "hutchinson")  # hessian_approximation.diagonal_estimator
+HEAD_INITS = ("zero", "proto")   # how the N-way head starts on an episode (initial_fast_weights)
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")  # training.precision (_autocast_context)
+# The library's defaults (here and in baseline) are config.yml's (tests/test_config.py checks):
+HESSIAN_METHOD = "full"      # memory_optimization.hessian_approximation.method
+HEAD_INIT = "proto"          # meta_learning.head_init and evaluation.head_init
+# What to lower when CUDA runs out of memory, largest saving first (README: Troubleshooting).
+OOM_ADVICE = ("lower --meta_batch_size, memory_optimization.gradient_accumulation."
+              "default_micro_batch (--set ...=2), --lora_rank or --inner_steps, or set "
+              "memory_optimization.auto_micro_batch=true to halve the micro-batch automatically")
+
+
+def _check_meta_learning(data: dict) -> None:
+    """Cross-key checks of the meta_learning section: the cosine head, learned rates."""
+    meta = data["meta_learning"]
+    if meta["head"] == "cosine" and meta["head_init"] != "proto":
+        raise ConfigError("meta_learning.head: cosine needs meta_learning.head_init: proto (a zero "
+                          "head weight has no direction to take a cosine with); set "
+                          "meta_learning.head_init=proto or meta_learning.head=euclidean")
+    if meta["head"] == "cosine" and not meta["head_scale"] > 0:
+        raise ConfigError(f"config key 'meta_learning.head_scale' must be > 0, got {meta['head_scale']!r}")
+    inner = meta["inner"]
+    if inner["learn_lr"] and inner["default_num_steps"] == 0:
+        raise ConfigError("meta_learning.inner.learn_lr learns one rate per inner step, but "
+                          "meta_learning.inner.default_num_steps is 0; set learn_lr=false or K >= 1")
+
+
+register_rules("trainer", Rules(choices={
+    "meta_learning.head_init": HEAD_INITS, "evaluation.head_init": HEAD_INITS,
+    "memory_optimization.hessian_approximation.method": HESSIAN_METHODS,
+    "memory_optimization.hessian_approximation.diagonal_estimator": DIAGONAL_ESTIMATORS,
+    "training.precision": PRECISIONS}, check=_check_meta_learning))
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianOptions:
+    """Options of the curvature products (memory_optimization.hessian_approximation);
+    the meta-gradient (trainer) and the memory estimate (model) read them.
+
+    Attributes:
+        diagonal_estimator: how `diagonal` estimates curvature: fisher (micro-batch
+            gradients) or hutchinson.
+        hutchinson_probes: Rademacher probes per inner step for hutchinson.
+        keep_graphs: `full` only: how many inner steps (the last ones, 0..K; more = K)
+            build their support gradient with its graph during the forward sweep and
+            keep it until the backward sweep's Hessian-vector product, instead of
+            recomputing it. Each kept step saves a forward+backward per task (its
+            product then costs one double backward only) and adds one step's graph to
+            peak memory (peak = the kept graphs + the query pass). K keeps them all,
+            as unrolled autograd does. Same meta-gradient for every value. The config's
+            `auto` is decided by `model.plan_memory` (as many as fit the memory budget).
+        keep_last_step: the older spelling of keep_graphs=1 (the larger of the two wins).
+    """
+    diagonal_estimator: str = "fisher"
+    hutchinson_probes: int = 1
+    keep_last_step: bool = False
+    keep_graphs: int = 0
+
+    @classmethod
+    def from_config(cls, section, planned_keep_graphs: int | None = None) -> "HessianOptions":
+        """From the config's `memory_optimization.hessian_approximation` section.
+
+        Args:
+            section: that section.
+            planned_keep_graphs: what `model.plan_memory` chose; used when the section's
+                `keep_graphs` is `auto` (required then).
+
+        Raises:
+            ValueError: `keep_graphs` is auto and no plan is given.
+        """
+        keep = section.keep_graphs
+        if keep == "auto":
+            if planned_keep_graphs is None:
+                raise ValueError("hessian_approximation.keep_graphs=auto is decided by "
+                                 "model.build_model (model.memory_plan); pass its keep_graphs")
+            keep = planned_keep_graphs
+        return cls(diagonal_estimator=section.diagonal_estimator,
+                   hutchinson_probes=section.hutchinson_probes,
+                   keep_last_step=section.keep_last_step, keep_graphs=keep)
+
+    def graphs_kept(self, method: str, inner_steps: int) -> int:
+        """How many of the last inner steps keep their gradient graph (0 unless `full`):
+        `model.graphs_kept`'s rule, which the memory plan uses too."""
+        return M.graphs_kept(method, max(int(self.keep_graphs), int(bool(self.keep_last_step))), inner_steps)
 
 
 # ====================================================================================
@@ -69,7 +156,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
         inner_lr: a float a, or a tensor (inner_steps,) of learned per-step rates a_k.
         inner_steps: K >= 0.
         method: full (exact), gauss_newton, block_diagonal, diagonal or none (first order);
-            default config.yml's (`utils.HESSIAN_METHOD`).
+            default config.yml's (`trainer.HESSIAN_METHOD`).
         micro_batch: examples per micro-batch; 0 or >= the set size = the whole set.
             Gradients and curvature products accumulate, so results do not depend on it
             (except `diagonal` with the fisher estimator, which is built from them).
@@ -84,7 +171,7 @@ def compute_meta_gradient(model: M.MELoRAModel, theta: Mapping[str, torch.Tensor
             prototypes c_n at theta, W = c_n, b = 0 for the cosine head (the default) and
             W = 2 c_n, b = -|c_n|^2 for the Euclidean one; the meta-gradient flows through
             the prototypes into the LoRA factors, and theta's head gets zero gradient);
-            default config.yml's (`utils.HEAD_INIT`).
+            default config.yml's (`trainer.HEAD_INIT`).
 
     Returns:
         (query_loss at phi_K, {name: d query_loss / d theta[name]}); with a tensor
@@ -466,13 +553,10 @@ class _Task:
                 sums.index_add_(0, rows, self._features(phi, chunk, i).to(sums.dtype))
                 counts.index_add_(0, rows, torch.ones_like(rows, dtype=counts.dtype))
         c = sums / counts.clamp(min=1).unsqueeze(1)  # (T*N, hidden)
+        weight, bias = M.prototype_head(self.model, c)
         phi = list(phi)
-        if _cosine_head(self.model):
-            phi[w_index] = c.reshape(phi[w_index].shape).clone()
-            phi[b_index] = torch.zeros_like(phi[b_index])
-            return phi, (c, counts)
-        phi[w_index] = (2 * c).reshape(phi[w_index].shape)
-        phi[b_index] = -(c * c).sum(1).reshape(phi[b_index].shape)
+        phi[w_index] = weight.reshape(phi[w_index].shape)
+        phi[b_index] = bias.reshape(phi[b_index].shape).to(phi[b_index].dtype)
         return phi, (c, counts)
 
     def proto_backward(self, phi_0, v, prototypes):
@@ -699,8 +783,6 @@ class _KFACRecorder:
 # ====================================================================================
 
 CHECKPOINT_VERSION = 1
-# What `--resume` reads from a checkpoint (all written by `MetaTrainer.state_dict`).
-RESUME_KEYS = ("config", "theta", "inner_lr", "optimizer", "iteration", "nonfinite_streak")
 # What a checkpoint records of model selection on meta-val (training.val_every).
 VAL_KEYS = ("frozen_val_accuracy", "val_accuracy", "val_iteration")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -856,7 +938,7 @@ def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike 
     """The config of a resumed run: the checkpoint's, then a `--config` file, then flags.
 
     So `--resume CKPT` alone continues the run as it was configured, and only the
-    settings the user names change (`utils.checkpoint_config`'s rule, applied again with
+    settings the user names change (`config.checkpoint_config`'s rule, applied again with
     its warnings by `run_training`).
 
     Args:
@@ -864,39 +946,13 @@ def resume_config(checkpoint: str | os.PathLike, config_path: str | os.PathLike 
         config_path: a YAML file, or None.
         overrides: `{"section.key": value}` from the command line.
     """
-    saved = saved_config(load_checkpoint(checkpoint, require=RESUME_KEYS), checkpoint)
+    saved = saved_config(load_checkpoint(checkpoint), checkpoint)
     return checkpoint_config(saved, config_path, overrides or {}, "train", checkpoint, quiet=True)
-
-
-def saved_config(state: Mapping, checkpoint) -> dict:
-    """The config a checkpoint recorded, as nested dicts.
-
-    Raises:
-        UserError: the record is not a JSON mapping (an edited or foreign checkpoint).
-    """
-    try:
-        saved = json.loads(state["config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint {str(checkpoint)!r} holds no readable config ({e}); pass "
-                        "another checkpoint of the run") from e
-    if not isinstance(saved, dict):
-        raise UserError(f"checkpoint {str(checkpoint)!r} holds no readable config; pass "
-                        "another checkpoint of the run")
-    for (section, key), value in PRE_KEY_VALUES.items():  # explicit migration, see below
-        if isinstance(saved.get(section), dict) and key not in saved[section]:
-            saved[section][key] = value
-    return saved
-
-
-# What a checkpoint saved before a model-defining key existed meant by it: its behaviour then,
-# not today's default. Without this, config layering filled in today's default (the cosine
-# head) and the checkpoint's Euclidean head was refused as "another model".
-PRE_KEY_VALUES = {("meta_learning", "head"): "euclidean"}
 
 
 def reconcile_config(cfg: Config, state: Mapping, checkpoint, config_file=None,
                      explicit_overrides: Mapping | None = None) -> Config:
-    """`cfg` for resuming `state` by `utils.checkpoint_config`'s rule: model-defining keys
+    """`cfg` for resuming `state` by `config.checkpoint_config`'s rule: model-defining keys
     take the checkpoint's values (warned about), other changes are warned about.
 
     Raises:
@@ -1063,15 +1119,12 @@ class MetaTrainer:
 
     def outer_step(self, grads: Mapping[str, torch.Tensor], grad_norm: float) -> None:
         """Clip the meta-gradient to `outer.grad_clip` (global norm) and take an Adam step."""
-        clip = self.meta.outer.grad_clip
-        scale = min(1.0, clip / (grad_norm + 1e-12)) if clip > 0 else 1.0
-        for name, param in self.theta.items():
-            param.grad = None if _frozen(self.meta, name) else (grads[name] * scale).to(param.dtype)
+        params = list(self.theta.values())
+        step = [None if _frozen(self.meta, name) else grads[name] for name in self.theta]
         if isinstance(self.inner_lr, torch.Tensor):
-            g = grads.get("inner_lr")  # absent when the meta-gradient does not learn rates
-            self.inner_lr.grad = None if g is None else (g * scale).to(self.inner_lr.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            params.append(self.inner_lr)
+            step.append(grads.get("inner_lr"))  # absent when the meta-gradient does not learn rates
+        outer_update(params, step, self.optimizer, self.meta.outer.grad_clip, grad_norm)
 
     # -- one iteration ------------------------------------------------------------------
 
@@ -1397,11 +1450,11 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
 
     Args:
         cfg: the validated config.
-        run_dir: the run folder (from `utils.prepare_run_dir`).
+        run_dir: the run folder (from `runs.prepare_run_dir`).
         resume: a checkpoint to continue from exactly; model-defining settings are taken
             from it (see `resume_config`).
         config_file, explicit_overrides: on resume, the `--config` file and the flags the
-            user gave (`utils.checkpoint_config`); None: every key of `cfg` counts as given.
+            user gave (`config.checkpoint_config`); None: every key of `cfg` counts as given.
         mode_args: the flags of the command that continues this run after a stop, e.g.
             `("--mode", "full")` (`resume_command`).
 
@@ -1419,7 +1472,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike,
             evenly over the processes, or non-finite training.
     """
     run_dir = Path(run_dir)
-    state = load_checkpoint(resume, require=RESUME_KEYS) if resume is not None else None
+    state = load_checkpoint(resume) if resume is not None else None
     if state is not None:
         cfg = reconcile_config(cfg, state, resume, config_file, explicit_overrides)
     # 1. Set up in dependency order: model, episodes, optimizer; then restore progress.
@@ -1545,6 +1598,27 @@ def _iteration_seed(seed: int, iteration: int) -> int:
 
 def task_seed(seed: int, iteration: int, task: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, task]).generate_state(2, np.uint64)[0] % 2**62)
+
+
+def outer_update(params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                 optimizer: torch.optim.Optimizer, max_norm: float, grad_norm: float | None = None) -> None:
+    """The outer update of every meta-learner: scale `grads` to global norm `max_norm`
+    (0: no clipping), make them the parameters' .grad (None: no gradient) and step.
+
+    Args:
+        params: the parameters, in `grads`' order.
+        grads: their meta-gradients.
+        optimizer: the outer optimizer over `params` (Adam).
+        max_norm: `meta_learning.outer.grad_clip`.
+        grad_norm: the global norm the clip is measured by; default that of `grads`.
+    """
+    if grad_norm is None:
+        grad_norm = _global_norm([g for g in grads if g is not None])
+    scale = min(1.0, max_norm / (grad_norm + 1e-12)) if max_norm > 0 else 1.0
+    for param, g in zip(params, grads):
+        param.grad = None if g is None else (g * scale).to(param.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _global_norm(tensors) -> float:

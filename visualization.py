@@ -43,7 +43,6 @@ MEMORY_BASELINE = "maml"  # the headline memory comparison: reference vs full se
 # Fixed colours per method so one method looks the same in every figure.
 KNOWN_METHODS = ("melora", "maml", "fomaml", "reptile", "reptile_lora", "finetune",
                  "finetune_multitask", "protonet")
-HESSIAN_ORDER = ("full", "gauss_newton", "block_diagonal", "diagonal", "none")
 BREAKDOWN_ORDER = ("weights", "adapter_and_optimizer", "activations", "second_order")
 BREAKDOWN_LABELS = {"weights": "frozen weights", "adapter_and_optimizer": "adapter + optimizer state",
                     "activations": "activations", "second_order": "second-order (HVP) graph"}
@@ -257,8 +256,7 @@ def plot_gradient_fidelity(fidelity: Mapping | Sequence[Mapping] | str | os.Path
         >>> plot_gradient_fidelity({"full": 1.0, "none": 0.47}, "run/figures/fidelity")  # doctest: +SKIP
     """
     tasks = _fidelity_tasks(fidelity)
-    names = [m for m in HESSIAN_ORDER if any(m in t for t in tasks)]
-    names += sorted({m for t in tasks for m in t} - set(names))
+    names = list(dict.fromkeys(m for t in tasks for m in t))  # as written: trainer.HESSIAN_METHODS' order
     values = [np.array([t[m] for t in tasks if m in t], dtype=float) for m in names]
     means = np.array([v.mean() for v in values])
     fig, axes = _new_figure(1, 1, (max(6.0, 1.2 * len(names)), 4.5))

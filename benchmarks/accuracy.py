@@ -259,7 +259,7 @@ def melora_overrides(c: dict) -> dict:
 
 def make_config(overrides: dict, extra: Sequence[str] = ()):
     """The validated config: config.yml, then `overrides`, then the user's `--set`s."""
-    from utils import load_config
+    from config import load_config
     items = dict(overrides)
     for item in extra:
         key, _, value = item.partition("=")
@@ -299,7 +299,7 @@ def config_defaults_hash() -> str:
     once per process, so every cell of a run is judged against the same file."""
     import yaml
 
-    from utils import DEFAULT_CONFIG
+    from config import DEFAULT_CONFIG
     return _spec_hash(yaml.safe_load(DEFAULT_CONFIG.read_text()))
 
 
@@ -442,7 +442,8 @@ def test_cell(preset: Preset, shape, best: dict, seed: int, methods: list[str], 
     does not meta-train again.
     """
     import evaluation
-    from utils import atomic_write_json, load_checkpoint
+    from runs import load_checkpoint
+    from utils import atomic_write_json
     spec, folder = _test_folder(preset, shape, best, seed, methods, work, within_group, extra)
     path = folder / "cell.json"
     cell = load_cell(path, spec)

@@ -152,7 +152,7 @@ def build_model(setting: Setting, lora: bool):
     """
     from transformers import GPT2Config, GPT2Model
     import model as M
-    from utils import load_config
+    from config import load_config
     if setting.model_shape in DECODER_SHAPES:
         family, sizes = DECODER_SHAPES[setting.model_shape]
         config, cls = M.tiny_decoder_config(family, sizes["vocab_size"], **sizes)
@@ -204,7 +204,7 @@ def _vocab_size(shape: str) -> int:
 
 def inner_lr() -> float:
     """The inner rate a of config.yml (meta_learning.inner.default_lr)."""
-    from utils import load_config
+    from config import load_config
     return load_config().meta_learning.inner.default_lr
 
 
@@ -277,7 +277,7 @@ def estimate_mb(job: dict, net) -> float:
     """model.estimate_peak_activation_mb for a MELoRA job (what keep_graphs/checkpointing
     `auto` decide on), from a config with the job's episode, method and schedule."""
     import model as M
-    from utils import load_config
+    from config import load_config
     s = Setting(**job["setting"])
     cfg = load_config(overrides=[
         f"tasks.n_way={s.n_way}", f"tasks.k_shot={s.k_shot}", f"tasks.q_query={s.q_query}",

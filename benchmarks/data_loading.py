@@ -20,8 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from config import load_config  # noqa: E402
 from dataset_loader import DatasetLoader  # noqa: E402
-from utils import atomic_write_json, load_config  # noqa: E402
+from utils import atomic_write_json  # noqa: E402
 
 TRAIN_DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "home", "auto_and_commute",
                  "travel", "utility"]

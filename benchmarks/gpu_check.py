@@ -216,7 +216,7 @@ def check_oom_retry(args) -> dict:
     if args.device.type != "cuda":
         return {"status": NO_CUDA, "cpu_smoke": "not run (needs CUDA's allocator)"}
     import trainer as T
-    from utils import load_config
+    from config import load_config
     device = args.device
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(overrides=[*TINY_RUN[:2], *TINY_RUN[-2:], "tasks.n_way=5",
@@ -343,7 +343,7 @@ def check_decoder_bf16_base(args) -> dict:
 
 def _decoder(args, shape: dict):
     """A random Llama-layout MELoRAModel with config.yml's LoRA (rounded to bf16 values)."""
-    from utils import load_config
+    from config import load_config
     config, cls = M.tiny_decoder_config("llama", vocab=shape.get("vocab_size", 30522), **shape)
     config.use_cache = False
     lora = load_config().lora

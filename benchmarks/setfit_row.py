@@ -128,9 +128,10 @@ def _setfit(job: dict):
 def _melora(job: dict):
     """MELoRA's adapt mode from the checkpoint: K inner steps on the support set."""
     import adapt as AD
-    from utils import load_config
+    from config import load_config
+    from evaluation import evaluation_checkpoint
     overrides = {"training.device": "cpu"}
-    cfg, state = AD.checkpoint_config(job["checkpoint"], load_config(None, overrides), None, overrides)
+    cfg, state = evaluation_checkpoint(job["checkpoint"], load_config(None, overrides), None, overrides)
     classes = len(job["tasks"][0]["classes"])
     method, tokenizer = AD.build_adapter(cfg, state, job["checkpoint"], classes)
 

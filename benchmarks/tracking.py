@@ -1,7 +1,7 @@
 """Benchmark: what MLflow tracking costs the training process (start-up time, peak memory).
 
 For tracking.mlflow off and on, a fresh child process imports torch and the project (as
-the training process has), then opens a `utils.MetricsSink` on a new run folder, logs
+the training process has), then opens a `metrics.MetricsSink` on a new run folder, logs
 `--iterations` iterations of 12 metrics with `--work` seconds of CPU work between them (a
 stand-in for a meta-iteration), and closes it. It reports the seconds the sink's
 constructor took (on the training thread's critical path), the seconds of all `log`
@@ -45,13 +45,14 @@ def child(mlflow: bool, iterations: int, work: float) -> dict:
     """One measurement, in this (fresh) process."""
     sys.path.insert(0, str(REPO))
     import torch  # noqa: F401  (the training process has it loaded)
-    import utils
-    cfg = utils.load_config(overrides={"tracking.mlflow": mlflow, "tracking.tensorboard": False})
+    import config
+    import metrics
+    cfg = config.load_config(overrides={"tracking.mlflow": mlflow, "tracking.tensorboard": False})
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     with tempfile.TemporaryDirectory() as run_dir:
         before = _peak_mib()
         start = time.perf_counter()
-        sink = utils.MetricsSink(run_dir, cfg.tracking, "bench", cfg.flat())
+        sink = metrics.MetricsSink(run_dir, cfg.tracking, "bench", cfg.flat())
         start_s = time.perf_counter() - start
         log_s = 0.0
         for i in range(1, iterations + 1):

@@ -245,7 +245,7 @@ def remedies(preset: Preset) -> dict[str, dict]:
 def recipe_overrides() -> dict:
     """The keys of configs/cross_domain.yml that the `recipe` remedy applies."""
     import yaml
-    from utils import Config
+    from config import Config
     if not RECIPE.is_file():
         return {}
     flat = Config(yaml.safe_load(RECIPE.read_text()) or {}).flat()
@@ -359,7 +359,7 @@ def cell_config(preset: Preset, cell: dict, work: Path, device: str, extra: Sequ
 @functools.lru_cache(maxsize=256)  # config.yml is parsed once per distinct cell, not per use
 def _cell_config(preset: Preset, pair: tuple, shape: tuple, variant: str, seed: int, work: Path,
                  device: str, extra: tuple):
-    from utils import load_config
+    from config import load_config
     cell = {"pair": pair, "shape": shape, "variant": variant, "seed": seed}
     n_way, k_shot = cell["shape"]
     sources = sources_for(preset, pair, variant)

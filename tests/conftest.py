@@ -41,3 +41,23 @@ def make_batch(tokenizer, texts, labels, dtype_long=torch.long):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "labels": torch.tensor(labels, dtype=dtype_long)}
 
+
+@pytest.fixture(scope="session")
+def train_tiny(tmp_path_factory):
+    """`train_tiny(items)`: a one-iteration tiny-bert checkpoint trained through the CLI with
+    `--set` items, made once per distinct list in a session (test_adapt, test_evaluation and
+    test_reliability share them instead of each training its own)."""
+    made = {}
+
+    def train(items) -> Path:
+        key = tuple(items)
+        if key not in made:
+            import main
+            out = tmp_path_factory.mktemp("train")
+            sets = [arg for item in items for arg in ("--set", item)]
+            assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
+                              "--output_dir", str(out), "--experiment_name", "run", *sets]) == 0
+            made[key] = out / "run" / "checkpoints" / "checkpoint_iter_1.pt"
+        return made[key]
+    return train
+

@@ -55,7 +55,9 @@ def test_smoke_study_writes_every_field_without_datasets_mlflow_optuna(smoke):
             assert m["curve"] == [] and m["accuracy_step0"] == m["accuracy_mean"]
             continue
         assert len(m["seed_accuracies"]) == len(p.seeds)
-        assert len(m["curve"]) >= p.min_points
+        # A plateau needs min_points evaluations; an equal-compute row stops at MELoRA's
+        # wall clock, so how many it reaches depends on the machine's load: at least one.
+        assert len(m["curve"]) >= (1 if name.endswith("_equal_compute") else p.min_points), name
         assert [c["iteration"] for c in m["curve"]] == sorted(c["iteration"] for c in m["curve"])
         assert all(c["meta_loss"] is not None for c in m["curve"][1:])
         assert {"meta_val_accuracy", "meta_val_accuracy_step0", "query_acc_before",
@@ -187,7 +189,7 @@ def test_batched_meta_step_equals_the_sequential_one(tmp_path):
     import baseline as B
     import model as M
     from dataset_loader import DatasetLoader
-    from utils import load_config
+    from config import load_config
     cfg = load_config(overrides={
         "models.selected_model": "tiny-bert", "datasets.synthetic_only": True, "tasks.n_way": 3,
         "tasks.k_shot": 2, "tasks.q_query": 2, "models.max_length": 16, "lora.dropout": 0.0,
@@ -217,7 +219,8 @@ def test_class_split_sources_read_without_datasets(tmp_path, monkeypatch):
     import model as M
     import study_data
     from dataset_loader import DatasetLoader
-    from utils import UserError, load_config
+    from config import load_config
+    from utils import UserError
     monkeypatch.setitem(sys.modules, "datasets", None)
     sources = study_data.class_split_sources("hwu64", "02")
     cfg = load_config(overrides={**sources, "training.output_dir": str(tmp_path), "tasks.n_way": 5,

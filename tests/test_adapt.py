@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import adapt
+import config
 import evaluation
-import model as M
 import main
+import model as M
 import utils
 from conftest import CLINC_DIR, REPO
 from dataset_loader import Episode
@@ -36,12 +37,9 @@ def sets(items):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A one-iteration tiny-bert checkpoint (3-way), trained through the CLI."""
-    out = tmp_path_factory.mktemp("train")
-    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
-                      "--output_dir", str(out), "--experiment_name", "run", *sets(TINY)]) == 0
-    return out / "run" / "checkpoints" / "checkpoint_iter_1.pt"
+def checkpoint(train_tiny):
+    """A one-iteration tiny-bert checkpoint (3-way), trained through the CLI. (conftest's, shared)"""
+    return train_tiny(TINY)
 
 
 def write_csv(path, header, rows):
@@ -160,7 +158,7 @@ def test_adaptation_is_evaluations(checkpoint):
     support, predict = task(CLASSES[:3], shots=2, queries=2)
     texts, labels = [t for t, _ in support], [y for _, y in support]
     clf = adapt.adapt(checkpoint, texts, labels)
-    cfg, _ = adapt.checkpoint_config(checkpoint, utils.load_config())
+    cfg, _ = evaluation.evaluation_checkpoint(checkpoint, config.load_config())
     method, _ = evaluation.build_method("melora", cfg, str(checkpoint), torch.device("cpu"))
     _, tokenizer = M.load_model(cfg.models.selected_model, cfg.tasks.n_way)
 

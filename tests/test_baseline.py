@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import baseline as B
+import config
 import evaluation
 import model as M
 import trainer
@@ -24,7 +25,7 @@ CHANCE = 1 / 3
 
 @pytest.mark.parametrize("name", B.BASELINES)
 def test_each_baseline_learns_an_easy_task(name, tmp_path):
-    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
+    cfg = config.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
                                               f"meta_learning.inner.default_lr={INNER_LR.get(name, 0.5)}"])
     method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))
     loader = evaluation._loader(cfg, tokenizer, baselines=True)
@@ -35,9 +36,29 @@ def test_each_baseline_learns_an_easy_task(name, tmp_path):
 
 
 def test_unknown_baseline_is_named(tmp_path):
-    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}"])
+    cfg = config.load_config(overrides=EASY + [f"training.output_dir={tmp_path}"])
     with pytest.raises(utils.ConfigError, match="'mamlx'.*protonet"):
         B.build_baseline("mamlx", cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("head", ["cosine", "euclidean"])
+def test_full_weight_baselines_use_the_configured_head(name, head, tmp_path):
+    """Every method adapts with `meta_learning.head`, as MELoRA and the LoRA baselines do
+    (issue 25: the full-weight baselines were Euclidean whatever the config said), and
+    their proto head starts where trainer.initial_fast_weights starts it."""
+    cfg = config.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
+                                              f"meta_learning.head={head}"])
+    method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"))
+    assert method.model.head_kind == head
+    support = evaluation._loader(cfg, tokenizer, baselines=True).episode("meta_test", 0).support
+    start = method.start(support)
+    if head == "cosine":
+        assert torch.count_nonzero(start[M.HEAD_BIAS]) == 0
+    if name != "reptile":  # MAML's differentiable head equals the evaluation-time one
+        proto = B.proto_head(method.model, method.theta, support)
+        for key in (M.HEAD_WEIGHT, M.HEAD_BIAS):
+            assert torch.allclose(proto[key], start[key], atol=1e-5), key
 
 
 # ---- MAML against an independent meta-gradient -----------------------------------------
@@ -121,7 +142,7 @@ def test_proto_head_init_is_the_same_tensor_for_every_method(tmp_path):
     """Before meta-training every method's features are the pretrained model's (LoRA B = 0),
     so every gradient-based method starts the episode from the same prototype head,
     computed with dropout off (LoRA dropout 0.3 here, model in train mode)."""
-    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}", "lora.dropout=0.3",
+    cfg = config.load_config(overrides=EASY + [f"training.output_dir={tmp_path}", "lora.dropout=0.3",
                                               "evaluation.head_init=proto", "meta_learning.head=euclidean"])
     heads = {}
     for name in B.GRADIENT_BASED:
@@ -166,7 +187,7 @@ def test_maml_meta_trains_through_the_proto_head(task64):
 @pytest.mark.parametrize("name", ["proto_lora", "fomaml_lora"])
 def test_controls_meta_training_lowers_the_query_loss(name, tmp_path):
     """proto_lora (K = 0) and fomaml_lora meta-train theta with MELoRA's engine."""
-    cfg = utils.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
+    cfg = config.load_config(overrides=EASY + [f"training.output_dir={tmp_path}",
                                               "synthetic.keyword_prob=0.5", "synthetic.noise=0.0"])
     method, tokenizer = B.build_baseline(name, cfg, torch.device("cpu"), inner_lr=0.02, outer_lr=0.005)
     assert method.inner_steps == (0 if name == "proto_lora" else 3) and method.hessian == "none"

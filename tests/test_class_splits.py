@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from config import load_config
 from dataset_loader import DataError, DatasetLoader
-from utils import ConfigError, load_config
+from utils import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("meta_train", "meta_val", "meta_test")

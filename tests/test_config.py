@@ -1,16 +1,18 @@
-"""utils.load_config: defaults, overrides and one clear error per bad value."""
+"""config.load_config: defaults, overrides and one clear error per bad value."""
 
 import pytest
 
+import config
+import experiment  # noqa: F401  (imports every module that registers config rules: config.RULES)
 import utils
 
 
 def test_defaults_load_and_overrides_apply(tmp_path):
-    cfg = utils.load_config()
+    cfg = config.load_config()
     assert cfg.lora.default_rank == 8 and cfg.models.selected_model == "gpt2-small"
     user = tmp_path / "user.yml"
     user.write_text("lora:\n  default_rank: 16\n")
-    cfg = utils.load_config(user, ["meta_learning.inner.default_lr=0.05", "models.selected_model=tiny-bert"])
+    cfg = config.load_config(user, ["meta_learning.inner.default_lr=0.05", "models.selected_model=tiny-bert"])
     assert cfg.lora.default_rank == 16 and cfg.lora.dropout == 0.1
     assert cfg.meta_learning.inner.default_lr == 0.05 and cfg.models.selected_model == "tiny-bert"
     assert cfg.flat()["lora.default_rank"] == 16
@@ -29,20 +31,20 @@ def test_defaults_load_and_overrides_apply(tmp_path):
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(utils.ConfigError, match=message):
-        utils.load_config(None, override)
+        config.load_config(None, override)
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("lora: [unclosed\n")
     with pytest.raises(utils.ConfigError, match="not valid YAML"):
-        utils.load_config(bad)
+        config.load_config(bad)
     with pytest.raises(utils.ConfigError, match="does not exist"):
-        utils.load_config(tmp_path / "missing.yml")
+        config.load_config(tmp_path / "missing.yml")
 
 
 def test_float_keys_accept_ints_and_open_mappings_accept_new_families():
-    cfg = utils.load_config(None, {"lora.alpha": 32, "lora.target_modules.roberta": ["query"]})
+    cfg = config.load_config(None, {"lora.alpha": 32, "lora.target_modules.roberta": ["query"]})
     assert cfg.lora.alpha == 32.0 and isinstance(cfg.lora.alpha, float)
     assert cfg.lora.target_modules.roberta == ["query"]
 
@@ -60,20 +62,20 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
                                          ("e5", "e5"), ("1e-4x", "1e-4x")])
 def test_yaml_reads_exponents_without_a_dot_as_numbers(text, value):
     import yaml
-    loaded = yaml.load(text, Loader=utils.YamlLoader)
+    loaded = yaml.load(text, Loader=config.YamlLoader)
     assert loaded == value and type(loaded) is type(value)
 
 
 def test_1e_4_is_accepted_in_set_and_in_yaml_files(tmp_path):
     import yaml
     assert yaml.safe_load("1e-4") == "1e-4"  # PyYAML's YAML 1.1 rule, which we replace
-    cfg = utils.load_config(overrides=["meta_learning.outer.default_lr=1e-4"])
+    cfg = config.load_config(overrides=["meta_learning.outer.default_lr=1e-4"])
     assert cfg.meta_learning.outer.default_lr == 1e-4
     path = tmp_path / "c.yml"
     path.write_text("meta_learning:\n  inner:\n    default_lr: 5e-2\n")
-    assert utils.load_config(path).meta_learning.inner.default_lr == 0.05
+    assert config.load_config(path).meta_learning.inner.default_lr == 0.05
     with pytest.raises(utils.ConfigError, match="default_lr"):  # a string is still refused
-        utils.load_config(overrides=["meta_learning.outer.default_lr=fast"])
+        config.load_config(overrides=["meta_learning.outer.default_lr=fast"])
 
 
 @pytest.mark.parametrize("override, named", [
@@ -84,7 +86,7 @@ def test_1e_4_is_accepted_in_set_and_in_yaml_files(tmp_path):
 ])
 def test_what_full_mode_runs_after_training_is_checked_at_load_time(override, named):
     with pytest.raises(utils.ConfigError, match=named):
-        utils.load_config(overrides=override)
+        config.load_config(overrides=override)
 
 
 def test_full_mode_with_an_unknown_baseline_fails_before_training(tmp_path, capsys):
@@ -96,14 +98,14 @@ def test_full_mode_with_an_unknown_baseline_fails_before_training(tmp_path, caps
 
 
 def test_library_defaults_are_the_config_defaults():
-    """trainer's and baseline's defaults (utils.HESSIAN_METHOD, utils.HEAD_INIT) are config.yml's."""
+    """trainer's and baseline's defaults (trainer.HESSIAN_METHOD, trainer.HEAD_INIT) are config.yml's."""
     import inspect
 
     import baseline
     import trainer
-    cfg = utils.load_config()
+    cfg = config.load_config()
     method, head_init = cfg.memory_optimization.hessian_approximation.method, cfg.meta_learning.head_init
-    assert (utils.HESSIAN_METHOD, utils.HEAD_INIT) == (method, head_init)
+    assert (trainer.HESSIAN_METHOD, trainer.HEAD_INIT) == (method, head_init)
     assert cfg.evaluation.head_init == head_init
     for fn in (trainer.compute_meta_gradient, trainer.compute_batched_meta_gradient,
                trainer.MetaGradient, trainer.initial_fast_weights, baseline.FewShotMethod,
@@ -119,7 +121,7 @@ def test_library_defaults_are_the_config_defaults():
 def test_search_ranges_contain_the_configured_rates():
     """The searched ranges contain config.yml's own rates (inner lr 0.5 was outside
     [0.001, 0.1], so tuning never searched around the default it was compared with)."""
-    cfg = utils.load_config()
+    cfg = config.load_config()
     search = cfg.analysis.hyperparameter_search
     assert search.inner_lr[0] <= cfg.meta_learning.inner.default_lr <= search.inner_lr[1]
     assert search.outer_lr[0] <= cfg.meta_learning.outer.default_lr <= search.outer_lr[1]

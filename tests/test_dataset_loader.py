@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import dataset_loader as dl
+from config import load_config
 from dataset_loader import DataError, DatasetLoader, Episode, cli_dataset_overrides, split_units
-from utils import ConfigError, UserError, load_config
+from utils import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO / "data" / "clinc150"

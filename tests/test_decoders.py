@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import config
 import main
 import model as M
 import trainer
@@ -20,7 +21,7 @@ TEXTS = ["book a table for two", "what is my balance", "play some jazz music ple
 
 
 def targets(family):
-    return list(utils.load_config().lora.target_modules[family])
+    return list(config.load_config().lora.target_modules[family])
 
 
 def tiny_decoder(family, seed=0):
@@ -124,8 +125,8 @@ def test_bad_model_type_and_unreachable_hub_id_are_one_clear_error(tmp_path, mon
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
     assert not (tmp_path / "out" / "melora").exists()  # refused before a run folder
-    assert utils.is_hub_id("Qwen/Qwen2.5-0.5B") and not utils.is_hub_id("../x") \
-        and not utils.is_hub_id("gpt2-small")
+    assert M.is_hub_id("Qwen/Qwen2.5-0.5B") and not M.is_hub_id("../x") \
+        and not M.is_hub_id("gpt2-small")
     assert M.family_of("qwen2.5-0.5b") == "qwen2" and M.family_of("gemma-2-2b") == "gemma"
 
 
@@ -259,7 +260,7 @@ def test_keep_graphs_auto_keeps_what_fits_the_budget_with_the_same_meta_gradient
                  "memory_optimization.hessian_approximation.keep_graphs=auto",
                  "memory_optimization.gradient_accumulation.default_micro_batch=2",
                  f"training.output_dir={tmp_path}"]
-    cfg = utils.load_config(overrides=overrides)
+    cfg = config.load_config(overrides=overrides)
     model, _ = M.build_model(cfg, torch.device("cpu"))
     estimates = [M.estimate_peak_activation_mb(cfg, model, k) for k in range(4)]
     assert estimates[0] < estimates[1] < estimates[2] < estimates[3]
@@ -270,7 +271,7 @@ def test_keep_graphs_auto_keeps_what_fits_the_budget_with_the_same_meta_gradient
     for budget, (keep, checkpointing) in zip(budgets, expected):
         caplog.clear()
         with caplog.at_level("INFO", logger="melora"):
-            tr = trainer.MetaTrainer.from_config(utils.load_config(
+            tr = trainer.MetaTrainer.from_config(config.load_config(
                 overrides=[*overrides, f"memory_optimization.memory_budget_mb={budget}"]), cache_dir=tmp_path)
         plan = tr.model.memory_plan
         assert (plan.keep_graphs, plan.checkpointing) == (keep, checkpointing), budget
@@ -283,7 +284,7 @@ def test_keep_graphs_auto_keeps_what_fits_the_budget_with_the_same_meta_gradient
         assert abs(loss - reference[0]) < 1e-10
         assert relative_error(flat(grads, reference[1]), flat(reference[1], reference[1])) < 1e-8
     with pytest.raises(utils.ConfigError, match="integer >= 0 or auto"):
-        utils.load_config(overrides=["memory_optimization.hessian_approximation.keep_graphs=some"])
+        config.load_config(overrides=["memory_optimization.hessian_approximation.keep_graphs=some"])
 
 
 # ---- a bf16 frozen base under fp32 theta ----------------------------------------------------
@@ -312,7 +313,7 @@ def test_bf16_frozen_base_keeps_theta_and_the_meta_gradient_in_fp32():
 
 
 def test_bf16_precision_keeps_the_base_in_fp32_on_cpu():
-    cfg = utils.load_config(overrides=["models.selected_model=tiny-llama", "datasets.synthetic_only=true",
+    cfg = config.load_config(overrides=["models.selected_model=tiny-llama", "datasets.synthetic_only=true",
                                        "training.precision=bf16", "models.max_length=16"])
     model, _ = M.build_model(cfg, torch.device("cpu"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}

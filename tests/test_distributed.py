@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
+import runs
 import trainer
 import utils
 from conftest import REPO
@@ -50,7 +52,7 @@ def metrics(run_dir):
 
 
 def theta(run_dir, iteration):
-    return utils.load_checkpoint(trainer.checkpoint_path(run_dir, iteration))["theta"]
+    return runs.load_checkpoint(trainer.checkpoint_path(run_dir, iteration))["theta"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def two_processes(tmp_path_factory):
 
 def test_two_processes_give_the_one_process_theta(two_processes, tmp_path):
     run, done = two_processes
-    cfg = utils.load_config(overrides=TINY + [f"training.output_dir={tmp_path}",
+    cfg = config.load_config(overrides=TINY + [f"training.output_dir={tmp_path}",
                                               "meta_learning.default_meta_batch_size=4",
                                               f"meta_learning.num_iterations={ITERATIONS}"])
     (tmp_path / "one").mkdir()
@@ -107,8 +109,8 @@ def test_two_processes_split_evaluation_episodes_and_gather_them(two_processes, 
     assert done.returncode == 0, done.stderr[-3000:]
     ours = json.loads((tmp_path / "melora" / "results.json").read_text())["methods"]["melora"]
     import evaluation
-    cfg = utils.load_config(overrides=TINY + extra + [f"training.output_dir={tmp_path / 'one'}"])
-    theirs = evaluation.run_evaluation(cfg, checkpoint, True, utils.prepare_run_dir(
+    cfg = config.load_config(overrides=TINY + extra + [f"training.output_dir={tmp_path / 'one'}"])
+    theirs = evaluation.run_evaluation(cfg, checkpoint, True, runs.prepare_run_dir(
         tmp_path / "one", "melora", overwrite=False, resume=False))["methods"]["melora"]
     assert len(ours["per_episode_accuracy_per_step"]) == 3
     assert ours["per_episode_accuracy_per_step"] == theirs["per_episode_accuracy_per_step"]  # in order
@@ -127,7 +129,7 @@ def test_batched_tasks_equal_sequential_tasks_without_dropout(tmp_path, monkeypa
     monkeypatch.setattr(trainer.M, "load_model", functools.partial(trainer.M.load_model, dropout=0.0))
     runs = {}
     for batched in (False, True):
-        cfg = utils.load_config(overrides=TINY + [
+        cfg = config.load_config(overrides=TINY + [
             f"training.output_dir={tmp_path}", "lora.dropout=0.0", "meta_learning.num_iterations=2",
             "meta_learning.default_meta_batch_size=2", f"meta_learning.batched_tasks={batched}",
             "memory_optimization.hessian_approximation.method=full"])

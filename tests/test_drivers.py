@@ -5,7 +5,9 @@ import math
 import pytest
 
 import analysis
+import config
 import experiment
+import runs
 import trainer
 import utils
 
@@ -21,14 +23,14 @@ TINY = {"models.selected_model": "tiny-bert", "datasets.synthetic_only": True,
 NO_ABLATIONS = {f"analysis.ablations.{p}": [] for p in experiment.ABLATION_KEYS}
 
 
-def config(tmp_path, **overrides):
-    return utils.load_config(overrides={**TINY, "training.output_dir": str(tmp_path),
+def tiny_config(tmp_path, **overrides):
+    return config.load_config(overrides={**TINY, "training.output_dir": str(tmp_path),
                                         "datasets.cache_dir": str(tmp_path / "cache"), **overrides})
 
 
 
 def test_ablation_rows_for_two_ranks(tmp_path):
-    cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2, 4]})
+    cfg = tiny_config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2, 4]})
     rows = experiment.run_ablations(cfg, tmp_path / "run")
     assert [(r["parameter"], r["value"]) for r in rows] == [("lora_rank", 2), ("lora_rank", 4)]
     for r in rows:
@@ -38,17 +40,17 @@ def test_ablation_rows_for_two_ranks(tmp_path):
     assert analysis.load_json(tmp_path / "run" / "ablations.json") == rows
     assert "| lora_rank | 2 |" in analysis.format_ablation_table(rows)  # the table reads the rows
     # Each variant in its own folder, with its own rank, on the same meta-test episodes.
-    runs = [tmp_path / "run" / "ablations" / name for name in ("lora_rank-2", "lora_rank-4")]
-    assert [utils.load_config(r / "config.yml").lora.default_rank for r in runs] == [2, 4]
-    specs = [(r / "meta_test_episodes.json").read_text() for r in runs]
+    folders = [tmp_path / "run" / "ablations" / name for name in ("lora_rank-2", "lora_rank-4")]
+    assert [config.load_config(r / "config.yml").lora.default_rank for r in folders] == [2, 4]
+    specs = [(r / "meta_test_episodes.json").read_text() for r in folders]
     assert specs[0] == specs[1]
-    a, b = (trainer.load_checkpoint(r / "checkpoints" / "checkpoint_iter_2.pt") for r in runs)
+    a, b = (runs.load_checkpoint(r / "checkpoints" / "checkpoint_iter_2.pt") for r in folders)
     assert next(iter(a["theta"].values())).shape != next(iter(b["theta"].values())).shape
 
 
 def test_ablation_value_the_config_rejects_fails_before_any_run(tmp_path):
     with pytest.raises(utils.ConfigError, match="hessian_approximation.method"):
-        cfg = config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2],
+        cfg = tiny_config(tmp_path, **{**NO_ABLATIONS, "analysis.ablations.lora_rank": [2],
                                   "analysis.ablations.hessian_method": ["exact"]})  # fails at load time
         experiment.run_ablations(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -65,11 +67,11 @@ def test_search_writes_a_loadable_best_config_and_resumes_the_study(tmp_path):
     import optuna
     run = tmp_path / "run"
     run.mkdir()
-    cfg = config(tmp_path, **SEARCH, **{"analysis.hyperparameter_search.n_trials": 2,
+    cfg = tiny_config(tmp_path, **SEARCH, **{"analysis.hyperparameter_search.n_trials": 2,
                                         "tracking.mlflow": True})
     first = experiment.run_hyperparameter_search(cfg, run)
     assert first["n_trials"] == 2 and 0 <= first["best_value"] <= 1
-    best = utils.load_config(first["best_config"])  # what --config accepts
+    best = config.load_config(first["best_config"])  # what --config accepts
     for name, key in experiment.SEARCH_KEYS.items():
         assert best.flat()[key] == first["best_params"][name]
     assert best.models.selected_model == "tiny-bert"
@@ -78,7 +80,7 @@ def test_search_writes_a_loadable_best_config_and_resumes_the_study(tmp_path):
     assert set(trial.params) == set(experiment.SEARCH_KEYS)
     assert sorted(trial.intermediate_values) == [1, 2]  # meta-val accuracy per report, for the pruner
     # A second call with more trials continues the same study.
-    more = utils.load_config(overrides={**cfg.flat(), "analysis.hyperparameter_search.n_trials": 3})
+    more = config.load_config(overrides={**cfg.flat(), "analysis.hyperparameter_search.n_trials": 3})
     second = experiment.run_hyperparameter_search(more, run)
     assert second["n_trials"] == 3
     assert [t["params"] for t in second["trials"][:2]] == [t["params"] for t in first["trials"]]
@@ -93,14 +95,14 @@ def test_search_writes_a_loadable_best_config_and_resumes_the_study(tmp_path):
 
 def test_search_refuses_a_bad_range_naming_the_key(tmp_path):
     with pytest.raises(utils.ConfigError, match="hyperparameter_search.inner_lr"):
-        cfg = config(tmp_path, **{"analysis.hyperparameter_search.inner_lr": [0.1, 0.0]})  # at load time
+        cfg = tiny_config(tmp_path, **{"analysis.hyperparameter_search.inner_lr": [0.1, 0.0]})  # at load time
         experiment.run_hyperparameter_search(cfg, tmp_path)
 
 
 def test_fidelity_of_each_hessian_method(tmp_path):
-    cfg = config(tmp_path, **{"meta_learning.inner.default_num_steps": 2,
+    cfg = tiny_config(tmp_path, **{"meta_learning.inner.default_num_steps": 2,
                               "meta_learning.inner.default_lr": 0.5})
-    summary = trainer.run_training(cfg, utils.prepare_run_dir(tmp_path, "train", False, False))
+    summary = trainer.run_training(cfg, runs.prepare_run_dir(tmp_path, "train", False, False))
     rows = experiment.compute_fidelity(cfg, summary["last_checkpoint"], num_tasks=2)
     assert len(rows) == 2
     for row in rows:

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import analysis
+import config
 import evaluation
 import main
+import runs
 import utils
 from conftest import REPO
 
@@ -30,12 +32,9 @@ def sets(items):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A one-iteration tiny-bert checkpoint, trained through the CLI."""
-    out = tmp_path_factory.mktemp("train")
-    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
-                      "--output_dir", str(out), "--experiment_name", "run", *sets(TINY)]) == 0
-    return out / "run" / "checkpoints" / "checkpoint_iter_1.pt"
+def checkpoint(train_tiny):
+    """A one-iteration tiny-bert checkpoint, trained through the CLI. (conftest's, shared)"""
+    return train_tiny(TINY)
 
 
 def evaluate_cli(checkpoint, out, *extra):
@@ -54,7 +53,7 @@ def test_evaluate_cli_end_to_end(checkpoint, tmp_path):
     run = tmp_path / "eval"
     results = analysis.load_results(run / "results.json")
     methods = results["methods"]
-    assert list(methods) == ["melora", *utils.load_config().evaluation.baselines]
+    assert list(methods) == ["melora", *config.load_config().evaluation.baselines]
     for name, m in methods.items():
         assert len(m["per_episode_accuracy"]) == 3, name
         assert 0 <= m["accuracy_ci95"][0] <= m["accuracy_mean"] <= m["accuracy_ci95"][1] <= 1
@@ -78,7 +77,7 @@ def test_evaluate_cli_end_to_end(checkpoint, tmp_path):
 def test_child_processes_measure_each_method_apart(checkpoint, tmp_path, monkeypatch):
     """The default: a spawned process per method; its peak RSS includes the interpreter."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", "evaluation.num_episodes=2",
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", "evaluation.num_episodes=2",
                                        "evaluation.adaptation_steps=1", "evaluation.seeds=1"])
     results = evaluation.run_evaluation(cfg, checkpoint, True, tmp_path)
     assert results["memory_method"] == "peak_rss_child_process"
@@ -87,12 +86,12 @@ def test_child_processes_measure_each_method_apart(checkpoint, tmp_path, monkeyp
 
 
 def test_same_episodes_on_a_second_run_and_spec_shape_checked(checkpoint, tmp_path):
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL])
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL])
     first = evaluation.run_evaluation(cfg, checkpoint, True, tmp_path)
     second = evaluation.run_evaluation(cfg, checkpoint, True, tmp_path)
     assert first["methods"]["melora"]["per_episode_accuracy_per_step"] == \
         second["methods"]["melora"]["per_episode_accuracy_per_step"]
-    other = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL,
+    other = config.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL,
                                          "tasks.k_shot=3"])
     with pytest.raises(utils.UserError, match="2-shot.*3-shot.*delete the spec"):
         evaluation.run_evaluation(other, checkpoint, True, tmp_path)
@@ -114,22 +113,22 @@ def test_bad_checkpoint_is_a_clear_error(checkpoint, tmp_path, kind, capsys):
 
 
 def test_checkpoint_of_another_model_is_refused(checkpoint, tmp_path):
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", "models.selected_model=tiny-gpt2"])
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", "models.selected_model=tiny-gpt2"])
     with pytest.raises(utils.UserError, match="belongs to model 'tiny-bert'.*tiny-gpt2"):
         evaluation.run_evaluation(cfg, checkpoint, True, tmp_path)
 
 
 def test_checkpoint_whose_tensors_do_not_fit_is_refused(checkpoint, tmp_path):
-    state = utils.load_checkpoint(checkpoint)
+    state = runs.load_checkpoint(checkpoint)
     state["theta"].pop(next(iter(state["theta"])))
-    path = utils.save_checkpoint(tmp_path / "edited.pt", {k: v for k, v in state.items() if k != "format"})
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL])
+    path = runs.save_checkpoint(tmp_path / "edited.pt", {k: v for k, v in state.items() if k != "format"})
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL])
     with pytest.raises(utils.UserError, match="do not fit"):
         evaluation.run_evaluation(cfg, path, True, tmp_path)
 
 
 def test_evaluate_needs_a_checkpoint(tmp_path):
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}"])
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}"])
     with pytest.raises(utils.UserError, match="--checkpoint"):
         evaluation.run_evaluation(cfg, None, False, tmp_path)
 
@@ -156,7 +155,7 @@ def test_proto_head_checkpoint_adapts_from_support_prototypes(tmp_path):
             "meta_learning.head_init=proto"]
     assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
                       "--output_dir", str(out), "--experiment_name", "run", *sets(TINY + easy)]) == 0
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL,
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL,
                                        "evaluation.num_episodes=4"])
     results = evaluation.run_evaluation(cfg, out / "run" / "checkpoints" / "checkpoint_iter_1.pt",
                                         True, tmp_path)
@@ -216,7 +215,7 @@ def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkey
         return adapt(self, episode, steps)
 
     monkeypatch.setattr(B.FewShotMethod, "adapt", spy)
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL, "evaluation.seeds=2",
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", *FAST_EVAL, "evaluation.seeds=2",
                                        "evaluation.num_episodes=2", "evaluation.baselines=[fomaml_lora]"])
     results = evaluation.run_evaluation(cfg, checkpoint, False, tmp_path)
     for name in ("melora", "fomaml_lora"):
@@ -234,25 +233,25 @@ def test_inner_steps_zero_trains_melora(tmp_path):
     assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "2",
                       "--inner_steps", "0", "--output_dir", str(out), "--experiment_name", "run",
                       *sets([t for t in TINY if "default_num_steps" not in t])]) == 0
-    state = utils.load_checkpoint(out / "run" / "checkpoints" / "checkpoint_iter_2.pt")
+    state = runs.load_checkpoint(out / "run" / "checkpoints" / "checkpoint_iter_2.pt")
     assert state["iteration"] == 2 and "default_num_steps\": 0" in state["config"]
     start = trainer_start_theta(state)
     moved = [n for n in state["theta"] if "lora_B" in n and not torch.equal(state["theta"][n], start[n])]
     assert moved  # the LoRA factors were trained (B starts at zero)
     with pytest.raises(utils.ConfigError, match="learn_lr"):
-        utils.load_config(overrides=["meta_learning.inner.default_num_steps=0",
+        config.load_config(overrides=["meta_learning.inner.default_num_steps=0",
                                      "meta_learning.inner.learn_lr=true"])
 
 
 def trainer_start_theta(state):
     import model as M
-    cfg = utils.Config(json.loads(state["config"]))
+    cfg = config.Config(json.loads(state["config"]))
     net, _ = M.build_model(cfg, torch.device("cpu"))
     return M.lora_parameters(net)
 
 
 def test_tuning_needs_meta_val_tasks(tmp_path):
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", "datasets.meta_val=[]",
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", "datasets.meta_val=[]",
                                        "evaluation.tuning_trials=2"])
     with pytest.raises(utils.UserError, match="datasets.meta_val lists no source.*tuning_trials=0"):
         evaluation._check_tuning(cfg, ["melora", "finetune"])
@@ -262,7 +261,7 @@ def test_tuning_needs_meta_val_tasks(tmp_path):
 def test_explicit_key_equal_to_the_default_wins_over_the_checkpoint(tmp_path):
     """`--set meta_learning.inner.default_lr=<config.yml's value>` against a checkpoint
     trained at 0.05 evaluates at config.yml's value; without it, at the checkpoint's 0.05."""
-    default = utils.load_config().meta_learning.inner.default_lr
+    default = config.load_config().meta_learning.inner.default_lr
     assert default != 0.05
     assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
                       "--output_dir", str(tmp_path), "--experiment_name", "run",
@@ -288,7 +287,7 @@ def _killed(job):
 def test_a_killed_evaluation_child_is_a_clear_error():
     """A child killed mid-evaluation is a UserError naming the method, the signal and the
     fix, not a BrokenProcessPool traceback."""
-    cfg = utils.load_config(overrides={"evaluation.child_process": True})
+    cfg = config.load_config(overrides={"evaluation.child_process": True})
     with pytest.raises(evaluation.ChildDied, match=r"evaluating fomaml_lora .*killed by SIGKILL.*"
                                                    r"out of memory.*child_process: false"):
         evaluation._run_job({"method": "fomaml_lora"}, cfg, target=_killed)

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import analysis
+import config
 import experiment as drivers
-import utils
 from conftest import REPO
 
 SMALL = ["tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
@@ -75,9 +75,9 @@ def test_report_embeds_figures_tables_and_the_command(experiment):
 
 def test_search_in_full_mode_feeds_the_run(experiment):
     _, run, _ = experiment
-    best = utils.load_config(run / "best_config.yml")
+    best = config.load_config(run / "best_config.yml")
     assert best.lora.default_rank == 2  # the only rank searched
-    used = utils.load_config(run / "config.yml")  # the config the meta-training ran with
+    used = config.load_config(run / "config.yml")  # the config the meta-training ran with
     assert used.meta_learning.inner.default_lr == best.meta_learning.inner.default_lr
     assert (run / "optuna.db").is_file()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import evaluation
 import main
 import model as M
@@ -21,7 +22,7 @@ from test_meta_gradient import QUERY, Q_LABELS, SUPPORT, S_LABELS, flat, relativ
 def cosine_task(name, seed=0, scale=0.3, head_scale=4.0):
     model, tok = M.load_model(name, num_labels=3, dtype=torch.float64, dropout=0.0,
                               head="cosine", head_scale=head_scale)
-    targets = utils.load_config().lora.target_modules[M.family_of(name)]
+    targets = config.load_config().lora.target_modules[M.family_of(name)]
     torch.manual_seed(seed)
     M.inject_lora(model, rank=2, alpha=4.0, dropout=0.0, target_modules=targets)
     model.eval()
@@ -113,7 +114,7 @@ def test_cosine_head_block_diagonal_keeps_the_lora_blocks():
                                          head_init="proto")[1]
     assert torch.isfinite(flat(kfac, theta)).all()
     assert relative_error(flat(kfac, theta), flat(none, theta)) > 1e-3  # the LoRA blocks act
-    utils.load_config(overrides=["meta_learning.head=cosine", "meta_learning.head_init=proto",
+    config.load_config(overrides=["meta_learning.head=cosine", "meta_learning.head_init=proto",
                                  "memory_optimization.hessian_approximation.method=block_diagonal"])
 
 
@@ -132,10 +133,10 @@ def test_cosine_head_starts_at_prototypes():
 ])
 def test_cosine_head_config_errors(override, match):
     with pytest.raises(utils.ConfigError, match=match):
-        utils.load_config(overrides=["meta_learning.head=cosine", "meta_learning.head_init=proto",
+        config.load_config(overrides=["meta_learning.head=cosine", "meta_learning.head_init=proto",
                                      *override])
     with pytest.raises(utils.ConfigError, match="euclidean, cosine"):
-        utils.load_config(overrides=["meta_learning.head=dot"])
+        config.load_config(overrides=["meta_learning.head=dot"])
 
 
 def test_cosine_head_trains_and_evaluates_through_the_cli(tmp_path):
@@ -154,7 +155,7 @@ def test_cosine_head_trains_and_evaluates_through_the_cli(tmp_path):
     checkpoint = out / "run" / "checkpoints" / "checkpoint_iter_2.pt"
     state = torch.load(checkpoint, weights_only=True)
     assert state["theta"]["head.scale"].item() != 10.0  # the outer step moved the temperature
-    cfg = utils.load_config(overrides=[f"training.output_dir={tmp_path}", "evaluation.num_episodes=4",
+    cfg = config.load_config(overrides=[f"training.output_dir={tmp_path}", "evaluation.num_episodes=4",
                                        "evaluation.adaptation_steps=2", "evaluation.child_process=false",
                                        "tracking.mlflow=false", "tracking.tensorboard=false"])
     results = evaluation.run_evaluation(cfg, checkpoint, True, tmp_path)
@@ -165,7 +166,7 @@ def test_cosine_head_trains_and_evaluates_through_the_cli(tmp_path):
 
 def test_configs_saved_before_the_head_key_build_the_euclidean_head():
     """trainer.restore_model reads a checkpoint's saved config as is: older ones lack the key."""
-    data = utils.load_config(overrides=["models.selected_model=tiny-bert"]).to_dict()
+    data = config.load_config(overrides=["models.selected_model=tiny-bert"]).to_dict()
     del data["meta_learning"]["head"], data["meta_learning"]["head_scale"]
-    model, _ = M.build_model(utils.Config(data), torch.device("cpu"))
+    model, _ = M.build_model(config.Config(data), torch.device("cpu"))
     assert model.head_kind == "euclidean" and "head.scale" not in M.lora_parameters(model)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import model as M
 import trainer
-import utils
 from conftest import make_batch
 
 SUPPORT = ["book a flight to paris", "cancel my hotel room", "what is the weather today",
@@ -18,7 +18,7 @@ S_LABELS, Q_LABELS = [0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2]
 
 def setup_task(name, seed=0, dropout=0.0, scale=0.3):
     model, tok = M.load_model(name, num_labels=3, dtype=torch.float64, dropout=dropout)
-    targets = utils.load_config().lora.target_modules[M.family_of(name)]
+    targets = config.load_config().lora.target_modules[M.family_of(name)]
     torch.manual_seed(seed)  # lora_A's kaiming init draws from the global generator
     M.inject_lora(model, rank=2, alpha=4.0, dropout=dropout, target_modules=targets)
     model.train() if dropout else model.eval()
@@ -320,6 +320,6 @@ def test_engine_adapt_gives_the_inner_loops_fast_weights(method, head_init):
 
 
 def test_every_second_order_method_has_a_curvature_product():
-    assert set(trainer.CURVATURE_PRODUCTS) == set(utils.HESSIAN_METHODS) - {"none"}
+    assert set(trainer.CURVATURE_PRODUCTS) == set(trainer.HESSIAN_METHODS) - {"none"}
     with pytest.raises(ValueError, match="block_diagonal"):
         trainer.MetaGradient(None, 0.5, 1, "kfac")

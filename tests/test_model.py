@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import model as M
 import utils
 from conftest import TINY_MODELS, make_batch
@@ -16,7 +17,7 @@ LABELS = [0, 1, 2, 1]
 
 
 def targets(name):
-    return list(utils.load_config().lora.target_modules[M.family_of(name)])
+    return list(config.load_config().lora.target_modules[M.family_of(name)])
 
 
 def build(name, dtype=torch.float64, rank=4, dropout=0.0):
@@ -205,7 +206,7 @@ def test_minilm_loads_offline_with_plausible_trainable_share():
 # ---- checkpointing.enabled: auto ----------------------------------------------------
 
 def auto_cfg(name, *extra):
-    return utils.load_config(overrides=[f"models.selected_model={name}", "datasets.synthetic_only=true",
+    return config.load_config(overrides=[f"models.selected_model={name}", "datasets.synthetic_only=true",
                                         "tasks.n_way=3", "tasks.k_shot=2", "tasks.q_query=2",
                                         "models.max_length=16", *extra])
 
@@ -255,7 +256,7 @@ def test_auto_checkpointing_turns_on_only_over_the_budget(caplog):
         roomy, _ = M.build_model(auto_cfg("tiny-bert"), device)  # default: the OS's available memory
     assert not checkpointed(roomy)
     assert "gradient checkpointing off (auto)" in caplog.text
-    assert utils.load_config().memory_optimization.checkpointing.enabled == "auto"
+    assert config.load_config().memory_optimization.checkpointing.enabled == "auto"
     # true and false are obeyed whatever the budget
     forced, _ = M.build_model(auto_cfg("tiny-bert", "memory_optimization.checkpointing.enabled=true"), device)
     assert checkpointed(forced)

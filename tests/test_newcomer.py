@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import config
+import metrics
 import utils
 from conftest import REPO
 
@@ -80,7 +82,7 @@ def local_sources(cfg) -> list[str]:
     p.name for p in (REPO / "configs").glob("*.yml")))
 def test_every_config_reads_its_data_from_the_repository(name):
     path = REPO / name if name == "config.yml" else REPO / "configs" / name
-    cfg = utils.load_config(path)
+    cfg = config.load_config(path)
     for value in local_sources(cfg):
         resolved = (REPO / value).resolve()  # relative paths resolve against the repository root
         assert not Path(value).is_absolute(), (name, value)
@@ -91,7 +93,7 @@ def test_the_first_command_runs_clinc150_on_minilm_with_the_baselines():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)  # the first command
     assert "--mode full" in block and "--config configs/clinc150.yml" in block, block
-    cfg = utils.load_config(REPO / "configs" / "clinc150.yml")
+    cfg = config.load_config(REPO / "configs" / "clinc150.yml")
     assert cfg.models.selected_model == "minilm-l6" and not cfg.datasets.synthetic_only
     assert cfg.datasets.synthetic_weight == 0.0
     train = set(cfg.datasets.meta_train[0]["groups"])
@@ -110,10 +112,10 @@ def hook(event, args):
         opened.append(os.path.realpath(os.fsdecode(args[0])))
 sys.addaudithook(hook)
 sys.path.insert(0, os.getcwd())
-import model, utils
+import config, model
 from dataset_loader import DatasetLoader
 from transformers import AutoTokenizer
-cfg = utils.load_config("configs/clinc150.yml")
+cfg = config.load_config("configs/clinc150.yml")
 tokenizer = AutoTokenizer.from_pretrained(str(model.minilm_path()))  # the installed package's
 loader = DatasetLoader(cfg.datasets, cfg.tasks, cfg.synthetic, tokenizer, 16, sys.argv[1],
                        cfg.training.seed, splits=("meta_test",))
@@ -202,7 +204,7 @@ def test_thread_budget_splits_the_cores(monkeypatch):
 def tiny_checkpoint(tmp_path_factory):
     import trainer
     out = tmp_path_factory.mktemp("newcomer")
-    cfg = utils.load_config(overrides=[
+    cfg = config.load_config(overrides=[
         "models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
         "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
         "meta_learning.num_iterations=1", "meta_learning.default_meta_batch_size=1",
@@ -220,7 +222,7 @@ def test_evaluation_child_uses_its_thread_share_and_shows_progress(tiny_checkpoi
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(utils, "cpu_cores", lambda: 4)  # the parent's view, passed to the child
-    cfg = utils.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 3,
+    cfg = config.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 3,
                                        "evaluation.adaptation_steps": 1, "evaluation.seeds": 1,
                                        "evaluation.child_process": True})
     results = evaluation.run_evaluation(cfg, checkpoint, True, out / "eval")
@@ -234,7 +236,7 @@ def test_evaluation_in_process_shows_progress_and_keeps_its_threads(tiny_checkpo
     import torch
     import evaluation
     cfg, checkpoint, out = tiny_checkpoint
-    cfg = utils.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 2,
+    cfg = config.load_config(overrides={**cfg.flat(), "evaluation.num_episodes": 2,
                                        "evaluation.adaptation_steps": 1, "evaluation.seeds": 1,
                                        "evaluation.tuning_trials": 0,
                                        "evaluation.child_process": False,
@@ -257,9 +259,9 @@ def test_evaluation_in_process_shows_progress_and_keeps_its_threads(tiny_checkpo
 SINK = r"""
 import sys
 sys.path.insert(0, {repo!r})
-import utils
-cfg = utils.load_config(overrides={{"tracking.mlflow": True, "tracking.tensorboard": False}})
-sink = utils.MetricsSink(sys.argv[1], cfg.tracking, "newcomer", {{"lora.default_rank": 8}})
+import config, metrics
+cfg = config.load_config(overrides={{"tracking.mlflow": True, "tracking.tensorboard": False}})
+sink = metrics.MetricsSink(sys.argv[1], cfg.tracking, "newcomer", {{"lora.default_rank": 8}})
 sink.log(1, {{"meta_loss": 1.5}})
 sink.log(2, {{"meta_loss": 0.5}})
 assert "mlflow" not in sys.modules, "the training process imported MLflow"
@@ -285,8 +287,8 @@ def test_mlflow_is_written_by_another_process(tmp_path):
 def test_a_failing_mlflow_writer_is_one_warning_and_metrics_jsonl_holds_everything(
         tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
-    cfg = utils.load_config(overrides={"tracking.mlflow": True, "tracking.tensorboard": False})
-    sink = utils.MetricsSink(tmp_path, cfg.tracking, "newcomer")
+    cfg = config.load_config(overrides={"tracking.mlflow": True, "tracking.tensorboard": False})
+    sink = metrics.MetricsSink(tmp_path, cfg.tracking, "newcomer")
     sink.log(1, {"meta_loss": 1.5})
     with pytest.warns(UserWarning, match="MLflow logging to nosuchscheme://nowhere failed"):
         sink.close()

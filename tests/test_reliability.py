@@ -14,12 +14,9 @@ from test_adapt import TINY, assert_one_paragraph_error, files, sets, task
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A one-iteration tiny-bert checkpoint (3-way), trained through the CLI."""
-    out = tmp_path_factory.mktemp("train")
-    assert main.main(["--mode", "train", "--model", "tiny-bert", "--num_iterations", "1",
-                      "--output_dir", str(out), "--experiment_name", "run", *sets(TINY)]) == 0
-    return out / "run" / "checkpoints" / "checkpoint_iter_1.pt"
+def checkpoint(train_tiny):
+    """A one-iteration tiny-bert checkpoint (3-way), trained through the CLI. (conftest's, shared)"""
+    return train_tiny(TINY)
 
 
 def snapshot(root):
@@ -217,18 +214,20 @@ def alias_bomb(levels=10, width=9):
     ("lora:\n  default_rank: " + "[" * 3000 + "]" * 3000 + "\n", ["nests deeper than"]),
 ], ids=["alias bomb", "deep nesting"])
 def test_a_yaml_bomb_is_one_error_within_a_second(text, fragments, tmp_path, capsys):
+    # CPU seconds of this process, not wall time: a busy machine (xdist beside other jobs)
+    # must not fail a test of how much work the refusal does.
     import time
     path = tmp_path / "bomb.yml"
     path.write_text(text)
-    start = time.perf_counter()
+    start = time.process_time()
     assert main.main(["--mode", "train", "--config", str(path), "--output_dir", str(tmp_path)]) == 2
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert_one_paragraph_error(capsys, "bomb.yml", *fragments)
-    start = time.perf_counter()  # the same value through --set
+    start = time.process_time()  # the same value through --set
     value = text.split("default_rank: ", 1)[1].strip()
     assert main.main(["--mode", "train", "--set", f"lora.default_rank={value}",
                       "--output_dir", str(tmp_path)]) == 2
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert_one_paragraph_error(capsys, "--set", *fragments)
 
 
@@ -239,7 +238,7 @@ def test_a_yaml_bomb_is_one_error_within_a_second(text, fragments, tmp_path, cap
 SLEEPER = '''
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import evaluation, utils
+import config, evaluation
 
 def sleeper(job):
     with open({pid_file!r}, "w") as f:
@@ -247,7 +246,7 @@ def sleeper(job):
     time.sleep(600)
 
 if __name__ == "__main__":
-    cfg = utils.load_config(None, ["evaluation.child_process=true"])
+    cfg = config.load_config(None, ["evaluation.child_process=true"])
     evaluation._run_job({{"method": "melora"}}, cfg, target=sleeper)
 '''
 
@@ -326,9 +325,9 @@ def test_bad_config_values_are_refused_before_a_model_loads(mode, setting, fragm
     import time
     argv = ["--mode", mode, *mode_argv(mode, checkpoint, tmp_path), *sets(TINY), "--set", setting,
             "--output_dir", str(tmp_path / "out")]
-    start = time.perf_counter()
+    start = time.process_time()
     assert main.main(argv) == 2
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
     assert_one_paragraph_error(capsys, *fragments)
     assert not (tmp_path / "out").exists()
 

@@ -28,7 +28,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import config
 import main
+import runs
 import trainer
 import utils
 from conftest import REPO
@@ -89,15 +91,15 @@ def _checkpoint(tmp, kind):
         state.pop({"no-config": "config", "no-theta": "theta"}.get(kind, "-"), None)
         if kind == "bad-config":
             state["config"] = "not json {"
-        utils.save_checkpoint(path, state)
+        runs.save_checkpoint(path, state)
     elif kind == "truncated":
-        good = utils.save_checkpoint(tmp / "good.pt", {"theta": {"a": torch.ones(64)}})
+        good = runs.save_checkpoint(tmp / "good.pt", {"theta": {"a": torch.ones(64)}})
         path.write_bytes(good.read_bytes()[:100])
     elif kind == "foreign":
         torch.save({"state_dict": {"w": torch.ones(2)}}, path)
     elif kind == "evil":
         _Exploit.target = str(tmp / "pwned")
-        torch.save({"format": utils.CHECKPOINT_FORMAT, "x": _Exploit()}, path)
+        torch.save({"format": runs.CHECKPOINT_FORMAT, "x": _Exploit()}, path)
     elif kind == "folder":
         path.mkdir()
     return str(path)
@@ -338,7 +340,7 @@ def test_overwrite_deletes_the_old_run_only_after_the_new_one_started(user_tree,
     assert main.main([*argv, "--label_column", "label", "--overwrite",
                       "--set", "training.seed=7"]) == 0, capsys.readouterr().err
     assert "seed: 7" in (out / "melora" / "config.yml").read_text()
-    assert utils.is_run_folder(out / "melora")
+    assert runs.is_run_folder(out / "melora")
     assert not list(user_tree.rglob(".replaced-*"))  # the old run, set aside, is gone now
     assert {k: v for k, v in snapshot(user_tree).items() if not k.startswith("results/")} == \
         {k: v for k, v in before.items() if not k.startswith("results/")}
@@ -365,18 +367,18 @@ def test_the_users_empty_folder_is_kept_after_a_failed_start(tmp_path, capsys):
 
 
 def test_overwrite_puts_the_old_run_back_when_the_new_folder_cannot_be_made(tmp_path, monkeypatch):
-    old = utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    old = runs.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
     (old / "metrics.jsonl").write_text("{}\n")
     before = snapshot(tmp_path)
     real = utils.atomic_write_json
 
     def full(path, obj):
-        if path.name == utils.RUN_MARKER:
+        if path.name == runs.RUN_MARKER:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, obj)
-    monkeypatch.setattr(utils, "atomic_write_json", full)
+    monkeypatch.setattr(runs, "atomic_write_json", full)  # open_run_dir's writer of the marker
     with pytest.raises(utils.UserError, match="cannot create run folder .*No space left"):
-        utils.open_run_dir(tmp_path, "exp", overwrite=True, resume=False)
+        runs.open_run_dir(tmp_path, "exp", overwrite=True, resume=False)
     assert snapshot(tmp_path) == before and not list(tmp_path.glob(".replaced-*"))
 
 
@@ -389,7 +391,8 @@ def _enospc_on(monkeypatch, name):
         if os.path.basename(path) == name:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
-    monkeypatch.setattr(utils, "atomic_write_bytes", write)
+    for module in (utils, runs):  # utils' text/JSON writers, and runs.save_checkpoint's own name
+        monkeypatch.setattr(module, "atomic_write_bytes", write)
 
 
 def test_disk_full_on_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch, capsys):
@@ -399,7 +402,7 @@ def test_disk_full_on_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch, 
     line = error_line(capsys.readouterr().err)
     assert "checkpoint_iter_2.pt" in line and "No space left" in line and "--resume" in line
     first = tmp_path / "melora" / "checkpoints" / "checkpoint_iter_1.pt"
-    assert utils.load_checkpoint(first)["iteration"] == 1  # intact: the run can go on
+    assert runs.load_checkpoint(first)["iteration"] == 1  # intact: the run can go on
     assert not list(first.parent.glob("*.tmp"))
 
 
@@ -480,7 +483,7 @@ def test_evaluate_overwrite_replaces_the_episode_spec(tmp_path, capsys):
 # ---- property: any mutation of the config loads or is a clean ConfigError ------------------
 
 DEFAULTS = yaml.safe_load((REPO / "config.yml").read_text())
-DEFAULT_FLAT = utils.load_config().flat()
+DEFAULT_FLAT = config.load_config().flat()
 LEAVES = sorted(DEFAULT_FLAT)
 SECTIONS = sorted({key.rsplit(".", 1)[0] for key in LEAVES} | set(DEFAULTS))
 
@@ -545,33 +548,33 @@ def test_random_config_mutations_load_or_fail_cleanly(mutations, as_file, tmp_pa
         if as_file:  # through YAML text, as a user's --config file
             path = tmp_path_factory.mktemp("cfg") / "user.yml"
             path.write_text(yaml.safe_dump(data, allow_unicode=True))
-            cfg = utils.load_config(path)
+            cfg = config.load_config(path)
         else:  # through --set style dotted overrides
-            flat = utils.Config(data).flat() if isinstance(data, dict) else {}
-            cfg = utils.load_config(None, {k: v for k, v in flat.items()})
+            flat = config.Config(data).flat() if isinstance(data, dict) else {}
+            cfg = config.load_config(None, {k: v for k, v in flat.items()})
     except utils.ConfigError as e:
         assert str(e).strip()  # main prints it as one paragraph (whitespace collapsed)
         return
-    assert isinstance(cfg, utils.Config)
+    assert isinstance(cfg, config.Config)
     _assert_sane(cfg)
 
 
-def _assert_sane(cfg: utils.Config) -> None:
+def _assert_sane(cfg: config.Config) -> None:
     """What load_config promises of a config it accepts."""
     flat = cfg.flat()
-    for key in utils.POSITIVE_INTS:
+    for key in config.POSITIVE_INTS:
         assert isinstance(flat[key], int) and not isinstance(flat[key], bool) and flat[key] >= 1, key
-    for key in utils.PROBABILITIES:
+    for key in config.PROBABILITIES:
         assert 0.0 <= flat[key] <= 1.0, key
-    for key in utils.OPEN_UNIT:
+    for key in config.OPEN_UNIT:
         assert 0.0 < flat[key] < 1.0, key
-    for key, allowed in utils.CHOICES.items():
+    for key, allowed in config.choices().items():
         assert flat[key] in allowed, key
     for key, value in flat.items():
         if isinstance(value, float):
             assert value == value and abs(value) != float("inf"), key
         default = DEFAULT_FLAT.get(key)
-        if default is not None and not key.startswith(utils.OPEN_MAPPINGS):
+        if default is not None and not key.startswith(config.OPEN_MAPPINGS):
             assert type(value) is type(default), (key, value)  # the default's type
         if isinstance(default, list) and default and not isinstance(default[0], dict):
             assert all(type(v) is type(default[0]) for v in value), (key, value)
@@ -599,7 +602,7 @@ def wait_for(path, process, timeout=240):
 
 
 def theta(path):
-    return utils.load_checkpoint(path)["theta"]
+    return runs.load_checkpoint(path)["theta"]
 
 
 def losses(run_dir):
@@ -621,7 +624,7 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path)
     assert victim.returncode == -signal.SIGKILL, f"finished before the kill ({pause:.2f}s)"
     # The newest complete checkpoint reads; a write cut short leaves only a .tmp beside it.
     last = trainer.latest_checkpoint(run)
-    assert 1 <= utils.load_checkpoint(last)["iteration"] < n
+    assert 1 <= runs.load_checkpoint(last)["iteration"] < n
     resumed = subprocess.run([sys.executable, str(REPO / "main.py"), "--resume", str(last)],
                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -648,7 +651,7 @@ def test_sigterm_and_sigint_finish_the_iteration_checkpoint_and_exit(tmp_path, s
     name = signal.Signals(signum).name
     assert last.startswith(f"interrupted: {name} stopped training after iteration "), last
     checkpoint = trainer.latest_checkpoint(run)
-    done = utils.load_checkpoint(checkpoint)["iteration"]
+    done = runs.load_checkpoint(checkpoint)["iteration"]
     assert f"python main.py --resume {checkpoint}" in last and f"iteration {done} of 500" in last
     assert len(losses(run)) == done  # every finished iteration was logged, none half-done
 
@@ -729,14 +732,14 @@ def test_sigterm_during_evaluate_ends_the_child_too(tmp_path, capsys):
 
 
 def test_a_half_written_checkpoint_and_a_torn_metrics_line_do_not_break_resume(tmp_path):
-    cfg = utils.load_config(overrides=[
+    cfg = config.load_config(overrides=[
         "models.selected_model=tiny-bert", "datasets.synthetic_only=true", "tasks.n_way=3",
         "tasks.k_shot=2", "tasks.q_query=2", "models.max_length=16",
         "meta_learning.default_meta_batch_size=2", "meta_learning.inner.default_num_steps=1",
         "memory_optimization.hessian_approximation.method=none", "training.save_every=1",
         "tracking.mlflow=false", "tracking.tensorboard=false", "meta_learning.num_iterations=2",
         f"training.output_dir={tmp_path}"])
-    run = utils.prepare_run_dir(tmp_path, "melora", overwrite=False, resume=False)
+    run = runs.prepare_run_dir(tmp_path, "melora", overwrite=False, resume=False)
     trainer.run_training(cfg, run)
     # What a kill during iteration 3's writes leaves: a temp file and half a JSON line.
     partial = run / "checkpoints" / ".checkpoint_iter_3.pt.k2j4x9.tmp"
@@ -747,7 +750,7 @@ def test_a_half_written_checkpoint_and_a_torn_metrics_line_do_not_break_resume(t
     summary = trainer.run_training(trainer.resume_config(trainer.latest_checkpoint(run), None,
                                                          {"meta_learning.num_iterations": 3}),
                                    run, resume=trainer.latest_checkpoint(run))
-    assert utils.load_checkpoint(summary["last_checkpoint"])["iteration"] == 3
+    assert runs.load_checkpoint(summary["last_checkpoint"])["iteration"] == 3
     assert not partial.exists()
     assert [json.loads(line)["iteration"] for line in
             (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -818,7 +821,7 @@ def test_oom_chosen_micro_batch_is_checkpointed_and_used_on_resume(oom_above, tm
             "--set", "memory_optimization.gradient_accumulation.default_micro_batch=0"]
     assert main.main(argv) == 0, capsys.readouterr().err
     last = tmp_path / "melora" / "checkpoints" / "checkpoint_iter_2.pt"
-    saved = json.loads(utils.load_checkpoint(last)["config"])
+    saved = json.loads(runs.load_checkpoint(last)["config"])
     assert saved["memory_optimization"]["gradient_accumulation"]["default_micro_batch"] == 1
     oom_above.seen.clear()
     assert main.main(["--resume", str(last), "--num_iterations", "3"]) == 0, capsys.readouterr().err

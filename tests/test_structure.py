@@ -1,7 +1,9 @@
 """The project's import graph: no circle among its top-level modules, counting imports made
 inside functions; `analysis` is a leaf, `visualization` imports only `analysis`, and only
-`main` imports `experiment`. And the size rule of the redesign: no class over 250 lines, no
-function over 80 lines in the project's modules."""
+`main` imports `experiment`. The size rule of the redesign: no class over 250 lines, no
+function over 80 lines in the project's modules. And one owner for each concept: an enum,
+registry, config section's values or checkpoint rule is defined by one module only, and
+`utils` holds no config schema."""
 
 import ast
 from pathlib import Path
@@ -89,3 +91,110 @@ def test_size_rule_sees_a_long_function():
 def test_no_oversized_class_or_function():
     found = [u for m in MODULES for u in oversized((ROOT / f"{m}.py").read_text(encoding="utf-8"), m)]
     assert found == [], found
+
+
+# One owner for each concept (issue 25): an enum, a registry, a section's allowed values, a
+# run-folder file name or a checkpoint rule is defined at module level by its owner only;
+# the others import it. `config` checks the owners' values through `config.register_rules`.
+OWNERS = {
+    "MODEL_REGISTRY": "model", "ModelSpec": "model", "HEADS": "model", "POOLINGS": "model",
+    "is_hub_id": "model", "prototype_head": "model",
+    "HessianOptions": "trainer", "HESSIAN_METHODS": "trainer", "HESSIAN_METHOD": "trainer",
+    "HEAD_INITS": "trainer", "HEAD_INIT": "trainer", "DIAGONAL_ESTIMATORS": "trainer",
+    "PRECISIONS": "trainer", "OOM_ADVICE": "trainer", "outer_update": "trainer",
+    "BASELINES": "baseline", "check_search": "evaluation",
+    "ABLATION_KEYS": "experiment", "SEARCH_KEYS": "experiment",
+    "Config": "config", "load_config": "config", "checkpoint_config": "config",
+    "register_rules": "config",
+    "CHECKPOINT_FORMAT": "runs", "CHECKPOINT_KEYS": "runs", "RUN_MARKER": "runs",
+    "load_checkpoint": "runs", "save_checkpoint": "runs", "saved_config": "runs",
+    "prepare_run_dir": "runs", "open_run_dir": "runs",
+    "MetricsSink": "metrics", "METRICS_FILE": "analysis",
+    "mlflow_store": "mlflow_writer", "MLFLOW_DB": "mlflow_writer", "open_run": "mlflow_writer",
+}
+# config.yml's sections: a string constant in utils naming one of their keys is a section
+# schema moved down into plumbing.
+SECTIONS = ("models", "lora", "meta_learning", "tasks", "datasets", "synthetic", "training",
+            "memory_optimization", "evaluation", "analysis", "tracking", "adapt")
+
+
+def module_definitions(source: str) -> dict[str, ast.AST]:
+    """Names a module defines at its top level (assignments, classes, functions) -> value node."""
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple) \
+                        and len(target.elts) == len(node.value.elts):  # A, B = a, b
+                    out.update({t.id: v for t, v in zip(target.elts, node.value.elts)
+                                if isinstance(t, ast.Name)})
+                    continue
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        out[name.id] = node.value
+    return out
+
+
+def misplaced(sources: dict[str, str]) -> list[str]:
+    """'module defines NAME (owner: other)' for each owned name defined outside its owner."""
+    return [f"{m} defines {n} (owner: {OWNERS[n]})" for m, src in sources.items()
+            for n in module_definitions(src) if n in OWNERS and OWNERS[n] != m]
+
+
+def string_tuple(node) -> tuple | None:
+    """The value of a literal tuple/list of two or more strings, else None."""
+    if isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 2 and all(
+            isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+        return tuple(e.value for e in node.elts)
+    return None
+
+
+def duplicated_enums(sources: dict[str, str]) -> list[str]:
+    """'a.X == b.Y' for each literal string tuple defined at top level in two modules."""
+    seen, out = {}, []
+    for m, src in sorted(sources.items()):
+        for name, value in module_definitions(src).items():
+            if (values := string_tuple(value)) is not None:
+                if values in seen:
+                    out.append(f"{seen[values]} == {m}.{name}")
+                seen.setdefault(values, f"{m}.{name}")
+    return out
+
+
+def config_keys_in(source: str) -> list[str]:
+    """Dotted config keys ('section.key') in the string constants of a module's top level."""
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            found += [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)
+                      and isinstance(c.value, str) and c.value.split(".")[0] in SECTIONS
+                      and "." in c.value]
+    return found
+
+
+SOURCES = {m: (ROOT / f"{m}.py").read_text(encoding="utf-8") for m in MODULES}
+
+
+def test_ownership_rules_catch_planted_violations():
+    planted = {"utils": 'MODEL_REGISTRY = {}\nHEADS = ("euclidean", "cosine")\n'
+                        'KEYS = ("lora.default_rank",)\nclass HessianOptions: pass\n',
+               "model": 'HEADS = ("euclidean", "cosine")\n'}
+    assert misplaced(planted) == ["utils defines MODEL_REGISTRY (owner: model)",
+                                  "utils defines HEADS (owner: model)",
+                                  "utils defines HessianOptions (owner: trainer)"]
+    assert duplicated_enums(planted) == ["model.HEADS == utils.HEADS"]
+    assert config_keys_in(planted["utils"]) == ["lora.default_rank"]
+    assert misplaced({"model": 'HEADS = ("euclidean", "cosine")\n'}) == []
+
+
+def test_each_concept_is_defined_by_its_owner_only():
+    assert misplaced(SOURCES) == []
+    assert duplicated_enums(SOURCES) == []
+
+
+def test_utils_holds_no_config_schema():
+    assert config_keys_in(SOURCES["utils"]) == []
+    assert not [n for n in ("register_rules", "Rules") if n in SOURCES["utils"]]

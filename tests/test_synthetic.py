@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from config import Config, load_config
 from synthetic_data_generator import SyntheticTaskGenerator, TextTask
-from utils import Config, ConfigError, load_config
+from utils import ConfigError
 
 DEFAULTS = load_config().synthetic.to_dict()
 

@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+import config
+import runs
 import trainer
 import utils
 
@@ -18,7 +20,7 @@ TINY = ["models.selected_model=tiny-bert", "datasets.synthetic_only=true", "task
 
 
 def tiny_cfg(tmp_path, *extra):
-    return utils.load_config(overrides=TINY + [f"training.output_dir={tmp_path}", *extra])
+    return config.load_config(overrides=TINY + [f"training.output_dir={tmp_path}", *extra])
 
 
 def train(cfg, run_dir, resume=None):
@@ -53,8 +55,8 @@ def test_resume_repeats_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
     assert [numbers(m) for m in metrics(run)] == [numbers(m) for m in metrics(uninterrupted)[:2]]
     summary = train(tiny_cfg(tmp_path, "meta_learning.num_iterations=4"), run,
                     resume=run / "checkpoints" / "checkpoint_iter_2.pt")
-    ours = utils.load_checkpoint(summary["last_checkpoint"])
-    theirs = utils.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
+    ours = runs.load_checkpoint(summary["last_checkpoint"])
+    theirs = runs.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
     assert ours["iteration"] == theirs["iteration"] == 4
     for name, tensor in theirs["theta"].items():
         assert torch.equal(ours["theta"][name], tensor), name
@@ -78,7 +80,7 @@ def test_resume_refuses_another_model_or_rank(uninterrupted, tmp_path):
 
 
 def test_resume_warns_on_changed_keys_and_keeps_model_keys(uninterrupted, tmp_path):
-    state = utils.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_2.pt")
+    state = runs.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_2.pt")
     cfg = tiny_cfg(tmp_path, "lora.alpha=3.0", "meta_learning.outer.default_lr=0.5",
                    "meta_learning.num_iterations=9")
     with pytest.warns(UserWarning) as record:
@@ -105,7 +107,7 @@ def test_resume_of_a_finished_run_says_how_to_continue(uninterrupted, tmp_path):
 # ---- checkpoints ----------------------------------------------------------------------
 
 def test_checkpoint_layout(uninterrupted):
-    state = utils.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
+    state = runs.load_checkpoint(uninterrupted / "checkpoints" / "checkpoint_iter_4.pt")
     assert state["model"] == "tiny-bert" and state["n_way"] == 3 and state["seed"] == 42
     assert state["lora"]["rank"] == 8 and "attention.self.query" in state["lora"]["target_modules"]
     assert state["optimizer"]["state"] and state["nonfinite_streak"] == 0
@@ -118,19 +120,19 @@ def test_checkpoint_layout(uninterrupted):
 
 def test_load_checkpoint_refuses_bad_files(tmp_path):
     with pytest.raises(utils.UserError, match="does not exist"):
-        utils.load_checkpoint(tmp_path / "missing.pt")
-    good = utils.save_checkpoint(tmp_path / "good.pt", {"theta": {"a": torch.ones(3)}})
+        runs.load_checkpoint(tmp_path / "missing.pt")
+    good = runs.save_checkpoint(tmp_path / "good.pt", {"theta": {"a": torch.ones(3)}})
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:40])
     with pytest.raises(utils.UserError, match="truncated.pt.*truncated"):
-        utils.load_checkpoint(truncated)
+        runs.load_checkpoint(truncated)
     torch.save({"x": 1}, tmp_path / "foreign.pt")
     with pytest.raises(utils.UserError, match="foreign.pt.*not a MELoRA checkpoint"):
-        utils.load_checkpoint(tmp_path / "foreign.pt")
+        runs.load_checkpoint(tmp_path / "foreign.pt")
     _Exploit.target = str(tmp_path / "pwned")
-    torch.save({"format": utils.CHECKPOINT_FORMAT, "x": _Exploit()}, tmp_path / "evil.pt")
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "x": _Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(utils.UserError, match="evil.pt.*refused"):
-        utils.load_checkpoint(tmp_path / "evil.pt")
+        runs.load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -143,13 +145,13 @@ class _Exploit:
 
 
 def test_run_dir_refuses_an_existing_run(tmp_path):
-    run = utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    run = runs.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(utils.UserError, match="--overwrite.*--resume"):
-        utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
-    assert (utils.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=True) / "metrics.jsonl").exists()
-    replaced = utils.prepare_run_dir(tmp_path, "exp", overwrite=True, resume=False)
-    assert [p.name for p in replaced.iterdir()] == [utils.RUN_MARKER]  # a new, marked folder
+        runs.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=False)
+    assert (runs.prepare_run_dir(tmp_path, "exp", overwrite=False, resume=True) / "metrics.jsonl").exists()
+    replaced = runs.prepare_run_dir(tmp_path, "exp", overwrite=True, resume=False)
+    assert [p.name for p in replaced.iterdir()] == [runs.RUN_MARKER]  # a new, marked folder
 
 
 # ---- non-finite meta-batches ------------------------------------------------------------
@@ -173,7 +175,7 @@ def poison(monkeypatch, bad_iterations, where="loss"):
 
 def all_finite(run_dir):
     for path in (run_dir / "checkpoints").glob("*.pt"):
-        state = utils.load_checkpoint(path)
+        state = runs.load_checkpoint(path)
         assert all(torch.isfinite(t).all() for t in state["theta"].values()), path
 
 
@@ -188,8 +190,8 @@ def test_nonfinite_meta_batch_is_skipped_with_a_warning(monkeypatch, tmp_path, w
     assert [m["skipped"] for m in lines] == [0, 1, 0]
     assert lines[1]["meta_loss" if where == "loss" else "grad_norm"] is None  # null in JSON
     all_finite(tmp_path / "run")
-    a = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_1.pt")["theta"]
-    b = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_2.pt")["theta"]
+    a = runs.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_1.pt")["theta"]
+    b = runs.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_2.pt")["theta"]
     assert all(torch.equal(a[n], b[n]) for n in a)  # the skipped step left theta alone
 
 
@@ -214,7 +216,7 @@ def test_learned_inner_rates_are_trained_and_saved(tmp_path):
     cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=2", "meta_learning.inner.learn_lr=true",
                    "memory_optimization.hessian_approximation.method=none")
     summary = train(cfg, tmp_path / "run")
-    state = utils.load_checkpoint(summary["last_checkpoint"])
+    state = runs.load_checkpoint(summary["last_checkpoint"])
     assert state["inner_lr"].shape == (2,)
     assert not torch.allclose(state["inner_lr"], torch.full((2,), 0.01, dtype=state["inner_lr"].dtype))
     assert "inner_lr_0" in metrics(tmp_path / "run")[-1]
@@ -254,9 +256,9 @@ def test_best_checkpoint_keeps_the_early_meta_val_peak(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2",
                    "training.save_every=2")
     summary = train(cfg, run)
-    best = utils.load_checkpoint(run / "checkpoints" / "best.pt")
-    at_4 = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_4.pt")
-    last = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
+    best = runs.load_checkpoint(run / "checkpoints" / "best.pt")
+    at_4 = runs.load_checkpoint(run / "checkpoints" / "checkpoint_iter_4.pt")
+    last = runs.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
     assert best["iteration"] == 4 and best["val_accuracy"] == 0.90
     assert best["frozen_val_accuracy"] == 0.30 and last["val_iteration"] == 6
     assert "frozen encoder 30.00%" in trainer.val_summary(best)
@@ -288,7 +290,7 @@ def test_validate_equals_the_evaluation_adaptation(tmp_path):
 
 
 def test_val_every_without_meta_val_sources_is_refused(tmp_path):
-    cfg = utils.load_config(overrides=TINY[:1] + TINY[2:] + [
+    cfg = config.load_config(overrides=TINY[:1] + TINY[2:] + [
         f"training.output_dir={tmp_path}", "training.val_every=5", "datasets.meta_val=[]"])
     with pytest.raises(utils.ConfigError, match="val_every"):
         trainer.MetaTrainer.from_config(cfg)
@@ -348,8 +350,8 @@ def test_resume_keeps_selecting_against_the_stored_best(tmp_path, monkeypatch):
     train(tiny_cfg(tmp_path, "meta_learning.num_iterations=4", "training.val_every=2"), run)
     train(tiny_cfg(tmp_path, "meta_learning.num_iterations=6", "training.val_every=2"), run,
           resume=run / "checkpoints" / "checkpoint_iter_4.pt")
-    best = utils.load_checkpoint(run / "checkpoints" / "best.pt")
-    last = utils.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
+    best = runs.load_checkpoint(run / "checkpoints" / "best.pt")
+    last = runs.load_checkpoint(run / "checkpoints" / "checkpoint_iter_6.pt")
     assert best["iteration"] == 2 and best["val_accuracy"] == 0.90
     assert last["frozen_val_accuracy"] == 0.30 and last["val_accuracy"] == 0.60
     assert next(scores, None) is None  # the frozen encoder was not scored again on resume
@@ -357,18 +359,18 @@ def test_resume_keeps_selecting_against_the_stored_best(tmp_path, monkeypatch):
 
 def test_a_checkpoint_saved_before_the_head_key_keeps_its_euclidean_head(tmp_path):
     """Checkpoints from before `meta_learning.head` existed had the Euclidean head. Evaluate,
-    adapt and resume read them with that head (trainer.PRE_KEY_VALUES), not today's cosine
+    adapt and resume read them with that head (runs.PRE_KEY_VALUES), not today's cosine
     default: config layering used to fill in cosine and then refuse the checkpoint's own
     tensors as "another model"."""
     import evaluation
     cfg = tiny_cfg(tmp_path, "meta_learning.num_iterations=2", "meta_learning.head=euclidean")
     train(cfg, tmp_path / "run")
-    state = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_2.pt")
+    state = runs.load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_iter_2.pt")
     saved = json.loads(state["config"])
     del saved["meta_learning"]["head"], saved["meta_learning"]["head_scale"]  # as an old release wrote it
     old = tmp_path / "old.pt"
-    utils.save_checkpoint(old, {**state, "config": json.dumps(saved)})
-    state = utils.load_checkpoint(old)
+    runs.save_checkpoint(old, {**state, "config": json.dumps(saved)})
+    state = runs.load_checkpoint(old)
     evaluated = evaluation.evaluation_config(tiny_cfg(tmp_path), state, old)
     assert evaluated.meta_learning.head == "euclidean"
     model, _, _, _ = trainer.restore_model(old, "cpu", evaluated, state)  # no "another model"

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import transfer  # noqa: E402
+import runs
 
 BLOCKED = ("datasets", "mlflow", "optuna")
 ROWS = ("melora", "fomaml_lora", "proto_lora", "frozen_cosine", "frozen_cosine_finetune",
@@ -166,7 +167,6 @@ def test_wilcoxon_and_ci_match_scipy():
 def test_cross_domain_recipe_trains_on_a_users_csv(tmp_path):
     """configs/cross_domain.yml through the real CLI on a CSV (tiny model via flags): it keeps
     best.pt by meta-val, and its LoRA never leaves the frozen encoder (B = 0) in the outer loop."""
-    import utils
     rows = ["text,label"] + [f"word{c} sample {i} thing{c}{i % 3},intent_{c}" for c in range(15) for i in range(6)]
     data = tmp_path / "my_intents.csv"
     data.write_text("\n".join(rows) + "\n")
@@ -180,7 +180,7 @@ def test_cross_domain_recipe_trains_on_a_users_csv(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    best = utils.load_checkpoint(tmp_path / "runs" / "x" / "checkpoints" / "best.pt")
+    best = runs.load_checkpoint(tmp_path / "runs" / "x" / "checkpoints" / "best.pt")
     assert best["iteration"] in (2, 4) and 0.0 <= best["val_accuracy"] <= 1.0
     lora_b = [t for n, t in best["theta"].items() if n.endswith("lora_B")]
     assert lora_b and all(torch.count_nonzero(t) == 0 for t in lora_b)
