@@ -41,6 +41,12 @@ RUN_MARKER = ".melora-run"
 # A failure once one of these exists keeps the folder (adapt's predictions.csv too).
 _STARTED_GLOBS = ("checkpoints/*.pt", "results*.json", "hpo_trials.json", "predictions.csv")
 _NAME_MAX_BYTES = 255  # NAME_MAX of the common file systems
+# The checkpoint format's version, written into every checkpoint by `save_checkpoint`.
+# `load_checkpoint` brings an older one up to date through `_MIGRATIONS`, one step per
+# version, and refuses a newer one. History:
+#   1 (to release 33): the config recorded only the keys that existed when it was written;
+#   2: the recorded config names every model-defining key (version 1's are filled in).
+CHECKPOINT_VERSION = 2
 # What a checkpoint saved before a model-defining key existed meant by it: its behaviour then,
 # not today's default. Without this, config layering filled in today's default (the cosine
 # head) and the checkpoint's Euclidean head was refused as "another model".
@@ -266,7 +272,8 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
 
     Args:
         path: the checkpoint file (parents are created).
-        state: what to save; `format` is added so `load_checkpoint` recognises the file.
+        state: what to save; `format` and `version` (`CHECKPOINT_VERSION`) are added so
+            `load_checkpoint` recognises the file and knows its layout.
 
     Returns:
         `path` as a Path.
@@ -277,7 +284,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """
     import io
     buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    torch.save({**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}, buffer)
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as e:
@@ -291,7 +298,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by `save_checkpoint`, onto the CPU, executing no code.
 
     `torch.load(weights_only=True)` accepts only tensors and plain containers, so a file
-    carrying pickled code is refused instead of run.
+    carrying pickled code is refused instead of run. A checkpoint of an older format
+    version is migrated to `CHECKPOINT_VERSION` in memory (the file is not touched).
 
     Args:
         path: the checkpoint file.
@@ -302,7 +310,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     Raises:
         UserError: the file is missing, truncated, not a torch archive, holds objects
             other than tensors and plain data, is not a MELoRA checkpoint, or lacks one
-            of `CHECKPOINT_KEYS`; each message names the path.
+            of `CHECKPOINT_KEYS`, or was written by a newer MELoRA; each message names
+            the path.
     """
     import pickle
     import zipfile
@@ -335,7 +344,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; it was not "
                         "written by `python main.py --mode train`, or was edited: pass "
                         "another checkpoint of the run")
-    return state
+    version = state.get("version", 1)  # version 1 did not always write its number
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"checkpoint {str(path)!r} has format version {version!r}, which no "
+                        "MELoRA wrote; pass another checkpoint of the run")
+    if version > CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {str(path)!r} has format version {version}, newer than "
+                        f"this MELoRA reads ({CHECKPOINT_VERSION}); upgrade MELoRA (pip install "
+                        "-U the project's requirements and pull its code) to read it")
+    for step in range(version, CHECKPOINT_VERSION):
+        state = _MIGRATIONS[step](state, path)
+    return {**state, "version": CHECKPOINT_VERSION}
+
+
+def _fill_pre_key_values(state: dict, path: Path) -> dict:
+    """Version 1 -> 2: write the meaning of every model-defining key the config lacks."""
+    saved = saved_config(state, path)
+    for (section, key), value in PRE_KEY_VALUES.items():
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            saved[section][key] = value
+    return {**state, "config": json.dumps(saved)}
+
+
+_MIGRATIONS = {1: _fill_pre_key_values}  # version N -> N + 1
 
 
 def saved_config(state: Mapping, checkpoint) -> dict:
@@ -352,8 +383,5 @@ def saved_config(state: Mapping, checkpoint) -> dict:
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {str(checkpoint)!r} holds no readable config; pass "
                         "another checkpoint of the run")
-    for (section, key), value in PRE_KEY_VALUES.items():  # explicit migration, see below
-        if isinstance(saved.get(section), dict) and key not in saved[section]:
-            saved[section][key] = value
     return saved
 

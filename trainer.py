@@ -782,7 +782,6 @@ class _KFACRecorder:
 # (the training loop below calls these)
 # ====================================================================================
 
-CHECKPOINT_VERSION = 1
 # What a checkpoint records of model selection on meta-val (training.val_every).
 VAL_KEYS = ("frozen_val_accuracy", "val_accuracy", "val_iteration")
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1205,7 +1204,7 @@ class MetaTrainer:
     def state_dict(self) -> dict:
         """Everything an exact resume needs, as tensors and plain data (see README)."""
         learned = isinstance(self.inner_lr, torch.Tensor)
-        return {"version": CHECKPOINT_VERSION, "iteration": self.iteration, "seed": self.seed,
+        return {"iteration": self.iteration, "seed": self.seed,
                 **self.identity,
                 "theta": {n: p.detach().cpu().clone() for n, p in self.theta.items()},
                 "inner_lr": self.inner_lr.detach().cpu().clone() if learned else None,

@@ -106,7 +106,7 @@ OWNERS = {
     "ABLATION_KEYS": "experiment", "SEARCH_KEYS": "experiment",
     "Config": "config", "load_config": "config", "checkpoint_config": "config",
     "register_rules": "config",
-    "CHECKPOINT_FORMAT": "runs", "CHECKPOINT_KEYS": "runs", "RUN_MARKER": "runs",
+    "CHECKPOINT_FORMAT": "runs", "CHECKPOINT_VERSION": "runs", "CHECKPOINT_KEYS": "runs", "RUN_MARKER": "runs",
     "load_checkpoint": "runs", "save_checkpoint": "runs", "saved_config": "runs",
     "prepare_run_dir": "runs", "open_run_dir": "runs",
     "MetricsSink": "metrics", "METRICS_FILE": "analysis",

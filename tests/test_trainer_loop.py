@@ -2,7 +2,9 @@
 
 import json
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,7 +361,8 @@ def test_resume_keeps_selecting_against_the_stored_best(tmp_path, monkeypatch):
 
 def test_a_checkpoint_saved_before_the_head_key_keeps_its_euclidean_head(tmp_path):
     """Checkpoints from before `meta_learning.head` existed had the Euclidean head. Evaluate,
-    adapt and resume read them with that head (runs.PRE_KEY_VALUES), not today's cosine
+    adapt and resume read them with that head (runs.PRE_KEY_VALUES, the format's migration
+    from version 1), not today's cosine
     default: config layering used to fill in cosine and then refuse the checkpoint's own
     tensors as "another model"."""
     import evaluation
@@ -369,7 +372,7 @@ def test_a_checkpoint_saved_before_the_head_key_keeps_its_euclidean_head(tmp_pat
     saved = json.loads(state["config"])
     del saved["meta_learning"]["head"], saved["meta_learning"]["head_scale"]  # as an old release wrote it
     old = tmp_path / "old.pt"
-    runs.save_checkpoint(old, {**state, "config": json.dumps(saved)})
+    torch.save({**state, "config": json.dumps(saved), "version": 1}, old)
     state = runs.load_checkpoint(old)
     evaluated = evaluation.evaluation_config(tiny_cfg(tmp_path), state, old)
     assert evaluated.meta_learning.head == "euclidean"
@@ -379,3 +382,37 @@ def test_a_checkpoint_saved_before_the_head_key_keeps_its_euclidean_head(tmp_pat
     assert resumed.meta_learning.head == "euclidean"
     train(resumed, tmp_path / "run", resume=old)
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_iter_3.pt").is_file()
+
+
+V1_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint_v1.pt"  # see tests/data/README.md
+
+
+def test_a_checkpoint_of_the_previous_format_version_is_migrated_evaluates_and_resumes(tmp_path):
+    """tests/data/checkpoint_v1.pt was written by release 33 (format version 1), not made
+    up by this test: load_checkpoint migrates it in memory to CHECKPOINT_VERSION, leaving the
+    file as it was, and evaluate and resume use it; what resume writes is the new version."""
+    import evaluation
+    before = V1_CHECKPOINT.read_bytes()
+    assert torch.load(V1_CHECKPOINT, weights_only=True)["version"] == 1
+    state = runs.load_checkpoint(V1_CHECKPOINT)
+    assert state["version"] == runs.CHECKPOINT_VERSION == 2
+    assert json.loads(state["config"])["meta_learning"]["head"] == "cosine"  # recorded, kept
+    evaluated = evaluation.evaluation_config(tiny_cfg(tmp_path), state, V1_CHECKPOINT)
+    model, _, _, _ = trainer.restore_model(V1_CHECKPOINT, "cpu", evaluated, state)
+    assert model.head_kind == "cosine"
+    resumed = trainer.resume_config(V1_CHECKPOINT, None, {"meta_learning.num_iterations": 3,
+                                                          "training.output_dir": str(tmp_path)})
+    train(resumed, tmp_path / "run", resume=V1_CHECKPOINT)
+    written = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_iter_3.pt", weights_only=True)
+    assert written["version"] == runs.CHECKPOINT_VERSION and written["iteration"] == 3
+    assert V1_CHECKPOINT.read_bytes() == before
+
+
+@pytest.mark.parametrize("version, says", [(3, "newer than this MELoRA reads (2)"),
+                                           (0, "format version 0, which no MELoRA wrote"),
+                                           ("2", "format version '2', which no MELoRA wrote")])
+def test_a_checkpoint_of_an_unknown_format_version_is_refused_naming_it(tmp_path, version, says):
+    state = torch.load(V1_CHECKPOINT, weights_only=True)
+    torch.save({**state, "version": version}, tmp_path / "odd.pt")
+    with pytest.raises(utils.UserError, match=re.escape(says)):
+        runs.load_checkpoint(tmp_path / "odd.pt")
