@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models (offline), the real CLINC150 files, determinism."""
 
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,3 +63,52 @@ def train_tiny(tmp_path_factory):
         return made[key]
     return train
 
+
+
+# ---- the e2e marker ---------------------------------------------------------------------
+# A test is `e2e` when it runs a MELoRA command as a user would, `main.main(argv)` in this
+# process or a child process (`python main.py`, torchrun, a benchmark script), or uses what
+# such a run made: directly, through a helper function of its own module, or through a
+# fixture (the shared `train_tiny` checkpoints, a benchmark's smoke run). `pytest -m "not
+# e2e"` runs the rest: the unit and property tests of each module.
+_LAUNCHES = re.compile(r"\bmain\.main\(|\bsubprocess\.(?:run|Popen|call|check_call|check_output)\("
+                       r"|\bPopen\(")
+_CALLS = re.compile(r"\b([A-Za-z_]\w*)\(")
+
+
+def launches_a_run(function, module, seen=None) -> bool:
+    """Whether `function`'s source, or a function of `module` it calls, launches a run."""
+    seen = set() if seen is None else seen
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    if _LAUNCHES.search(source):
+        return True
+    for name in _CALLS.findall(source):
+        helper = getattr(module, name, None)
+        if (name not in seen and inspect.isfunction(helper)
+                and helper.__module__ == module.__name__):
+            seen.add(name)
+            if launches_a_run(helper, module, seen):
+                return True
+    return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs a MELoRA command end to end (main.main, "
+                            "python main.py, torchrun or a benchmark script); deselect with "
+                            "-m 'not e2e'")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is None:
+            continue
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        fixture_functions = [(definitions[-1].func, sys.modules.get(definitions[-1].func.__module__))
+                             for definitions in fixtures.values() if definitions]
+        if any(launches_a_run(f, module) for f, module in [(function, item.module), *fixture_functions]
+               if module is not None):
+            item.add_marker(pytest.mark.e2e)

@@ -8,6 +8,8 @@ registry, config section's values or checkpoint rule is defined by one module on
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
@@ -198,3 +200,42 @@ def test_each_concept_is_defined_by_its_owner_only():
 def test_utils_holds_no_config_schema():
     assert config_keys_in(SOURCES["utils"]) == []
     assert not [n for n in ("register_rules", "Rules") if n in SOURCES["utils"]]
+
+
+def test_the_e2e_marker_finds_runs_launched_directly_through_helpers_and_fixtures(tmp_path, monkeypatch):
+    """conftest marks `e2e` the tests that run a MELoRA command (main.main or a child process),
+    also through a helper of their module or a fixture, and nothing else."""
+    import importlib
+    from conftest import launches_a_run
+    (tmp_path / "probe_module.py").write_text(
+        "import subprocess\nimport main\n"
+        "def helper():\n    return main.main(['--mode', 'train'])\n"
+        "def indirect():\n    return helper()\n"
+        "def child():\n    subprocess.run(['python', 'main.py'])\n"
+        "def unit():\n    return sorted([3, 1])\n"
+        "def test_direct():\n    main.main([])\n"
+        "def test_through_helpers():\n    indirect()\n"
+        "def test_child():\n    child()\n"
+        "def test_unit():\n    assert unit() == [1, 3]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("probe_module")
+    marked = {name: launches_a_run(getattr(probe, name), probe)
+              for name in ("test_direct", "test_through_helpers", "test_child", "test_unit")}
+    assert marked == {"test_direct": True, "test_through_helpers": True, "test_child": True,
+                      "test_unit": False}
+
+
+def test_the_suite_marks_its_end_to_end_tests_and_only_those():
+    import importlib
+    from conftest import launches_a_run
+
+    def marked(name):
+        module = importlib.import_module(name)
+        return [launches_a_run(f, module) for key, f in vars(module).items()
+                if key.startswith("test_") and callable(f)]
+    cli, distributed = importlib.import_module("test_cli"), importlib.import_module("test_distributed")
+    assert launches_a_run(cli.test_train_refuse_the_existing_run_then_resume, cli)
+    assert launches_a_run(distributed.test_a_killed_rank_stops_every_process_promptly_with_a_one_line_reason,
+                          distributed)
+    assert not launches_a_run(distributed.test_meta_batch_must_split_evenly_over_processes, distributed)
+    assert not any(marked("test_meta_gradient"))
