@@ -111,8 +111,9 @@ def _validate_search(s: Mapping) -> None:
     for name in ("report_every", "val_episodes"):
         if s[name] < 1:
             raise ConfigError(f"{key}.{name} must be a positive integer, got {s[name]!r}")
-    if s["num_iterations"] < 0 or s["pruner_startup_trials"] < 0:
-        raise ConfigError(f"{key}.num_iterations and {key}.pruner_startup_trials must be >= 0")
+    for name in ("num_iterations", "pruner_startup_trials"):
+        if s[name] < 0:
+            raise ConfigError(f"{key}.{name} must be >= 0, got {s[name]!r}")
 
 
 register_rules("evaluation", Rules(

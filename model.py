@@ -106,9 +106,16 @@ def _validate_model_name(name: str) -> None:
                       "directory nor a hub id (owner/model)")
 
 
-register_rules("model", Rules(
-    choices={"models.pooling": POOLINGS, "meta_learning.head": HEADS},
-    check=lambda data: _validate_model_name(data["models"]["selected_model"])))
+def _check_model_keys(data: dict) -> None:
+    _validate_model_name(data["models"]["selected_model"])
+    if not data["meta_learning"]["head_scale"] > 0:  # s <= 0 flips or flattens every logit
+        raise ConfigError("config key 'meta_learning.head_scale' (the cosine head's initial "
+                          f"temperature) must be > 0, got {data['meta_learning']['head_scale']!r}; "
+                          "the default is 10")
+
+
+register_rules("model", Rules(choices={"models.pooling": POOLINGS, "meta_learning.head": HEADS},
+                              check=_check_model_keys))
 
 OFFLINE_MODELS = [n for n, s in MODEL_REGISTRY.items() if s.source in ("minilm-package", "tiny")]
 # model_type of a Hugging Face config -> family

@@ -15,8 +15,10 @@ import copy
 import errno
 import json
 import logging
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -480,6 +482,94 @@ def test_evaluate_overwrite_replaces_the_episode_spec(tmp_path, capsys):
     assert not list(run.glob(".replaced-*"))
 
 
+# ---- config.yml's documented ranges: the contract the checks are held to -----------------
+
+class Range:
+    """A range written at the end of a key's comment in config.yml: {>= 1}, {> 0},
+    {[0, 1]}, {(0, 1)}; `words` are the key's documented non-numbers (keep_graphs: auto)."""
+
+    def __init__(self, text: str, words: tuple = ()):
+        self.text, self.words = text, words
+        one_sided = re.fullmatch(r"(>=|>) (-?\d+(?:\.\d+)?)", text)
+        if one_sided:
+            self.low, self.low_open = float(one_sided[2]), one_sided[1] == ">"
+            self.high, self.high_open = math.inf, True
+        else:
+            two = re.fullmatch(r"([\[(])(-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)([\])])", text)
+            assert two, f"config.yml: unreadable range {{{text}}}"
+            self.low, self.high = float(two[2]), float(two[3])
+            self.low_open, self.high_open = two[1] == "(", two[4] == ")"
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __repr__(self):
+        return f"{{{self.text}}}"
+
+
+def documented_ranges(path) -> dict[str, Range]:
+    """Dotted key -> the Range its config.yml comment ends with (mapping keys; list items'
+    keys are not numbers)."""
+    ranges, stack = {}, []
+    for line in path.read_text().splitlines():
+        found = re.match(r"^( *)([A-Za-z_]\w*):(.*)$", line)
+        if not found:
+            continue
+        indent = len(found[1])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, found[2]))
+        written = re.search(r"#.*\{([^{}]+)\}\s*$", found[3])
+        if written and re.match(r"[>\[(]", written[1]):
+            key = ".".join(name for _, name in stack)
+            ranges[key] = Range(written[1], config.INT_OR_WORD.get(key, ()))
+    return ranges
+
+
+DOCUMENTED = documented_ranges(REPO / "config.yml")
+import adapt, baseline, evaluation, experiment, model  # noqa: E401,E402  every owner registers its rules
+
+
+def test_config_yml_documents_a_range_for_every_number_and_its_default_is_in_it():
+    defaults = config.load_config().flat()
+    numbers = {key for key, value in defaults.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    assert numbers - set(DOCUMENTED) == set(), "numbers without a documented range"
+    for key, documented in DOCUMENTED.items():
+        assert documented.holds(defaults[key]), (key, defaults[key], documented)
+
+
+def _edges(key: str, documented: Range) -> tuple[list, list]:
+    """Values at the documented edges (inside) and just beyond them (outside)."""
+    integer = isinstance(config.load_config().flat()[key], int)
+    step = 1 if integer else 1e-6
+    inside, outside = [], []
+    for edge, is_open, sign in ((documented.low, documented.low_open, -1),
+                                (documented.high, documented.high_open, +1)):
+        if math.isinf(edge):
+            continue
+        edge = int(edge) if integer else edge
+        (outside if is_open else inside).append(edge)
+        outside.append(edge + sign * step)
+        if is_open:
+            inside.append(edge - sign * step)
+    return inside, outside
+
+
+@pytest.mark.parametrize("key", sorted(DOCUMENTED))
+def test_load_accepts_exactly_the_documented_range(key):
+    """Each documented edge value loads and each value just beyond it is a ConfigError
+    naming the key: config.yml's comments and the checks cannot drift apart."""
+    inside, outside = _edges(key, DOCUMENTED[key])
+    for value in inside:
+        config.check(config.load_config(overrides={key: value}))
+    for value in outside:
+        with pytest.raises(utils.ConfigError, match=re.escape(key)):
+            config.check(config.load_config(overrides={key: value}))
+
+
 # ---- property: any mutation of the config loads or is a clean ConfigError ------------------
 
 DEFAULTS = yaml.safe_load((REPO / "config.yml").read_text())
@@ -560,14 +650,14 @@ def test_random_config_mutations_load_or_fail_cleanly(mutations, as_file, tmp_pa
 
 
 def _assert_sane(cfg: config.Config) -> None:
-    """What load_config promises of a config it accepts."""
+    """What load_config promises of a config it accepts: config.yml's documented ranges
+    (read from its comments, not from config.py's tables) and types."""
     flat = cfg.flat()
-    for key in config.POSITIVE_INTS:
-        assert isinstance(flat[key], int) and not isinstance(flat[key], bool) and flat[key] >= 1, key
-    for key in config.PROBABILITIES:
-        assert 0.0 <= flat[key] <= 1.0, key
-    for key in config.OPEN_UNIT:
-        assert 0.0 < flat[key] < 1.0, key
+    for key, documented in DOCUMENTED.items():
+        if isinstance(flat[key], (int, float)) and not isinstance(flat[key], bool):
+            assert documented.holds(flat[key]), (key, flat[key], documented)
+        else:
+            assert flat[key] in documented.words, (key, flat[key])
     for key, allowed in config.choices().items():
         assert flat[key] in allowed, key
     for key, value in flat.items():
