@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models (offline), the real CLINC150 files, determinism."""
 
+import functools
 import inspect
 import os
 import re
@@ -101,14 +102,21 @@ def pytest_configure(config):
                             "-m 'not e2e'")
 
 
+@functools.cache
+def _launches(function, module) -> bool:
+    """`launches_a_run`, once per test or fixture function (fixtures are shared by many tests,
+    and every xdist worker collects the whole suite)."""
+    return launches_a_run(function, module)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         function = getattr(item, "function", None)
         if function is None:
             continue
         fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        fixture_functions = [(definitions[-1].func, sys.modules.get(definitions[-1].func.__module__))
-                             for definitions in fixtures.values() if definitions]
-        if any(launches_a_run(f, module) for f, module in [(function, item.module), *fixture_functions]
-               if module is not None):
+        ours = [definitions[-1].func for definitions in fixtures.values() if definitions]
+        ours = [(f, sys.modules[f.__module__]) for f in ours  # the suite's fixtures, not pytest's
+                if f.__module__ == "conftest" or f.__module__.startswith("test_")]
+        if any(_launches(f, module) for f, module in [(function, item.module), *ours]):
             item.add_marker(pytest.mark.e2e)

@@ -8,8 +8,6 @@ registry, config section's values or checkpoint rule is defined by one module on
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
@@ -229,13 +227,11 @@ def test_the_suite_marks_its_end_to_end_tests_and_only_those():
     import importlib
     from conftest import launches_a_run
 
-    def marked(name):
-        module = importlib.import_module(name)
-        return [launches_a_run(f, module) for key, f in vars(module).items()
-                if key.startswith("test_") and callable(f)]
-    cli, distributed = importlib.import_module("test_cli"), importlib.import_module("test_distributed")
+    cli, distributed, exact = (importlib.import_module(name) for name in
+                               ("test_cli", "test_distributed", "test_meta_gradient"))
     assert launches_a_run(cli.test_train_refuse_the_existing_run_then_resume, cli)
     assert launches_a_run(distributed.test_a_killed_rank_stops_every_process_promptly_with_a_one_line_reason,
                           distributed)
     assert not launches_a_run(distributed.test_meta_batch_must_split_evenly_over_processes, distributed)
-    assert not any(marked("test_meta_gradient"))
+    assert not any(launches_a_run(f, exact) for name, f in vars(exact).items()
+                   if name.startswith("test_") and callable(f))
