@@ -505,9 +505,25 @@ class _SourceReader:
             return classes
         users = [s for s in SPLITS if any(e.identity == entry.identity and not e.groups
                                           and not e.classes_file for e in self.entries(s))]
-        if len(users) <= 1:
+        if len(users) <= 1 or self._splits_disjoint(entry, users):
             return table.label_names
         return self._class_split_part(split, entry, users, present)
+
+    def _splits_disjoint(self, entry: _Source, users: list[str]) -> bool:
+        """Whether the meta-splits sharing `entry`'s source read parts of it (e.g. a file's
+        train and val splits) whose classes are already disjoint: then each keeps all of its
+        classes, and `class_split` (which exists to make them disjoint) does not apply."""
+        seen: set[str] = set()
+        tables = {other.table_key: self.table(other) for split in users
+                  for other in self.entries(split) if other.identity == entry.identity}
+        if len(tables) < len(users):  # two meta-splits read the same rows
+            return False
+        for table in tables.values():
+            names = set(table.label_names)
+            if names & seen:
+                return False
+            seen |= names
+        return True
 
     def _class_split_part(self, split, entry, users, present) -> list[str]:
         """This split's share of a source's classes (or groups) split by `class_split`."""

@@ -100,6 +100,10 @@ METHOD_KEYS = {
     "proto_lora": {"memory_optimization.hessian_approximation.method": "none",
                    "meta_learning.inner.default_num_steps": 0},
 }
+# What a meta-trained cell reads of the role files; part of its spec, so cells trained when
+# the loader class-split the roles again (about 3/4 of the source classes, 1/4 of the
+# meta-val classes, seed-dependent) are recomputed. The frozen rows read only the target.
+TRAINED_ROLES = "every class of its role"
 RECIPE = REPO / "configs" / "cross_domain.yml"
 # Sections of configs/cross_domain.yml that the `recipe` remedy applies (its data and
 # iteration count are the protocol's: same data, same budget as every other row).
@@ -392,7 +396,8 @@ def cell_spec(preset: Preset, cell: dict, data_hashes: dict, extra: Sequence[str
     return {"cell": {**cell, "pair": list(cell["pair"]), "shape": list(cell["shape"])},
             "preset": fields, "data": data_hashes, "extra": list(extra),
             "remedy": remedies(preset).get(cell["variant"], {}).get("overrides"),
-            "config_defaults": config_defaults_hash()}
+            "config_defaults": config_defaults_hash(),
+            **({} if cell["variant"] == "frozen" else {"roles": TRAINED_ROLES})}
 
 
 def _hash(spec: dict) -> str:

