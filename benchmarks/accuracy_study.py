@@ -561,9 +561,26 @@ def positive_control(study: Study) -> dict | None:
             "full": float(a.mean()), "none": float(b.mean()), "diff": float(a.mean() - b.mean()),
             "p": _wilcoxon(analysis, a, b), "ci95_seeds_diff": _ci_seeds(analysis, full - none, study.preset),
             "stopped": {m: [t[1]["stopped"] for t in tested[m]] for m in tested},
+            "curves": {m: training_curve(tested[m]) for m in tested},
             "gradient_cosine_full_vs_none_at_start": gradient_cosine(study, runs["melora"][0]),
             "gradient_cosine_full_vs_none_trained": gradient_cosine(study, runs["melora"][0],
                                                                     tested["melora"][0][1])}
+
+
+def training_curve(tested: list[tuple]) -> list[dict]:
+    """Mean over seeds, at each evaluated iteration all seeds reached: meta-val accuracy after
+    K steps, and the meta-train query accuracy after adaptation (the training tasks' view).
+    Whether selection on meta-val can tell the methods apart rests on these two."""
+    curves = [t["curve"] for _, t, _ in tested]
+    common = sorted(set.intersection(*({c["iteration"] for c in curve} for curve in curves)))
+    out = []
+    for it in common:
+        points = [next(c for c in curve if c["iteration"] == it) for curve in curves]
+        train = [c.get("query_acc_after") for c in points]
+        out.append({"iteration": it,
+                    "meta_val_accuracy": float(np.mean([c["meta_val_accuracy"] for c in points])),
+                    "meta_train_query_accuracy": None if None in train else float(np.mean(train))})
+    return out
 
 
 def gradient_cosine(study: Study, run: Run, trained: dict | None = None, tasks: int = 4) -> dict:
@@ -842,6 +859,10 @@ def run_study(p: Preset, work: Path, output: Path, device: str = "auto", extra: 
 # Report
 # ------------------------------------------------------------------------------------
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
 def format_tables(r: dict) -> str:
     """accuracy.md: per main shape the rows and the meta-val selection, the positive
     control and the regime map."""
@@ -889,6 +910,18 @@ def format_tables(r: dict) -> str:
                   f"{g['lora_cosine_mean']}, |full - none| / |full| {g['lora_relative_second_order']:.4f}), "
                   f"support loss {g['support_loss_mean']:.4f}; at the trained theta "
                   f"{pc['gradient_cosine_full_vs_none_trained']['cosine_mean']:.5f}.", ""]
+        curves = pc.get("curves") or {}
+        if curves:
+            lines += ["Along training (mean over seeds; selection keeps each method's best meta-val point):", "",
+                      "| iteration | " + " | ".join(f"{m} meta-val (%) | {m} meta-train query (%)" for m in curves) + " |",
+                      "|---|" + "---|---|" * len(curves)]
+            for i, point in enumerate(next(iter(curves.values()))):
+                cells = []
+                for m, curve in curves.items():
+                    c = curve[i] if i < len(curve) else {}
+                    cells += [_pct(c.get("meta_val_accuracy")), _pct(c.get("meta_train_query_accuracy"))]
+                lines.append(f"| {point['iteration']} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines += ["## Regime map (meta-test after K steps; Holm over all cells)", "",
               "| data | ways | shots | inner lr | outer lr | full | none | proto_lora | full - none | Holm p | "
               "full - proto_lora | Holm p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

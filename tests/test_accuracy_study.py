@@ -88,6 +88,10 @@ def test_smoke_study_writes_every_field_without_datasets_mlflow_optuna(smoke):
     for where in ("at_start", "trained"):
         g = pc[f"gradient_cosine_full_vs_none_{where}"]
         assert -1 <= g["cosine_mean"] <= 1 + 1e-6 and g["lora_relative_second_order"] >= 0
+    for method, curve in pc["curves"].items():  # the mean of the seeds' training curves
+        assert curve and curve[0]["iteration"] == 0 and curve[0]["meta_train_query_accuracy"] is None
+        assert all(0 <= c["meta_val_accuracy"] <= 1 for c in curve)
+        assert all(0 <= c["meta_train_query_accuracy"] <= 1 for c in curve[1:])
     assert "## Regime map" in (root / "accuracy.md").read_text()
     assert (root / r["figures"][0]).stat().st_size > 1000
 
