@@ -95,7 +95,7 @@ log = logging.getLogger("melora.standard")
 # all; ProtAugment also uses unlabelled texts and their paraphrases.
 PAPER = "Dopierre et al., PROTAUGMENT, ACL 2021 (arXiv 2105.12995)"
 PUBLISHED_PROTOCOL = ("BERT-base-cased (110M parameters) further pretrained (MLM) on each dataset's "
-                      "texts; 5 queries per class; 600 test episodes over the 5 splits; early "
+                      "texts; 5 queries per class; 600 test episodes on each of the 5 splits (one run each); early "
                       "stopping on valid; ProtAugment rows also use unlabelled texts and paraphrases")
 PUBLISHED_CHECK = ("transcribed from the paper's results table as reproduced in the first author's "
                    "thesis slides (tdopierre/thesis-presentation, figures/protaugment-results-dark.png); "
