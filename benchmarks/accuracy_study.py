@@ -698,7 +698,7 @@ def summarize(study: Study, main: dict, extra_rows: dict) -> dict:
     """Rows (mean over seeds, sd, CIs, step 0) and MELoRA against every row."""
     import analysis
     p = study.preset
-    rows, matrices = {}, {}
+    rows, matrices, seeds = {}, {}, {}
     for name, cells in main["frozen"].items():
         if cells[0] is None:
             continue
@@ -710,6 +710,7 @@ def summarize(study: Study, main: dict, extra_rows: dict) -> dict:
             continue
         after, step0 = _per_seed(tested), _per_seed(tested, 0)
         matrices[name] = after
+        seeds[name] = [r.seed for r, _, _ in tested]
         run, first = tested[0][0], tested[0][1]
         config = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("seed",)}
         rows[name] = _row(analysis, p, after, step0, config=config, curve=first["curve"])
@@ -718,7 +719,7 @@ def summarize(study: Study, main: dict, extra_rows: dict) -> dict:
             best_iteration=[t["best"]["iteration"] for _, t, _ in tested],
             train_seconds=[t["train_seconds"] for _, t, _ in tested],
             seconds_per_meta_iteration=float(np.mean([t["seconds_per_meta_iteration"] for _, t, _ in tested])))
-    return {"methods": rows, "comparisons": compare(analysis, p, matrices)}
+    return {"methods": rows, "comparisons": compare(analysis, p, matrices, seeds)}
 
 
 def _row(analysis, p: Preset, after: np.ndarray, step0: np.ndarray, config: dict, curve: list) -> dict:
@@ -733,22 +734,47 @@ def _row(analysis, p: Preset, after: np.ndarray, step0: np.ndarray, config: dict
             "episodes": int(after.shape[1]), "config": config, "curve": curve}
 
 
-def compare(analysis, p: Preset, matrices: dict) -> dict:
-    """MELoRA - row: per-episode paired tests (mean over seeds; Holm) and the difference's
-    bootstrap over seeds and episodes (seeds paired by index; frozen rows broadcast)."""
+def compare(analysis, p: Preset, matrices: dict, seeds: dict | None = None) -> dict:
+    """MELoRA - row: per-episode paired tests (mean over seeds; Holm over every row) and the
+    difference's bootstrap over seeds and episodes, on the seeds both rows ran (`seeds`: row
+    -> its seeds in matrix order; a frozen row has one seed-free matrix and pairs with all of
+    MELoRA's). A row that ran fewer seeds is compared on those seeds only, so an unfinished
+    row is never set against MELoRA's mean over seeds it did not run."""
     if "melora" not in matrices or len(matrices) < 2:
         return {}
-    pooled = {name: {"per_episode_accuracy": m.mean(0).tolist()} for name, m in matrices.items()}
-    rows = analysis.compare_methods({"methods": pooled}, reference="melora", confidence=0.95,
-                                    n_resamples=p.bootstrap_samples)
-    ref, out = matrices["melora"], {}
-    for row in rows:
-        other = matrices[row["method"]]
-        s = min(ref.shape[0], other.shape[0]) if other.shape[0] > 1 else ref.shape[0]
-        diff = ref[:s] - (other[:s] if other.shape[0] > 1 else other)
-        out[row["method"]] = {"diff": row["mean_diff"], "p_holm": row.get("wilcoxon_p_holm"),
-                              "p_holm_ttest": row.get("t_p_holm"), "ci95_diff": [row["ci_low"], row["ci_high"]],
-                              "ci95_seeds_diff": _ci_seeds(analysis, diff, p), "n_episodes": row["n_episodes"]}
+    seeds = seeds or {}
+    ref_seeds = list(seeds.get("melora", range(matrices["melora"].shape[0])))
+    groups: dict[tuple, list[str]] = {}
+    for name, m in matrices.items():
+        if name == "melora":
+            continue
+        own = seeds.get(name)
+        common = tuple(ref_seeds) if own is None else tuple(s for s in ref_seeds if s in own)
+        if common:
+            groups.setdefault(common, []).append(name)
+    rows, pairs = [], {}
+    for common, names in groups.items():
+        ref = matrices["melora"][[ref_seeds.index(s) for s in common]]
+        pooled = {"melora": {"per_episode_accuracy": ref.mean(0).tolist()}}
+        for name in names:
+            other = matrices[name]
+            if seeds.get(name) is not None:
+                other = other[[list(seeds[name]).index(s) for s in common]]
+            pooled[name] = {"per_episode_accuracy": other.mean(0).tolist()}
+            pairs[name] = (ref, other, list(common))
+        rows += analysis.compare_methods({"methods": pooled}, reference="melora", confidence=0.95,
+                                         n_resamples=p.bootstrap_samples)
+    holm_w = analysis.holm_bonferroni({r["method"]: r["wilcoxon_p_value"] for r in rows})
+    holm_t = analysis.holm_bonferroni({r["method"]: r["t_p_value"] for r in rows})
+    out = {}
+    for row in sorted(rows, key=lambda r: list(matrices).index(r["method"])):
+        name = row["method"]
+        ref, other, common = pairs[name]
+        diff = ref - other  # a frozen row's one matrix broadcasts over MELoRA's seeds
+        out[name] = {"diff": row["mean_diff"], "p_holm": holm_w[name], "p_holm_ttest": holm_t[name],
+                     "ci95_diff": [row["ci_low"], row["ci_high"]],
+                     "ci95_seeds_diff": _ci_seeds(analysis, diff, p), "n_episodes": row["n_episodes"],
+                     "seeds": common}
     return out
 
 
@@ -872,7 +898,9 @@ def format_tables(r: dict) -> str:
              f"Plateau rule: {r['plateau_rule']}. Choice: {r['selection_rule']}.", ""]
     if r["cuts"]:
         lines += ["Cut from the full protocol: " + "; ".join(r["cuts"]) + ".", ""]
-    lines += [f"Budget: {b['minutes']} min, {b['elapsed_seconds']:.0f} s used; "
+    spent = ("report of the saved cells (no phase ran)" if b["minutes"] is None
+             else f"{b['minutes']} min, {b['elapsed_seconds']:.0f} s used")
+    lines += [f"Budget: {spent}; "
               + ("every cell ran." if b["complete"] else
                  f"**{len(b['not_run'])} cells did not run** (listed in the JSON under budget.not_run)."), ""]
     for key, s in r["settings"].items():
@@ -883,6 +911,8 @@ def format_tables(r: dict) -> str:
         for name, m in s["methods"].items():
             c = s["comparisons"].get(name)
             diff = "-" if c is None else f"{100 * c['diff']:+.2f}"
+            if c is not None and c.get("seeds") is not None and len(c["seeds"]) < len(r["seeds"]):
+                diff += f" (seeds {c['seeds']} only)"
             pv = "-" if c is None or c["p_holm"] is None else f"{c['p_holm']:.4f}"
             cs = "-" if c is None else f"[{100 * c['ci95_seeds_diff'][0]:+.2f}, {100 * c['ci95_seeds_diff'][1]:+.2f}]"
             lines.append(f"| {name} | {100 * m['accuracy_mean']:.2f} ± {100 * m['accuracy_sd']:.2f} | "

@@ -108,6 +108,8 @@ def test_smoke_study_resumes_and_stops_on_budget(smoke, tmp_path):
     r = json.loads((root / "accuracy.json").read_text())
     assert r["budget"]["ran"] == [] and r["budget"]["complete"]
     assert r["methods"] == first["methods"] and r["positive_control"] == first["positive_control"]
+    assert "Budget: report of the saved cells (no phase ran); every cell ran." in (
+        root / "accuracy.md").read_text()
     cut = _study("--preset", "smoke", "--device", "cpu", "--work-dir", str(tmp_path / "w"),
                  "--output", str(tmp_path / "a.json"), "--budget-minutes", "0.0001")
     assert cut.returncode == 0, cut.stderr[-3000:]
@@ -178,6 +180,26 @@ def test_choice_goes_to_the_cheaper_configuration_within_one_standard_error():
     assert pick is runs[1] and [t["chosen"] for t in table] == [False, True, False]
     pick, _ = S.choose([(runs[0], _cell(base, 100.0)), (runs[2], _cell(far, 5.0))])
     assert pick is runs[0]  # a cheaper but clearly worse configuration is not taken
+
+
+def test_a_row_with_fewer_seeds_is_compared_on_the_seeds_it_ran():
+    # MELoRA ran seeds 0-2; an unfinished row ran seed 0 only and equals MELoRA there. Set
+    # against MELoRA's mean over all three seeds it would look 10 points worse.
+    rng = np.random.default_rng(0)
+    seed0 = rng.binomial(5, 0.8, size=60) / 5
+    melora = np.stack([seed0, np.minimum(seed0 + 0.15, 1.0), np.minimum(seed0 + 0.15, 1.0)])
+    frozen = seed0[None, :] - 0.05
+    p = S.PRESETS["smoke"]
+    c = S.compare(analysis, p, {"frozen": frozen, "melora": melora, "partial": seed0[None, :]},
+                  {"melora": [0, 1, 2], "partial": [0]})
+    assert c["partial"]["seeds"] == [0] and c["partial"]["diff"] == pytest.approx(0.0)
+    assert c["partial"]["ci95_seeds_diff"] == [0.0, 0.0]
+    assert c["frozen"]["seeds"] == [0, 1, 2]
+    assert c["frozen"]["diff"] == pytest.approx((melora.mean(0) - frozen[0]).mean())
+    # seeds are matched by name, not position: a row that ran seeds 2 and 0, in that order
+    c = S.compare(analysis, p, {"melora": melora, "late": melora[[2, 0]]},
+                  {"melora": [0, 1, 2], "late": [2, 0]})
+    assert c["late"]["seeds"] == [0, 2] and c["late"]["diff"] == pytest.approx(0.0)
 
 
 def test_plateau_rule():
