@@ -734,43 +734,35 @@ def _row(analysis, p: Preset, after: np.ndarray, step0: np.ndarray, config: dict
             "episodes": int(after.shape[1]), "config": config, "curve": curve}
 
 
-def compare(analysis, p: Preset, matrices: dict, seeds: dict | None = None) -> dict:
+def compare(analysis, p: Preset, matrices: dict, seeds: dict) -> dict:
     """MELoRA - row: per-episode paired tests (mean over seeds; Holm over every row) and the
-    difference's bootstrap over seeds and episodes, on the seeds both rows ran (`seeds`: row
-    -> its seeds in matrix order; a frozen row has one seed-free matrix and pairs with all of
-    MELoRA's). A row that ran fewer seeds is compared on those seeds only, so an unfinished
-    row is never set against MELoRA's mean over seeds it did not run."""
+    difference's bootstrap over seeds and episodes, on the seeds both rows ran. `seeds`: each
+    trained row -> its seeds in matrix order; a frozen row, absent from it, has one seed-free
+    matrix that pairs with all of MELoRA's. A row that ran fewer seeds is compared on those
+    only, so an unfinished row is never set against MELoRA's mean over seeds it did not run."""
     if "melora" not in matrices or len(matrices) < 2:
         return {}
-    seeds = seeds or {}
-    ref_seeds = list(seeds.get("melora", range(matrices["melora"].shape[0])))
-    groups: dict[tuple, list[str]] = {}
-    for name, m in matrices.items():
-        if name == "melora":
-            continue
-        own = seeds.get(name)
-        common = tuple(ref_seeds) if own is None else tuple(s for s in ref_seeds if s in own)
-        if common:
+
+    def on(name: str, common: tuple) -> np.ndarray:
+        m = matrices[name]
+        return m if name not in seeds else m[[seeds[name].index(s) for s in common]]
+
+    groups: dict[tuple, list[str]] = {}  # the seeds MELoRA shares with a row -> those rows
+    for name in matrices:
+        common = tuple(s for s in seeds["melora"] if s in seeds.get(name, seeds["melora"]))
+        if name != "melora" and common:
             groups.setdefault(common, []).append(name)
-    rows, pairs = [], {}
+    rows = []
     for common, names in groups.items():
-        ref = matrices["melora"][[ref_seeds.index(s) for s in common]]
-        pooled = {"melora": {"per_episode_accuracy": ref.mean(0).tolist()}}
-        for name in names:
-            other = matrices[name]
-            if seeds.get(name) is not None:
-                other = other[[list(seeds[name]).index(s) for s in common]]
-            pooled[name] = {"per_episode_accuracy": other.mean(0).tolist()}
-            pairs[name] = (ref, other, list(common))
-        rows += analysis.compare_methods({"methods": pooled}, reference="melora", confidence=0.95,
-                                         n_resamples=p.bootstrap_samples)
+        pooled = {n: {"per_episode_accuracy": on(n, common).mean(0).tolist()} for n in ("melora", *names)}
+        rows += [dict(r, seeds=list(common)) for r in analysis.compare_methods(
+            {"methods": pooled}, reference="melora", confidence=0.95, n_resamples=p.bootstrap_samples)]
     holm_w = analysis.holm_bonferroni({r["method"]: r["wilcoxon_p_value"] for r in rows})
     holm_t = analysis.holm_bonferroni({r["method"]: r["t_p_value"] for r in rows})
     out = {}
     for row in sorted(rows, key=lambda r: list(matrices).index(r["method"])):
-        name = row["method"]
-        ref, other, common = pairs[name]
-        diff = ref - other  # a frozen row's one matrix broadcasts over MELoRA's seeds
+        name, common = row["method"], row["seeds"]
+        diff = on("melora", common) - on(name, common)  # a frozen row broadcasts over seeds
         out[name] = {"diff": row["mean_diff"], "p_holm": holm_w[name], "p_holm_ttest": holm_t[name],
                      "ci95_diff": [row["ci_low"], row["ci_high"]],
                      "ci95_seeds_diff": _ci_seeds(analysis, diff, p), "n_episodes": row["n_episodes"],
