@@ -169,6 +169,10 @@ def run_evaluation(cfg: Config, checkpoint: str | os.PathLike | None, skip_basel
     cfg, state = evaluation_checkpoint(checkpoint, cfg, config_file, explicit_overrides)
     methods = ["melora"] + ([] if skip_baselines else _baseline_names(cfg))
     _check_tuning(cfg, methods)
+    if "fomaml_lora" in methods and cfg.memory_optimization.hessian_approximation.method == "none":
+        log.info("MELoRA is first order here (hessian_approximation.method: none, the default), as is "
+                 "fomaml_lora: their difference is rates only. To measure what the exact meta-gradient "
+                 "adds, train with --set memory_optimization.hessian_approximation.method=full")
     # 1. The fixed episodes, saved once so every method (and a later run) uses them.
     spec = run_on_main(prepare_episodes, cfg, run_dir, baselines=len(methods) > 1)
     # 2. Each method in a window of its own (a child process on CPU, by default).

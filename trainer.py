@@ -47,7 +47,7 @@ DIAGONAL_ESTIMATORS = ("fisher", "hutchinson")  # hessian_approximation.diagonal
 HEAD_INITS = ("zero", "proto")   # how the N-way head starts on an episode (initial_fast_weights)
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")  # training.precision (_autocast_context)
 # The library's defaults (here and in baseline) are config.yml's (tests/test_config.py checks):
-HESSIAN_METHOD = "full"      # memory_optimization.hessian_approximation.method
+HESSIAN_METHOD = "none"      # memory_optimization.hessian_approximation.method
 HEAD_INIT = "proto"          # meta_learning.head_init and evaluation.head_init
 # What to lower when CUDA runs out of memory, largest saving first (README: Troubleshooting).
 OOM_ADVICE = ("lower --meta_batch_size, memory_optimization.gradient_accumulation."

@@ -203,9 +203,13 @@ def test_fair_protocol_cli_with_two_seeds(checkpoint, tmp_path):
     assert "| proto_lora | proto |" in done.stdout and f"({configured})" in done.stdout
 
 
-def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkeypatch):
-    """Each seed adapts on the same episodes (same order), from differently trained theta."""
+def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkeypatch, caplog):
+    """Each seed adapts on the same episodes (same order), from differently trained theta; a
+    first-order MELoRA (config.yml's default) beside fomaml_lora is pointed out."""
+    import logging
+
     import baseline as B
+    caplog.set_level(logging.INFO, logger="melora")
     seen = []
     adapt = B.FewShotMethod.adapt
 
@@ -225,6 +229,8 @@ def test_seeds_change_the_training_not_the_episodes(checkpoint, tmp_path, monkey
         assert [c[2:] for c in first] == [c[2:] for c in second], name  # the same episodes
         assert first[0][1] != second[0][1], name  # another theta
         assert len(results["methods"][name]["seed_accuracies"]) == 2
+    assert results["config"]["memory_optimization"]["hessian_approximation"]["method"] == "none"
+    assert "MELoRA is first order here" in caplog.text and "method=full" in caplog.text
 
 
 def test_inner_steps_zero_trains_melora(tmp_path):
