@@ -108,7 +108,8 @@ RECIPE = REPO / "configs" / "cross_domain.yml"
 # Sections of configs/cross_domain.yml that the `recipe` remedy applies (its data and
 # iteration count are the protocol's: same data, same budget as every other row).
 RECIPE_KEYS = ("lora.", "meta_learning.anchor", "meta_learning.outer.learn_lora",
-               "meta_learning.inner.learn_lr", "training.val_every")
+               "meta_learning.inner.learn_lr", "memory_optimization.hessian_approximation.method",
+               "training.val_every")
 
 log = logging.getLogger("melora.transfer")
 

@@ -185,7 +185,8 @@ def test_wilcoxon_and_ci_match_scipy():
 
 def test_cross_domain_recipe_trains_on_a_users_csv(tmp_path):
     """configs/cross_domain.yml through the real CLI on a CSV (tiny model via flags): it keeps
-    best.pt by meta-val, and its LoRA never leaves the frozen encoder (B = 0) in the outer loop."""
+    best.pt by meta-val, meta-trains LoRA under the anchor with the exact meta-gradient (the
+    setting benchmarks/transfer.py measured), and adapt names the frozen encoder beside it."""
     rows = ["text,label"] + [f"word{c} sample {i} thing{c}{i % 3},intent_{c}" for c in range(15) for i in range(6)]
     data = tmp_path / "my_intents.csv"
     data.write_text("\n".join(rows) + "\n")
@@ -201,9 +202,11 @@ def test_cross_domain_recipe_trains_on_a_users_csv(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     best = runs.load_checkpoint(tmp_path / "runs" / "x" / "checkpoints" / "best.pt")
     assert best["iteration"] in (2, 4) and 0.0 <= best["val_accuracy"] <= 1.0
+    saved = runs.saved_config(best, tmp_path / "runs" / "x" / "checkpoints" / "best.pt")
+    assert saved["meta_learning"]["anchor"] == 1.0
+    assert saved["memory_optimization"]["hessian_approximation"]["method"] == "full"
     lora_b = [t for n, t in best["theta"].items() if n.endswith("lora_B")]
-    assert lora_b and all(torch.count_nonzero(t) == 0 for t in lora_b)
-    assert best["inner_lr"] is not None and best["inner_lr"].numel() == 3  # learned per-step rates
+    assert lora_b and any(torch.count_nonzero(t) > 0 for t in lora_b)  # LoRA meta-trained, anchored
     # adapt prints the run's meta-val accuracy beside the frozen encoder's
     support, predict = tmp_path / "support.csv", tmp_path / "predict.csv"
     support.write_text("text,label\nword0 a,intent_0\nword1 b,intent_1\nword2 c,intent_2\n")
