@@ -864,13 +864,13 @@ CHOICE_NOTE = ("Choice (meta-val) on the source's own held-out classes (ProtAugm
 
 
 def run(preset: Preset, work: Path, output: Path, device: str = "auto", budget_minutes: float = 0.0,
-        extra: Sequence[str] = (), shard: tuple[int, int] = (0, 1)) -> dict:
+        extra: Sequence[str] = (), shard: tuple[int, int] = (0, 1), compute: bool = True) -> dict:
     """Run the cells in priority order within the budget; write the JSON, table and figure
     after every cell. Returns the result dict.
 
     `shard` (i, n): compute only the cells whose place in the priority order is i mod n (the
     others are reported when already saved under `work`), so n processes share one work folder
-    on one machine; a last run with (0, 1) and a spent budget reports every saved cell."""
+    on one machine. `compute` False (`--report`): compute nothing, report every saved cell."""
     from tqdm import tqdm
 
     from common import hardware, resolve
@@ -892,6 +892,9 @@ def run(preset: Preset, work: Path, output: Path, device: str = "auto", budget_m
             continue
         spec, path = cell_spec(preset, cell, data, extra), cell_path(work, cell)
         found = load_cell(path, spec)
+        if found is None and not compute:
+            skipped.append({"cell": name, "reason": "not computed yet (a --report run computes none)"})
+            continue
         if found is None and index % shard[1] != shard[0]:
             skipped.append({"cell": name, "reason": f"another shard's (--shard {index % shard[1]}/{shard[1]})"})
             continue
@@ -1001,6 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="compute only the cells whose place in the priority order is I mod N "
                              "(N processes can share one --work-dir); saved cells are always reported")
+    parser.add_argument("--report", action="store_true",
+                        help="compute no cell: write the JSON, table and figure from the saved cells")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the figure (and table) from --output's JSON (e.g. after a run was cut off)")
     args = parser.parse_args(argv)
@@ -1019,7 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     work = args.work_dir or RESULTS / "transfer_work" / preset.name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return run(preset, work, output, args.device, args.budget_minutes, args.set, _shard(args.shard))
+        return run(preset, work, output, args.device, args.budget_minutes, args.set, _shard(args.shard),
+                   compute=not args.report)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

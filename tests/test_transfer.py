@@ -112,6 +112,21 @@ def test_spent_budget_stops_cleanly_with_valid_json(tmp_path, capsys):
     assert all("budget" in c["reason"] for c in written["cells_not_run"])
 
 
+def test_report_computes_no_cell_and_reports_the_saved_ones(smoke, tmp_path, monkeypatch, capsys):
+    _, root, args = smoke
+
+    def refuse(*a, **k):
+        raise AssertionError("--report computed a cell")
+    monkeypatch.setattr(transfer, "run_cell", refuse)
+    out = tmp_path / "empty.json"
+    empty = transfer.main(["--preset", "smoke", "--device", "cpu", "--report",
+                           "--work-dir", str(tmp_path / "w"), "--output", str(out)])
+    assert empty["cells_done"] == [] and empty["cells_not_run"]
+    assert all("not computed yet" in c["reason"] for c in empty["cells_not_run"])
+    full = transfer.main(args + ["--report"])
+    assert full["complete"] and len(full["cells_done"]) == len(transfer.plan_cells(transfer.PRESETS["smoke"]))
+
+
 def test_pairs_that_share_utterances_are_refused():
     with pytest.raises(transfer_config_error(), match="same utterances"):
         transfer.check_pair(("hwu64", "liu54"))
