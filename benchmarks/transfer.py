@@ -638,13 +638,21 @@ def row_stats(per_seed: dict[int, list[float]], reference: dict[int, list[float]
     out = {"accuracy_mean": float(np.mean(means)), "ci95_seeds": ci95(means), "seeds": seeds,
            "accuracy_per_seed": means,
            "ci95_episodes": float(1.96 * np.std(episodes, ddof=1) / np.sqrt(len(episodes))) if len(episodes) > 1 else None}
-    common = [s for s in seeds if reference and s in reference]
-    if common:
-        mine = np.mean([per_seed[s] for s in common], axis=0)
-        ref = np.mean([reference[s] for s in common], axis=0)
+    paired = on_common_seeds(per_seed, reference or {})
+    if paired:
+        mine, ref = paired
         out["diff_vs_frozen_cosine"] = float(np.mean(mine - ref))
         out["p_vs_frozen_cosine"] = wilcoxon(mine, ref)
     return out
+
+
+def on_common_seeds(a: dict[int, Sequence[float]], b: dict[int, Sequence[float]]) -> tuple | None:
+    """Two rows' per-episode accuracies, each averaged over the seeds both ran (None when they
+    share none), so a row with fewer seeds is never set against the other's mean over more."""
+    common = [s for s in a if s in b]
+    if not common:
+        return None
+    return np.mean([a[s] for s in common], axis=0), np.mean([b[s] for s in common], axis=0)
 
 
 def summarize(preset: Preset, cells: dict[str, dict]) -> dict:
@@ -717,10 +725,9 @@ def remedy_table(preset: Preset, cells: dict[str, dict]) -> list[dict]:
                 continue
             stats = row_stats(mine, frozen)
             base = row_stats({s: c["accuracy"] for s, c in plain.items()}, None) if plain else None
-            common = [s for s in mine if s in plain]
-            if common:
-                a = np.mean([mine[s] for s in common], axis=0)
-                b = np.mean([plain[s]["accuracy"] for s in common], axis=0)
+            paired = on_common_seeds(mine, {s: c["accuracy"] for s, c in plain.items()})
+            if paired:
+                a, b = paired
                 stats["diff_vs_melora"], stats["p_vs_melora"] = float(np.mean(a - b)), wilcoxon(a, b)
             stats["melora_accuracy_mean"] = base["accuracy_mean"] if base else None
             row["accuracy"][f"{pair_key(pair)}/{shape}"] = stats
