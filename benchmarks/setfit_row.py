@@ -181,9 +181,19 @@ def run(preset, work: Path, done: dict, extra: Sequence[str], budget) -> tuple[d
             if "setfit" in row:
                 out.setdefault(dataset, {})[key] = {**_fields(row["setfit"]),
                                                     "melora_adapt": _fields(row["melora"]) if "melora" in row else None,
+                                                    **(paired(row["melora"], row["setfit"]) if "melora" in row else {}),
                                                     "split": plan.split, "queries_per_class": plan.queries,
                                                     "melora_checkpoint_shape": A.shape_key(plan.checkpoint_shape)}
     return out, skipped
+
+
+def paired(melora: dict, setfit: dict) -> dict:
+    """MELoRA adapt - SetFit over the same tasks: the mean difference of per-task accuracy and
+    the two-sided Wilcoxon signed-rank p (1.0 when every task ties; None with one task)."""
+    from scipy import stats
+    a, b = np.asarray(melora["per_task_accuracy"], float), np.asarray(setfit["per_task_accuracy"], float)
+    p = None if a.size < 2 else 1.0 if np.allclose(a, b) else float(stats.wilcoxon(a, b).pvalue)
+    return {"melora_minus_setfit": float(np.mean(a - b)), "p_wilcoxon_tasks": p}
 
 
 def _fields(r: dict) -> dict:

@@ -575,15 +575,20 @@ def format_tables(result: dict) -> str:
             lines.append("")
     if result["setfit"]:
         lines += ["## SetFit against MELoRA's adapt mode (the same tasks)", "",
-                  "| Dataset | Shape | Method | Accuracy (%) | s / task | Peak memory (MiB) | Tasks |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| Dataset | Shape | Method | Accuracy (%) | s / task | Peak memory (MiB) | Tasks | "
+                  "MELoRA - SetFit (pp, Wilcoxon p over tasks) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for dataset, shapes in result["setfit"].items():
             for key, e in shapes.items():
                 for label, row in (("SetFit", e), ("MELoRA adapt", e.get("melora_adapt"))):
                     if row:
+                        diff = "-"
+                        if label != "SetFit" and e.get("melora_minus_setfit") is not None:
+                            p = e.get("p_wilcoxon_tasks")
+                            diff = f"{100 * e['melora_minus_setfit']:+.2f} ({'-' if p is None else f'{p:.2g}'})"
                         lines.append(f"| {dataset} | {key} | {label} | {_pct(row['accuracy_mean'])} | "
                                      f"{row['seconds_per_task']:.2f} | {row['peak_memory_mb']:.0f} | "
-                                     f"{row['tasks']} |")
+                                     f"{row['tasks']} | {diff} |")
         lines.append("")
     f = result["full_maml"]
     if f:

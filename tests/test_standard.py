@@ -212,3 +212,18 @@ def test_report_is_valid_before_the_first_cell_ends(tmp_path, monkeypatch):
         standard.run(standard.PRESETS["smoke"], tmp_path / "work", tmp_path, ["training.device=cpu"])
     written = json.loads((tmp_path / "standard_smoke.json").read_text())
     assert written["not_done"] == ["hwu64 split 01 5way1shot (not reached yet)", "full_maml (not reached yet)"]
+
+
+def test_melora_against_setfit_is_paired_over_the_same_tasks():
+    """MELoRA adapt - SetFit: the mean per-task difference and scipy's Wilcoxon p over tasks."""
+    import setfit_row
+    from scipy import stats
+    melora = {"per_task_accuracy": [0.9, 0.8, 1.0, 0.7, 0.95, 0.85]}
+    setfit = {"per_task_accuracy": [0.8, 0.8, 0.9, 0.6, 0.9, 0.7]}
+    out = setfit_row.paired(melora, setfit)
+    assert out["melora_minus_setfit"] == pytest.approx(np.mean(np.subtract(melora["per_task_accuracy"],
+                                                                            setfit["per_task_accuracy"])))
+    assert out["p_wilcoxon_tasks"] == pytest.approx(stats.wilcoxon(melora["per_task_accuracy"],
+                                                                   setfit["per_task_accuracy"]).pvalue)
+    assert setfit_row.paired(melora, melora) == {"melora_minus_setfit": 0.0, "p_wilcoxon_tasks": 1.0}
+    assert setfit_row.paired({"per_task_accuracy": [1.0]}, {"per_task_accuracy": [0.5]})["p_wilcoxon_tasks"] is None
