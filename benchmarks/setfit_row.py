@@ -189,11 +189,11 @@ def run(preset, work: Path, done: dict, extra: Sequence[str], budget) -> tuple[d
 
 def paired(melora: dict, setfit: dict) -> dict:
     """MELoRA adapt - SetFit over the same tasks: the mean difference of per-task accuracy and
-    the two-sided Wilcoxon signed-rank p (1.0 when every task ties; None with one task)."""
-    from scipy import stats
+    the two-sided Wilcoxon signed-rank p (1.0 when every task ties; None with one task), the
+    transfer benchmark's test."""
+    from transfer import wilcoxon
     a, b = np.asarray(melora["per_task_accuracy"], float), np.asarray(setfit["per_task_accuracy"], float)
-    p = None if a.size < 2 else 1.0 if np.allclose(a, b) else float(stats.wilcoxon(a, b).pvalue)
-    return {"melora_minus_setfit": float(np.mean(a - b)), "p_wilcoxon_tasks": p}
+    return {"melora_minus_setfit": float(np.mean(a - b)), "p_wilcoxon_tasks": wilcoxon(a, b)}
 
 
 def _fields(r: dict) -> dict:

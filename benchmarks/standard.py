@@ -251,7 +251,7 @@ def cell_preset(preset: Preset, dataset: str, split: str, iterations: int, episo
                     methods=tuple(methods), overrides=overrides)
 
 
-def recommended_config() -> dict:
+def melora_config() -> dict:
     """MELoRA's row, as an accuracy.py grid point: config.yml's inner lr, K, rates and head
     with the exact meta-gradient (`full`). config.yml's own Hessian default, first order, is
     the `fomaml_lora` row, so each table shows both and the difference is second order."""
@@ -285,7 +285,7 @@ def evaluated_cell(ap: A.Preset, shape, methods: Sequence[str], work: Path, extr
                    budget: Budget, kind, guess: float = 0.0, compute: bool = True) -> dict | None:
     """MELoRA meta-trained and evaluated with `methods` on one split and shape (accuracy.py's
     test cell): the saved cell, else (with `compute`) computed when the budget allows, else None."""
-    best = recommended_config()
+    best = melora_config()
     spec, folder = A._test_folder(ap, shape, best, 0, list(methods), work, False, extra)
     cell = A.load_cell(folder / "cell.json", spec)
     if cell is not None:
@@ -430,7 +430,7 @@ def full_maml_table(preset: Preset, work: Path, extra: Sequence[str], budget: Bu
                           guess, compute)
     if cell is None:
         return None
-    best = recommended_config()
+    best = melora_config()
     summary = A.summarize_shape(ap, plan.shape, [cell], best, confidence, resamples)
     rows = {}
     for name in ("melora",) + FULL_MAML_BASELINES:
