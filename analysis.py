@@ -264,6 +264,17 @@ def wilcoxon_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
 
 
+def wilcoxon_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """`wilcoxon_test`'s p-value, or None with fewer than two pairs (no test): the one paired
+    test of every benchmark table.
+
+    Example:
+        >>> wilcoxon_p([0.9], [0.5]) is None
+        True
+    """
+    return wilcoxon_test(a, b)["p_value"] if len(a) >= 2 else None
+
+
 def bootstrap_ci_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = DEFAULT_N_RESAMPLES,
                       confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> tuple[float, float]:
     """BCa bootstrap CI of the mean paired difference mean(a - b).

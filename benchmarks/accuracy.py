@@ -304,7 +304,11 @@ def config_defaults_hash() -> str:
 
 
 def _spec_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The spec's hash, with paths inside this checkout written relative to it: a cell made in
+    one clone (or a snapshot of it) is found from another at a different path."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    text = text.replace(json.dumps(str(REPO) + os.sep)[1:-1], "<repo>/")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_cell(path: Path, spec: dict) -> dict | None:
@@ -315,6 +319,8 @@ def load_cell(path: Path, spec: dict) -> dict | None:
         return None
     if cell.get("format") != CELL_FORMAT or cell.get("spec_hash") != _spec_hash(spec):
         return None
+    if "episode_spec" in cell:  # written beside the cell: where the cell is now, not where it was made
+        cell["episode_spec"] = str(path.parent / Path(cell["episode_spec"]).name)
     return cell
 
 
@@ -533,7 +539,7 @@ def regime_map(preset: Preset, sweep: dict, proto: dict) -> list[dict]:
         row = {"head": head, "inner_lr": lr, "inner_steps": k, "n_way": shape[0], "k_shot": shape[1],
                "full": float(np.mean(acc["full"])), "none": float(np.mean(acc["none"])),
                "full_minus_none": float(np.mean(acc["full"]) - np.mean(acc["none"])),
-               "p_full_vs_none": _wilcoxon(analysis, acc["full"], acc["none"]),
+               "p_full_vs_none": analysis.wilcoxon_p(acc["full"], acc["none"]),
                "proto_lora": None, "full_minus_proto_lora": None, "p_full_vs_proto_lora": None}
         cells = [proto.get((shape_key(shape), head, s)) for s in preset.sweep_seeds]
         if all(cells):
@@ -541,13 +547,9 @@ def regime_map(preset: Preset, sweep: dict, proto: dict) -> list[dict]:
                            for c in cells])
             row.update(proto_lora=float(np.mean(p)),
                        full_minus_proto_lora=float(np.mean(acc["full"]) - np.mean(p)),
-                       p_full_vs_proto_lora=_wilcoxon(analysis, acc["full"], p))
+                       p_full_vs_proto_lora=analysis.wilcoxon_p(acc["full"], p))
         out.append(row)
     return out
-
-
-def _wilcoxon(analysis, a, b) -> float | None:
-    return analysis.wilcoxon_test(a, b)["p_value"] if len(a) >= 2 else None
 
 
 def summarize_shape(preset: Preset, shape, cells: list[dict], best: dict, confidence: float,

@@ -559,7 +559,7 @@ def positive_control(study: Study) -> dict | None:
     a, b = np.mean(full, 0), np.mean(none, 0)
     return {"config": {**c, "head": "euclidean", "head_init": "zero", "seeds": list(study.preset.seeds[:seeds])},
             "full": float(a.mean()), "none": float(b.mean()), "diff": float(a.mean() - b.mean()),
-            "p": _wilcoxon(analysis, a, b), "ci95_seeds_diff": _ci_seeds(analysis, full - none, study.preset),
+            "p": analysis.wilcoxon_p(a, b), "ci95_seeds_diff": _ci_seeds(analysis, full - none, study.preset),
             "stopped": {m: [t[1]["stopped"] for t in tested[m]] for m in tested},
             "curves": {m: training_curve(tested[m]) for m in tested},
             "gradient_cosine_full_vs_none_at_start": gradient_cosine(study, runs["melora"][0]),
@@ -635,8 +635,8 @@ def regime_map(study: Study) -> list[dict]:
                      **{m: float(acc[m].mean()) for m in acc},
                      "full_minus_none": float(acc["melora"].mean() - acc["fomaml_lora"].mean()),
                      "full_minus_proto_lora": float(acc["melora"].mean() - acc["proto_lora"].mean()),
-                     "p_raw": {"none": _wilcoxon(analysis, acc["melora"], acc["fomaml_lora"]),
-                               "proto_lora": _wilcoxon(analysis, acc["melora"], acc["proto_lora"])},
+                     "p_raw": {"none": analysis.wilcoxon_p(acc["melora"], acc["fomaml_lora"]),
+                               "proto_lora": analysis.wilcoxon_p(acc["melora"], acc["proto_lora"])},
                      "stopped": {m: [t[1]["stopped"] for t in tested[m]] for m in tested},
                      "iterations": {m: [t[1]["iterations"] for t in tested[m]] for m in tested}})
     raw = {f"{i}:{m}": r["p_raw"][m] for i, r in enumerate(rows) for m in ("none", "proto_lora")
@@ -680,10 +680,6 @@ def _train_and_test(study: Study, runs: list[Run]) -> list[tuple]:
 def _per_seed(tested: list[tuple], step: int = -1) -> np.ndarray:
     """(seeds, episodes) accuracy at adaptation step `step` (-1: after K)."""
     return np.asarray([[row[step] for row in t["per_episode_accuracy_per_step"]] for _, _, t in tested])
-
-
-def _wilcoxon(analysis, a, b) -> float | None:
-    return analysis.wilcoxon_test(list(a), list(b))["p_value"] if len(a) >= 2 else None
 
 
 def _ci_seeds(analysis, matrix: np.ndarray, p: Preset) -> list[float]:

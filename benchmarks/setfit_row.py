@@ -149,14 +149,16 @@ def _melora(job: dict):
 # The stage
 # ------------------------------------------------------------------------------------
 
-def run(preset, work: Path, done: dict, extra: Sequence[str], budget) -> tuple[dict, list[str]]:
+def run(preset, work: Path, done: dict, extra: Sequence[str], budget,
+        compute: bool = True) -> tuple[dict, list[str]]:
     """setfit.<dataset>.<N>way<K>shot for every dataset and shot count of the plan: SetFit and
-    MELoRA's adapt mode on the same tasks. Returns (the entries, what was not done)."""
+    MELoRA's adapt mode on the same tasks; without `compute`, the saved rows only (another
+    stage's run). Returns (the entries, what was not done)."""
     import importlib.util
 
     import standard as S
     plan, out, skipped = preset.setfit, {}, []
-    if importlib.util.find_spec("setfit") is None:
+    if compute and importlib.util.find_spec("setfit") is None:
         return {}, ["setfit: the `setfit` package is not installed (pip install -r "
                     "requirements-benchmarks.txt); SetFit rows skipped"]
     for dataset in preset.datasets:
@@ -173,9 +175,11 @@ def run(preset, work: Path, done: dict, extra: Sequence[str], budget) -> tuple[d
                     skipped.append(f"setfit {dataset} {key}: MELoRA adapt row (no split-{plan.split} "
                                    f"{A.shape_key(plan.checkpoint_shape)} checkpoint in this run)")
                     continue
-                result = _cell(method, dataset, key, tasks, checkpoint, work, budget)
+                made_by = ckpt_cell["cell"]["spec_hash"] if method == "melora" else None
+                result = _cell(method, dataset, key, tasks, checkpoint, made_by, work, budget, compute)
                 if result is None:
-                    skipped.append(f"setfit {dataset} {key} {method} (budget)")
+                    skipped.append(f"setfit {dataset} {key} {method} "
+                                   f"({'budget' if compute else 'stage setfit not run'})")
                     continue
                 row[method] = result
             if "setfit" in row:
@@ -191,9 +195,9 @@ def paired(melora: dict, setfit: dict) -> dict:
     """MELoRA adapt - SetFit over the same tasks: the mean difference of per-task accuracy and
     the two-sided Wilcoxon signed-rank p (1.0 when every task ties; None with one task), the
     transfer benchmark's test."""
-    from transfer import wilcoxon
+    from analysis import wilcoxon_p
     a, b = np.asarray(melora["per_task_accuracy"], float), np.asarray(setfit["per_task_accuracy"], float)
-    return {"melora_minus_setfit": float(np.mean(a - b)), "p_wilcoxon_tasks": wilcoxon(a, b)}
+    return {"melora_minus_setfit": float(np.mean(a - b)), "p_wilcoxon_tasks": wilcoxon_p(a, b)}
 
 
 def _fields(r: dict) -> dict:
@@ -201,18 +205,22 @@ def _fields(r: dict) -> dict:
                               "peak_memory_mb", "tasks", "per_task_accuracy")}
 
 
-def _cell(method: str, dataset: str, key: str, tasks: list, checkpoint: str | None, work: Path,
-          budget) -> dict | None:
-    """One (method, dataset, shape) row: saved, computed in a child when the budget allows, or None."""
-    spec = {"kind": CELL_SPEC, "method": method, "tasks": tasks,
-            "checkpoint": None if checkpoint is None else A._spec_hash({"file": checkpoint,
-                                                                      "size": Path(checkpoint).stat().st_size})}
+def _cell(method: str, dataset: str, key: str, tasks: list, checkpoint: str | None,
+          made_by: str | None, work: Path, budget, compute: bool = True) -> dict | None:
+    """One (method, dataset, shape) row: saved, else (with `compute`) computed in a child when
+    the budget allows, else None.
+
+    `made_by` is the spec hash of the cell whose meta-training wrote `checkpoint` (MELoRA's row
+    only): the row depends on the checkpoint through it, so a saved row is found from any clone
+    without the (git-ignored) checkpoint file, and a checkpoint trained anew invalidates it.
+    """
+    spec = {"kind": CELL_SPEC, "method": method, "tasks": tasks, "checkpoint": made_by}
     path = work / "setfit" / dataset / f"{key}-{method}.json"
     saved = A.load_cell(path, spec)
     if saved is not None:
         return saved
     kind = ("setfit", method, key)
-    if not budget.allows(kind):
+    if not compute or not budget.allows(kind):
         return None
     import torch
     start = time.monotonic()

@@ -498,9 +498,9 @@ def run(preset: Preset, work: Path, out_dir: Path, extra: Sequence[str] = (),
             result["not_done"].append("full_maml (" + ("budget" if "full_maml" in stages
                                                        else "stage full_maml not run") + ")")
         write()
-    if "setfit" in stages and preset.setfit is not None:
+    if preset.setfit is not None:
         import setfit_row
-        result["setfit"], skipped = setfit_row.run(preset, work, done, extra, budget)
+        result["setfit"], skipped = setfit_row.run(preset, work, done, extra, budget, "setfit" in stages)
         result["not_done"] += skipped
         write()
     print(format_tables(result))

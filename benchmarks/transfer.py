@@ -78,6 +78,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
+from analysis import wilcoxon_p  # noqa: E402  (the project's one paired test: Pratt's Wilcoxon)
+
 RESULTS = REPO / "benchmarks" / "results"
 CELL_FORMAT = "melora-transfer-cell/1"
 RESULT_FORMAT = "melora-transfer/1"
@@ -618,17 +620,6 @@ def ci95(values: Sequence[float]) -> float | None:
     return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
-def wilcoxon(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p over paired episodes (1.0 when all pairs tie)."""
-    from scipy import stats
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2:
-        return None
-    if np.allclose(a, b):
-        return 1.0
-    return float(stats.wilcoxon(a, b).pvalue)
-
-
 def row_stats(per_seed: dict[int, list[float]], reference: dict[int, list[float]] | None) -> dict:
     """accuracy_mean, ci95_seeds, the per-episode CI, and the paired comparison with
     `reference` (per-episode accuracies averaged over the seeds both have)."""
@@ -642,7 +633,7 @@ def row_stats(per_seed: dict[int, list[float]], reference: dict[int, list[float]
     if paired:
         mine, ref = paired
         out["diff_vs_frozen_cosine"] = float(np.mean(mine - ref))
-        out["p_vs_frozen_cosine"] = wilcoxon(mine, ref)
+        out["p_vs_frozen_cosine"] = wilcoxon_p(mine, ref)
     return out
 
 
@@ -728,7 +719,7 @@ def remedy_table(preset: Preset, cells: dict[str, dict]) -> list[dict]:
             paired = on_common_seeds(mine, {s: c["accuracy"] for s, c in plain.items()})
             if paired:
                 a, b = paired
-                stats["diff_vs_melora"], stats["p_vs_melora"] = float(np.mean(a - b)), wilcoxon(a, b)
+                stats["diff_vs_melora"], stats["p_vs_melora"] = float(np.mean(a - b)), wilcoxon_p(a, b)
             stats["melora_accuracy_mean"] = base["accuracy_mean"] if base else None
             row["accuracy"][f"{pair_key(pair)}/{shape}"] = stats
         row["verdict"] = verdict(row["accuracy"])

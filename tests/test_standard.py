@@ -9,6 +9,7 @@ cell files they summarise, resumption, the budget and bad flags.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,60 @@ def test_one_stage_reports_the_saved_cells_of_the_others(smoke, tmp_path):
     assert "full_maml (stage full_maml not run)" in empty["not_done"]
 
 
+def test_saved_setfit_rows_stay_in_the_report_of_another_stage(smoke, tmp_path, monkeypatch):
+    """--stage full_maml after --stage setfit keeps the SetFit rows: it reads them and computes
+    none, with neither the `setfit` package nor MELoRA's (git-ignored) checkpoint file."""
+    import importlib.util as iu
+
+    import setfit_row
+    _, out, _ = smoke
+    work = tmp_path / "work"
+    shutil.copytree(out / "standard_work" / "smoke", work)
+    plan = standard.SetFitPlan(shots=(2,), tasks=2, queries=2, checkpoint_shape=(5, 1))
+    monkeypatch.setitem(standard.PRESETS, "smoke",
+                        standard.dataclasses.replace(standard.PRESETS["smoke"], setfit=plan))
+    jobs = []
+
+    def child(function, job):  # stands in for the child process (SetFit is not a test dependency)
+        jobs.append((job["method"], Path(job["checkpoint"]).is_file()))
+        accuracy = [0.5, 1.0] if job["method"] == "setfit" else [1.0, 1.0]
+        return {"per_task_accuracy": accuracy, "accuracy_mean": float(np.mean(accuracy)),
+                "seconds_per_task": 2.0, "predict_seconds_per_task": 0.1, "peak_memory_mb": 9.0, "tasks": 2}
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name == "setfit" else real(name, *a))
+    monkeypatch.setattr(setfit_row.C, "run_in_child", child)
+    args = ["--preset", "smoke", "--device", "cpu", "--out", str(tmp_path), "--work-dir", str(work)]
+    first = standard.main(args + ["--stage", "setfit"])
+    assert jobs == [("setfit", True), ("melora", True)]
+    row = first["setfit"]["hwu64"]["5way2shot"]
+    assert row["accuracy_mean"] == 0.75 and row["melora_adapt"]["accuracy_mean"] == 1.0
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "setfit" else real(name, *a))
+    for checkpoint in work.glob("test/*/*/melora.pt"):
+        checkpoint.unlink()
+    again = standard.main(args + ["--stage", "full_maml"])
+    assert len(jobs) == 2 and again["setfit"] == first["setfit"]
+    assert not [n for n in again["not_done"] if n.startswith("setfit")]
+
+
+def test_cells_are_found_from_a_clone_at_another_path(smoke, tmp_path):
+    """A cell's spec names the checkout's data by absolute path; its hash writes them relative
+    to the checkout (committed cells are found from any clone), and a cell read from a moved
+    folder points at the episode file beside it, not where it was made."""
+    import accuracy
+    here = {"source": str(REPO / "data" / "hwu64" / "hwu64.jsonl")}
+    assert accuracy._spec_hash(here) == accuracy._spec_hash({"source": "<repo>/data/hwu64/hwu64.jsonl"})
+    assert accuracy._spec_hash(here) != accuracy._spec_hash({"source": "/another/clone/data/hwu64/hwu64.jsonl"})
+    _, out, _ = smoke
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "standard_work" / "smoke", moved)
+    for cell_file in moved.glob("test/*/*/cell.json"):
+        made = json.loads(cell_file.read_text())
+        cell = accuracy.load_cell(cell_file, made["spec"])
+        assert cell is not None and Path(made["episode_spec"]).parent != cell_file.parent
+        assert Path(cell["episode_spec"]) == cell_file.parent / Path(made["episode_spec"]).name
+        assert Path(cell["episode_spec"]).is_file()
+
+
 def test_report_is_valid_before_the_first_cell_ends(tmp_path, monkeypatch):
     """A run killed inside its first cell still leaves a report naming every cell as not reached."""
     import accuracy
@@ -215,7 +270,8 @@ def test_report_is_valid_before_the_first_cell_ends(tmp_path, monkeypatch):
 
 
 def test_melora_against_setfit_is_paired_over_the_same_tasks():
-    """MELoRA adapt - SetFit: the mean per-task difference and scipy's Wilcoxon p over tasks."""
+    """MELoRA adapt - SetFit: the mean per-task difference and the Wilcoxon p over tasks (Pratt,
+    as every table of the project: the tied task stays in the sample)."""
     import setfit_row
     from scipy import stats
     melora = {"per_task_accuracy": [0.9, 0.8, 1.0, 0.7, 0.95, 0.85]}
@@ -224,6 +280,15 @@ def test_melora_against_setfit_is_paired_over_the_same_tasks():
     assert out["melora_minus_setfit"] == pytest.approx(np.mean(np.subtract(melora["per_task_accuracy"],
                                                                             setfit["per_task_accuracy"])))
     assert out["p_wilcoxon_tasks"] == pytest.approx(stats.wilcoxon(melora["per_task_accuracy"],
-                                                                   setfit["per_task_accuracy"]).pvalue)
+                                                                   setfit["per_task_accuracy"],
+                                                                   zero_method="pratt").pvalue)
+    import analysis
+    rng = np.random.default_rng(0)  # 60 tasks, 38 tied: Pratt's p, not scipy's default
+    a = rng.choice([0.6, 0.8, 1.0], 60, p=[0.2, 0.3, 0.5])
+    b = np.where(rng.random(60) < 0.5, a, rng.choice([0.6, 0.8, 1.0], 60))
+    d = np.round(a - b, analysis.DIFF_DECIMALS)  # as analysis.wilcoxon_test: 0.8 - 0.6 == 1.0 - 0.8
+    p = setfit_row.paired({"per_task_accuracy": list(a)}, {"per_task_accuracy": list(b)})["p_wilcoxon_tasks"]
+    assert p == pytest.approx(stats.wilcoxon(d, zero_method="pratt").pvalue)
+    assert p != pytest.approx(stats.wilcoxon(d).pvalue)
     assert setfit_row.paired(melora, melora) == {"melora_minus_setfit": 0.0, "p_wilcoxon_tasks": 1.0}
     assert setfit_row.paired({"per_task_accuracy": [1.0]}, {"per_task_accuracy": [0.5]})["p_wilcoxon_tasks"] is None

@@ -189,10 +189,18 @@ def test_linear_cka_matches_the_hsic_reference():
 
 
 def test_wilcoxon_and_ci_match_scipy():
+    """The p against frozen cosine is the project's one Wilcoxon (Pratt: a tied episode stays in
+    the sample; scipy's default would drop it and give a smaller p here)."""
     from scipy import stats
-    a, b = [0.8, 0.6, 0.9, 0.7, 1.0, 0.5], [0.6, 0.6, 0.7, 0.4, 0.8, 0.2]
-    assert transfer.wilcoxon(a, b) == pytest.approx(stats.wilcoxon(a, b).pvalue)
-    assert transfer.wilcoxon(a, a) == 1.0
+    import analysis
+    rng = np.random.default_rng(0)  # 60 episodes of 5 queries, 38 of them tied
+    a = rng.choice([0.6, 0.8, 1.0], 60, p=[0.2, 0.3, 0.5])
+    b = np.where(rng.random(60) < 0.5, a, rng.choice([0.6, 0.8, 1.0], 60))
+    d = np.round(a - b, analysis.DIFF_DECIMALS)  # as analysis.wilcoxon_test: 0.8 - 0.6 == 1.0 - 0.8
+    p = transfer.row_stats({0: list(a)}, {0: list(b)})["p_vs_frozen_cosine"]
+    assert p == pytest.approx(stats.wilcoxon(d, zero_method="pratt").pvalue)
+    assert p != pytest.approx(stats.wilcoxon(d).pvalue)
+    assert transfer.row_stats({0: list(a)}, {0: list(a)})["p_vs_frozen_cosine"] == 1.0
     values = [0.7, 0.8, 0.75]
     half = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
     assert transfer.ci95(values) == pytest.approx((half[1] - half[0]) / 2)
