@@ -178,8 +178,12 @@ def run(preset, work: Path, done: dict, extra: Sequence[str], budget,
                 made_by = ckpt_cell["cell"]["spec_hash"] if method == "melora" else None
                 result = _cell(method, dataset, key, tasks, checkpoint, made_by, work, budget, compute)
                 if result is None:
-                    skipped.append(f"setfit {dataset} {key} {method} "
-                                   f"({'budget' if compute else 'stage setfit not run'})")
+                    why = "budget" if compute else "stage setfit not run"
+                    if compute and made_by is not None and not Path(checkpoint).is_file():
+                        why = (f"MELoRA's checkpoint {checkpoint} is missing: checkpoints are not "
+                               f"committed; delete {Path(checkpoint).parent} and rerun --stage ours "
+                               f"to meta-train it again")
+                    skipped.append(f"setfit {dataset} {key} {method} ({why})")
                     continue
                 row[method] = result
             if "setfit" in row:
@@ -220,7 +224,7 @@ def _cell(method: str, dataset: str, key: str, tasks: list, checkpoint: str | No
     if saved is not None:
         return saved
     kind = ("setfit", method, key)
-    if not compute or not budget.allows(kind):
+    if not compute or not budget.allows(kind) or (made_by is not None and not Path(checkpoint).is_file()):
         return None
     import torch
     start = time.monotonic()

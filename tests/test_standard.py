@@ -114,6 +114,19 @@ def test_smoke_full_maml_table(smoke):
     assert f["melora_memory_fraction"] == pytest.approx(f["melora"]["peak_memory_mb"] / f["maml"]["peak_memory_mb"])
     assert f["maml"]["peak_memory_mb"] > f["fomaml_lora"]["peak_memory_mb"]  # every weight vs LoRA, first order
     assert f["setting"]["dataset"] == "hwu64" and f["setting"]["shape"] == "5way1shot"
+    rates = f["setting"]["baseline_rates"]  # the smoke plan tunes nothing: MELoRA's rates
+    assert set(rates) == {"maml", "fomaml", "fomaml_lora"}
+    assert all(r["tuning_trials"] == 0 and r["inner_lr"] == f["setting"]["melora_config"]["inner_lr"]
+               for r in rates.values())
+
+
+def test_full_maml_rates_are_chosen_on_meta_val_where_optuna_is_installed():
+    """The cpu preset chooses the full-weight baselines' rates on meta-val (MELoRA's, set for
+    LoRA, are far too large for every weight); the gpu and smoke presets cannot (no Optuna)."""
+    assert standard.PRESETS["cpu"].full_maml.tuning_trials > 0
+    assert standard.PRESETS["gpu"].full_maml.tuning_trials == 0
+    assert standard.PRESETS["smoke"].full_maml.tuning_trials == 0
+    assert any("meta-val" in cut for cut in standard.PRESETS["cpu"].cuts)
 
 
 def test_rerun_reuses_every_cell(smoke, monkeypatch):
@@ -235,6 +248,12 @@ def test_saved_setfit_rows_stay_in_the_report_of_another_stage(smoke, tmp_path, 
     again = standard.main(args + ["--stage", "full_maml"])
     assert len(jobs) == 2 and again["setfit"] == first["setfit"]
     assert not [n for n in again["not_done"] if n.startswith("setfit")]
+    shutil.rmtree(work / "setfit")  # rows to compute again, MELoRA's checkpoint gone: one clear line
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name == "setfit" else real(name, *a))
+    third = standard.main(args + ["--stage", "setfit"])
+    assert jobs[2:] == [("setfit", False)]
+    [line] = [n for n in third["not_done"] if n.startswith("setfit")]
+    assert "melora (MELoRA's checkpoint" in line and "is missing" in line and "--stage ours" in line
 
 
 def test_cells_are_found_from_a_clone_at_another_path(smoke, tmp_path):
