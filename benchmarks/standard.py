@@ -26,8 +26,9 @@ Methods (ours; every one on the same episodes of a split, `evaluation.run_evalua
 What "choose on valid" means here: nothing is tuned on the test intents; every method runs at
 config.yml's rates (`evaluation.tuning_trials` 0: Optuna is not installed on the GPU machine)
 for a fixed iteration count (no early stopping), and MELoRA's configuration was chosen before,
-on CLINC150's `work` domain (benchmarks/accuracy.py). The valid intents feed no choice: the
-report says so.
+on CLINC150's `work` domain (benchmarks/accuracy.py). The valid intents feed no choice of
+table 1 (the report says so); in the cpu preset's full-MAML table they choose the full-weight
+baselines' rates (`FullMAML.tuning_trials`).
 
 Three tables (benchmarks/results/standard.json and standard.md):
 
@@ -605,14 +606,24 @@ def format_tables(result: dict) -> str:
         lines += [f"## Full MAML on real data: {s['dataset']} split {s['split']}, {s['shape']}, "
                   f"{s['model']}, {s['meta_iterations']} meta-iterations, {s['episodes']} episodes", "",
                   "| Method | Accuracy (%) | 95% CI (%) | s / meta-iteration | Peak memory of a meta-step "
-                  "(MiB) | Fraction of MAML's memory |", "|---|---|---|---|---|---|"]
+                  "(MiB) | Fraction of MAML's memory | Inner lr, outer lr |", "|---|---|---|---|---|---|---|"]
+        rates = s.get("baseline_rates", {})
         for name in ("melora",) + FULL_MAML_BASELINES:
             r = f[name]
+            chosen = rates.get(name)
+            if name == "melora":
+                outer = A.make_config({}).meta_learning.outer.default_lr
+                lr = f"{s['melora_config']['inner_lr']:g}, {outer:.2g} (config.yml)"
+            elif chosen and chosen.get("inner_lr") is not None:
+                how = f"meta-val, {chosen['tuning_trials']} trials" if chosen["tuning_trials"] else "MELoRA's"
+                lr = f"{chosen['inner_lr']:.3g}, {chosen['outer_lr']:.2g} ({how})"
+            else:
+                lr = "-"
             sec = "-" if r["seconds_per_meta_iteration"] is None else f"{r['seconds_per_meta_iteration']:.3f}"
             mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f}"
             frac = "-" if r["memory_fraction_of_maml"] is None else f"{r['memory_fraction_of_maml']:.3f}"
             lines.append(f"| {name} | {_pct(r['accuracy_mean'])} | [{_pct(r['ci95'][0])}, "
-                         f"{_pct(r['ci95'][1])}] | {sec} | {mem} | {frac} |")
+                         f"{_pct(r['ci95'][1])}] | {sec} | {mem} | {frac} | {lr} |")
         lines += ["", f"Memory: {f['memory_method']}; {f['peak_memory_note']}.", ""]
     return "\n".join(lines) + "\n"
 
