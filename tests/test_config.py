@@ -126,3 +126,22 @@ def test_search_ranges_contain_the_configured_rates():
     assert search.inner_lr[0] <= cfg.meta_learning.inner.default_lr <= search.inner_lr[1]
     assert search.outer_lr[0] <= cfg.meta_learning.outer.default_lr <= search.outer_lr[1]
     assert search.inner_steps[0] <= cfg.meta_learning.inner.default_num_steps <= search.inner_steps[1]
+
+
+def test_config_yml_is_parsed_once_per_version(tmp_path, monkeypatch):
+    """Every load and every ablation variant's check needs config.yml's values: they are
+    parsed once per version of the file (with every owner's rules registered, a load read
+    the file 18 times), each caller gets its own copy, and an edited file is read again."""
+    reads = []
+    real = config._read_yaml
+    monkeypatch.setattr(config, "_read_yaml", lambda path: reads.append(path) or real(path))
+    defaults = tmp_path / "config.yml"
+    defaults.write_text(config.DEFAULT_CONFIG.read_text())
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", defaults)
+    first = config.load_config(None, ["lora.default_rank=4"])
+    second = config.load_config()
+    assert reads == [defaults] and first.lora.default_rank == 4 and second.lora.default_rank == 8
+    config._defaults()["lora"]["default_rank"] = 99  # a caller's copy, not the cache
+    assert config.load_config().lora.default_rank == 8 and reads == [defaults]
+    defaults.write_text(defaults.read_text().replace("default_rank: 8", "default_rank: 16", 1))  # another size
+    assert config.load_config().lora.default_rank == 16 and reads == [defaults, defaults]
