@@ -176,10 +176,12 @@ def run(preset, work: Path, done: dict, extra: Sequence[str], budget,
                                    f"{A.shape_key(plan.checkpoint_shape)} checkpoint in this run)")
                     continue
                 made_by = ckpt_cell["cell"]["spec_hash"] if method == "melora" else None
-                result = _cell(method, dataset, key, tasks, checkpoint, made_by, work, budget, compute)
+                missing = made_by is not None and not Path(checkpoint).is_file()  # not committed
+                result = _cell(method, dataset, key, tasks, checkpoint, made_by, work, budget,
+                               compute and not missing)
                 if result is None:
                     why = "budget" if compute else "stage setfit not run"
-                    if compute and made_by is not None and not Path(checkpoint).is_file():
+                    if compute and missing:
                         why = (f"MELoRA's checkpoint {checkpoint} is missing: checkpoints are not "
                                f"committed; delete {Path(checkpoint).parent} and rerun --stage ours "
                                f"to meta-train it again")
@@ -224,7 +226,7 @@ def _cell(method: str, dataset: str, key: str, tasks: list, checkpoint: str | No
     if saved is not None:
         return saved
     kind = ("setfit", method, key)
-    if not compute or not budget.allows(kind) or (made_by is not None and not Path(checkpoint).is_file()):
+    if not compute or not budget.allows(kind):
         return None
     import torch
     start = time.monotonic()

@@ -446,7 +446,9 @@ def full_maml_table(preset: Preset, work: Path, extra: Sequence[str], budget: Bu
                       "seconds_per_meta_iteration": m["seconds_per_meta_iteration"],
                       "peak_memory_mb": m["meta_step_peak_memory_mb"],
                       "process_peak_memory_mb": m["peak_memory_mb"],
-                      "difference_to_melora": summary["comparisons"].get(name)}
+                      "difference_to_melora": summary["comparisons"].get(name),
+                      **{k: cell["results"]["methods"][name].get(k)  # the rates it ran at
+                         for k in ("inner_lr", "outer_lr", "tuning_trials")}}
     maml = rows["maml"]["peak_memory_mb"]
     fraction = rows["melora"]["peak_memory_mb"] / maml if maml else None
     for row in rows.values():
@@ -607,18 +609,12 @@ def format_tables(result: dict) -> str:
                   f"{s['model']}, {s['meta_iterations']} meta-iterations, {s['episodes']} episodes", "",
                   "| Method | Accuracy (%) | 95% CI (%) | s / meta-iteration | Peak memory of a meta-step "
                   "(MiB) | Fraction of MAML's memory | Inner lr, outer lr |", "|---|---|---|---|---|---|---|"]
-        rates = s.get("baseline_rates", {})
         for name in ("melora",) + FULL_MAML_BASELINES:
             r = f[name]
-            chosen = rates.get(name)
-            if name == "melora":
-                outer = A.make_config({}).meta_learning.outer.default_lr
-                lr = f"{s['melora_config']['inner_lr']:g}, {outer:.2g} (config.yml)"
-            elif chosen and chosen.get("inner_lr") is not None:
-                how = f"meta-val, {chosen['tuning_trials']} trials" if chosen["tuning_trials"] else "MELoRA's"
-                lr = f"{chosen['inner_lr']:.3g}, {chosen['outer_lr']:.2g} ({how})"
-            else:
-                lr = "-"
+            lr = "-"
+            if isinstance(r.get("inner_lr"), float) and r.get("outer_lr") is not None:
+                how = f"meta-val, {r['tuning_trials']} trials" if r.get("tuning_trials") else "config.yml"
+                lr = f"{r['inner_lr']:.3g}, {r['outer_lr']:.2g} ({how})"
             sec = "-" if r["seconds_per_meta_iteration"] is None else f"{r['seconds_per_meta_iteration']:.3f}"
             mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f}"
             frac = "-" if r["memory_fraction_of_maml"] is None else f"{r['memory_fraction_of_maml']:.3f}"
